@@ -1,0 +1,153 @@
+"""Typed configs. Hydra's ConfigStore uses these as schemas; validation lives in __post_init__.
+
+Nothing here imports hydra or omegaconf: the entry points convert their DictConfig into these
+dataclasses (OmegaConf.to_object runs __post_init__), and the library only sees dataclasses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gpt.errors import ConfigError
+
+POS_EMBS = ("learned", "sinusoidal", "rope")
+NORMS = ("layernorm", "rmsnorm")
+FFNS = ("swiglu", "gelu")
+SCHEDULES = ("cosine", "constant")
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def _one_of(name: str, value: str, choices: tuple[str, ...]) -> None:
+    _check(value in choices, f"{name}={value!r} is not one of {', '.join(choices)}")
+
+
+@dataclass
+class ModelConfig:
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 256
+    # None until the tokenizer is known: train.py fills it from the prepared data.
+    vocab_size: int | None = None
+    pos_emb: str = "learned"
+    norm: str = "rmsnorm"
+    ffn: str = "swiglu"
+    # FFN hidden width; None = 4*n_embd for gelu, 8/3*n_embd rounded up to a multiple of 64 for swiglu
+    # (the same parameter count as the 4x GELU MLP).
+    ffn_hidden: int | None = None
+    bias: bool = False
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+    rope_base: float = 10000.0
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("n_layer", "n_head", "n_embd", "block_size"):
+            _check(getattr(self, name) >= 1, f"model.{name}={getattr(self, name)} must be >= 1")
+        _check(
+            self.n_embd % self.n_head == 0,
+            f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}; "
+            "pick n_head that divides n_embd",
+        )
+        _one_of("model.pos_emb", self.pos_emb, POS_EMBS)
+        _one_of("model.norm", self.norm, NORMS)
+        _one_of("model.ffn", self.ffn, FFNS)
+        if self.pos_emb == "rope":
+            _check(self.head_dim % 2 == 0, f"rope needs an even head size, got {self.head_dim}")
+        _check(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1)")
+        _check(self.vocab_size is None or self.vocab_size >= 1, f"model.vocab_size={self.vocab_size} < 1")
+        _check(self.ffn_hidden is None or self.ffn_hidden >= 1, f"model.ffn_hidden={self.ffn_hidden} < 1")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.ffn_hidden is not None:
+            return self.ffn_hidden
+        if self.ffn == "gelu":
+            return 4 * self.n_embd
+        return -(-8 * self.n_embd // 3 // 64) * 64
+
+
+@dataclass
+class DataConfig:
+    # "shakespeare" finds/downloads Tiny Shakespeare; "text" reads `path` (a file or a directory).
+    source: str = "shakespeare"
+    path: str | None = None
+    # "char" builds a character vocabulary from the corpus; anything else is a tiktoken encoding name.
+    tokenizer: str = "char"
+    # Where a named corpus is looked for (and downloaded to when missing); None: env GPT_DATA_DIR,
+    # else ./data.
+    root: str | None = None
+    # Where tokenized corpora are cached.
+    cache_dir: str = "data/cache"
+    val_fraction: float = 0.1
+    batch_size: int = 16
+    num_workers: int = 0
+    # Windows per validation pass (fixed and seeded, so every validation sees the same windows).
+    val_windows: int = 512
+
+    def __post_init__(self) -> None:
+        _one_of("data.source", self.source, ("shakespeare", "text"))
+        if self.source == "text":
+            _check(bool(self.path), "data=text needs a corpus: pass data.path=FILE_OR_DIR")
+        _check(0.0 < self.val_fraction < 1.0, f"data.val_fraction={self.val_fraction} must be in (0, 1)")
+        _check(self.batch_size >= 1, f"data.batch_size={self.batch_size} must be >= 1")
+        _check(self.num_workers >= 0, f"data.num_workers={self.num_workers} must be >= 0")
+        _check(self.val_windows >= 1, f"data.val_windows={self.val_windows} must be >= 1")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: int = 100
+    schedule: str = "cosine"
+    # The cosine decays to lr * min_lr_ratio at decay_steps (None: at trainer.max_steps).
+    min_lr_ratio: float = 0.1
+    decay_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, f"optim.lr={self.lr} must be > 0")
+        _check(self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay} must be >= 0")
+        for name in ("beta1", "beta2"):
+            _check(0 <= getattr(self, name) < 1, f"optim.{name}={getattr(self, name)} must be in [0, 1)")
+        _check(self.warmup_steps >= 0, f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        _one_of("optim.schedule", self.schedule, SCHEDULES)
+        _check(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        _check(self.decay_steps is None or self.decay_steps >= 1, f"optim.decay_steps={self.decay_steps} < 1")
+
+
+@dataclass
+class GenerateConfig:
+    # A checkpoint file, a run dir, or None for the newest run under runs_dir.
+    ckpt: str | None = None
+    runs_dir: str = "runs"
+    prompt: str = "\n"
+    max_new_tokens: int = 500
+    temperature: float = 0.8
+    top_k: int | None = 200
+    top_p: float | None = None
+    seed: int = 1337
+    num_samples: int = 1
+    use_cache: bool = True
+    device: str = "auto"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        _check(self.max_new_tokens >= 1, f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        _check(self.temperature >= 0, f"temperature={self.temperature} must be >= 0 (0 = greedy)")
+        _check(self.top_k is None or self.top_k >= 1, f"top_k={self.top_k} must be >= 1 (or null)")
+        _check(self.top_p is None or 0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1] (or null)")
+        _check(self.num_samples >= 1, f"num_samples={self.num_samples} must be >= 1")
+        _one_of("dtype", self.dtype, ("float32", "bfloat16", "float16"))

@@ -1,0 +1,13 @@
+"""Errors a user can cause and fix.
+
+Entry points catch `UserError` and print its message as one line (what was wrong, what to do)
+with a non-zero exit; every other exception is a bug and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """Bad input: a config value, a path, a prompt, a checkpoint."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config value that fails validation."""
