@@ -1,0 +1,72 @@
+import pytest
+
+from gpt.errors import UserError
+from gpt.tokenizer import (
+    CharTokenizer,
+    StreamDecoder,
+    TiktokenTokenizer,
+    get_tokenizer,
+    tokenizer_from_dict,
+)
+
+
+def test_char_round_trip_and_sorted_vocab():
+    tok = CharTokenizer.from_text("hello world\n")
+    assert tok.chars == "\n dehlorw"
+    assert tok.encode("hello") == [4, 3, 5, 5, 6]
+    assert tok.decode(tok.encode("world hello\n")) == "world hello\n"
+
+
+def test_char_unknown_character_names_it():
+    tok = CharTokenizer.from_text("abc")
+    with pytest.raises(UserError, match=r"character 'é' \(U\+00E9\) is not in this model's 3-character"):
+        tok.encode("abé")
+
+
+def test_char_description_round_trip(shakespeare_text):
+    tok = get_tokenizer("char", shakespeare_text)
+    assert tok.vocab_size == 65
+    again = tokenizer_from_dict(tok.to_dict())
+    assert again.chars == tok.chars
+    assert again.encode(shakespeare_text[:1000]) == tok.encode(shakespeare_text[:1000])
+
+
+def test_tiktoken_round_trip_known_ids():
+    tok = TiktokenTokenizer("r50k_base")
+    assert tok.vocab_size == 50257 and tok.eot_token == 50256
+    assert tok.encode("Hello world") == [15496, 995]  # GPT-2's ids
+    text = "ROMEO: But soft, what light — naïve café 🙂"
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_gpt2_alias_is_r50k_base():
+    tok = get_tokenizer("gpt2")
+    assert tok.to_dict() == {"kind": "tiktoken", "name": "r50k_base"}
+    assert tokenizer_from_dict(tok.to_dict()).encode("Hello world") == [15496, 995]
+
+
+def test_special_token_text_is_ordinary_text():
+    tok = TiktokenTokenizer("r50k_base")
+    assert 50256 not in tok.encode("a <|endoftext|> b")
+
+
+def test_unknown_tokenizer_name_lists_choices():
+    with pytest.raises(UserError, match="unknown tokenizer 'nope'.*r50k_base"):
+        get_tokenizer("nope")
+
+
+def test_bad_description_is_a_user_error():
+    with pytest.raises(UserError, match="unknown tokenizer description"):
+        tokenizer_from_dict({"kind": "sentencepiece"})
+
+
+def test_stream_decoder_never_splits_a_character():
+    tok = TiktokenTokenizer("r50k_base")
+    text = "café 🙂 über — ok"
+    ids = tok.encode(text)
+    # Some emoji bytes span several tokens: decoding one token alone gives invalid UTF-8.
+    assert any("\ufffd" in tok.decode([i]) for i in ids)
+    decoder = StreamDecoder(tok)
+    pieces = [decoder.push([i]) for i in ids] + [decoder.flush()]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
