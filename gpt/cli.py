@@ -1,0 +1,74 @@
+"""What the entry points share: user errors end in one line and exit code 2, bugs keep tracebacks."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+from gpt.errors import UserError
+
+T = TypeVar("T")
+EXIT_USER_ERROR = 2
+# Errors of these libraries are about the config the user wrote. They are recognised by module so
+# that gpt/ never imports Hydra or OmegaConf.
+CONFIG_ERROR_MODULES = ("hydra.", "omegaconf.")
+CONFIG_ERROR_NAMES = ("MisconfigurationException",)
+
+
+def first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0].rstrip(".") if lines else type(e).__name__
+
+
+def is_user_error(e: BaseException) -> bool:
+    return (
+        isinstance(e, UserError)
+        or type(e).__module__.startswith(CONFIG_ERROR_MODULES)
+        or type(e).__name__ in CONFIG_ERROR_NAMES
+    )
+
+
+def describe(e: BaseException) -> str:
+    """One line: the error, and the config error beneath it if Hydra wrapped one."""
+    if type(e).__name__ == "OverrideParseException":
+        override = first_line(e).split(": ", 1)[-1]
+        return (
+            f"could not parse the override {override!r}; put values with spaces or special characters "
+            """in quotes inside the argument: 'prompt="Hello, world!"'"""
+        )
+    msg = first_line(e)
+    cause = e.__cause__
+    while cause is not None and type(cause).__module__.startswith(CONFIG_ERROR_MODULES):
+        msg += f": {first_line(cause)}"
+        cause = cause.__cause__
+    if isinstance(cause, UserError):
+        msg = first_line(cause)
+    if type(e).__module__.startswith("hydra.") and not isinstance(cause, UserError):
+        msg += " (--cfg job prints the config and its keys)"
+    return msg
+
+
+def exit_on_user_error(fn: Callable[..., T]) -> Callable[..., T]:
+    """Print a user error as one line and exit with EXIT_USER_ERROR; let bugs raise.
+
+    Entry points apply it twice: around the Hydra task function (Hydra would print its own line
+    for an exception raised there, but lets SystemExit through) and around the whole Hydra main,
+    for errors in composing the config (HYDRA_FULL_ERROR makes Hydra pass those on to us instead
+    of printing them over several lines).
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            if not is_user_error(e):
+                raise
+            print(f"error: {describe(e)}", file=sys.stderr)
+            sys.exit(EXIT_USER_ERROR)
+
+    return wrapper

@@ -1,0 +1,140 @@
+"""The Hydra config tree: every preset composes and validates; bad overrides fail early and clearly."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import train  # registers the schemas
+from gpt.config import DataConfig, GenerateConfig, ModelConfig, OptimConfig
+from gpt.errors import ConfigError
+from gpt.model import GPT
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose_train(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=True)
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("model", group_options("model"))
+def test_model_presets_validate(model):
+    cfg = compose_train(f"model={model}")
+    model_cfg, _, _ = train.to_dataclasses(cfg)
+    assert isinstance(model_cfg, ModelConfig)
+
+
+@pytest.mark.parametrize(
+    ("preset", "vocab", "low", "high"),
+    [
+        ("nano", 65, 0.7e6, 0.95e6),
+        ("small", 65, 9e6, 11.5e6),
+        ("medium", 50257, 118e6, 130e6),
+        ("large", 50257, 330e6, 370e6),
+    ],
+)
+def test_preset_sizes(preset, vocab, low, high):
+    cfg = compose_train(f"model={preset}")
+    model_cfg = OmegaConf.to_object(cfg.model)
+    model_cfg.vocab_size = vocab
+    import torch
+
+    with torch.device("meta"):
+        n = GPT(model_cfg).num_params()
+    assert low < n < high, f"{preset}: {n:,} parameters"
+
+
+@pytest.mark.parametrize("data", group_options("data"))
+def test_data_presets_validate(data):
+    extra = ["data.path=some/dir"] if data == "text" else []
+    _, data_cfg, _ = train.to_dataclasses(compose_train(f"data={data}", *extra))
+    assert isinstance(data_cfg, DataConfig)
+
+
+@pytest.mark.parametrize("optim", group_options("optim"))
+def test_optim_presets_validate(optim):
+    assert isinstance(train.to_dataclasses(compose_train(f"optim={optim}"))[2], OptimConfig)
+
+
+@pytest.mark.parametrize("experiment", group_options("experiment"))
+def test_experiments_compose(experiment):
+    cfg = compose_train(f"experiment={experiment}")
+    train.to_dataclasses(cfg)
+
+
+def test_unknown_key_fails_at_compose_time():
+    with pytest.raises(Exception, match="n_layr") as info:
+        compose_train("model.n_layr=2")
+    assert "ModelConfig" in str(info.value.__cause__)
+
+
+def test_wrong_type_fails_at_compose_time():
+    with pytest.raises(Exception, match="n_layer"):
+        compose_train("model.n_layer=two")
+
+
+def test_indivisible_heads_fail_with_values():
+    cfg = compose_train("model.n_head=5")
+    with pytest.raises(ConfigError, match="n_embd=128 is not divisible by model.n_head=5"):
+        train.to_dataclasses(cfg)
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "message"),
+    [
+        (ModelConfig, dict(pos_emb="alibi"), "model.pos_emb='alibi' is not one of"),
+        (ModelConfig, dict(dropout=1.0), "dropout"),
+        (DataConfig, dict(source="text"), "data.path"),
+        (DataConfig, dict(val_fraction=0), "val_fraction"),
+        (OptimConfig, dict(lr=0), "optim.lr"),
+        (GenerateConfig, dict(temperature=-1), "temperature=-1"),
+        (GenerateConfig, dict(top_p=1.5), "top_p=1.5"),
+        (GenerateConfig, dict(top_k=0), "top_k=0"),
+        (GenerateConfig, dict(max_new_tokens=0), "max_new_tokens=0"),
+    ],
+)
+def test_validation_messages(cls, kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        cls(**kwargs)
+
+
+def instantiate_in(run_dir: Path, *overrides: str):
+    """Build trainer, callbacks and loggers as train.py does, with Hydra's run dir set to run_dir."""
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    cfg = compose_train(*overrides)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+    HydraConfig.instance().set_config(cfg)
+    callbacks = {k: hydra.utils.instantiate(c) for k, c in cfg.callbacks.items()}
+    loggers = {k: hydra.utils.instantiate(c) for k, c in cfg.logger.items()}
+    trainer = hydra.utils.instantiate(
+        cfg.trainer, logger=list(loggers.values()), callbacks=list(callbacks.values())
+    )
+    return trainer, callbacks, loggers
+
+
+def test_checkpoints_and_logs_go_to_the_run_dir(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    trainer, callbacks, loggers = instantiate_in(tmp_path)
+    ckpt = callbacks["checkpoint"]
+    assert isinstance(ckpt, ModelCheckpoint) and ckpt.save_last and ckpt.monitor == "val/loss"
+    assert ckpt.dirpath == str(tmp_path / "checkpoints")
+    assert isinstance(loggers["csv"], CSVLogger) and Path(loggers["csv"].log_dir) == tmp_path / "csv"
+    assert trainer.max_steps == 2000 and trainer.default_root_dir == str(tmp_path)
+
+
+@pytest.mark.parametrize("logger", group_options("logger"))
+def test_every_logger_option_keeps_csv(tmp_path, logger):
+    _, _, loggers = instantiate_in(tmp_path, f"logger={logger}")
+    assert "csv" in loggers and (logger == "csv" or logger in loggers)

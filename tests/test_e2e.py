@@ -1,0 +1,218 @@
+"""Real subprocess runs of train.py and generate.py, as a user types them."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt.checkpoint import load_model
+from tests.conftest import run_script
+
+FAST = [
+    "model=nano",
+    "model.block_size=32",
+    "data.batch_size=8",
+    "data.val_windows=32",
+    "trainer.max_steps=12",
+    "trainer.val_check_interval=6",
+    "trainer.log_every_n_steps=2",
+    "optim.warmup_steps=2",
+]
+
+
+def train_args(corpus: Path, *extra: str) -> list[str]:
+    return ["train.py", "data=text", f"data.path={corpus}", "data.tokenizer=char", *FAST, *extra]
+
+
+def assert_ok(proc) -> None:
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    )
+
+
+def last_line(text: str) -> str:
+    return text.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """One short training run in a fresh working directory; returns that directory."""
+    work = tmp_path_factory.mktemp("work")
+    src = Path(__import__("os").environ["GPT_DATA_DIR"]) / "tinyshakespeare.txt"
+    (work / "corpus.txt").write_text(src.read_text()[:40_000])
+    proc = run_script(*train_args(work / "corpus.txt"), cwd=work)
+    assert_ok(proc)
+    return work
+
+
+def run_dir_of(work: Path) -> Path:
+    (ckpt,) = work.glob("runs/*/*/checkpoints/last.ckpt")
+    return ckpt.parent.parent
+
+
+def test_train_writes_checkpoints_metrics_and_config(trained):
+    run = run_dir_of(trained)
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert len(list((run / "checkpoints").glob("best-step=*.ckpt"))) == 1
+    assert (run / ".hydra" / "config.yaml").is_file()
+    with open(run / "csv" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    val = [float(r["val/loss"]) for r in rows if r.get("val/loss")]
+    train_loss = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert len(val) == 2 and len(train_loss) == 6
+    assert val[-1] < 4.0  # ln(vocab) is ~4.1 for this corpus: it learned something
+
+
+def test_checkpoint_is_plain_data(trained):
+    ckpt = torch.load(run_dir_of(trained) / "checkpoints" / "last.ckpt", weights_only=True)
+    hp = ckpt["hyper_parameters"]
+    assert hp["model"]["n_layer"] == 4 and hp["model"]["block_size"] == 32
+    assert hp["tokenizer"]["kind"] == "char"
+    assert ckpt["global_step"] == 12
+    model, tok = load_model(run_dir_of(trained))
+    assert model.config.vocab_size == tok.vocab_size == len(hp["tokenizer"]["chars"])
+
+
+def test_generate_streams_from_newest_run(trained):
+    proc = run_script("generate.py", "prompt=ROMEO:", "max_new_tokens=50", "seed=7", cwd=trained)
+    assert_ok(proc)
+    assert proc.stdout.startswith("ROMEO:")
+    assert len(proc.stdout) == len("ROMEO:") + 50 + 1  # char model: one character per token
+    again = run_script("generate.py", "prompt=ROMEO:", "max_new_tokens=50", "seed=7", cwd=trained)
+    assert again.stdout == proc.stdout
+
+
+def test_unquoted_special_characters_say_how_to_quote(trained):
+    proc = run_script("generate.py", "prompt=Où?", cwd=trained)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        """error: could not parse the override 'prompt=Où?'; put values with spaces or special """
+        """characters in quotes inside the argument: 'prompt="Hello, world!"'"""
+    ]
+
+
+def test_generate_with_explicit_checkpoint_and_samples(trained):
+    ckpt = run_dir_of(trained) / "checkpoints" / "last.ckpt"
+    proc = run_script(
+        "generate.py",
+        f"ckpt={ckpt}",
+        "prompt=To be",
+        "max_new_tokens=20",
+        "num_samples=2",
+        "temperature=0",
+        cwd=trained.parent,
+    )
+    assert_ok(proc)
+    first, second = proc.stdout.split("\n---------------\n")
+    assert first == second.rstrip("\n")  # greedy: both samples equal
+    assert first.startswith("To be") and len(first) == len("To be") + 20
+
+
+def test_generate_imports_no_lightning(trained):
+    code = (
+        "import sys, generate;"
+        "generate.sample(generate.GenerateConfig(max_new_tokens=3));"
+        "loaded = [m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')];"
+        "assert not loaded, loaded"
+    )
+    proc = run_script("-c", code, cwd=trained)
+    assert_ok(proc)
+
+
+def test_resume_from_checkpoint_continues_steps(trained, tmp_path):
+    run = run_dir_of(trained)
+    proc = run_script(
+        *train_args(
+            trained / "corpus.txt",
+            "trainer.max_steps=16",
+            f"ckpt_path={run}/checkpoints/last.ckpt",
+            f"hydra.run.dir={tmp_path}/resumed",
+        ),
+        cwd=trained,
+    )
+    assert_ok(proc)
+    ckpt = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 16
+
+
+def test_unknown_key_is_one_line_and_nonzero(tmp_path):
+    proc = run_script("train.py", "model.n_layr=2", cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "model.n_layr" in lines[0] and lines[0].startswith("error:")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_values_are_one_line(tmp_path):
+    proc = run_script("train.py", "model.n_head=5", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert last_line(proc.stderr) == (
+        "error: model.n_embd=128 is not divisible by model.n_head=5; pick n_head that divides n_embd"
+    )
+    proc = run_script("generate.py", "top_p=1.5", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: top_p=1.5 must be in (0, 1] (or null)"
+    ]
+    proc = run_script("generate.py", cwd=tmp_path)
+    assert proc.returncode == 2 and "no checkpoint under runs/" in proc.stderr
+
+
+def test_generate_rejects_characters_outside_vocabulary(trained):
+    proc = run_script("generate.py", 'prompt="ROMEO§"', "max_new_tokens=5", cwd=trained)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: character '§' (U+00A7) is not in this model's 58-character vocabulary; "
+        "remove it from the prompt"
+    ]
+
+
+def test_bf16_mixed_on_cpu(tiny_corpus, tmp_path):
+    proc = run_script(
+        *train_args(
+            tiny_corpus,
+            "trainer.precision=bf16-mixed",
+            "trainer.max_steps=4",
+            f"hydra.run.dir={tmp_path}/run",
+        ),
+        cwd=tmp_path,
+    )
+    assert_ok(proc)
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["state_dict"]["model.wte.weight"].dtype == torch.float32  # master weights stay fp32
+
+
+def test_ddp_two_processes_one_run_dir(tiny_corpus, tmp_path):
+    proc = run_script(
+        *train_args(
+            tiny_corpus,
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "trainer.strategy=ddp",
+            "trainer.max_steps=4",
+        ),
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert_ok(proc)
+    runs = list((tmp_path / "runs").glob("*/*"))
+    assert len(runs) == 1, runs
+    assert [p.name for p in (runs[0] / "checkpoints").glob("last*.ckpt")] == ["last.ckpt"]
+    assert torch.load(runs[0] / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+
+
+def test_wandb_offline_without_account(tiny_corpus, tmp_path):
+    # No account: no key, no netrc, no mode chosen by the user.
+    env = {"HOME": str(tmp_path / "home"), "NETRC": str(tmp_path / "none")}
+    proc = run_script(
+        *train_args(tiny_corpus, "logger=wandb", "trainer.max_steps=4", f"hydra.run.dir={tmp_path}/run"),
+        cwd=tmp_path,
+        env=env,
+        unset=("WANDB_MODE", "WANDB_API_KEY"),
+    )
+    assert_ok(proc)
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*")), "no offline wandb run"
+    assert (tmp_path / "run" / "csv" / "metrics.csv").is_file()  # CSV is always written

@@ -1,0 +1,62 @@
+"""Train a GPT: compose the Hydra config, turn it into dataclasses, build, fit.
+
+python train.py                                   # nano model on Tiny Shakespeare, CPU-friendly
+python train.py model=small trainer.devices=4     # any preset, any number of devices
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import hydra
+import lightning as L
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from gpt.cli import exit_on_user_error
+from gpt.config import DataConfig, ModelConfig, OptimConfig
+from gpt.data import GPTDataModule
+from gpt.lit_module import GPTLitModule
+from gpt.loggers import choose_wandb_mode
+
+cs = ConfigStore.instance()
+cs.store(group="model", name="_schema", node=ModelConfig)
+cs.store(group="data", name="_schema", node=DataConfig)
+cs.store(group="optim", name="_schema", node=OptimConfig)
+
+
+def to_dataclasses(cfg: DictConfig) -> tuple[ModelConfig, DataConfig, OptimConfig]:
+    """Validated configs (OmegaConf.to_object runs each dataclass's __post_init__)."""
+    return OmegaConf.to_object(cfg.model), OmegaConf.to_object(cfg.data), OmegaConf.to_object(cfg.optim)
+
+
+def build(cfg: DictConfig) -> tuple[L.Trainer, GPTLitModule, GPTDataModule]:
+    model_cfg, data_cfg, optim_cfg = to_dataclasses(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = GPTDataModule(data_cfg, block_size=model_cfg.block_size, seed=cfg.seed)
+    tokenizer = datamodule.tokenizer  # tokenizes the corpus on first use (cached on disk)
+    model_cfg = replace(model_cfg, vocab_size=tokenizer.vocab_size)
+    module = GPTLitModule.from_configs(model_cfg, optim_cfg, tokenizer.to_dict())
+
+    if "wandb" in cfg.logger:
+        choose_wandb_mode()
+    loggers = [hydra.utils.instantiate(c) for c in cfg.logger.values()]
+    callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values()]
+    trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers, callbacks=callbacks)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    return trainer, module, datamodule
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    trainer, module, datamodule = build(cfg)
+    if trainer.is_global_zero:
+        print(f"run dir: {HydraConfig.get().runtime.output_dir}")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+
+
+if __name__ == "__main__":
+    exit_on_user_error(main)()
