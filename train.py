@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from gpt.cli import exit_on_user_error
 from gpt.config import DataConfig, ModelConfig, OptimConfig
 from gpt.data import GPTDataModule
+from gpt.errors import ConfigError
 from gpt.lit_module import GPTLitModule
 from gpt.loggers import choose_wandb_mode
 
@@ -31,12 +32,24 @@ def to_dataclasses(cfg: DictConfig) -> tuple[ModelConfig, DataConfig, OptimConfi
     return OmegaConf.to_object(cfg.model), OmegaConf.to_object(cfg.data), OmegaConf.to_object(cfg.optim)
 
 
+def vocab_size(requested: int | None, tokenizer_vocab: int) -> int:
+    """The tokenizer's vocabulary, or a larger (padded) one the user asked for."""
+    if requested is None:
+        return tokenizer_vocab
+    if requested < tokenizer_vocab:
+        raise ConfigError(
+            f"model.vocab_size={requested} is smaller than the tokenizer's {tokenizer_vocab} tokens; "
+            "leave it null or pad it upward"
+        )
+    return requested
+
+
 def build(cfg: DictConfig) -> tuple[L.Trainer, GPTLitModule, GPTDataModule]:
     model_cfg, data_cfg, optim_cfg = to_dataclasses(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = GPTDataModule(data_cfg, block_size=model_cfg.block_size, seed=cfg.seed)
     tokenizer = datamodule.tokenizer  # tokenizes the corpus on first use (cached on disk)
-    model_cfg = replace(model_cfg, vocab_size=tokenizer.vocab_size)
+    model_cfg = replace(model_cfg, vocab_size=vocab_size(model_cfg.vocab_size, tokenizer.vocab_size))
     module = GPTLitModule.from_configs(model_cfg, optim_cfg, tokenizer.to_dict())
 
     if "wandb" in cfg.logger:

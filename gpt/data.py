@@ -301,14 +301,19 @@ class GPTDataModule(L.LightningDataModule):
         # Epoch-based training: an epoch draws as many windows as fit side by side in the split.
         return max(1, self.train_set.n_tokens // self.block_size)
 
-    def train_dataloader(self) -> DataLoader:
+    def _rank_and_world(self) -> tuple[int, int]:
         trainer = self.trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._rank_and_world()
         sampler = RandomWindowSampler(len(self.train_set), self._samples_per_epoch(), self.seed, rank, world)
         return self._loader(self.train_set, sampler)
 
     def val_dataloader(self) -> DataLoader:
-        offsets = val_offsets(self.val_set.n_tokens, self.block_size, self.cfg.val_windows)
+        # Each rank scores its share of the windows; the token-weighted mean is synced by the metric.
+        rank, world = self._rank_and_world()
+        offsets = val_offsets(self.val_set.n_tokens, self.block_size, self.cfg.val_windows)[rank::world]
         return self._loader(torch.utils.data.Subset(self.val_set, offsets), None)
 
     def _loader(self, dataset: Dataset, sampler: Sampler | None) -> DataLoader:

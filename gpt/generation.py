@@ -72,8 +72,13 @@ def generate(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    vocab_size: int | None = None,
 ) -> Iterator[torch.Tensor]:
-    """Yield max_new_tokens new tokens, one (B,) tensor per step, continuing prompts idx (B, T)."""
+    """Yield max_new_tokens new tokens, one (B,) tensor per step, continuing prompts idx (B, T).
+
+    vocab_size: sample only ids below it, for a model whose embedding was padded past its
+    tokenizer's vocabulary (the padding rows belong to no token).
+    """
     block = model.config.block_size
     context = idx[:, -block:]
     param = next(model.parameters())
@@ -84,7 +89,7 @@ def generate(
     )
     logits = prefill(model, context, cache)
     for step in range(max_new_tokens):
-        token = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+        token = sample_next(logits[:, :vocab_size], temperature, top_k, top_p, generator)  # (B,)
         yield token
         if step == max_new_tokens - 1:
             break
@@ -131,9 +136,18 @@ def sample(cfg: GenerateConfig, write: Callable[[str], object] = write_stdout) -
             write("---------------\n")
         write(cfg.prompt)
         decoder, pieces = StreamDecoder(tokenizer), []
-        for token in generate(
-            model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, generator, cfg.use_cache
-        ):
+        tokens = generate(
+            model,
+            idx,
+            cfg.max_new_tokens,
+            cfg.temperature,
+            cfg.top_k,
+            cfg.top_p,
+            generator,
+            cfg.use_cache,
+            vocab_size=tokenizer.vocab_size,
+        )
+        for token in tokens:
             pieces.append(decoder.push([int(token[0])]))
             write(pieces[-1])
         pieces.append(decoder.flush())

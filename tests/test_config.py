@@ -127,9 +127,10 @@ def test_checkpoints_and_logs_go_to_the_run_dir(tmp_path):
     from lightning.pytorch.loggers import CSVLogger
 
     trainer, callbacks, loggers = instantiate_in(tmp_path)
-    ckpt = callbacks["checkpoint"]
-    assert isinstance(ckpt, ModelCheckpoint) and ckpt.save_last and ckpt.monitor == "val/loss"
-    assert ckpt.dirpath == str(tmp_path / "checkpoints")
+    best, last = callbacks["checkpoint"], callbacks["last"]
+    assert isinstance(best, ModelCheckpoint) and best.monitor == "val/loss" and best.save_top_k == 1
+    assert isinstance(last, ModelCheckpoint) and last.save_last and last.save_top_k == 0
+    assert best.dirpath == last.dirpath == str(tmp_path / "checkpoints")
     assert isinstance(loggers["csv"], CSVLogger) and Path(loggers["csv"].log_dir) == tmp_path / "csv"
     assert trainer.max_steps == 2000 and trainer.default_root_dir == str(tmp_path)
 
@@ -138,3 +139,10 @@ def test_checkpoints_and_logs_go_to_the_run_dir(tmp_path):
 def test_every_logger_option_keeps_csv(tmp_path, logger):
     _, _, loggers = instantiate_in(tmp_path, f"logger={logger}")
     assert "csv" in loggers and (logger == "csv" or logger in loggers)
+
+
+def test_vocab_size_follows_tokenizer_or_pads_upward():
+    assert train.vocab_size(None, 65) == 65
+    assert train.vocab_size(128, 65) == 128
+    with pytest.raises(ConfigError, match="model.vocab_size=64 is smaller than the tokenizer's 65 tokens"):
+        train.vocab_size(64, 65)

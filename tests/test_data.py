@@ -145,3 +145,11 @@ def test_download_checks_sha256(shakespeare_text, tmp_path):
         download(src.as_uri(), tmp_path / "other.txt", "0000")
     assert not (tmp_path / "other.txt").exists()
     assert list((tmp_path).glob("*.part")) == []
+
+
+def test_shakespeare_bpe_equals_direct_encode(shakespeare_text, tmp_path):
+    prepared = prepare(DataConfig(source="shakespeare", tokenizer="r50k_base", cache_dir=str(tmp_path)))
+    ids = np.concatenate([prepared.tokens("train"), prepared.tokens("val")])
+    assert prepared.meta["vocab_size"] == 50257 and prepared.meta["dtype"] == "uint16"
+    assert ids.tolist() == TiktokenTokenizer("r50k_base").encode(shakespeare_text)
+    assert prepared.meta["val_tokens"] == len(ids) // 10

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from gpt.generation import generate, sample_next
-from tests.conftest import tiny_model
+from gpt.model import GPT
+from tests.conftest import tiny_config, tiny_model
 
 
 def tokens(model, idx, n, use_cache, **kw):
@@ -61,3 +62,21 @@ def test_seed_reproducible_and_seed_sensitive():
     run = lambda s: tokens(model, idx, 30, True, temperature=1.0, generator=torch.Generator().manual_seed(s))
     assert torch.equal(run(1), run(1))
     assert not torch.equal(run(1), run(2))
+
+
+class PaddingWins(GPT):
+    """A model whose padding ids (>= 50) would win every step if they could be sampled."""
+
+    def forward(self, idx, kv_cache=None):
+        logits = super().forward(idx, kv_cache)
+        logits[..., 50:] = 1e4
+        return logits
+
+
+def test_padded_vocabulary_is_never_sampled():
+    torch.manual_seed(0)
+    model = PaddingWins(tiny_config(vocab_size=64)).eval()
+    idx = torch.randint(50, (2, 3))
+    g = lambda: torch.Generator().manual_seed(0)
+    assert int(tokens(model, idx, 20, True, temperature=1.0, generator=g()).min()) >= 50
+    assert int(tokens(model, idx, 20, True, temperature=1.0, generator=g(), vocab_size=50).max()) < 50
