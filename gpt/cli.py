@@ -19,8 +19,13 @@ CONFIG_ERROR_NAMES = ("MisconfigurationException",)
 
 
 def first_line(e: BaseException) -> str:
+    """The message's first line; with the next one when it ends in ':' (Hydra's "Error in call...:")."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return lines[0].rstrip(".") if lines else type(e).__name__
+    if not lines:
+        return type(e).__name__
+    if lines[0].endswith(":") and len(lines) > 1:
+        return f"{lines[0]} {lines[1]}".rstrip(".")
+    return lines[0].rstrip(".")
 
 
 def is_user_error(e: BaseException) -> bool:
