@@ -12,7 +12,9 @@ import hydra
 import lightning as L
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from hydra.types import RunMode
+from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from gpt.cli import exit_on_user_error
 from gpt.config import DataConfig, ModelConfig, OptimConfig
@@ -20,6 +22,7 @@ from gpt.data import GPTDataModule
 from gpt.errors import ConfigError
 from gpt.lit_module import GPTLitModule
 from gpt.loggers import choose_wandb_mode
+from gpt.training import accumulation_steps, enable_tf32, resolve_resume, wandb_fields
 
 cs = ConfigStore.instance()
 cs.store(group="model", name="_schema", node=ModelConfig)
@@ -46,17 +49,33 @@ def vocab_size(requested: int | None, tokenizer_vocab: int) -> int:
 
 def build(cfg: DictConfig) -> tuple[L.Trainer, GPTLitModule, GPTDataModule]:
     model_cfg, data_cfg, optim_cfg = to_dataclasses(cfg)
+    run_dir = HydraConfig.get().runtime.output_dir
     L.seed_everything(cfg.seed, workers=True)
+    enable_tf32()
     datamodule = GPTDataModule(data_cfg, block_size=model_cfg.block_size, seed=cfg.seed)
     tokenizer = datamodule.tokenizer  # tokenizes the corpus on first use (cached on disk)
     model_cfg = replace(model_cfg, vocab_size=vocab_size(model_cfg.vocab_size, tokenizer.vocab_size))
     module = GPTLitModule.from_configs(model_cfg, optim_cfg, tokenizer.to_dict())
+    if cfg.compile:
+        module.model.compile()  # in place: parameter names, and so checkpoints, are unchanged
 
     if "wandb" in cfg.logger:
         choose_wandb_mode()
+        with open_dict(cfg):
+            cfg.logger.wandb.update(
+                {
+                    k: v
+                    for k, v in wandb_fields(HydraConfig.get().overrides.task, run_dir).items()
+                    if cfg.logger.wandb.get(k) is None
+                }
+            )
     loggers = [hydra.utils.instantiate(c) for c in cfg.logger.values()]
     callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values()]
     trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers, callbacks=callbacks)
+    if cfg.tokens_per_step:
+        trainer.accumulate_grad_batches = accumulation_steps(
+            cfg.tokens_per_step, data_cfg.batch_size, model_cfg.block_size, trainer.world_size
+        )
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     return trainer, module, datamodule
@@ -65,10 +84,19 @@ def build(cfg: DictConfig) -> tuple[L.Trainer, GPTLitModule, GPTDataModule]:
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
+    run_dir = HydraConfig.get().runtime.output_dir
+    ckpt_path = resolve_resume(cfg.ckpt_path, run_dir)
     trainer, module, datamodule = build(cfg)
+    if HydraConfig.get().mode == RunMode.MULTIRUN and isinstance(
+        trainer.strategy.launcher, _SubprocessScriptLauncher
+    ):
+        raise ConfigError(
+            "sweeps (-m) on several devices need trainer.strategy=ddp_spawn: with ddp each worker process "
+            "would start the whole sweep again"
+        )
     if trainer.is_global_zero:
-        print(f"run dir: {HydraConfig.get().runtime.output_dir}")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        print(f"run dir: {run_dir}" + (f"; resuming from {ckpt_path}" if ckpt_path else ""))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
 
 if __name__ == "__main__":

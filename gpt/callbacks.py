@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
+import torch
+from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.utilities import rank_zero_only
+
+from gpt.generation import generate
+from gpt.tokenizer import StreamDecoder, tokenizer_from_dict
 
 
 class ValidateOnLastStep(L.Callback):
@@ -17,3 +25,112 @@ class ValidateOnLastStep(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
         if 0 < trainer.max_steps <= trainer.global_step:
             trainer.should_stop = True
+
+
+def _batch_size(batch: tuple[torch.Tensor, torch.Tensor]) -> int:
+    return batch[0].size(0)
+
+
+def _batch_tokens(batch: tuple[torch.Tensor, torch.Tensor]) -> int:
+    return batch[0].numel()
+
+
+class Throughput(ThroughputMonitor):
+    """Lightning's ThroughputMonitor for (x, y) token batches: batches, samples and tokens ("items")
+    per second, FLOP/s from the module's `flops_per_batch`, and MFU.
+
+    peak_flops: one device's peak FLOP/s for the training dtype. None uses Lightning's table, which
+    misses many chips and lists H100 NVL / H200 bf16 at their sparse figures; pass the dense peak
+    for those (989e12 for H100 SXM and H200 bf16).
+    """
+
+    def __init__(self, peak_flops: float | None = None, window_size: int = 50) -> None:
+        super().__init__(_batch_size, _batch_tokens, window_size=window_size, separator="/")
+        self.peak_flops = peak_flops
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.peak_flops:
+            self.available_flops = int(self.peak_flops)
+            for throughput in self._throughputs.values():
+                throughput.available_flops = self.available_flops
+
+    @rank_zero_only
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: object,
+        batch: object,
+        *args,
+        **kwargs,
+    ) -> None:
+        # Time validation (so that it is kept out of training throughput) but do not log it:
+        # Lightning logs it with the validation loop's batch index as the step, which would
+        # interleave with the training steps in every log.
+        if not trainer.sanity_checking:
+            self._update(trainer, pl_module, batch, trainer._evaluation_loop.batch_progress.total.ready)
+
+
+class SampleText(L.Callback):
+    """Every N optimizer steps, generate a short text from the model being trained and write it to
+    <run dir>/samples.txt and to any logger with a `log_text` (wandb's text table).
+
+    Sampling uses its own seeded generator: the training run's random streams are untouched.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 500,
+        prompt: str = "\n",
+        max_new_tokens: int = 200,
+        temperature: float = 0.8,
+        top_k: int | None = 200,
+        seed: int = 0,
+    ) -> None:
+        self.every_n_steps, self.prompt, self.max_new_tokens = every_n_steps, prompt, max_new_tokens
+        self.temperature, self.top_k, self.seed = temperature, top_k, seed
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+        step = trainer.global_step
+        if (
+            self.every_n_steps <= 0
+            or step == 0
+            or step % self.every_n_steps
+            or trainer.fit_loop._should_accumulate()
+        ):
+            return
+        if trainer.is_global_zero:
+            self.write(trainer, step, self.sample(pl_module))
+
+    def sample(self, pl_module: L.LightningModule) -> str:
+        tokenizer = tokenizer_from_dict(pl_module.hparams["tokenizer"])
+        model = pl_module.model
+        device = next(model.parameters()).device
+        idx = torch.tensor([tokenizer.encode(self.prompt)], device=device)
+        generator = torch.Generator(device=device).manual_seed(self.seed)
+        was_training = model.training
+        model.eval()
+        try:
+            tokens = generate(
+                model,
+                idx,
+                max_new_tokens=self.max_new_tokens,
+                temperature=self.temperature,
+                top_k=self.top_k,
+                generator=generator,
+                vocab_size=tokenizer.vocab_size,
+            )
+            decoder = StreamDecoder(tokenizer)
+            text = "".join(decoder.push([int(t[0])]) for t in tokens) + decoder.flush()
+        finally:
+            model.train(was_training)
+        return self.prompt + text
+
+    @staticmethod
+    def write(trainer: L.Trainer, step: int, text: str) -> None:
+        with open(Path(trainer.default_root_dir) / "samples.txt", "a", encoding="utf-8") as f:
+            f.write(f"=== step {step}\n{text}\n")
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_text"):
+                logger.log_text(key="samples", columns=["step", "text"], data=[[step, text]], step=step)

@@ -13,7 +13,8 @@ from gpt.errors import ConfigError
 POS_EMBS = ("learned", "sinusoidal", "rope")
 NORMS = ("layernorm", "rmsnorm")
 FFNS = ("swiglu", "gelu")
-SCHEDULES = ("cosine", "constant")
+SCHEDULES = ("cosine", "wsd", "constant")
+OPTIMIZERS = ("adamw", "muon")
 
 
 def _check(ok: bool, msg: str) -> None:
@@ -106,6 +107,8 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    # adamw: AdamW everywhere. muon: Muon for the blocks' 2-D weights, AdamW (lr) for the rest.
+    name: str = "adamw"
     lr: float = 1e-3
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -116,9 +119,17 @@ class OptimConfig:
     # The cosine decays to lr * min_lr_ratio at decay_steps (None: at trainer.max_steps).
     min_lr_ratio: float = 0.1
     decay_steps: int | None = None
+    # wsd: the share of the horizon spent decaying (after a stable phase at lr).
+    decay_fraction: float = 0.2
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
 
     def __post_init__(self) -> None:
+        _one_of("optim.name", self.name, OPTIMIZERS)
         _check(self.lr > 0, f"optim.lr={self.lr} must be > 0")
+        _check(self.muon_lr > 0, f"optim.muon_lr={self.muon_lr} must be > 0")
+        _check(0 <= self.muon_momentum < 1, f"optim.muon_momentum={self.muon_momentum} must be in [0, 1)")
+        _check(0 < self.decay_fraction <= 1, f"optim.decay_fraction={self.decay_fraction} must be in (0, 1]")
         _check(self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay} must be >= 0")
         for name in ("beta1", "beta2"):
             _check(0 <= getattr(self, name) < 1, f"optim.{name}={getattr(self, name)} must be in [0, 1)")

@@ -214,39 +214,43 @@ class Windows(Dataset):
 
 
 class RandomWindowSampler(Sampler[int]):
-    """Uniformly random window offsets, seeded per (seed, rank, epoch), drawn in fixed-size chunks.
+    """Uniformly random window offsets from one seeded stream that the ranks share out.
 
-    Chunk c is drawn from its own generator, so the stream can restart at any sample without
-    replaying what came before (`start`, see state_dict).
+    The stream depends on (seed, epoch) only; rank r of W takes items r, r+W, r+2W, ... So a
+    global batch holds the same windows whatever the number of devices, accumulation steps and
+    micro-batch size that make it up. The stream is drawn in fixed-size chunks, chunk c from its
+    own generator, so it can restart at any position without replaying what came before.
     """
 
     CHUNK = 1 << 16
 
     def __init__(self, n_windows: int, length: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        # length: items this rank yields per epoch.
         self.n_windows, self.length, self.seed = n_windows, length, seed
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
-        self.start = 0
+        self.start = 0  # items of this epoch already consumed (set when resuming)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.length - self.start
+        # The full epoch, also when resuming: Lightning counts the batches it already trained on.
+        return self.length
 
     def _chunk(self, c: int) -> torch.Tensor:
-        words = np.random.SeedSequence([self.seed, self.rank, self.world_size, self.epoch, c]).generate_state(
-            2
-        )
+        words = np.random.SeedSequence([self.seed, self.epoch, c]).generate_state(2)
         g = torch.Generator().manual_seed(int(words[0]) << 31 ^ int(words[1]))
         return torch.randint(self.n_windows, (self.CHUNK,), generator=g)
 
     def __iter__(self) -> Iterator[int]:
+        # This rank's item i is item i * world_size + rank of the shared stream.
         i = self.start
         while i < self.length:
-            c, j = divmod(i, self.CHUNK)
-            take = min(self.CHUNK - j, self.length - i)
-            yield from self._chunk(c)[j : j + take].tolist()
+            g = i * self.world_size + self.rank
+            c, j = divmod(g, self.CHUNK)
+            take = min(len(range(j, self.CHUNK, self.world_size)), self.length - i)
+            yield from self._chunk(c)[j :: self.world_size][:take].tolist()
             i += take
 
     def state_dict(self) -> dict[str, int]:
@@ -267,6 +271,7 @@ class GPTDataModule(L.LightningDataModule):
         super().__init__()
         self.cfg, self.block_size, self.seed = cfg, block_size, seed
         self._prepared: Prepared | None = None
+        self._resume: dict[str, int] | None = None  # sampler state from a checkpoint
 
     @property
     def prepared(self) -> Prepared:
@@ -308,7 +313,23 @@ class GPTDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_and_world()
         sampler = RandomWindowSampler(len(self.train_set), self._samples_per_epoch(), self.seed, rank, world)
+        if self._resume is not None:
+            sampler.load_state_dict(self._resume)
+            self._resume = None  # later epochs start from their beginning
         return self._loader(self.train_set, sampler)
+
+    def state_dict(self) -> dict[str, int]:
+        """Where the training stream stands: the micro-batches of this epoch already trained on.
+
+        Counted from the trainer's progress rather than the sampler's iterator, which runs ahead
+        of training by whatever the DataLoader and Lightning prefetch.
+        """
+        trainer = self.trainer
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": trainer.current_epoch, "start": done * self.cfg.batch_size}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = dict(state)
 
     def val_dataloader(self) -> DataLoader:
         # Each rank scores its share of the windows; the token-weighted mean is synced by the metric.
@@ -325,4 +346,8 @@ class GPTDataModule(L.LightningDataModule):
             num_workers=self.cfg.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.cfg.num_workers > 0,
+            # A DataLoader seeds its workers from the global RNG unless given its own generator;
+            # that draw would shift dropout's random stream between a resumed and an
+            # uninterrupted run. Nothing in the data path is random beyond the sampler.
+            generator=torch.Generator().manual_seed(self.seed),
         )

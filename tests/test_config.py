@@ -129,9 +129,12 @@ def test_checkpoints_and_logs_go_to_the_run_dir(tmp_path):
     trainer, callbacks, loggers = instantiate_in(tmp_path)
     best, last = callbacks["checkpoint"], callbacks["last"]
     assert isinstance(best, ModelCheckpoint) and best.monitor == "val/loss" and best.save_top_k == 1
-    assert isinstance(last, ModelCheckpoint) and last.save_last and last.save_top_k == 0
+    assert isinstance(last, ModelCheckpoint) and last.save_last and last.monitor == "step"
     assert best.dirpath == last.dirpath == str(tmp_path / "checkpoints")
-    assert isinstance(loggers["csv"], CSVLogger) and Path(loggers["csv"].log_dir) == tmp_path / "csv"
+    assert (
+        isinstance(loggers["csv"], CSVLogger)
+        and Path(loggers["csv"].log_dir) == tmp_path / "csv" / "version_0"
+    )
     assert trainer.max_steps == 2000 and trainer.default_root_dir == str(tmp_path)
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import pytest
 import torch
 
 from gpt.checkpoint import load_model
+from gpt.training import read_metrics
 from tests.conftest import run_script
 
 FAST = [
@@ -58,10 +58,9 @@ def test_train_writes_checkpoints_metrics_and_config(trained):
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert len(list((run / "checkpoints").glob("best-step=*.ckpt"))) == 1
     assert (run / ".hydra" / "config.yaml").is_file()
-    with open(run / "csv" / "metrics.csv") as f:
-        rows = list(csv.DictReader(f))
-    val = [float(r["val/loss"]) for r in rows if r.get("val/loss")]
-    train_loss = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    rows = read_metrics(run)
+    val = [r["val/loss"] for r in rows if "val/loss" in r]
+    train_loss = [r["train/loss"] for r in rows if "train/loss" in r]
     assert len(val) == 2 and len(train_loss) == 6
     assert val[-1] < 4.0  # ln(vocab) is ~4.1 for this corpus: it learned something
 
@@ -215,4 +214,4 @@ def test_wandb_offline_without_account(tiny_corpus, tmp_path):
     )
     assert_ok(proc)
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*")), "no offline wandb run"
-    assert (tmp_path / "run" / "csv" / "metrics.csv").is_file()  # CSV is always written
+    assert read_metrics(tmp_path / "run")  # CSV is always written

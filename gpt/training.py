@@ -1,0 +1,94 @@
+"""Run-level decisions train.py makes before fitting: what to resume, how to accumulate, names."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import re
+from pathlib import Path
+
+import torch
+
+from gpt.errors import ConfigError, UserError
+
+
+def newest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The most recently written checkpoint of a run, or None."""
+    found = sorted(Path(run_dir, "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def resolve_resume(ckpt_path: str | None, run_dir: str | Path) -> str | None:
+    """What trainer.fit resumes from.
+
+    None: the run dir's newest checkpoint if it has one (running the same command again on the same
+    run dir continues it), else a fresh start. "last": the newest checkpoint, which must exist.
+    Anything else: that file.
+    """
+    if ckpt_path in (None, "last"):
+        newest = newest_checkpoint(run_dir)
+        if newest is None and ckpt_path == "last":
+            raise UserError(f"ckpt_path=last but {run_dir}/checkpoints/ holds no checkpoint; drop ckpt_path")
+        return None if newest is None else str(newest)
+    if not Path(ckpt_path).is_file():
+        raise UserError(f"ckpt_path {ckpt_path} does not exist; pass a .ckpt file, 'last', or nothing")
+    return ckpt_path
+
+
+def accumulation_steps(tokens_per_step: int, micro_batch: int, block_size: int, world_size: int) -> int:
+    """Micro-batches each device accumulates so one optimizer step sees tokens_per_step tokens."""
+    per_pass = micro_batch * block_size * world_size
+    if tokens_per_step % per_pass:
+        raise ConfigError(
+            f"tokens_per_step={tokens_per_step} is not a multiple of data.batch_size x model.block_size x "
+            f"devices x nodes = {micro_batch} x {block_size} x {world_size} = {per_pass}; pick a multiple"
+        )
+    return tokens_per_step // per_pass
+
+
+def run_label(overrides: list[str]) -> str:
+    """A short readable name from the command-line overrides (not Hydra's own settings)."""
+    kept = [o for o in overrides if not o.startswith(("hydra.", "ckpt_path="))]
+    return ",".join(kept) or "defaults"
+
+
+def wandb_fields(overrides: list[str], run_dir: str | Path) -> dict[str, object]:
+    """Name, group, tags and a stable id for a wandb run.
+
+    The group is the run's overrides without the seed, so seeds of one configuration group
+    together; the id is derived from the run dir, so a resumed run continues the same wandb run.
+    """
+    kept = [o for o in overrides if not o.startswith(("hydra.", "ckpt_path="))]
+    run_id = hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
+    return {
+        "name": run_label(overrides),
+        "group": run_label([o for o in kept if not re.match(r"^\+*seed=", o)]),
+        "tags": [o[:64] for o in kept],  # wandb's tag length limit
+        "id": run_id,
+        "resume": "allow",
+    }
+
+
+def enable_tf32() -> None:
+    """TF32 matmuls on Ampere and newer GPUs: fp32 training several times faster, ~10 mantissa bits."""
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
+    """The run's CSV log as one list of rows in step order, its segments stitched together.
+
+    Each start or resume writes csv/version_N/metrics.csv. A resume repeats the steps after its
+    checkpoint, so each segment supersedes the earlier segments' rows from its first step on.
+    """
+    segments = sorted(
+        Path(run_dir, "csv").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:])
+    )
+    rows: list[dict[str, float]] = []
+    for path in segments:
+        with open(path, newline="") as f:
+            new = [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+        if new:
+            first = min(r["step"] for r in new)
+            rows = [r for r in rows if r["step"] < first] + new
+    return rows

@@ -1,0 +1,294 @@
+"""The training system: exact resume after SIGKILL, DDP == one process, accumulation, seeds,
+optimizers, schedules, compile and sweeps."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt.config import OptimConfig
+from gpt.errors import ConfigError, UserError
+from gpt.optim import MuonWithAdamW, build_optimizer, lr_factor, muon_split
+from gpt.training import (
+    accumulation_steps,
+    newest_checkpoint,
+    read_metrics,
+    resolve_resume,
+    run_label,
+    wandb_fields,
+)
+from tests.conftest import ROOT, run_script, tiny_model
+
+BASE = [
+    "data=text",
+    "data.tokenizer=char",
+    "model=nano",
+    "model.block_size=32",
+    "model.n_layer=2",
+    "model.dropout=0.1",  # dropout draws from the global RNG: resume must restore it
+    "data.val_windows=16",
+    "optim.warmup_steps=2",
+    "trainer.log_every_n_steps=1",
+    "callbacks.samples.every_n_steps=0",
+    "~callbacks.progress_bar",
+]
+
+
+def train_cmd(corpus: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["train.py", *BASE, f"data.path={corpus}", f"hydra.run.dir={run_dir}", *extra]
+
+
+def ok(proc) -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+
+
+def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {int(r["step"]): r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
+
+
+def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
+
+
+def test_sigkill_then_same_command_resumes_bit_identical(tiny_corpus, tmp_path):
+    extra = ["trainer.max_steps=60", "trainer.val_check_interval=20", "callbacks.last.every_n_train_steps=10"]
+    ok(run_script(*train_cmd(tiny_corpus, tmp_path / "straight", *extra), cwd=tmp_path))
+
+    killed = tmp_path / "killed"
+    cmd = [
+        sys.executable,
+        *(str(ROOT / a) if a.endswith(".py") else a for a in train_cmd(tiny_corpus, killed, *extra)),
+    ]
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "checkpoints" / "step-20.ckpt").exists():
+        assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # The kill may land between two checkpoint files of one step: resume takes the newest file.
+    interrupted_at = torch.load(newest_checkpoint(killed), weights_only=True)["global_step"]
+    assert 20 <= interrupted_at < 60
+
+    ok(run_script(*train_cmd(tiny_corpus, killed, *extra), cwd=tmp_path))  # the same command again
+    assert torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 60
+    assert_same_weights(final_state(killed), final_state(tmp_path / "straight"))
+    assert losses(killed) == losses(tmp_path / "straight")
+    assert len(losses(killed)) == 60
+    assert len(list((killed / "csv").glob("version_*"))) == 2
+
+
+def test_ddp_two_processes_match_one_process(tiny_corpus, tmp_path):
+    common = ["trainer.max_steps=10", "model.dropout=0.0", "trainer.accelerator=cpu"]
+    ok(run_script(*train_cmd(tiny_corpus, tmp_path / "one", *common, "data.batch_size=8"), cwd=tmp_path))
+    ok(
+        run_script(
+            *train_cmd(
+                tiny_corpus,
+                tmp_path / "two",
+                *common,
+                "data.batch_size=4",
+                "trainer.devices=2",
+                "trainer.strategy=ddp",
+            ),
+            cwd=tmp_path,
+            timeout=600,
+        )
+    )
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(one) == len(two) == 10
+    for step in one:
+        assert abs(one[step] - two[step]) < 1e-5, (step, one[step], two[step])
+    assert_same_weights(final_state(tmp_path / "one"), final_state(tmp_path / "two"), atol=1e-5)
+
+
+def test_sweep_makes_one_run_per_value(tiny_corpus, tmp_path):
+    proc = run_script(
+        *train_cmd(
+            tiny_corpus,
+            tmp_path / "unused",
+            "-m",
+            "optim.lr=1e-3,3e-3",
+            "trainer.max_steps=4",
+            f"hydra.sweep.dir={tmp_path}/sweep",
+        ),
+        cwd=tmp_path,
+    )
+    ok(proc)
+    lrs = [
+        torch.load(tmp_path / "sweep" / str(i) / "checkpoints" / "last.ckpt", weights_only=True)[
+            "hyper_parameters"
+        ]["optim"]["lr"]
+        for i in (0, 1)
+    ]
+    assert lrs == [1e-3, 3e-3]
+
+
+def test_sweep_on_two_devices_with_ddp_spawn(tiny_corpus, tmp_path):
+    devices = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=3"]
+    sweep = ["-m", "optim.lr=1e-3,3e-3", f"hydra.sweep.dir={tmp_path}/sweep"]
+    refused = run_script(
+        *train_cmd(tiny_corpus, tmp_path / "x", *sweep, *devices, "trainer.strategy=ddp"), cwd=tmp_path
+    )
+    assert refused.returncode == 2 and "trainer.strategy=ddp_spawn" in refused.stderr.strip().splitlines()[-1]
+    ok(
+        run_script(
+            *train_cmd(tiny_corpus, tmp_path / "x", *sweep, *devices, "trainer.strategy=ddp_spawn"),
+            cwd=tmp_path,
+            timeout=600,
+        )
+    )
+    for i, lr in enumerate((1e-3, 3e-3)):
+        ckpt = torch.load(tmp_path / "sweep" / str(i) / "checkpoints" / "last.ckpt", weights_only=True)
+        assert ckpt["global_step"] == 3
+        assert ckpt["optimizer_states"][0]["param_groups"][0]["initial_lr"] == lr
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == ["0", "1", "multirun.yaml"]
+
+
+def test_compile_runs_and_checkpoints_load_without_it(tiny_corpus, tmp_path):
+    ok(
+        run_script(
+            *train_cmd(tiny_corpus, tmp_path / "run", "compile=true", "trainer.max_steps=3"), cwd=tmp_path
+        )
+    )
+    state = final_state(tmp_path / "run")
+    assert not any("_orig_mod" in k for k in state)
+    from gpt.checkpoint import load_model
+
+    model, _ = load_model(tmp_path / "run")  # read back without compiling
+    assert model.num_params() > 0
+
+
+# ----------------------------------------------------------------------------- in-process pieces
+
+
+def fit(corpus: Path, run_dir: Path, *overrides: str):
+    """train.build + fit in this process (seconds, not a subprocess): returns the module."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    import train
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[*BASE, f"data.path={corpus}", *overrides], return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+        cfg.data.cache_dir = str(run_dir.parent / "cache")
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]  # as @hydra.main hands it to train.py
+    trainer, module, datamodule = train.build(cfg)
+    trainer.fit(module, datamodule=datamodule)
+    return module
+
+
+def test_accumulation_equals_one_big_batch(tiny_corpus, tmp_path):
+    common = ["trainer.max_steps=5", "model.dropout=0.0"]
+    big = fit(tiny_corpus, tmp_path / "big", *common, "data.batch_size=8")
+    small = fit(
+        tiny_corpus, tmp_path / "small", *common, "data.batch_size=2", "trainer.accumulate_grad_batches=4"
+    )
+    assert losses(tmp_path / "big").keys() == losses(tmp_path / "small").keys()
+    for step, loss in losses(tmp_path / "big").items():
+        assert abs(loss - losses(tmp_path / "small")[step]) < 1e-5
+    # fp32 sums in another order; Adam's normalisation magnifies that where second moments are tiny
+    assert_same_weights(big.model.state_dict(), small.model.state_dict(), atol=5e-5)
+
+
+def test_muon_trains_hidden_matrices_and_adamw_the_rest(tiny_corpus, tmp_path):
+    module = fit(tiny_corpus, tmp_path / "muon", "optim=muon", "trainer.max_steps=8")
+    optimizer = module.optimizers().optimizer
+    assert isinstance(optimizer, MuonWithAdamW)
+    muon_ids = {id(p) for g in optimizer.muon.param_groups for p in g["params"]}
+    assert id(module.model.h[0].attn.c_attn.weight) in muon_ids
+    assert id(module.model.wte.weight) not in muon_ids
+    rows = losses(tmp_path / "muon")
+    assert rows[7] < rows[0]  # it learns
+    # the scheduler drives both optimizers' groups
+    assert optimizer.muon.param_groups[0]["lr"] == pytest.approx(
+        0.02 * lr_factor(8, OptimConfig(**module.hparams["optim"]), 8)
+    )
+
+
+def test_muon_state_round_trip():
+    model = tiny_model()
+    opt = build_optimizer(model, OptimConfig(name="muon"))
+    model(torch.randint(50, (2, 8))).sum().backward()
+    opt.step()
+    again = build_optimizer(model, OptimConfig(name="muon"))
+    again.load_state_dict(opt.state_dict())
+    hidden, rest = muon_split(model)
+    assert len(hidden) == 4 * 2  # attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj in each of 2 blocks
+    assert {id(p) for p in rest} == {
+        id(p) for n, p in model.named_parameters() if not n.startswith("h.") or p.dim() < 2
+    }
+    p = hidden[0]
+    torch.testing.assert_close(again.muon.state[p]["momentum_buffer"], opt.muon.state[p]["momentum_buffer"])
+
+
+def test_wsd_schedule_values():
+    cfg = OptimConfig(lr=1.0, warmup_steps=10, schedule="wsd", decay_fraction=0.2, min_lr_ratio=0.0)
+    assert lr_factor(5, cfg, 100) == pytest.approx(0.6)
+    assert lr_factor(50, cfg, 100) == 1.0 and lr_factor(79, cfg, 100) == 1.0
+    assert lr_factor(90, cfg, 100) == pytest.approx(0.5)
+    assert lr_factor(100, cfg, 100) == pytest.approx(0.0)
+
+
+def test_resolve_resume(tmp_path):
+    assert resolve_resume(None, tmp_path) is None
+    with pytest.raises(UserError, match="ckpt_path=last but"):
+        resolve_resume("last", tmp_path)
+    with pytest.raises(UserError, match="does not exist"):
+        resolve_resume(str(tmp_path / "nope.ckpt"), tmp_path)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "step-10.ckpt").write_bytes(b"x")
+    time.sleep(0.01)
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    assert resolve_resume(None, tmp_path).endswith("last.ckpt")
+    assert resolve_resume("last", tmp_path).endswith("last.ckpt")
+
+
+def test_accumulation_steps_and_wandb_fields():
+    assert accumulation_steps(8192, 4, 256, 2) == 4
+    with pytest.raises(ConfigError, match="= 2048; pick a multiple"):
+        accumulation_steps(3000, 4, 256, 2)
+    fields = wandb_fields(["model=small", "optim.lr=3e-4", "seed=2", "hydra.run.dir=x"], "/tmp/run")
+    assert fields["name"] == "model=small,optim.lr=3e-4,seed=2"
+    assert fields["group"] == "model=small,optim.lr=3e-4"
+    assert fields["tags"] == ["model=small", "optim.lr=3e-4", "seed=2"]
+    assert fields["id"] == wandb_fields([], "/tmp/run")["id"] != wandb_fields([], "/tmp/other")["id"]
+    assert run_label([]) == "defaults"
+
+
+def test_same_seed_same_run_other_seed_other_run(tiny_corpus, tmp_path):
+    runs = {
+        name: fit(tiny_corpus, tmp_path / name, "trainer.max_steps=5", *extra)
+        for name, extra in (("a", []), ("b", []), ("c", ["seed=7"]))
+    }
+    assert losses(tmp_path / "a") == losses(tmp_path / "b") != losses(tmp_path / "c")
+    assert_same_weights(runs["a"].model.state_dict(), runs["b"].model.state_dict())
+
+
+def test_tokens_per_step_sets_accumulation(tiny_corpus, tmp_path):
+    # 256 tokens per step = 2 micro-batches of 4 x 32 tokens
+    module = fit(
+        tiny_corpus, tmp_path / "run", "tokens_per_step=256", "data.batch_size=4", "trainer.max_steps=3"
+    )
+    assert module.trainer.accumulate_grad_batches == 2
+    rows = [r for r in read_metrics(tmp_path / "run") if "train/tokens" in r]
+    assert [r["train/tokens"] for r in rows] == [256.0, 512.0, 768.0]
