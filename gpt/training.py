@@ -13,9 +13,11 @@ from gpt.errors import ConfigError, UserError
 
 
 def newest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The most recently written checkpoint of a run, or None."""
-    found = sorted(Path(run_dir, "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None
+    """The most recently written checkpoint of a run, or None: checkpoints/*.ckpt, and the
+    hpc_ckpt_N.ckpt Lightning writes into the run dir when SLURM signals a requeue."""
+    run_dir = Path(run_dir)
+    found = [*run_dir.glob("checkpoints/*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
 def resolve_resume(ckpt_path: str | None, run_dir: str | Path) -> str | None:

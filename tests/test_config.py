@@ -149,3 +149,15 @@ def test_vocab_size_follows_tokenizer_or_pads_upward():
     assert train.vocab_size(128, 65) == 128
     with pytest.raises(ConfigError, match="model.vocab_size=64 is smaller than the tokenizer's 65 tokens"):
         train.vocab_size(64, 65)
+
+
+def test_fsdp_preset_shards_each_block():
+    import hydra
+
+    from gpt.model import Block
+
+    cfg = compose_train("trainer=fsdp", "trainer.strategy.activation_checkpointing=true")
+    strategy = hydra.utils.instantiate(cfg.trainer.strategy)
+    assert strategy.kwargs["auto_wrap_policy"]._module_classes == {Block}
+    assert strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == {Block}
+    assert cfg.trainer.precision == "bf16-mixed"

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gpt.checkpoint import load_model
-from gpt.training import read_metrics
+from gpt.training import read_metrics, wandb_fields
 from tests.conftest import run_script
 
 FAST = [
@@ -203,15 +203,20 @@ def test_ddp_two_processes_one_run_dir(tiny_corpus, tmp_path):
     assert torch.load(runs[0] / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
 
 
-def test_wandb_offline_without_account(tiny_corpus, tmp_path):
+def test_wandb_offline_without_account_and_continued_on_resume(tiny_corpus, tmp_path):
     # No account: no key, no netrc, no mode chosen by the user.
     env = {"HOME": str(tmp_path / "home"), "NETRC": str(tmp_path / "none")}
-    proc = run_script(
-        *train_args(tiny_corpus, "logger=wandb", "trainer.max_steps=4", f"hydra.run.dir={tmp_path}/run"),
-        cwd=tmp_path,
-        env=env,
-        unset=("WANDB_MODE", "WANDB_API_KEY"),
-    )
-    assert_ok(proc)
-    assert list((tmp_path / "run" / "wandb").glob("offline-run-*")), "no offline wandb run"
-    assert read_metrics(tmp_path / "run")  # CSV is always written
+    run = tmp_path / "run"
+    for steps in (4, 6):  # the second command resumes the first run
+        proc = run_script(
+            *train_args(tiny_corpus, "logger=wandb", f"trainer.max_steps={steps}", f"hydra.run.dir={run}"),
+            cwd=tmp_path,
+            env=env,
+            unset=("WANDB_MODE", "WANDB_API_KEY"),
+        )
+        assert_ok(proc)
+    offline = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2, offline
+    run_ids = {p.name.rsplit("-", 1)[1] for p in offline}
+    assert run_ids == {wandb_fields([], run)["id"]}  # one wandb run, continued
+    assert len(read_metrics(run)) > 0  # CSV is always written

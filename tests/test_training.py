@@ -42,7 +42,9 @@ BASE = [
 
 
 def train_cmd(corpus: Path, run_dir: Path, *extra: str) -> list[str]:
-    return ["train.py", *BASE, f"data.path={corpus}", f"hydra.run.dir={run_dir}", *extra]
+    flags = [e for e in extra if e.startswith("-") and "=" not in e]  # -m goes before the overrides
+    overrides = [e for e in extra if e not in flags]
+    return ["train.py", *flags, *BASE, f"data.path={corpus}", f"hydra.run.dir={run_dir}", *overrides]
 
 
 def ok(proc) -> None:
