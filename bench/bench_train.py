@@ -1,0 +1,212 @@
+"""Training speed: tokens/s and step time per model preset, and what Lightning adds.
+
+For each preset, the same model, batches, optimizer, LR schedule and gradient clipping run in
+two loops in this process: GPTLitModule under a Lightning Trainer (as train.py runs it, minus
+checkpoint files and loggers) and a plain PyTorch loop. Rounds alternate between the two so that
+drift in machine speed hits both. Prints a table and writes JSON.
+
+    python bench/bench_train.py                         # nano and small on this device
+    python bench/bench_train.py --presets medium --precision bf16-mixed --peak-flops 989e12   # a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gpt.config import ModelConfig, OptimConfig  # noqa: E402
+from gpt.lit_module import GPTLitModule  # noqa: E402
+from gpt.model import GPT  # noqa: E402
+from gpt.optim import build_optimizer, build_scheduler  # noqa: E402
+
+PRESETS = {  # conf/model/*.yaml, with the vocabulary each is usually trained with
+    "nano": (dict(n_layer=4, n_head=4, n_embd=128, block_size=64), 65, 16),
+    "small": (dict(n_layer=6, n_head=6, n_embd=384, block_size=256), 65, 16),
+    "medium": (dict(n_layer=12, n_head=12, n_embd=768, block_size=1024), 50257, 8),
+    "large": (dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024), 50257, 4),
+}
+CHAR_TOKENIZER = {"kind": "char", "chars": "".join(chr(32 + i) for i in range(65))}
+BPE_TOKENIZER = {"kind": "tiktoken", "name": "r50k_base"}
+
+
+def batches(n: int, batch_size: int, block_size: int, vocab: int, seed: int = 0) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(vocab, (n * batch_size, block_size), generator=g)
+    y = torch.randint(vocab, (n * batch_size, block_size), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class StepTimes(L.Callback):
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        sync(trainer.strategy.root_device)
+        self.times.append(time.perf_counter())
+
+
+def lightning_loop(module: GPTLitModule, loader: DataLoader, steps: int, accelerator: str, precision: str):
+    timer = StepTimes()
+    trainer = L.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        precision=precision,
+        max_steps=steps,
+        gradient_clip_val=1.0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[timer],
+    )
+    trainer.fit(module, train_dataloaders=loader)
+    return [b - a for a, b in zip(timer.times, timer.times[1:], strict=False)]
+
+
+def plain_loop(
+    model: GPT, cfg: OptimConfig, loader: DataLoader, steps: int, device: torch.device, precision: str
+):
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, steps)
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16-mixed" else nullcontext()
+    )
+    model.train()
+    times = []
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast:
+            logits = model(x)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        times.append(time.perf_counter())
+    return [b - a for a, b in zip(times, times[1:], strict=False)]
+
+
+def bench_preset(name: str, args: argparse.Namespace, device: torch.device) -> dict:
+    shape, vocab, batch_size = PRESETS[name]
+    batch_size = args.batch_size or batch_size
+    model_cfg = ModelConfig(**shape, vocab_size=vocab)
+    optim_cfg = OptimConfig(warmup_steps=10)
+    tokenizer = CHAR_TOKENIZER if vocab == 65 else BPE_TOKENIZER
+    steps = args.warmup + args.steps
+    per_loop: dict[str, list[float]] = {"lightning": [], "plain": []}
+    for _ in range(args.rounds):
+        for loop in ("plain", "lightning"):
+            torch.manual_seed(0)
+            loader = batches(steps, batch_size, model_cfg.block_size, vocab)
+            if loop == "lightning":
+                module = GPTLitModule(asdict(model_cfg), asdict(optim_cfg), tokenizer)
+                if args.compile:
+                    module.model.compile()
+                dts = lightning_loop(module, loader, steps, args.accelerator, args.precision)
+            else:
+                model = GPT(model_cfg).to(device)
+                if args.compile:
+                    model.compile()
+                dts = plain_loop(model, optim_cfg, loader, steps, device, args.precision)
+            per_loop[loop] += dts[args.warmup - 1 :]  # drop warm-up (and compilation) steps
+    tokens = batch_size * model_cfg.block_size
+    step = {k: statistics.median(v) for k, v in per_loop.items()}
+    n_params = GPT(model_cfg).num_params()
+    flops_per_step = (
+        6 * n_params + 12 * model_cfg.n_layer * model_cfg.n_embd * model_cfg.block_size
+    ) * tokens
+    row = {
+        "preset": name,
+        "params": n_params,
+        "batch": f"{batch_size}x{model_cfg.block_size}",
+        "step_ms_lightning": 1000 * step["lightning"],
+        "step_ms_plain": 1000 * step["plain"],
+        "overhead_pct": 100 * (step["lightning"] / step["plain"] - 1),
+        "tokens_per_s": tokens / step["lightning"],
+        "tflops_per_s": flops_per_step / step["lightning"] / 1e12,
+        "steps_timed": len(per_loop["lightning"]),
+    }
+    if args.peak_flops:
+        row["mfu_pct"] = 100 * flops_per_step / step["lightning"] / args.peak_flops
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", default=None, help="comma-separated (default: nano,small on CPU; all on GPU)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per round and loop")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--precision", default=None, help="32-true or bf16-mixed (default: bf16-mixed on GPU)")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--peak-flops", type=float, default=None, help="one device's peak FLOP/s, for MFU")
+    p.add_argument("--out", default="bench/results/train.json")
+    args = p.parse_args()
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    args.accelerator = "gpu" if cuda else "cpu"
+    args.precision = args.precision or ("bf16-mixed" if cuda else "32-true")
+    if cuda:
+        torch.set_float32_matmul_precision("high")
+    presets = (args.presets or ("nano,small,medium,large" if cuda else "nano,small")).split(",")
+
+    rows = [bench_preset(name, args, device) for name in presets]
+    machine = (
+        torch.cuda.get_device_name()
+        if cuda
+        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    )
+    result = {
+        "benchmark": "train",
+        "machine": machine,
+        "torch": torch.__version__,
+        "lightning": L.__version__,
+        "precision": args.precision,
+        "compile": args.compile,
+        "date": time.strftime("%Y-%m-%d"),
+        "rows": rows,
+    }
+    print(
+        f"\ntraining speed on {machine} (torch {torch.__version__}, {args.precision}, compile={args.compile})"
+    )
+    header = (
+        f"{'preset':<8}{'params':>12}{'batch':>10}{'lightning ms':>14}{'plain ms':>10}"
+        f"{'overhead':>10}{'tokens/s':>11}{'TFLOP/s':>9}"
+    )
+    print(header + ("   MFU" if args.peak_flops else ""))
+    for r in rows:
+        line = (
+            f"{r['preset']:<8}{r['params']:>12,}{r['batch']:>10}{r['step_ms_lightning']:>14.1f}"
+            f"{r['step_ms_plain']:>10.1f}{r['overhead_pct']:>+9.1f}%{r['tokens_per_s']:>11,.0f}{r['tflops_per_s']:>9.3f}"
+        )
+        print(line + (f"{r['mfu_pct']:>6.1f}%" if "mfu_pct" in r else ""))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
