@@ -6,6 +6,7 @@ python train.py model=small trainer.devices=4     # any preset, any number of de
 
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
 
 import hydra
@@ -14,9 +15,10 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from gpt.cli import exit_on_user_error
+from gpt.cli import EXIT_PREEMPTED, exit_on_user_error
 from gpt.config import DataConfig, ModelConfig, OptimConfig
 from gpt.data import GPTDataModule
 from gpt.errors import ConfigError
@@ -96,7 +98,18 @@ def main(cfg: DictConfig) -> None:
         )
     if trainer.is_global_zero:
         print(f"run dir: {run_dir}" + (f"; resuming from {ckpt_path}" if ckpt_path else ""))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        # Lightning stopped at a step boundary and OnExceptionCheckpoint saved the state; it would
+        # exit 0, which a scheduler reads as "finished".
+        if trainer.is_global_zero:
+            print(
+                f"stopped by SIGTERM at step {trainer.global_step}; checkpoint in {run_dir}/checkpoints/, "
+                "run the same command to resume",
+                file=sys.stderr,
+            )
+        sys.exit(EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

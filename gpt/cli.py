@@ -12,6 +12,9 @@ from gpt.errors import UserError
 
 T = TypeVar("T")
 EXIT_USER_ERROR = 2
+# Training stopped by SIGTERM after saving a checkpoint (128 + signal 15, as a shell reports it):
+# not finished, resumable by running the same command again.
+EXIT_PREEMPTED = 143
 # Errors of these libraries are about the config the user wrote. They are recognised by module so
 # that gpt/ never imports Hydra or OmegaConf.
 CONFIG_ERROR_MODULES = ("hydra.", "omegaconf.")

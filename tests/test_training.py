@@ -294,3 +294,29 @@ def test_tokens_per_step_sets_accumulation(tiny_corpus, tmp_path):
     assert module.trainer.accumulate_grad_batches == 2
     rows = [r for r in read_metrics(tmp_path / "run") if "train/tokens" in r]
     assert [r["train/tokens"] for r in rows] == [256.0, 512.0, 768.0]
+
+
+def test_sigterm_saves_exits_143_and_resumes_bit_identical(tiny_corpus, tmp_path):
+    extra = ["trainer.max_steps=40", "trainer.val_check_interval=20", "callbacks.last.every_n_train_steps=10"]
+    ok(run_script(*train_cmd(tiny_corpus, tmp_path / "straight", *extra), cwd=tmp_path))
+    run = tmp_path / "stopped"
+    cmd = [
+        sys.executable,
+        *(str(ROOT / a) if a.endswith(".py") else a for a in train_cmd(tiny_corpus, run, *extra)),
+    ]
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 120
+    while not (run / "checkpoints" / "step-10.ckpt").exists():
+        assert proc.poll() is None and time.time() < deadline, "training ended before SIGTERM"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143
+    assert "stopped by SIGTERM at step" in stderr.strip().splitlines()[-1]
+    assert (run / "checkpoints" / "on_exception.ckpt").is_file()
+    ok(run_script(*train_cmd(tiny_corpus, run, *extra), cwd=tmp_path))
+    assert_same_weights(final_state(run), final_state(tmp_path / "straight"))
+    assert losses(run) == losses(tmp_path / "straight")
