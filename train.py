@@ -99,7 +99,7 @@ def main(cfg: DictConfig) -> None:
     if trainer.is_global_zero:
         print(f"run dir: {run_dir}" + (f"; resuming from {ckpt_path}" if ckpt_path else ""))
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except SIGTERMException:
         # Lightning stopped at a step boundary and OnExceptionCheckpoint saved the state; it would
         # exit 0, which a scheduler reads as "finished".

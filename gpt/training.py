@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -12,28 +13,52 @@ import torch
 from gpt.errors import ConfigError, UserError
 
 
-def newest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The most recently written checkpoint of a run, or None: checkpoints/*.ckpt, and the
+def checkpoints_newest_first(run_dir: str | Path) -> list[Path]:
+    """A run's checkpoints, most recently written first: checkpoints/*.ckpt, and the
     hpc_ckpt_N.ckpt Lightning writes into the run dir when SLURM signals a requeue."""
     run_dir = Path(run_dir)
     found = [*run_dir.glob("checkpoints/*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def newest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = checkpoints_newest_first(run_dir)
+    return found[0] if found else None
+
+
+def readable(path: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from, or None. Memory-mapped, so tensors are not read:
+    a truncated file fails on its missing zip directory, a pickled payload on weights_only."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # truncated zips, foreign pickles and bad headers raise many types
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
 
 
 def resolve_resume(ckpt_path: str | None, run_dir: str | Path) -> str | None:
     """What trainer.fit resumes from.
 
-    None: the run dir's newest checkpoint if it has one (running the same command again on the same
-    run dir continues it), else a fresh start. "last": the newest checkpoint, which must exist.
-    Anything else: that file.
+    None: the run dir's newest readable checkpoint if it has one (running the same command again on
+    the same run dir continues it), else a fresh start; unreadable ones (a partial or corrupt file)
+    are skipped with a warning. "last": the same, but one must exist. Anything else: that file.
     """
     if ckpt_path in (None, "last"):
-        newest = newest_checkpoint(run_dir)
-        if newest is None and ckpt_path == "last":
-            raise UserError(f"ckpt_path=last but {run_dir}/checkpoints/ holds no checkpoint; drop ckpt_path")
-        return None if newest is None else str(newest)
+        for path in checkpoints_newest_first(run_dir):
+            problem = readable(path)
+            if problem is None:
+                return str(path)
+            warnings.warn(f"skipping unreadable checkpoint {path} ({problem})", stacklevel=2)
+        if ckpt_path == "last":
+            raise UserError(
+                f"ckpt_path=last but {run_dir}/checkpoints/ holds no readable checkpoint; drop ckpt_path"
+            )
+        return None
     if not Path(ckpt_path).is_file():
         raise UserError(f"ckpt_path {ckpt_path} does not exist; pass a .ckpt file, 'last', or nothing")
+    problem = readable(Path(ckpt_path))
+    if problem:
+        raise UserError(f"ckpt_path {ckpt_path} cannot be resumed from ({problem}); pass another checkpoint")
     return ckpt_path
 
 

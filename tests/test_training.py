@@ -258,11 +258,22 @@ def test_resolve_resume(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         resolve_resume(str(tmp_path / "nope.ckpt"), tmp_path)
     (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / "step-10.ckpt").write_bytes(b"x")
+    torch.save({"global_step": 10}, tmp_path / "checkpoints" / "step-10.ckpt")
     time.sleep(0.01)
-    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    torch.save({"global_step": 20}, tmp_path / "checkpoints" / "last.ckpt")
     assert resolve_resume(None, tmp_path).endswith("last.ckpt")
     assert resolve_resume("last", tmp_path).endswith("last.ckpt")
+    # a newer but truncated file (a kill mid-write outside Lightning's atomic save) is skipped
+    good = (tmp_path / "checkpoints" / "last.ckpt").read_bytes()
+    time.sleep(0.01)
+    (tmp_path / "checkpoints" / "step-30.ckpt").write_bytes(good[: len(good) // 2])
+    with pytest.warns(UserWarning, match="skipping unreadable checkpoint .*step-30.ckpt"):
+        assert resolve_resume(None, tmp_path).endswith("last.ckpt")
+    # a checkpoint carrying a pickled object is refused
+    time.sleep(0.01)
+    torch.save({"payload": Path("x")}, tmp_path / "checkpoints" / "evil.ckpt")
+    with pytest.raises(UserError, match="cannot be resumed from"):
+        resolve_resume(str(tmp_path / "checkpoints" / "evil.ckpt"), tmp_path)
 
 
 def test_accumulation_steps_and_wandb_fields():
