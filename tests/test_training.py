@@ -65,21 +65,29 @@ def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
 
 
+def train_until(corpus: Path, run_dir: Path, extra: list[str], checkpoint: str) -> subprocess.Popen:
+    """Start training in the background; return once it has written checkpoints/<checkpoint>."""
+    cmd = [
+        sys.executable,
+        *(str(ROOT / a) if a.endswith(".py") else a for a in train_cmd(corpus, run_dir, *extra)),
+    ]
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        cmd, cwd=run_dir.parent, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 300
+    while not (run_dir / "checkpoints" / checkpoint).exists():
+        assert proc.poll() is None and time.time() < deadline, "training ended before it could be stopped"
+        time.sleep(0.02)
+    return proc
+
+
 def test_sigkill_then_same_command_resumes_bit_identical(tiny_corpus, tmp_path):
     extra = ["trainer.max_steps=60", "trainer.val_check_interval=20", "callbacks.last.every_n_train_steps=10"]
     ok(run_script(*train_cmd(tiny_corpus, tmp_path / "straight", *extra), cwd=tmp_path))
 
     killed = tmp_path / "killed"
-    cmd = [
-        sys.executable,
-        *(str(ROOT / a) if a.endswith(".py") else a for a in train_cmd(tiny_corpus, killed, *extra)),
-    ]
-    env = os.environ | {"PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (killed / "checkpoints" / "step-20.ckpt").exists():
-        assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
-        time.sleep(0.02)
+    proc = train_until(tiny_corpus, killed, extra, "step-20.ckpt")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     # The kill may land between two checkpoint files of one step: resume takes the newest file.
@@ -311,18 +319,7 @@ def test_sigterm_saves_exits_143_and_resumes_bit_identical(tiny_corpus, tmp_path
     extra = ["trainer.max_steps=40", "trainer.val_check_interval=20", "callbacks.last.every_n_train_steps=10"]
     ok(run_script(*train_cmd(tiny_corpus, tmp_path / "straight", *extra), cwd=tmp_path))
     run = tmp_path / "stopped"
-    cmd = [
-        sys.executable,
-        *(str(ROOT / a) if a.endswith(".py") else a for a in train_cmd(tiny_corpus, run, *extra)),
-    ]
-    env = os.environ | {"PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(
-        cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
-    deadline = time.time() + 120
-    while not (run / "checkpoints" / "step-10.ckpt").exists():
-        assert proc.poll() is None and time.time() < deadline, "training ended before SIGTERM"
-        time.sleep(0.02)
+    proc = train_until(tiny_corpus, run, extra, "step-10.ckpt")
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143
