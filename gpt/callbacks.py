@@ -27,6 +27,28 @@ class ValidateOnLastStep(L.Callback):
             trainer.should_stop = True
 
 
+class CheckpointOnException(L.Callback):
+    """Save <dirpath>/on_exception.ckpt when training stops on an exception or SIGTERM; remove it
+    when a later run of the same dir finishes normally.
+
+    Lightning's OnExceptionCheckpoint does the same, but its presence also makes Trainer.fit treat
+    ckpt_path=None as "last": a fresh run then warns, and a run whose last.ckpt train.py skipped as
+    unreadable would load it anyway. train.py chooses what to resume from itself.
+    """
+
+    def __init__(self, dirpath: str, filename: str = "on_exception") -> None:
+        self.path = Path(dirpath) / f"{filename}.ckpt"
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        trainer.save_checkpoint(self.path)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Lightning calls teardown only when fit ends normally, not after an exception.
+        trainer.strategy.remove_checkpoint(self.path)
+
+
 def _batch_size(batch: tuple[torch.Tensor, torch.Tensor]) -> int:
     return batch[0].size(0)
 
