@@ -62,6 +62,29 @@ def test_import_gpt2_matches_transformers(tmp_path, tie):
     assert max_diff(ours, theirs, 97, T=64) < ATOL
 
 
+def test_import_llama_matches_transformers(tmp_path):
+    config = transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        vocab_size=90,
+        rms_norm_eps=1e-5,
+        rope_theta=300.0,
+        tie_word_embeddings=False,
+    )
+    theirs = transformers.LlamaForCausalLM(config).eval()
+    randomize(theirs)
+    theirs.save_pretrained(tmp_path / "hf")
+    ours = load_hf_model(tmp_path / "hf")
+    assert (ours.config.pos_emb, ours.config.hidden_dim, ours.config.rope_base) == ("rope", 80, 300.0)
+    assert max_diff(ours, theirs, 90, T=64) < ATOL
+    with pytest.raises(UserError, match="cannot tell which tokenizer"):
+        load_model(tmp_path / "hf")  # a Llama from elsewhere: its tokenizer is not one of ours
+
+
 def test_import_reads_pytorch_model_bin(tmp_path):
     config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=16, vocab_size=40)
     theirs = transformers.GPT2LMHeadModel(config).eval()
