@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -105,8 +106,13 @@ def test_compare_takes_a_folder_of_runs_and_writes_the_plot(sweep, tmp_path, cap
 )
 def test_bad_input_is_one_line(tmp_path, monkeypatch, capsys, args, message):
     monkeypatch.chdir(tmp_path)
+    assert_one_line_exit(main, args, message, capsys)
+
+
+def assert_one_line_exit(entry: Callable[[list[str]], None], args: list[str], message: str, capsys) -> None:
+    """A user error: exit code 2 and one line on stderr that contains `message`."""
     with pytest.raises(SystemExit) as exit_:
-        main(args)
+        entry(args)
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err

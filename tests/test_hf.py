@@ -18,6 +18,7 @@ from gpt.generation import generate, sample
 from gpt.hf import hf_format, init_from_pretrained, load_hf_model
 from gpt.tokenizer import CharTokenizer, TiktokenTokenizer
 from tests.conftest import run_script, tiny_config, tiny_model
+from tests.test_compare import assert_one_line_exit
 
 transformers = pytest.importorskip("transformers")
 
@@ -274,9 +275,5 @@ def test_cli_refuses_mismatched_init_from_and_generates_from_hf_dir(tmp_path, ti
 )
 def test_export_cli_errors_are_one_line(tmp_path, monkeypatch, capsys, args, message):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as exit_:
-        export_main(args)
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and message in err[0], err
+    assert_one_line_exit(export_main, args, message, capsys)
     assert not (tmp_path / "b").exists()
