@@ -115,8 +115,11 @@ def read_run(path: Path) -> Run:
     if ckpt_path.is_file():
         # mmap: only the few fields read here are loaded, not the weights.
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-        run.params = count_params(ckpt["hyper_parameters"]["model"])
-        run.steps = int(ckpt["global_step"])
+        try:
+            run.params = count_params(ckpt["hyper_parameters"]["model"])
+        except (KeyError, TypeError):  # a checkpoint of another version of the model config
+            run.params = None
+        run.steps = int(ckpt["global_step"]) if "global_step" in ckpt else None
         run.tokens = float(ckpt.get("tokens_seen", 0)) or None
     if run.steps is None and run.rows:
         run.steps = int(max(r["step"] for r in run.rows)) + 1
