@@ -42,9 +42,7 @@ HUB_MODELS = {
 _CONV1D = re.compile(r"h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
 # Buffers some GPT-2 checkpoints carry (the causal mask), not weights.
 _GPT2_BUFFERS = re.compile(r"\.attn\.(bias|masked_bias)$")
-
-
-FORMATS = ("auto", "gpt2", "llama")
+FORMATS = ("auto", "gpt2", "llama")  # of gpt.export; auto picks gpt2 or llama from the config
 
 
 def is_hf_dir(path: str | Path) -> bool:
