@@ -22,6 +22,7 @@ from gpt.cli import EXIT_PREEMPTED, exit_on_user_error
 from gpt.config import DataConfig, ModelConfig, OptimConfig
 from gpt.data import GPTDataModule
 from gpt.errors import ConfigError
+from gpt.hf import init_from_pretrained
 from gpt.lit_module import GPTLitModule
 from gpt.loggers import choose_wandb_mode
 from gpt.training import accumulation_steps, enable_tf32, resolve_resume, wandb_fields
@@ -96,6 +97,10 @@ def main(cfg: DictConfig) -> None:
             "sweeps (-m) on several devices need trainer.strategy=ddp_spawn: with ddp each worker process "
             "would start the whole sweep again"
         )
+    if cfg.init_from and not ckpt_path:  # a resumed run continues from its own weights instead
+        source = init_from_pretrained(module.model, cfg.init_from, datamodule.tokenizer.to_dict())
+        if trainer.is_global_zero:
+            print(f"initialized from {source}")
     if trainer.is_global_zero:
         print(f"run dir: {run_dir}" + (f"; resuming from {ckpt_path}" if ckpt_path else ""))
     try:

@@ -1,7 +1,8 @@
 """Load a trained model for inference, without Lightning or the training config.
 
 A checkpoint is plain data (torch.load(weights_only=True)): `hyper_parameters` holds the model
-config and the tokenizer description as dicts, `state_dict` the weights under "model.".
+config and the tokenizer description as dicts, `state_dict` the weights under "model.". A
+directory with a config.json is a Hugging Face checkpoint (GPT-2 or Llama, see gpt.hf).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from gpt.config import ModelConfig
 from gpt.errors import UserError
+from gpt.hf import is_hf_dir, load_hf_dir
 from gpt.model import GPT
 from gpt.tokenizer import CharTokenizer, TiktokenTokenizer, tokenizer_from_dict
 
@@ -22,7 +24,8 @@ STRIP_PREFIXES = ("model.", "_orig_mod.")
 
 
 def find_checkpoint(path: str | Path | None, runs_dir: str | Path = "runs") -> Path:
-    """A .ckpt file as given; a run dir's checkpoints/last.ckpt; or the newest last.ckpt under runs_dir."""
+    """A .ckpt file or a Hugging Face checkpoint directory as given; a run dir's checkpoints/last.ckpt;
+    or the newest last.ckpt under runs_dir."""
     if path is None:
         found = sorted(Path(runs_dir).glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
         if not found:
@@ -31,11 +34,15 @@ def find_checkpoint(path: str | Path | None, runs_dir: str | Path = "runs") -> P
             )
         return found[-1]
     p = Path(path)
+    if is_hf_dir(p):
+        return p
     if p.is_dir():
         for candidate in (p / "checkpoints" / "last.ckpt", p / "last.ckpt"):
             if candidate.is_file():
                 return candidate
-        raise UserError(f"no last.ckpt in run dir {p}; pass a .ckpt file as ckpt=PATH")
+        raise UserError(
+            f"no last.ckpt (or config.json) in {p}; pass a .ckpt file, a run dir or a Hugging Face dir"
+        )
     if not p.is_file():
         raise UserError(f"checkpoint {p} does not exist; pass a .ckpt file or a run dir as ckpt=PATH")
     return p
@@ -68,6 +75,9 @@ def load_model(
 ) -> tuple[GPT, CharTokenizer | TiktokenTokenizer]:
     """The model (in eval mode) and tokenizer of a checkpoint; see find_checkpoint for `path`."""
     ckpt_path = find_checkpoint(path, runs_dir)
+    if ckpt_path.is_dir():
+        model, tokenizer = load_hf_dir(ckpt_path)
+        return model.to(device=device, dtype=dtype), tokenizer
     ckpt = read_checkpoint(ckpt_path)
     try:
         hparams = ckpt["hyper_parameters"]

@@ -1,0 +1,135 @@
+"""gpt.compare on three real short runs (one Hydra sweep), checked against the runs' own logs."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from gpt.checkpoint import load_model
+from gpt.compare import main, tokens_axis, wall_seconds
+from gpt.training import read_metrics
+from tests.conftest import run_script
+
+SWEEP = [
+    "-m",
+    "model.n_layer=1,2,3",  # three runs whose configs differ in one value
+    "data=text",
+    "data.tokenizer=char",
+    "model=nano",
+    "model.block_size=32",
+    "data.batch_size=8",
+    "data.val_windows=8",
+    "trainer.max_steps=6",
+    "trainer.val_check_interval=3",
+    "trainer.log_every_n_steps=1",
+    "optim.warmup_steps=1",
+    "callbacks.samples.every_n_steps=0",
+    "~callbacks.progress_bar",
+]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, shakespeare_text_module) -> Path:
+    work = tmp_path_factory.mktemp("compare")
+    (work / "corpus.txt").write_text(shakespeare_text_module[:40_000])
+    proc = run_script(
+        "train.py", *SWEEP, f"data.path={work / 'corpus.txt'}", f"hydra.sweep.dir={work / 'sweep'}", cwd=work
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return work / "sweep"
+
+
+@pytest.fixture(scope="module")
+def shakespeare_text_module() -> str:
+    from tests.conftest import SHAKESPEARE
+
+    if not SHAKESPEARE.is_file():
+        pytest.skip(f"{SHAKESPEARE} not found; set GPT_DATA_DIR")
+    return SHAKESPEARE.read_text(encoding="utf-8")
+
+
+def parse_table(out: str) -> list[dict[str, str]]:
+    lines = out.strip().splitlines()
+    header = re.split(r"\s{2,}", lines[0])
+    return [dict(zip(header, re.split(r"\s{2,}", line), strict=True)) for line in lines[2:]]
+
+
+def count(text: str) -> float:
+    """The table's 1.23k / 4.56M back into a number."""
+    scale = {"k": 1e3, "M": 1e6, "B": 1e9}.get(text[-1], 1)
+    return float(text.rstrip("kMB")) * scale
+
+
+def test_compare_table_matches_the_runs_logs(sweep, tmp_path, capsys):
+    main([str(sweep / "*"), "--out", str(tmp_path / "plot.png")])  # a quoted glob, expanded by compare
+    rows = parse_table(capsys.readouterr().out)
+    assert [r["run"] for r in rows] == ["0", "1", "2"]
+    assert list(rows[0])[:2] == ["run", "model.n_layer"]  # the one config value that differs
+    for row, n_layer in zip(rows, (1, 2, 3), strict=True):
+        run = sweep / row["run"]
+        logs = read_metrics(run)
+        train = [r for r in logs if "train/loss" in r]
+        val = [r["val/loss"] for r in logs if "val/loss" in r]
+        model, _ = load_model(run)
+        assert row["model.n_layer"] == str(n_layer) == str(model.config.n_layer)
+        assert row["params"] == f"{model.num_params() / 1e3:.2f}k"
+        assert row["steps"] == str(len(train)) == "6"
+        assert row["tokens"] == f"{train[-1]['train/tokens'] / 1e3:.2f}k" == f"{6 * 8 * 32 / 1e3:.2f}k"
+        assert row["best val loss"] == f"{min(val):.4f}" and len(val) == 2
+        assert row["val ppl"] == f"{math.exp(min(val)):.2f}"
+        seconds = max(r["train/time"] for r in logs if "train/time" in r)
+        h, rest = divmod(round(seconds), 3600)
+        assert row["wall time"] == f"{h}:{rest // 60:02d}:{rest % 60:02d}"
+        assert count(row["tokens/s"]) == pytest.approx(train[-1]["train/tokens"] / seconds, rel=0.01)
+    png = (tmp_path / "plot.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 20_000
+
+
+def test_compare_takes_a_folder_of_runs_and_writes_the_plot(sweep, tmp_path, capsys):
+    main([str(sweep), "--out", str(tmp_path / "sub" / "p.png")])
+    assert len(parse_table(capsys.readouterr().out)) == 3
+    assert (tmp_path / "sub" / "p.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["missing-run"], "missing-run does not exist"),
+        (["nothing-*"], "nothing-* matches no run dir"),
+        ([], "the following arguments are required: runs"),
+        (["."], ". holds no run"),
+    ],
+)
+def test_bad_input_is_one_line(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    assert_one_line_exit(main, args, message, capsys)
+
+
+def assert_one_line_exit(entry: Callable[[list[str]], None], args: list[str], message: str, capsys) -> None:
+    """A user error: exit code 2 and one line on stderr that contains `message`."""
+    with pytest.raises(SystemExit) as exit_:
+        entry(args)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_wall_time_adds_up_resumed_segments():
+    rows = [{"train/time": t} for t in (1.0, 2.0, 5.0, 0.5, 3.0)]  # a resume restarts the clock
+    assert wall_seconds(rows) == 8.0
+    assert wall_seconds([{"step": 1.0}]) is None
+
+
+def test_validation_points_are_placed_at_the_tokens_seen_by_their_step():
+    rows = [
+        {"step": 1.0, "train/loss": 3.0, "train/tokens": 512.0},
+        {"step": 3.0, "train/loss": 2.5, "train/tokens": 1024.0},
+        {"step": 3.0, "val/loss": 2.7},
+    ]
+    assert tokens_axis(rows, "train/loss") == ([512.0, 1024.0], [3.0, 2.5])
+    assert tokens_axis(rows, "val/loss") == ([1024.0], [2.7])
+    assert tokens_axis([], "val/loss") == ([], [])

@@ -1,0 +1,279 @@
+"""Hugging Face interop, checked against transformers itself on small random-weight models:
+GPT-2 import, GPT-2 and Llama export, greedy generation, tokenizer files, init_from, one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt.checkpoint import load_model
+from gpt.config import GenerateConfig
+from gpt.errors import UserError
+from gpt.export import bpe_merge_of, export, write_gpt2_tokenizer
+from gpt.export import main as export_main
+from gpt.generation import generate, sample
+from gpt.hf import hf_format, init_from_pretrained, load_hf_model
+from gpt.tokenizer import CharTokenizer, TiktokenTokenizer
+from tests.conftest import run_script, tiny_config, tiny_model
+from tests.test_compare import assert_one_line_exit
+
+transformers = pytest.importorskip("transformers")
+
+ATOL = 1e-4
+GPT2_SHAPE = dict(pos_emb="learned", norm="layernorm", ffn="gelu", bias=True)
+LLAMA_SHAPE = dict(pos_emb="rope", norm="rmsnorm", ffn="swiglu", bias=False, rope_base=500.0)
+CHARS = CharTokenizer("".join(chr(c) for c in range(40, 90)))  # 50 characters: tiny_config's vocab
+
+
+def randomize(model: torch.nn.Module, seed: int = 0, scale: float = 0.3) -> None:
+    """Random values in every parameter, biases and norm weights included (their inits are 0 and 1,
+    which would hide a bias or a norm weight mapped to the wrong place)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * scale)
+
+
+def hf_gpt2(
+    tmp_path: Path, vocab_size: int = 97, n_positions: int = 64, **kw
+) -> tuple[Path, torch.nn.Module]:
+    config = transformers.GPT2Config(
+        n_layer=2, n_head=4, n_embd=32, n_positions=n_positions, vocab_size=vocab_size, **kw
+    )
+    model = transformers.GPT2LMHeadModel(config).eval()
+    randomize(model)
+    model.save_pretrained(tmp_path / "hf")
+    return tmp_path / "hf", model
+
+
+def max_diff(ours: torch.nn.Module, theirs: torch.nn.Module, vocab: int, T: int = 32) -> float:
+    idx = torch.randint(0, vocab, (2, T), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return (ours(idx) - theirs(idx).logits).abs().max().item()
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_import_gpt2_matches_transformers(tmp_path, tie):
+    path, theirs = hf_gpt2(tmp_path, tie_word_embeddings=tie)
+    ours = load_hf_model(path)
+    assert ours.config.tie_embeddings is tie and ours.config.block_size == 64
+    assert max_diff(ours, theirs, 97, T=64) < ATOL
+
+
+def test_import_llama_matches_transformers(tmp_path):
+    config = transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        vocab_size=90,
+        rms_norm_eps=1e-5,
+        rope_theta=300.0,
+        tie_word_embeddings=False,
+    )
+    theirs = transformers.LlamaForCausalLM(config).eval()
+    randomize(theirs)
+    theirs.save_pretrained(tmp_path / "hf")
+    ours = load_hf_model(tmp_path / "hf")
+    assert (ours.config.pos_emb, ours.config.hidden_dim, ours.config.rope_base) == ("rope", 80, 300.0)
+    assert max_diff(ours, theirs, 90, T=64) < ATOL
+    with pytest.raises(UserError, match="cannot tell which tokenizer"):
+        load_model(tmp_path / "hf")  # a Llama from elsewhere: its tokenizer is not one of ours
+
+
+def test_import_reads_pytorch_model_bin(tmp_path):
+    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=16, vocab_size=40)
+    theirs = transformers.GPT2LMHeadModel(config).eval()
+    randomize(theirs)
+    (tmp_path / "hf").mkdir()
+    config.save_pretrained(tmp_path / "hf")
+    # OpenAI's hub checkpoints: saved from GPT2Model, so no "transformer." prefix, plus mask buffers.
+    sd = {k.removeprefix("transformer."): v for k, v in theirs.state_dict().items() if k != "lm_head.weight"}
+    sd["h.0.attn.bias"] = torch.tril(torch.ones(16, 16))[None, None]
+    torch.save(sd, tmp_path / "hf" / "pytorch_model.bin")
+    assert max_diff(load_hf_model(tmp_path / "hf"), theirs, 40, T=16) < ATOL
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        GPT2_SHAPE,
+        GPT2_SHAPE | dict(tie_embeddings=False, ffn_hidden=48),
+        LLAMA_SHAPE,
+        LLAMA_SHAPE | dict(bias=True, tie_embeddings=False),
+    ],
+    ids=["gpt2", "gpt2-untied", "llama", "llama-bias-untied"],
+)
+def test_export_loads_in_transformers_with_same_logits(tmp_path, shape):
+    ours = tiny_model(**shape)
+    randomize(ours)
+    fmt, notes = export(ours, CHARS, tmp_path / "out")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    expected = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}[fmt]
+    assert type(theirs).__name__ == expected and fmt == ("gpt2" if shape["pos_emb"] == "learned" else "llama")
+    assert max_diff(ours, theirs, 50) < ATOL
+    # One copy of a tied embedding; the directory loads back into our model unchanged.
+    from safetensors.torch import load_file
+
+    names = load_file(tmp_path / "out" / "model.safetensors").keys()
+    assert ("lm_head.weight" in names) is not ours.config.tie_embeddings
+    back, tok = load_model(tmp_path / "out")
+    assert tok.to_dict() == CHARS.to_dict() and notes  # char vocabularies: a note, no HF tokenizer
+    assert back.config.hidden_dim == ours.config.hidden_dim and back.config.rope_base == ours.config.rope_base
+    for name, tensor in ours.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[name], tensor, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", [GPT2_SHAPE, LLAMA_SHAPE], ids=["gpt2", "llama"])
+def test_greedy_generation_matches_transformers(tmp_path, shape):
+    ours = tiny_model(**shape, block_size=64)
+    randomize(ours, seed=4, scale=0.6)  # varied greedy continuations (small weights repeat one token)
+    export(ours, CHARS, tmp_path / "out")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    theirs.generation_config.eos_token_id = None  # generate all the tokens, as ours does
+    prompt = torch.tensor([[5, 17, 33, 2, 41]])
+    ids = torch.cat(list(generate(ours, prompt, max_new_tokens=40, temperature=0)))
+    with torch.no_grad():
+        ref = theirs.generate(prompt, do_sample=False, max_new_tokens=40, pad_token_id=0)
+    assert ids.tolist() == ref[0, prompt.size(1) :].tolist()
+    assert len(set(ids.tolist())) > 3  # a real sequence, not one token repeated
+
+
+def test_gpt2_tokenizer_files_tokenize_like_tiktoken(tmp_path, shakespeare_text):
+    tok = TiktokenTokenizer("r50k_base")
+    write_gpt2_tokenizer(tok, tmp_path, max_length=1024)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    text = shakespeare_text[:20_000] + " naïve café 😀 1234567 'll\t\n\n  end"
+    assert theirs.encode(text) == tok.encode(text)
+    assert theirs.eos_token_id == tok.eot_token == 50256
+    assert len(theirs) == tok.vocab_size
+
+
+def test_bpe_merge_of_finds_the_merge_that_made_a_token():
+    ranks = {b"a": 0, b"b": 1, b"c": 2, b"ab": 3, b"bc": 4, b"abc": 5}
+    assert bpe_merge_of(b"abc", ranks) == (b"ab", b"c")  # ab is ranked before bc
+    assert bpe_merge_of(b"ab", ranks) == (b"a", b"b")
+
+
+def test_export_refuses_shapes_hf_cannot_express():
+    with pytest.raises(UserError, match="pos_emb=sinusoidal has no Hugging Face equivalent"):
+        hf_format(tiny_config(pos_emb="sinusoidal"))
+    with pytest.raises(UserError, match="^norm=rmsnorm cannot be exported in gpt2 format"):
+        hf_format(tiny_config(pos_emb="learned", norm="rmsnorm"))
+    with pytest.raises(UserError, match="^bias=false cannot be exported in gpt2 format"):
+        hf_format(tiny_config(**(GPT2_SHAPE | dict(bias=False))))
+    with pytest.raises(UserError, match="^ffn=gelu cannot be exported in llama format"):
+        hf_format(tiny_config(**(LLAMA_SHAPE | dict(ffn="gelu"))))
+    with pytest.raises(UserError, match="unknown export format 'onnx'"):
+        hf_format(tiny_config(**GPT2_SHAPE), "onnx")
+
+
+def test_init_from_loads_weights_and_refuses_mismatches(tmp_path):
+    path, theirs = hf_gpt2(tmp_path, vocab_size=50257)
+    gpt2_tok = {"kind": "tiktoken", "name": "r50k_base"}
+    ours = tiny_model(**GPT2_SHAPE, vocab_size=50257, block_size=48)  # a shorter context is allowed
+    init_from_pretrained(ours, str(path), gpt2_tok)
+    assert max_diff(ours, theirs, 50257, T=48) < ATOL
+    with pytest.raises(UserError, match="^model.n_layer=3 but init_from=.* has n_layer=2"):
+        init_from_pretrained(tiny_model(**GPT2_SHAPE, vocab_size=50257, n_layer=3), str(path), gpt2_tok)
+    with pytest.raises(UserError, match="^model.norm=rmsnorm but"):
+        init_from_pretrained(
+            tiny_model(**(GPT2_SHAPE | dict(norm="rmsnorm")), vocab_size=50257), str(path), gpt2_tok
+        )
+    with pytest.raises(UserError, match="^model.block_size=128 exceeds"):
+        init_from_pretrained(tiny_model(**GPT2_SHAPE, vocab_size=50257, block_size=128), str(path), gpt2_tok)
+    with pytest.raises(UserError, match="^data.tokenizer=char but .* was trained with r50k_base"):
+        init_from_pretrained(tiny_model(**GPT2_SHAPE), str(path), CHARS.to_dict())
+    with pytest.raises(UserError, match="neither a directory with config.json nor one of gpt2"):
+        init_from_pretrained(tiny_model(**GPT2_SHAPE), str(tmp_path / "nowhere"), gpt2_tok)
+
+
+def test_init_from_hub_name_offline_is_one_line(tmp_path):
+    model = tiny_model(**GPT2_SHAPE, vocab_size=50257)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("HF_HOME", str(tmp_path / "hf-home"))  # an empty cache: nothing to fall back on
+        with pytest.raises(
+            UserError, match="^could not download openai-community/gpt2 from the Hugging Face hub"
+        ):
+            init_from_pretrained(model, "gpt2", {"kind": "tiktoken", "name": "r50k_base"})
+
+
+def test_train_init_from_then_generate_and_export(tmp_path, tiny_corpus, capsys):
+    """train.py init_from=DIR starts from the checkpoint's weights; generation and export read
+    Hugging Face dirs and runs trained from them."""
+    path, theirs = hf_gpt2(tmp_path, vocab_size=50257)
+    # lr 1e-12: one step leaves the weights where the checkpoint put them (within float rounding).
+    proc = run_script("train.py", *init_from_args(tiny_corpus, path), "hydra.run.dir=run", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"initialized from {path}" in proc.stdout
+    trained = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    hf_c_attn = theirs.transformer.h[1].attn.c_attn.weight.detach().t()  # Conv1D: (in, out)
+    torch.testing.assert_close(trained["model.h.1.attn.c_attn.weight"], hf_c_attn, rtol=0, atol=1e-6)
+    hf_wte = theirs.transformer.wte.weight.detach()
+    torch.testing.assert_close(trained["model.wte.weight"], hf_wte, rtol=0, atol=1e-6)
+
+    # generate.py's code path, on the Hugging Face dir itself.
+    cfg = GenerateConfig(ckpt=str(path), prompt="Hello", max_new_tokens=5, temperature=0)
+    (text,) = sample(cfg, write=lambda _: None)
+    model, tok = load_model(path)
+    ids = torch.cat(list(generate(model, torch.tensor([tok.encode("Hello")]), 5, temperature=0)))
+    assert text == tok.decode(ids.tolist())
+
+    export_main([f"ckpt={tmp_path}/run", f"out={tmp_path}/exported"])
+    assert "wrote gpt2 format" in capsys.readouterr().out
+    assert json.loads((tmp_path / "exported/config.json").read_text())["model_type"] == "gpt2"
+    assert (tmp_path / "exported/merges.txt").is_file() and (tmp_path / "exported/vocab.json").is_file()
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
+    ours, _ = load_model(tmp_path / "run")
+    assert max_diff(ours, reloaded, 50257) < ATOL
+
+
+def init_from_args(corpus: Path, path: Path, *shape: str) -> list[str]:
+    shape = shape or ("model.n_layer=2", "model.n_head=4", "model.n_embd=32", "model.block_size=32")
+    return [
+        "data=text",
+        f"data.path={corpus}",
+        "data.tokenizer=r50k_base",
+        "data.val_windows=4",
+        "model=gpt2",
+        *shape,
+        f"init_from={path}",
+        "trainer.max_steps=1",
+        "optim.lr=1e-12",
+        "optim.warmup_steps=0",
+        "callbacks.samples.every_n_steps=0",
+    ]
+
+
+@pytest.mark.slow
+def test_cli_refuses_mismatched_init_from_and_generates_from_hf_dir(tmp_path, tiny_corpus):
+    path, _ = hf_gpt2(tmp_path, vocab_size=50257)
+    refused = run_script("train.py", *init_from_args(tiny_corpus, path, "model.n_layer=12"), cwd=tmp_path)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"error: model.n_layer=12 but init_from={path} has n_layer=2; "
+        "set the model to the checkpoint's shape (model=gpt2, gpt2-medium, ...)"
+    )
+    gen = run_script("generate.py", f"ckpt={path}", "prompt=Hello", "max_new_tokens=5", cwd=tmp_path)
+    assert gen.returncode == 0 and gen.stdout.startswith("Hello"), gen.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["ckpt=a", "out=b", "format=onnx"], "unknown export format 'onnx'; use format=auto, gpt2 or llama"),
+        (["ckpt=nope.ckpt", "out=b"], "checkpoint nope.ckpt does not exist"),
+        (["ckpt=a", "outdir=b"], "unexpected argument 'outdir=b'"),
+        (["ckpt=a"], "say where to write the export"),
+    ],
+)
+def test_export_cli_errors_are_one_line(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    assert_one_line_exit(export_main, args, message, capsys)
+    assert not (tmp_path / "b").exists()
