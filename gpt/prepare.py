@@ -369,7 +369,9 @@ def make_encoder(tok: Tokenizer, dtype: str) -> Callable[[list[str]], list[np.nd
 
         return encode_chars
     enc = tok.enc
-    return lambda texts: [np.array(enc.encode_ordinary(t), dtype=dtype) for t in texts]
+    # encode_to_numpy with no special tokens allowed or disallowed is encode_ordinary (special-token
+    # text is ordinary text), without building a Python list of ints; tiktoken releases the GIL.
+    return lambda texts: [enc.encode_to_numpy(t, disallowed_special=()).astype(dtype) for t in texts]
 
 
 def batches(parts: Iterable[Part], chars: int) -> Iterator[list[Part]]:

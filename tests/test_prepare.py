@@ -106,6 +106,7 @@ def make_docs(root):
         "a.txt": "the first document, plain text.\n" * 30,
         "sub/b.md": "# second\n\nMarkdown **text** " * 40,
         "sub/deeper/c.txt.gz": "third, gzipped: " * 50,
+        "special.txt": "special-token text such as <|endoftext|> is ordinary text here",
     }
     rows = [f"row {i} of the jsonl file: " + "words " * (i + 5) for i in range(12)]
     gz_rows = [f"gzipped row {i}, caf\u00e9 \u2603 " * 20 for i in range(12)]
