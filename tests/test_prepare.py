@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -391,7 +392,11 @@ def test_command_line_error_is_one_line(tmp_path):
 def test_hf_dataset_saved_to_disk(tmp_path):
     datasets = pytest.importorskip("datasets")
     rows = [f"story number {i}: " + "once upon a time " * (i + 1) for i in range(15)]
-    datasets.Dataset.from_dict({"story": rows, "n": list(range(15))}).save_to_disk(str(tmp_path / "ds"))
+    pyarrow = pytest.importorskip("pyarrow")
+    # Built from an Arrow table with a given fingerprint: from_dict hashes its input with dill, which
+    # fails with some pyarrow versions, and that is not what this test is about.
+    table = pyarrow.table({"story": rows, "n": list(range(15))})
+    datasets.Dataset(table, fingerprint="test").save_to_disk(str(tmp_path / "ds"))
     cfg = DataConfig(
         source="hf",
         path=str(tmp_path / "ds"),
@@ -404,3 +409,11 @@ def test_hf_dataset_saved_to_disk(tmp_path):
     assert prepared.meta["documents"] == 15
     assert sorted(all_segments(prepared, [tok.eot_token])) == sorted(tok.encode(r) for r in rows)
     assert not prepare(cfg, verbose=False).fresh
+
+
+def test_hf_without_datasets_is_one_clear_line(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets now fails
+    cfg = DataConfig(source="hf", path="some/dataset", tokenizer="r50k_base", cache_dir=str(tmp_path))
+    with pytest.raises(UserError) as excinfo:
+        prepare(cfg, verbose=False)
+    assert_one_line(excinfo, "data=hf needs the Hugging Face datasets package: pip install datasets")
