@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from gpt.config import DataConfig
 from gpt.data import (
     GPTDataModule,
     RandomWindowSampler,
@@ -16,10 +15,7 @@ from gpt.data import (
     val_offsets,
 )
 from gpt.errors import UserError
-
-
-def text_cfg(path, tmp_path, **kw) -> DataConfig:
-    return DataConfig(source="text", path=str(path), cache_dir=str(tmp_path / "cache"), **kw)
+from tests.test_prepare import text_cfg
 
 
 def test_windows_are_shifted_by_one(tiny_corpus, tmp_path):
