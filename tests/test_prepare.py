@@ -165,6 +165,15 @@ def test_char_documents_are_separated_by_a_blank_line(tmp_path):
     assert sorted(tok.decode(s) for s in got) == sorted(docs)
 
 
+def test_char_vocabulary_is_saved_and_names_an_unknown_character(tiny_corpus, tmp_path):
+    prepared = prepare(text_cfg(tiny_corpus, tmp_path, tokenizer="char"), verbose=False)
+    saved = json.loads((prepared.dir / "meta.json").read_text())["tokenizer"]
+    assert saved == {"kind": "char", "chars": "".join(sorted(set(tiny_corpus.read_text())))}
+    with pytest.raises(UserError) as excinfo:
+        prepared.tokenizer().encode("ROMEO: \u00a7")
+    assert_one_line(excinfo, "character '\u00a7' (U+00A7) is not in this model's")
+
+
 def test_split_depends_on_the_seed_and_keeps_both_splits_nonempty(tmp_path):
     (tmp_path / "docs").mkdir()
     for i in range(40):
