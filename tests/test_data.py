@@ -145,3 +145,19 @@ def test_corpus_shorter_than_one_window_is_a_clear_error(tmp_path):
         dm.setup("fit")
     assert "split has 18 tokens, fewer than block_size+2 = 66" in str(excinfo.value)
     assert "\n" not in str(excinfo.value)
+
+
+@pytest.mark.parametrize("sampling", ["random", "sequential"])
+def test_datamodule_gives_each_rank_its_own_windows(tiny_corpus, tmp_path, monkeypatch, sampling):
+    cfg = text_cfg(tiny_corpus, tmp_path, tokenizer="char", batch_size=4, sampling=sampling)
+    offsets = []
+    for rank in range(2):
+        dm = GPTDataModule(cfg, block_size=32, seed=7)
+        monkeypatch.setattr(dm, "_rank_and_world", lambda rank=rank: (rank, 2))
+        dm.setup("fit")
+        dm.train_dataloader()
+        offsets.append(list(dm.train_sampler)[:200])
+    if sampling == "sequential":
+        assert not set(offsets[0]) & set(offsets[1])
+    else:
+        assert offsets[0] != offsets[1]
