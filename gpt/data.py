@@ -83,7 +83,7 @@ class ResumableSampler(Sampler[int]):
     sample; to the current epoch (as Lightning does on resume) it keeps `start`.
     """
 
-    length: int
+    length: int  # samples this rank yields per epoch
 
     def __init__(self) -> None:
         self.epoch = 0
@@ -94,7 +94,8 @@ class ResumableSampler(Sampler[int]):
             self.epoch, self.start = epoch, 0
 
     def __len__(self) -> int:
-        return max(0, self.length - self.start)
+        # The full epoch, also when resuming: Lightning counts the batches it already trained on.
+        return self.length
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "start": self.start}
@@ -104,10 +105,12 @@ class ResumableSampler(Sampler[int]):
 
 
 class RandomWindowSampler(ResumableSampler):
-    """Uniformly random window offsets, seeded per (seed, rank, epoch), drawn in fixed-size chunks.
+    """Uniformly random window offsets from one seeded stream that the ranks share out.
 
-    Chunk c is drawn from its own generator, so the stream can restart at any sample without
-    replaying what came before (`start`, see state_dict). Each rank has its own stream.
+    The stream depends on (seed, epoch) only; rank r of W takes items r, r+W, r+2W, ... So a
+    global batch holds the same windows whatever the number of devices, accumulation steps and
+    micro-batch size that make it up. The stream is drawn in fixed-size chunks, chunk c from its
+    own generator, so it can restart at any position without replaying what came before.
     """
 
     CHUNK = 1 << 16
@@ -118,18 +121,18 @@ class RandomWindowSampler(ResumableSampler):
         self.rank, self.world_size = rank, world_size
 
     def _chunk(self, c: int) -> torch.Tensor:
-        words = np.random.SeedSequence([self.seed, self.rank, self.world_size, self.epoch, c]).generate_state(
-            2
-        )
+        words = np.random.SeedSequence([self.seed, self.epoch, c]).generate_state(2)
         g = torch.Generator().manual_seed(int(words[0]) << 31 ^ int(words[1]))
         return torch.randint(self.n_windows, (self.CHUNK,), generator=g)
 
     def __iter__(self) -> Iterator[int]:
+        # This rank's item i is item i * world_size + rank of the shared stream.
         i = self.start
         while i < self.length:
-            c, j = divmod(i, self.CHUNK)
-            take = min(self.CHUNK - j, self.length - i)
-            yield from self._chunk(c)[j : j + take].tolist()
+            g = i * self.world_size + self.rank
+            c, j = divmod(g, self.CHUNK)
+            take = min(len(range(j, self.CHUNK, self.world_size)), self.length - i)
+            yield from self._chunk(c)[j :: self.world_size][:take].tolist()
             i += take
 
 
