@@ -7,13 +7,14 @@
    Hugging Face dataset. `.txt`/`.md` files are one document each, `.jsonl` lines and dataset rows
    one document each; any of the files may be gzip-compressed (`.gz`);
 2. cuts documents longer than `doc_chars` at a line break into parts (a big file is read and
-   tokenized piece by piece, and a one-file corpus gets a validation split);
+   tokenized piece by piece, and a one-file corpus gets a validation split); a character
+   vocabulary is read from the corpus first, in a separate streamed pass;
 3. tokenizes parts in batches on a pool of threads (tiktoken releases the GIL), in order, with
    memory bounded by the batches in flight, never by the corpus;
 4. sends parts to val at random (a `split_seed`-ed stream of draws, one per part, so the split
    does not depend on threads or batch sizes) such that val gets `val_fraction` of the parts, to
    within one part; a corpus of fewer than 10 parts is split by tokens instead (its last
-   `val_fraction`). Both splits always get at least one part. Parts of different documents,
+   `val_fraction`). Split by document, both splits get at least one part. Parts of different documents,
    or non-adjacent parts of one document, are separated by the tokenizer's end-of-text token (a
    blank line, "\\n\\n", for characters); adjacent parts of one document are joined without one;
 5. writes `{split}-NNNNN.bin` shards (uint16 when the vocabulary fits, else uint32) into a temporary
