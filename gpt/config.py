@@ -6,7 +6,7 @@ dataclasses (OmegaConf.to_object runs __post_init__), and the library only sees 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gpt.errors import ConfigError
 
@@ -77,11 +77,25 @@ class ModelConfig:
         return -(-8 * self.n_embd // 3 // 64) * 64
 
 
+# What a folder is searched for (paths relative to the folder, fnmatch-style: `*` crosses `/`).
+DEFAULT_INCLUDE = ("*.txt", "*.md", "*.jsonl", "*.txt.gz", "*.md.gz", "*.jsonl.gz")
+SOURCES = ("shakespeare", "text", "hf")
+SAMPLINGS = ("random", "sequential")
+
+
 @dataclass
 class DataConfig:
-    # "shakespeare" finds/downloads Tiny Shakespeare; "text" reads `path` (a file or a directory).
+    # "shakespeare" finds/downloads Tiny Shakespeare; "text" reads `path` (a file or a directory);
+    # "hf" reads a Hugging Face dataset (`path`: a Hub name or a folder from save_to_disk).
     source: str = "shakespeare"
     path: str | None = None
+    # Which files of a folder are read, and which of those are skipped (globs on the relative path).
+    include: list[str] = field(default_factory=lambda: list(DEFAULT_INCLUDE))
+    exclude: list[str] = field(default_factory=list)
+    # The field holding the text in .jsonl lines and dataset rows.
+    text_field: str = "text"
+    hf_config: str | None = None
+    hf_split: str = "train"
     # "char" builds a character vocabulary from the corpus; anything else is a tiktoken encoding name.
     tokenizer: str = "char"
     # Where a named corpus is looked for (and downloaded to when missing); None: env GPT_DATA_DIR,
@@ -89,19 +103,39 @@ class DataConfig:
     root: str | None = None
     # Where tokenized corpora are cached.
     cache_dir: str = "data/cache"
+    # Expected share of documents held out for validation, drawn with split_seed.
     val_fraction: float = 0.1
+    split_seed: int = 0
+    # Documents longer than this many characters are cut at a line break into parts, which are split
+    # and tokenized separately (a single-file corpus such as Tiny Shakespeare still gets a val split).
+    doc_chars: int = 32_768
+    # Tokens per shard file (the last shard of a split is shorter).
+    shard_tokens: int = 1 << 27
+    # Tokenizer threads while preparing; None = one per CPU core.
+    prepare_workers: int | None = None
     batch_size: int = 16
     num_workers: int = 0
+    # "random": windows at uniformly random offsets; "sequential": back-to-back windows, in order,
+    # every token once per epoch.
+    sampling: str = "random"
     # Windows per validation pass (fixed and seeded, so every validation sees the same windows).
     val_windows: int = 512
 
     def __post_init__(self) -> None:
-        _one_of("data.source", self.source, ("shakespeare", "text"))
-        if self.source == "text":
-            _check(bool(self.path), "data=text needs a corpus: pass data.path=FILE_OR_DIR")
+        _one_of("data.source", self.source, SOURCES)
+        if self.source in ("text", "hf"):
+            _check(bool(self.path), f"data={self.source} needs a corpus: pass data.path=...")
         _check(0.0 < self.val_fraction < 1.0, f"data.val_fraction={self.val_fraction} must be in (0, 1)")
+        _check(self.doc_chars >= 256, f"data.doc_chars={self.doc_chars} must be >= 256")
+        _check(self.shard_tokens >= 1024, f"data.shard_tokens={self.shard_tokens} must be >= 1024")
+        _check(
+            self.prepare_workers is None or self.prepare_workers >= 1,
+            f"data.prepare_workers={self.prepare_workers} must be >= 1 (or null)",
+        )
+        _check(bool(self.include), "data.include is empty: give at least one glob such as '*.txt'")
         _check(self.batch_size >= 1, f"data.batch_size={self.batch_size} must be >= 1")
         _check(self.num_workers >= 0, f"data.num_workers={self.num_workers} must be >= 0")
+        _one_of("data.sampling", self.sampling, SAMPLINGS)
         _check(self.val_windows >= 1, f"data.val_windows={self.val_windows} must be >= 1")
 
 

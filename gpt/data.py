@@ -1,21 +1,15 @@
-"""Text -> token file (numpy memmap) + meta.json, and a LightningDataModule of random windows.
+"""Token shards -> training batches: windows, seeded resumable samplers, and the LightningDataModule.
 
-`prepare(cfg)` finds the corpus (an explicit path; the data root, env GPT_DATA_DIR; a checked
-download), tokenizes it once and caches the result under `cfg.cache_dir` keyed by a fingerprint of
-(sources, tokenizer, split). It writes into a temporary folder and renames it into place, so an
-interrupted prepare never leaves a folder a later run would trust.
+The shards come from `gpt.prepare.prepare` (the data module's prepare_data() calls it). A split's
+shards are read as one token stream: a window may span the boundary between two shards, so every
+offset of the split is a window start and the sequential mode covers every token.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import bisect
 import os
-import shutil
-import tempfile
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,194 +20,91 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from gpt.config import DataConfig
 from gpt.errors import UserError
-from gpt.tokenizer import CharTokenizer, TiktokenTokenizer, get_tokenizer, tokenizer_from_dict
+from gpt.prepare import Prepared, prepare
+from gpt.tokenizer import CharTokenizer, TiktokenTokenizer
 
-SHAKESPEARE_FILE = "tinyshakespeare.txt"
-SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-TEXT_SUFFIXES = (".txt", ".md")
-FORMAT_VERSION = 1
-
-# ----------------------------------------------------------------------------- finding the corpus
-
-
-def data_root(cfg: DataConfig) -> Path:
-    return Path(cfg.root or os.environ.get("GPT_DATA_DIR") or "data")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def download(url: str, dest: Path, sha256: str, timeout: float = 30.0) -> Path:
-    """Download url to dest through a temporary file; keep it only if its sha256 matches."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as r:
-            shutil.copyfileobj(r, f)
-        got = sha256_file(Path(tmp))
-        if got != sha256:
-            raise UserError(f"download of {url} has sha256 {got}, expected {sha256}; try again later")
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return dest
-
-
-def find_shakespeare(root: Path) -> Path:
-    path = root / SHAKESPEARE_FILE
-    if path.is_file():
-        return path
-    try:
-        print(f"Tiny Shakespeare not found in {root}/: downloading {SHAKESPEARE_URL}")
-        return download(SHAKESPEARE_URL, path, SHAKESPEARE_SHA256)
-    except OSError as e:  # URLError, timeouts and permission errors are all OSErrors
-        raise UserError(
-            f"Tiny Shakespeare is not in {root}/ and could not be downloaded ({e}); put "
-            f"{SHAKESPEARE_FILE} there or set GPT_DATA_DIR to the folder that holds it"
-        ) from e
-
-
-def find_sources(cfg: DataConfig) -> list[Path]:
-    """The corpus files, in a stable order."""
-    if cfg.source == "shakespeare" and not cfg.path:
-        return [find_shakespeare(data_root(cfg))]
-    path = Path(cfg.path)
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
-        if not files:
-            raise UserError(f"no {'/'.join(TEXT_SUFFIXES)} files under {path}; point data.path at text")
-        return files
-    raise UserError(f"data.path {str(path)!r} does not exist; pass a text file or a folder of text files")
-
-
-def read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(
-            f"{path} is not UTF-8 text (bad byte at offset {e.start}); convert or remove it"
-        ) from None
-
-
-# ----------------------------------------------------------------------------- tokenizing
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """A tokenized corpus on disk: train.bin, val.bin and meta.json in `dir`."""
-
-    dir: Path
-    meta: dict[str, Any]
-
-    def tokenizer(self) -> CharTokenizer | TiktokenTokenizer:
-        return tokenizer_from_dict(self.meta["tokenizer"])
-
-    def tokens(self, split: str) -> np.memmap:
-        return np.memmap(self.dir / f"{split}.bin", dtype=self.meta["dtype"], mode="r")
-
-
-def fingerprint(cfg: DataConfig, sources: list[Path]) -> str:
-    stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in sources]
-    key = {"v": FORMAT_VERSION, "sources": stats, "tokenizer": cfg.tokenizer, "val": cfg.val_fraction}
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def token_dtype(vocab_size: int) -> str:
-    return "uint16" if vocab_size <= 2**16 else "uint32"
-
-
-def tokenize(cfg: DataConfig, sources: list[Path]) -> tuple[np.ndarray, CharTokenizer | TiktokenTokenizer]:
-    texts = [read_text(p) for p in sources]
-    if not any(t.strip() for t in texts):
-        raise UserError(f"the corpus ({', '.join(map(str, sources))}) is empty; give it some text")
-    if cfg.tokenizer == "char":
-        text = "\n\n".join(texts)
-        tok = get_tokenizer("char", text)
-        ids = np.array(tok.encode(text), dtype=token_dtype(tok.vocab_size))
-        return ids, tok
-    tok = get_tokenizer(cfg.tokenizer)
-    docs = tok.encode_batch(texts)
-    # Documents are separated by end-of-text, as GPT-2 was trained.
-    joined: list[int] = []
-    for i, doc in enumerate(docs):
-        if i:
-            joined.append(tok.eot_token)
-        joined.extend(doc)
-    return np.array(joined, dtype=token_dtype(tok.vocab_size)), tok
-
-
-def prepare(cfg: DataConfig, verbose: bool = True) -> Prepared:
-    """Tokenize the corpus into cfg.cache_dir, or return the cached result."""
-    sources = find_sources(cfg)
-    fp = fingerprint(cfg, sources)
-    name = sources[0].stem if len(sources) == 1 else Path(cfg.path).name
-    out = Path(cfg.cache_dir) / f"{name}-{cfg.tokenizer}-{fp}"
-    if (out / "meta.json").is_file():
-        return Prepared(out, json.loads((out / "meta.json").read_text()))
-
-    ids, tok = tokenize(cfg, sources)
-    n_val = int(len(ids) * cfg.val_fraction)
-    meta = {
-        "format": FORMAT_VERSION,
-        "fingerprint": fp,
-        "sources": [str(p) for p in sources],
-        "tokenizer": tok.to_dict(),
-        "vocab_size": tok.vocab_size,
-        "dtype": str(ids.dtype),
-        "train_tokens": len(ids) - n_val,
-        "val_tokens": n_val,
-        "data": asdict(cfg),
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".tmp-"))
-    try:
-        ids[: len(ids) - n_val].tofile(tmp / "train.bin")
-        ids[len(ids) - n_val :].tofile(tmp / "val.bin")
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            # Another process prepared the same data first: theirs is equally good.
-            if not (out / "meta.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    if verbose:
-        print(f"prepared {len(ids):,} tokens ({tok.vocab_size:,}-token vocabulary) in {out}")
-    return Prepared(out, meta)
-
+__all__ = [
+    "GPTDataModule",
+    "Prepared",
+    "RandomWindowSampler",
+    "SequentialWindowSampler",
+    "Windows",
+    "prepare",
+    "val_offsets",
+]
 
 # ----------------------------------------------------------------------------- windows
 
 
 class Windows(Dataset):
-    """Item i is (x, y): the block_size tokens starting at offset i and the same shifted by one."""
+    """Item i is (x, y): the block_size tokens starting at offset i of the split and the same shifted by one.
 
-    def __init__(self, path: Path, dtype: str, block_size: int) -> None:
-        self.path, self.dtype, self.block_size = path, dtype, block_size
-        self._tokens: np.memmap | None = None  # opened lazily, once per worker process
-        self.n_tokens = os.path.getsize(path) // np.dtype(dtype).itemsize
+    The shards are memory-mapped lazily, so each DataLoader worker opens them once, in its own process.
+    """
+
+    def __init__(self, paths: list[Path], dtype: str, block_size: int) -> None:
+        self.paths, self.dtype, self.block_size = list(paths), dtype, block_size
+        sizes = [os.path.getsize(p) // np.dtype(dtype).itemsize for p in self.paths]
+        self.starts = np.cumsum([0, *sizes]).tolist()  # token offset of each shard; the last is the total
+        self.n_tokens = self.starts[-1]
+        self._maps: list[np.memmap] | None = None
 
     def __len__(self) -> int:
-        return self.n_tokens - self.block_size
+        return max(0, self.n_tokens - self.block_size)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Workers started by spawn get the paths, not copies of mapped memory.
+        return self.__dict__ | {"_maps": None}
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Tokens [start, stop) of the split, across shard boundaries."""
+        if self._maps is None:
+            self._maps = [np.memmap(p, dtype=self.dtype, mode="r") for p in self.paths]
+        pieces = []
+        shard = bisect.bisect_right(self.starts, start) - 1
+        while start < stop:
+            lo = start - self.starts[shard]
+            take = min(stop, self.starts[shard + 1]) - start
+            pieces.append(self._maps[shard][lo : lo + take])
+            start += take
+            shard += 1
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._tokens is None:
-            self._tokens = np.memmap(self.path, dtype=self.dtype, mode="r")
-        chunk = torch.from_numpy(self._tokens[i : i + self.block_size + 1].astype(np.int64))
+        chunk = torch.from_numpy(self.read(i, i + self.block_size + 1).astype(np.int64))
         return chunk[:-1], chunk[1:]
 
 
-class RandomWindowSampler(Sampler[int]):
+class ResumableSampler(Sampler[int]):
+    """What both samplers share: `epoch`, and `start`, the samples of this epoch already consumed.
+
+    state_dict() / load_state_dict() carry exactly these two numbers, so a restored sampler continues
+    with the sample where the checkpoint stopped. set_epoch() to a new epoch starts it from its first
+    sample; to the current epoch (as Lightning does on resume) it keeps `start`.
+    """
+
+    length: int  # samples this rank yields per epoch
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self.start = 0  # items of this epoch already consumed (set when resuming)
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.start = epoch, 0
+
+    def __len__(self) -> int:
+        # The full epoch, also when resuming: Lightning counts the batches it already trained on.
+        return self.length
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "start": self.start}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.start = state["epoch"], state["start"]
+
+
+class RandomWindowSampler(ResumableSampler):
     """Uniformly random window offsets from one seeded stream that the ranks share out.
 
     The stream depends on (seed, epoch) only; rank r of W takes items r, r+W, r+2W, ... So a
@@ -225,18 +116,9 @@ class RandomWindowSampler(Sampler[int]):
     CHUNK = 1 << 16
 
     def __init__(self, n_windows: int, length: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
-        # length: items this rank yields per epoch.
+        super().__init__()
         self.n_windows, self.length, self.seed = n_windows, length, seed
         self.rank, self.world_size = rank, world_size
-        self.epoch = 0
-        self.start = 0  # items of this epoch already consumed (set when resuming)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        # The full epoch, also when resuming: Lightning counts the batches it already trained on.
-        return self.length
 
     def _chunk(self, c: int) -> torch.Tensor:
         words = np.random.SeedSequence([self.seed, self.epoch, c]).generate_state(2)
@@ -253,11 +135,24 @@ class RandomWindowSampler(Sampler[int]):
             yield from self._chunk(c)[j :: self.world_size][:take].tolist()
             i += take
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "start": self.start}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.start = state["epoch"], state["start"]
+class SequentialWindowSampler(ResumableSampler):
+    """Back-to-back windows in corpus order: each token is an input once per epoch.
+
+    Window k starts at k * block_size (its targets run one token further, into the next window).
+    Rank r of world_size takes the r-th contiguous block of windows, so ranks never share a window;
+    each rank gets the same number (the few windows left over are dropped), as DDP needs.
+    """
+
+    def __init__(self, n_tokens: int, block_size: int, rank: int = 0, world_size: int = 1) -> None:
+        super().__init__()
+        self.block_size = block_size
+        self.length = (n_tokens - 1) // block_size // world_size
+        self.first = rank * self.length
+
+    def __iter__(self) -> Iterator[int]:
+        for k in range(self.first + self.start, self.first + self.length):
+            yield k * self.block_size
 
 
 def val_offsets(n_tokens: int, block_size: int, n_windows: int) -> list[int]:
@@ -295,9 +190,8 @@ class GPTDataModule(L.LightningDataModule):
                     f"the {split} split has {n} tokens, fewer than block_size+2 = {self.block_size + 2}; "
                     "use more text, a smaller model.block_size or a different data.val_fraction"
                 )
-        d = self.prepared.dir
-        self.train_set = Windows(d / "train.bin", meta["dtype"], self.block_size)
-        self.val_set = Windows(d / "val.bin", meta["dtype"], self.block_size)
+        self.train_set = Windows(self.prepared.shard_paths("train"), meta["dtype"], self.block_size)
+        self.val_set = Windows(self.prepared.shard_paths("val"), meta["dtype"], self.block_size)
 
     def _samples_per_epoch(self) -> int:
         trainer = self.trainer
@@ -312,10 +206,23 @@ class GPTDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_and_world()
-        sampler = RandomWindowSampler(len(self.train_set), self._samples_per_epoch(), self.seed, rank, world)
+        if self.cfg.sampling == "sequential":
+            sampler = SequentialWindowSampler(self.train_set.n_tokens, self.block_size, rank, world)
+            if len(sampler) == 0:
+                raise UserError(
+                    f"the train split ({self.train_set.n_tokens} tokens) has fewer back-to-back windows of "
+                    f"{self.block_size} tokens than there are ranks ({world}); use more text or "
+                    "data.sampling=random"
+                )
+        else:
+            sampler = RandomWindowSampler(
+                len(self.train_set), self._samples_per_epoch(), self.seed, rank, world
+            )
         if self._resume is not None:
             sampler.load_state_dict(self._resume)
             self._resume = None  # later epochs start from their beginning
+        # Kept so that the training loop can save and restore its state (see ResumableSampler).
+        self.train_sampler = sampler
         return self._loader(self.train_set, sampler)
 
     def state_dict(self) -> dict[str, int]:
@@ -344,6 +251,7 @@ class GPTDataModule(L.LightningDataModule):
             sampler=sampler,
             shuffle=False,
             num_workers=self.cfg.num_workers,
+            # Pinned host memory speeds up copies to a GPU; without one it only costs.
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.cfg.num_workers > 0,
             # A DataLoader seeds its workers from the global RNG unless given its own generator;

@@ -84,6 +84,17 @@ class TiktokenTokenizer:
         self.vocab_size = self.enc.n_vocab
         self.eot_token = self.enc.eot_token
 
+    @classmethod
+    def from_encoding(cls, enc: tiktoken.Encoding) -> TiktokenTokenizer:
+        """Wrap an Encoding built in code (tests build one with more than 65,536 tokens).
+
+        Its to_dict() names the encoding, which only rebuilds it if tiktoken knows that name.
+        """
+        tok = cls.__new__(cls)
+        tok.name, tok.enc = enc.name, enc
+        tok.vocab_size, tok.eot_token = enc.n_vocab, enc.eot_token
+        return tok
+
     def encode(self, text: str) -> list[int]:
         # Special-token text such as "<|endoftext|>" in a corpus is ordinary text, not a control token.
         return self.enc.encode_ordinary(text)

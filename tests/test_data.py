@@ -1,69 +1,26 @@
-import json
-import os
+"""Loading: windows over shards, the two samplers (seeded, resumable, per rank), the data module."""
+
+from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from gpt.config import DataConfig
 from gpt.data import (
-    SHAKESPEARE_SHA256,
     GPTDataModule,
     RandomWindowSampler,
+    SequentialWindowSampler,
     Windows,
-    download,
-    find_shakespeare,
     prepare,
-    sha256_file,
     val_offsets,
 )
 from gpt.errors import UserError
-from gpt.tokenizer import TiktokenTokenizer
-
-
-def text_cfg(path, tmp_path, **kw) -> DataConfig:
-    return DataConfig(source="text", path=str(path), cache_dir=str(tmp_path / "cache"), **kw)
-
-
-def test_prepare_char_writes_tokens_and_meta(tiny_corpus, tmp_path):
-    prepared = prepare(text_cfg(tiny_corpus, tmp_path, tokenizer="char", val_fraction=0.1))
-    meta = json.loads((prepared.dir / "meta.json").read_text())
-    assert meta["train_tokens"] == 36_000 and meta["val_tokens"] == 4_000
-    assert meta["dtype"] == "uint16"
-    tok = prepared.tokenizer()
-    text = tiny_corpus.read_text()
-    train, val = prepared.tokens("train"), prepared.tokens("val")
-    assert tok.decode(train[:500].tolist()) == text[:500]
-    assert tok.decode(val.tolist()) == text[36_000:]
-
-
-def test_prepare_is_cached_and_invalidated(tiny_corpus, tmp_path):
-    cfg = text_cfg(tiny_corpus, tmp_path, tokenizer="char")
-    first = prepare(cfg)
-    stamp = (first.dir / "train.bin").stat().st_mtime_ns
-    again = prepare(cfg)
-    assert again.dir == first.dir
-    assert (again.dir / "train.bin").stat().st_mtime_ns == stamp  # not rewritten
-    # another tokenizer or a changed source prepares anew
-    assert prepare(text_cfg(tiny_corpus, tmp_path, tokenizer="r50k_base")).dir != first.dir
-    tiny_corpus.write_text(tiny_corpus.read_text() + "more text\n")
-    assert prepare(cfg).dir != first.dir
-
-
-def test_prepare_bpe_separates_documents_with_eot(tmp_path):
-    (tmp_path / "docs" / "sub").mkdir(parents=True)
-    (tmp_path / "docs" / "a.txt").write_text("first document " * 50)
-    (tmp_path / "docs" / "sub" / "b.md").write_text("second document " * 50)
-    (tmp_path / "docs" / "skip.bin").write_bytes(b"\x00\x01")
-    prepared = prepare(text_cfg(tmp_path / "docs", tmp_path, tokenizer="r50k_base", val_fraction=0.2))
-    ids = np.concatenate([prepared.tokens("train"), prepared.tokens("val")]).tolist()
-    tok = TiktokenTokenizer("r50k_base")
-    assert ids == tok.encode("first document " * 50) + [50256] + tok.encode("second document " * 50)
+from tests.test_prepare import text_cfg
 
 
 def test_windows_are_shifted_by_one(tiny_corpus, tmp_path):
     prepared = prepare(text_cfg(tiny_corpus, tmp_path, tokenizer="char"))
-    ds = Windows(prepared.dir / "train.bin", prepared.meta["dtype"], block_size=16)
+    ds = Windows(prepared.shard_paths("train"), prepared.meta["dtype"], block_size=16)
     assert len(ds) == 36_000 - 16
     x, y = ds[100]
     tokens = torch.from_numpy(prepared.tokens("train")[100:117].astype(np.int64))
@@ -71,7 +28,24 @@ def test_windows_are_shifted_by_one(tiny_corpus, tmp_path):
     assert torch.equal(x, tokens[:16]) and torch.equal(y, tokens[1:])
 
 
-def test_sampler_is_seeded_and_resumable():
+def test_windows_span_shard_boundaries(tmp_path):
+    """Shards of 1,024 tokens read as one stream: every window equals the same slice of the whole."""
+    tokens = np.random.default_rng(0).integers(0, 50_000, 5_000).astype(np.uint16)
+    paths = []
+    for i, start in enumerate(range(0, len(tokens), 1024)):
+        paths.append(tmp_path / f"train-{i:05d}.bin")
+        tokens[start : start + 1024].tofile(paths[-1])
+    ds = Windows(paths, "uint16", block_size=64)
+    assert ds.n_tokens == 5_000 and len(ds) == 5_000 - 64
+    whole = torch.from_numpy(tokens.astype(np.int64))
+    for i in [0, 1024 - 65, 1024 - 64, 1024 - 1, 1024, 2048 - 30, 4096 - 10, len(ds) - 1]:
+        x, y = ds[i]
+        assert torch.equal(x, whole[i : i + 64]) and torch.equal(y, whole[i + 1 : i + 65]), i
+    tiny = Windows(paths, "uint16", block_size=2_500)  # a window longer than a shard spans three
+    assert torch.equal(tiny[1000][0], whole[1000:3500])
+
+
+def test_random_sampler_is_seeded_and_resumable():
     a = list(RandomWindowSampler(1000, 200_000, seed=1))
     assert a == list(RandomWindowSampler(1000, 200_000, seed=1))
     assert a != list(RandomWindowSampler(1000, 200_000, seed=2))
@@ -79,12 +53,57 @@ def test_sampler_is_seeded_and_resumable():
     resumed = RandomWindowSampler(1000, 200_000, seed=1)
     resumed.load_state_dict({"epoch": 0, "start": 70_000})  # past a chunk boundary
     assert list(resumed) == a[70_000:]
+    assert len(resumed) == 200_000  # the full epoch: Lightning counts the batches already trained on
 
 
-def test_sampler_ranks_draw_different_windows():
+@pytest.mark.parametrize("kind", ["random", "sequential"])
+def test_sampler_state_round_trip(kind):
+    def make():
+        if kind == "random":
+            return RandomWindowSampler(500, 3_000, seed=4, rank=1, world_size=2)
+        return SequentialWindowSampler(50_000, 16, rank=1, world_size=2)
+
+    run = make()
+    run.set_epoch(2)
+    epoch2 = list(run)
+    run.start = 1_234  # what a training loop records after consuming 1,234 samples of epoch 2
+    state = run.state_dict()
+    assert state == {"epoch": 2, "start": 1_234}
+    restored = make()
+    restored.load_state_dict(state)
+    restored.set_epoch(2)  # Lightning sets the restored epoch again on resume: start is kept
+    assert list(restored) == epoch2[1_234:]
+    restored.set_epoch(3)  # a new epoch starts from its first sample
+    assert restored.state_dict() == {"epoch": 3, "start": 0} and len(list(restored)) == len(epoch2)
+
+
+def test_random_sampler_ranks_share_out_one_stream_and_epochs_differ():
     r0 = list(RandomWindowSampler(10_000, 100, seed=1, rank=0, world_size=2))
     r1 = list(RandomWindowSampler(10_000, 100, seed=1, rank=1, world_size=2))
-    assert r0 != r1
+    assert r0 != r1 and len(set(r0) & set(r1)) < 10
+    one = list(RandomWindowSampler(10_000, 200, seed=1))
+    assert one[0::2] == r0 and one[1::2] == r1  # the same global stream on 1 or 2 devices
+    s = RandomWindowSampler(10_000, 100, seed=1, rank=0, world_size=2)
+    s.set_epoch(1)
+    assert list(s) != r0
+
+
+def test_sequential_sampler_visits_every_token_once():
+    n_tokens, block = 10_001, 100
+    offsets = list(SequentialWindowSampler(n_tokens, block))
+    assert offsets == list(range(0, 10_000, 100))
+    inputs = [t for o in offsets for t in range(o, o + block)]
+    assert inputs == list(range(n_tokens - 1))  # every token is an input once (the last is only a target)
+    assert offsets[-1] + block + 1 <= n_tokens  # the last window's targets are in the split
+
+
+def test_sequential_ranks_are_disjoint_and_equal():
+    world = 3
+    per_rank = [list(SequentialWindowSampler(10_001, 100, rank=r, world_size=world)) for r in range(world)]
+    assert [len(r) for r in per_rank] == [33, 33, 33]  # 100 windows: one left over is dropped
+    flat = [o for r in per_rank for o in r]
+    assert len(set(flat)) == len(flat) == 99
+    assert sorted(flat) == list(range(0, 9_900, 100))
 
 
 def test_val_windows_cover_the_split_and_are_fixed():
@@ -101,6 +120,19 @@ def test_datamodule_batches(tiny_corpus, tmp_path):
     assert x.shape == y.shape == (4, 32)
     assert torch.equal(x[:, 1:], y[:, :-1])
     assert sum(b[0].shape[0] for b in dm.val_dataloader()) == 10
+    assert isinstance(dm.train_sampler, RandomWindowSampler)
+
+
+def test_datamodule_sequential_with_workers_reads_the_split_in_order(tiny_corpus, tmp_path):
+    cfg = text_cfg(
+        tiny_corpus, tmp_path, tokenizer="char", batch_size=8, sampling="sequential", num_workers=2
+    )
+    dm = GPTDataModule(cfg, block_size=64)
+    dm.setup("fit")
+    xs = torch.cat([x for x, _ in dm.train_dataloader()])
+    train = torch.from_numpy(dm.prepared.tokens("train").astype(np.int64))
+    n = (len(train) - 1) // 64
+    assert xs.shape == (n, 64) and torch.equal(xs.flatten(), train[: n * 64])
 
 
 def test_block_size_larger_than_split_is_a_clear_error(tiny_corpus, tmp_path):
@@ -109,47 +141,26 @@ def test_block_size_larger_than_split_is_a_clear_error(tiny_corpus, tmp_path):
         dm.setup("fit")
 
 
-@pytest.mark.parametrize(
-    ("content", "message"),
-    [(b"", "is empty"), (b"   \n", "is empty"), (b"\xff\xfe\x00bad", "is not UTF-8 text")],
-)
-def test_bad_corpus_is_a_clear_error(tmp_path, content, message):
-    path = tmp_path / "bad.txt"
-    path.write_bytes(content)
-    with pytest.raises(UserError, match=message):
-        prepare(text_cfg(path, tmp_path, tokenizer="char"))
+def test_corpus_shorter_than_one_window_is_a_clear_error(tmp_path):
+    (tmp_path / "short.txt").write_text("To be, or not to be.")
+    dm = GPTDataModule(text_cfg(tmp_path / "short.txt", tmp_path, tokenizer="char"), block_size=64)
+    with pytest.raises(UserError) as excinfo:
+        dm.setup("fit")
+    assert "split has 18 tokens, fewer than block_size+2 = 66" in str(excinfo.value)
+    assert "\n" not in str(excinfo.value)
 
 
-def test_missing_path_is_a_clear_error(tmp_path):
-    with pytest.raises(UserError, match="does not exist"):
-        prepare(text_cfg(tmp_path / "nope.txt", tmp_path))
-
-
-def test_shakespeare_found_in_data_root(shakespeare_text, tmp_path):
-    root = os.environ["GPT_DATA_DIR"]
-    assert find_shakespeare(type(tmp_path)(root)).read_text() == shakespeare_text
-
-
-def test_shakespeare_offline_and_missing_says_where_to_put_it(tmp_path, monkeypatch):
-    monkeypatch.setattr("gpt.data.SHAKESPEARE_URL", "http://127.0.0.1:9/unreachable")
-    with pytest.raises(UserError, match="put tinyshakespeare.txt there or set GPT_DATA_DIR"):
-        find_shakespeare(tmp_path / "root")
-
-
-def test_download_checks_sha256(shakespeare_text, tmp_path):
-    src = tmp_path / "src.txt"
-    src.write_text(shakespeare_text, encoding="utf-8")
-    dest = download(src.as_uri(), tmp_path / "root" / "tinyshakespeare.txt", SHAKESPEARE_SHA256)
-    assert sha256_file(dest) == SHAKESPEARE_SHA256
-    with pytest.raises(UserError, match="expected 0000"):
-        download(src.as_uri(), tmp_path / "other.txt", "0000")
-    assert not (tmp_path / "other.txt").exists()
-    assert list((tmp_path).glob("*.part")) == []
-
-
-def test_shakespeare_bpe_equals_direct_encode(shakespeare_text, tmp_path):
-    prepared = prepare(DataConfig(source="shakespeare", tokenizer="r50k_base", cache_dir=str(tmp_path)))
-    ids = np.concatenate([prepared.tokens("train"), prepared.tokens("val")])
-    assert prepared.meta["vocab_size"] == 50257 and prepared.meta["dtype"] == "uint16"
-    assert ids.tolist() == TiktokenTokenizer("r50k_base").encode(shakespeare_text)
-    assert prepared.meta["val_tokens"] == len(ids) // 10
+@pytest.mark.parametrize("sampling", ["random", "sequential"])
+def test_datamodule_gives_each_rank_its_own_windows(tiny_corpus, tmp_path, monkeypatch, sampling):
+    cfg = text_cfg(tiny_corpus, tmp_path, tokenizer="char", batch_size=4, sampling=sampling)
+    offsets = []
+    for rank in range(2):
+        dm = GPTDataModule(cfg, block_size=32, seed=7)
+        monkeypatch.setattr(dm, "_rank_and_world", lambda rank=rank: (rank, 2))
+        dm.setup("fit")
+        dm.train_dataloader()
+        offsets.append(list(dm.train_sampler)[:200])
+    if sampling == "sequential":
+        assert not set(offsets[0]) & set(offsets[1])
+    else:
+        assert offsets[0] != offsets[1]
