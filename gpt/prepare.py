@@ -15,7 +15,8 @@
    does not depend on threads or batch sizes) such that val gets `val_fraction` of the parts, to
    within one part; a corpus of fewer than 10 documents (Tiny Shakespeare is one) is split by
    tokens instead, its last `val_fraction` held out as nanoGPT does, unless it is larger than
-   16M tokens, which are split by part so that memory stays bounded. Split by document, both splits get at least one part. Parts of different documents,
+   16M tokens, which are split by part so that memory stays bounded. Split by document, both
+   splits get at least one part. Parts of different documents,
    or non-adjacent parts of one document, are separated by the tokenizer's end-of-text token (a
    blank line, "\\n\\n", for characters); adjacent parts of one document are joined without one;
 5. writes `{split}-NNNNN.bin` shards (uint16 when the vocabulary fits, else uint32) into a temporary
