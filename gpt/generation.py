@@ -277,6 +277,8 @@ def beam_search(
             new_scores.append(score)
             if len(rows) == K:
                 break
+        if not rows:  # every candidate ended (a vocabulary of little more than end-of-text)
+            break
         if len(rows) < K:  # fewer live candidates than beams (tiny vocabulary): keep the best twice
             rows += rows[:1] * (K - len(rows))
             tokens += tokens[:1] * (K - len(tokens))

@@ -3,6 +3,7 @@ stdin, interactive mode and one-line errors."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -153,3 +154,25 @@ def test_interactive_session_continues_the_conversation(ckpt, tmp_path):
     lines = lambda t: t if t.endswith("\n") else t + "\n"
     assert proc.stdout == lines(first) + lines(second) + lines(third)
     assert proc.stderr.count("> ") == 5  # one prompt per line read, and one for the end of input
+
+
+@pytest.mark.slow
+def test_benchmark_writes_its_json(tmp_path):
+    out = tmp_path / "generate.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_generate.py"), "--new-tokens", "8", "--repeats", "1"]
+        + ["--out", str(out), "--ckpt-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert [(r["mode"], r["batch"]) for r in result["decoding"]] == [
+        ("cached", 1),
+        ("uncached", 1),
+        ("cached", 8),
+    ]
+    assert result["cached_equals_uncached_tokens"] is True
+    assert result["setup"]["prompt_tokens"] == 16 and result["first_token_seconds_nano"]["median"] > 0
+    assert "cached / uncached" in proc.stdout
