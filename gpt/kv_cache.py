@@ -25,9 +25,12 @@ class KVCache:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        shape = (n_layer, batch_size, n_head, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # One tensor per layer, (B, nh, max_len, hs): under torch.compile, a write into a view of
+        # one big tensor is turned into a copy of all of it at every step; separate tensors are
+        # updated in place.
+        shape = (batch_size, n_head, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.max_len = max_len
         self.pos = torch.zeros((), dtype=torch.long, device=device)  # number of slots already filled
 
@@ -52,8 +55,8 @@ class KVCache:
 
         Returns two tensors of shape (B, nh, max_len, hs); slots not written yet must be masked.
         """
-        self.k[layer].index_copy_(2, slots, k)
-        self.v[layer].index_copy_(2, slots, v)
+        self.k[layer][:, :, slots] = k
+        self.v[layer][:, :, slots] = v
         return self.k[layer], self.v[layer]
 
     def advance(self, n: int) -> None:
@@ -64,5 +67,5 @@ class KVCache:
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Keep rows[i] as row i (beam search: each surviving beam takes its parent's cache)."""
-        self.k.copy_(self.k.index_select(1, rows))
-        self.v.copy_(self.v.index_select(1, rows))
+        for cache in (*self.k, *self.v):
+            cache.copy_(cache[rows])
