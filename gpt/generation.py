@@ -15,7 +15,7 @@ prompt longer than block_size is cropped to its last block_size tokens.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import cache
 
 import torch
@@ -87,7 +87,7 @@ def decode_step(
 
 
 @cache
-def compiled_decode_step(backend: str = "inductor"):
+def compiled_decode_step(backend: str = "inductor") -> Callable[..., torch.Tensor]:
     """decode_step under torch.compile, built once per process. Every call has the same shapes
     (one token, the whole preallocated cache, a tensor position), so it compiles once."""
     return torch.compile(decode_step, backend=backend, fullgraph=True, dynamic=False)
@@ -183,6 +183,8 @@ def generate(
 ) -> Iterator[torch.Tensor]:
     """Yield up to max_new_tokens new tokens, one (B,) tensor per step, continuing prompts idx (B, T).
 
+    temperature, top_k, top_p, min_p: see sample_next. repetition_penalty: see
+    apply_repetition_penalty; it counts the prompt and every new token of the row.
     lengths: real tokens of each row when idx is left padded (None: every row is T long).
     vocab_size: sample only ids below it, for a model whose embedding was padded past its
     tokenizer's vocabulary (the padding rows belong to no token).
@@ -223,7 +225,7 @@ def sequence_logprob(model: GPT, prompt: list[int], continuation: list[int]) -> 
     with torch.inference_mode():
         logprobs = F.log_softmax(model(idx)[0, :-1].float(), dim=-1)  # (T-1, V)
     targets = idx[0, 1:]
-    return float(logprobs[torch.arange(len(targets)), targets][len(prompt) - 1 :].sum())
+    return float(logprobs[torch.arange(len(targets), device=idx.device), targets][len(prompt) - 1 :].sum())
 
 
 @torch.inference_mode()

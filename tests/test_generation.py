@@ -77,6 +77,21 @@ def test_cached_logits_equal_uncached_at_every_step(pos_emb, prompt_len):
             reference.append(token)
 
 
+@pytest.mark.parametrize(
+    "variant",
+    [dict(norm="layernorm", ffn="gelu", bias=True), dict(tie_embeddings=False, pos_emb="rope", n_head=2)],
+    ids=["layernorm-gelu-bias", "untied-rope-2heads"],
+)
+def test_other_model_options_cached_and_batched_equal_the_reference(variant):
+    model = lively_model(**variant)
+    rows = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14, 15, 16]]
+    idx, lengths = left_pad(rows)
+    batched = greedy(model, idx, 30, lengths=lengths)
+    assert torch.equal(batched, greedy(model, idx, 30, lengths=lengths, use_cache=False))
+    for row, ids in zip(batched, rows, strict=True):
+        assert torch.equal(row, greedy(model, torch.tensor([ids]), 30, use_cache=False)[0])
+
+
 def test_cached_sampling_equals_uncached_with_same_seed():
     model = lively_model()
     idx = torch.randint(50, (3, 4))
