@@ -154,16 +154,21 @@ def interactive(
         if command == "/reset":
             history = unescape(cfg.prompt)
             continue
-        history += line if line.endswith("\n") else line + "\n"
-        out = generate_text(
-            model,
-            tokenizer,
-            history,
-            cfg.max_new_tokens,
-            generator=generator,
-            on_text=lambda _, piece: write(piece),
-            **text_options(cfg),
-        )
+        turn = history + (line if line.endswith("\n") else line + "\n")
+        try:
+            out = generate_text(
+                model,
+                tokenizer,
+                turn,
+                cfg.max_new_tokens,
+                generator=generator,
+                on_text=lambda _, piece: write(piece),
+                **text_options(cfg),
+            )
+        except UserError as e:  # e.g. a character outside the vocabulary: say so, keep the session
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        history = turn
         if not out.endswith("\n"):
             out += "\n"
             write("\n")

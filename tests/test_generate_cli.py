@@ -142,7 +142,7 @@ def test_interactive_session_continues_the_conversation(ckpt, tmp_path):
         "max_new_tokens=12",
         "temperature=0",
         "prompt=",
-        stdin="ROMEO: hi\n/reset\nJULIET: who?\nand then\n",
+        stdin="ROMEO: hi\n/reset\nJULIET: who?\nnot in the vocabulary: §\nand then\n",
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
@@ -153,7 +153,8 @@ def test_interactive_session_continues_the_conversation(ckpt, tmp_path):
     third = alone(ckpt, history, 12, temperature=0)
     lines = lambda t: t if t.endswith("\n") else t + "\n"
     assert proc.stdout == lines(first) + lines(second) + lines(third)
-    assert proc.stderr.count("> ") == 5  # one prompt per line read, and one for the end of input
+    assert proc.stderr.count("> ") == 6  # one prompt per line read, and one for the end of input
+    assert "error: character '§' (U+00A7) is not in this model's" in proc.stderr
 
 
 @pytest.mark.slow
