@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gpt.cli import exit_on_user_error
 from gpt.config import GenerateConfig
-from gpt.generation import sample
+from gpt.generate_cli import sample
 
 ConfigStore.instance().store(name="_schema", node=GenerateConfig)
 

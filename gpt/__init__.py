@@ -1,13 +1,16 @@
 """A decoder-only GPT trainer. The library API needs no Lightning:
 
-from gpt import load_model, generate
-model, tokenizer = load_model("runs/.../checkpoints/last.ckpt")
+from gpt import load_model, generate_text
+model, tokenizer = load_model("runs/.../checkpoints/last.ckpt")   # once
+generate_text(model, tokenizer, "ROMEO:", 100, temperature=0.8)    # as often as you like
 """
 
 from gpt.checkpoint import load_model
 from gpt.config import DataConfig, GenerateConfig, ModelConfig, OptimConfig
-from gpt.generation import generate, sample_next
+from gpt.generation import beam_search, generate, sample_next
+from gpt.kv_cache import KVCache
 from gpt.model import GPT
+from gpt.text_generation import generate_text
 from gpt.tokenizer import CharTokenizer, TiktokenTokenizer, get_tokenizer
 
 __all__ = [
@@ -15,10 +18,13 @@ __all__ = [
     "CharTokenizer",
     "DataConfig",
     "GenerateConfig",
+    "KVCache",
     "ModelConfig",
     "OptimConfig",
     "TiktokenTokenizer",
+    "beam_search",
     "generate",
+    "generate_text",
     "get_tokenizer",
     "load_model",
     "sample_next",

@@ -9,8 +9,8 @@ import torch
 from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.utilities import rank_zero_only
 
-from gpt.generation import generate
-from gpt.tokenizer import StreamDecoder, tokenizer_from_dict
+from gpt.text_generation import generate_text
+from gpt.tokenizer import tokenizer_from_dict
 
 
 class ValidateOnLastStep(L.Callback):
@@ -128,23 +128,18 @@ class SampleText(L.Callback):
     def sample(self, pl_module: L.LightningModule) -> str:
         tokenizer = tokenizer_from_dict(pl_module.hparams["tokenizer"])
         model = pl_module.model
-        device = next(model.parameters()).device
-        idx = torch.tensor([tokenizer.encode(self.prompt)], device=device)
-        generator = torch.Generator(device=device).manual_seed(self.seed)
         was_training = model.training
         model.eval()
         try:
-            tokens = generate(
+            text = generate_text(
                 model,
-                idx,
-                max_new_tokens=self.max_new_tokens,
+                tokenizer,
+                self.prompt,
+                self.max_new_tokens,
+                seed=self.seed,
                 temperature=self.temperature,
                 top_k=self.top_k,
-                generator=generator,
-                vocab_size=tokenizer.vocab_size,
             )
-            decoder = StreamDecoder(tokenizer)
-            text = "".join(decoder.push([int(t[0])]) for t in tokens) + decoder.flush()
         finally:
             model.train(was_training)
         return self.prompt + text

@@ -8,12 +8,13 @@ directory with a config.json is a Hugging Face checkpoint (GPT-2 or Llama, see g
 from __future__ import annotations
 
 import pickle
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from gpt.config import ModelConfig
+from gpt.config import ModelConfig, OptimConfig
 from gpt.errors import UserError
 from gpt.hf import is_hf_dir, load_hf_dir
 from gpt.model import GPT
@@ -89,3 +90,24 @@ def load_model(
     model = GPT(config)
     model.load_state_dict(state_dict, strict=True)
     return model.to(device=device, dtype=dtype).eval(), tokenizer
+
+
+def save_weights_checkpoint(
+    model: GPT,
+    tokenizer: CharTokenizer | TiktokenTokenizer,
+    path: str | Path,
+    optim: dict[str, Any] | None = None,
+) -> Path:
+    """Save a model in the plain format train.py's checkpoints have (hyper_parameters with the model,
+    optim and tokenizer dicts; weights under "model."), weights only: for models made outside a
+    training run (random weights for benchmarks and tests, imported weights)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    hparams = {
+        "model": asdict(model.config),
+        "optim": optim or asdict(OptimConfig()),
+        "tokenizer": tokenizer.to_dict(),
+    }
+    state_dict = {f"model.{k}": v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"hyper_parameters": hparams, "state_dict": state_dict}, path)
+    return path

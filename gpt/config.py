@@ -178,14 +178,28 @@ class GenerateConfig:
     # A checkpoint file, a run dir, or None for the newest run under runs_dir.
     ckpt: str | None = None
     runs_dir: str = "runs"
+    # The text to continue; "-" reads it from stdin.
     prompt: str = "\n"
+    # A file of prompts, one per line, or .jsonl with a "prompt" field per line; replaces `prompt`.
+    prompt_file: str | None = None
     max_new_tokens: int = 500
     temperature: float = 0.8
     top_k: int | None = 200
     top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+    # Generation of a row ends where the first of these strings starts (or at end-of-text).
+    stop: list[str] = field(default_factory=list)
+    # > 1: beam search (deterministic; the sampling knobs are ignored).
+    num_beams: int = 1
+    length_penalty: float = 1.0
     seed: int = 1337
     num_samples: int = 1
+    # Rows (prompts x num_samples) generated together.
+    batch_size: int = 8
+    interactive: bool = False
     use_cache: bool = True
+    compile: bool = False
     device: str = "auto"
     dtype: str = "float32"
 
@@ -194,5 +208,22 @@ class GenerateConfig:
         _check(self.temperature >= 0, f"temperature={self.temperature} must be >= 0 (0 = greedy)")
         _check(self.top_k is None or self.top_k >= 1, f"top_k={self.top_k} must be >= 1 (or null)")
         _check(self.top_p is None or 0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1] (or null)")
+        _check(self.min_p is None or 0 <= self.min_p <= 1, f"min_p={self.min_p} must be in [0, 1] (or null)")
+        _check(
+            self.repetition_penalty > 0,
+            f"repetition_penalty={self.repetition_penalty} must be > 0 (1 = off, > 1 discourages repeats)",
+        )
+        _check(all(self.stop), "stop strings must not be empty; remove the empty one from stop=[...]")
+        _check(self.num_beams >= 1, f"num_beams={self.num_beams} must be >= 1")
         _check(self.num_samples >= 1, f"num_samples={self.num_samples} must be >= 1")
+        _check(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
+        _check(
+            not (self.num_beams > 1 and self.num_samples > 1),
+            f"beam search is deterministic: num_samples={self.num_samples} would repeat one result; "
+            "use num_samples=1 with num_beams",
+        )
+        _check(
+            not (self.interactive and (self.prompt == "-" or self.prompt_file)),
+            "interactive=true reads what you type from stdin; drop prompt=- and prompt_file",
+        )
         _one_of("dtype", self.dtype, ("float32", "bfloat16", "float16"))

@@ -44,10 +44,28 @@ def rope_tables(n_pos: int, head_dim: int, base: float) -> tuple[torch.Tensor, t
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (first half, second half) of the head dim. x: (B, nh, T, hs); cos/sin: (T, hs/2)."""
+    """Rotate pairs (first half, second half) of the head dim.
+
+    x: (B, nh, T, hs); cos/sin: (T, hs/2), or (B, 1, T, hs/2) when each row has its own positions.
+    """
     x1, x2 = x.float().chunk(2, dim=-1)
     out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return out.type_as(x)
+
+
+def attention_mask(slots: torch.Tensor, n_keys: int, pad: torch.Tensor | None) -> torch.Tensor:
+    """Which of n_keys key slots each query at `slots` (T,) may see: (B or 1, 1, T, n_keys), bool.
+
+    Causal by slot, and blind to each row's left padding (pad (B,)). A padding query still sees
+    itself, so its row of the softmax is never empty (that would give NaN, and NaN keys and
+    values written to the cache would poison later queries even at zero weight).
+    """
+    keys = torch.arange(n_keys, device=slots.device)[None, :]  # (1, n_keys)
+    queries = slots[:, None]  # (T, 1)
+    mask = keys <= queries  # (T, n_keys)
+    if pad is not None:
+        mask = mask & ((keys >= pad[:, None, None]) | (keys == queries))  # (B, T, n_keys)
+    return mask.view(-1, 1, *mask.shape[-2:])  # (B or 1, 1, T, n_keys)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -69,7 +87,12 @@ class CausalSelfAttention(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         kv_cache: KVCache | None = None,
+        mask: torch.Tensor | None = None,
+        slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """x (B, T, C). mask: which keys each query sees, (B or 1, 1, T, keys), None for plain causal
+        attention. With a kv_cache, the new keys and values are written at cache `slots` (T,) and
+        the queries attend over the whole preallocated cache, so shapes never change."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
@@ -77,27 +100,15 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-
-        past = 0
         if kv_cache is not None:
-            past = kv_cache.pos
-            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nh, past+T, hs)
-
-        # SDPA's is_causal aligns the mask to the top-left corner, which is only right without a
-        # past. With a past, a single query sees every key; several queries need an explicit mask.
-        mask, is_causal = None, False
-        if past == 0:
-            is_causal = T > 1
-        elif T > 1:
-            q_pos = torch.arange(past, past + T, device=x.device)[:, None]
-            mask = torch.arange(past + T, device=x.device)[None, :] <= q_pos  # (T, past+T)
+            k, v = kv_cache.update(self.layer_idx, k, v, slots)  # (B, nh, max_len, hs)
         y = F.scaled_dot_product_attention(
             q,
             k,
             v,
             attn_mask=mask,
             dropout_p=self.dropout if self.training else 0.0,
-            is_causal=is_causal,
+            is_causal=mask is None and T > 1,
         )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -149,8 +160,10 @@ class Block(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         kv_cache: KVCache | None = None,
+        mask: torch.Tensor | None = None,
+        slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rope, kv_cache)
+        x = x + self.attn(self.ln_1(x), rope, kv_cache, mask, slots)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -204,31 +217,52 @@ class GPT(nn.Module):
             n -= self.wpe.weight.numel()
         return n
 
-    def forward(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        pad: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """idx: (B, T) token ids -> logits (B, T, vocab_size).
 
         With a kv_cache, idx holds the tokens after the `kv_cache.pos` already cached ones; the
-        cache is advanced by T when the forward is done.
+        cache is advanced by T when the forward is done. pad (B,): how many leading positions of
+        each row are left padding (counted from the start of the cache, or of idx without one).
+        Padding is never attended to and each row's positions start after its padding, so a row
+        computes what it would alone. Training calls model(idx): plain causal attention.
         """
         B, T = idx.shape
-        start = 0 if kv_cache is None else kv_cache.pos
-        end = start + T
-        if end > self.config.block_size:
-            raise ValueError(f"sequence length {end} exceeds block_size {self.config.block_size}")
-        if kv_cache is not None and end > kv_cache.max_len:
-            raise ValueError(f"sequence length {end} exceeds the KV cache length {kv_cache.max_len}")
+        block = self.config.block_size
+        slots = torch.arange(T, device=idx.device)  # (T,) where these tokens sit in the sequence
+        if kv_cache is not None:
+            # A tensor offset, not a Python int, so a compiled decode step serves every position.
+            slots = slots + kv_cache.pos
+        if not torch.compiler.is_compiling():  # reading the cache position would be a graph break
+            end = T if kv_cache is None else int(kv_cache.pos) + T
+            if end > block:
+                raise ValueError(f"sequence length {end} exceeds block_size {block}")
+            if kv_cache is not None and end > kv_cache.max_len:
+                raise ValueError(f"sequence length {end} exceeds the KV cache length {kv_cache.max_len}")
 
+        positions = slots if pad is None else (slots[None, :] - pad[:, None]).clamp(min=0)  # (T,) | (B, T)
         x = self.wte(idx)  # (B, T, C)
         rope = None
         if self.config.pos_emb == "learned":
-            x = x + self.wpe(torch.arange(start, end, device=idx.device))
+            x = x + self.wpe(positions)
         elif self.config.pos_emb == "sinusoidal":
-            x = x + self.wpe[start:end].to(x.dtype)
+            x = x + self.wpe[positions].to(x.dtype)
         else:
-            rope = (self.rope_cos[start:end], self.rope_sin[start:end])
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (T, hs/2) | (B, T, hs/2)
+            if pad is not None:
+                cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hs/2): the same for every head
+            rope = (cos, sin)
+        mask = None
+        if kv_cache is not None or pad is not None:
+            n_keys = T if kv_cache is None else kv_cache.max_len
+            mask = attention_mask(slots, n_keys, pad)
         x = self.drop(x)
         for block in self.h:
-            x = block(x, rope, kv_cache)
+            x = block(x, rope, kv_cache, mask, slots)
         if kv_cache is not None:
             kv_cache.advance(T)
         return self.lm_head(self.ln_f(x))  # (B, T, vocab_size)

@@ -328,3 +328,17 @@ def test_sigterm_saves_exits_143_and_resumes_bit_identical(tiny_corpus, tmp_path
     ok(run_script(*train_cmd(tiny_corpus, run, *extra), cwd=tmp_path))
     assert_same_weights(final_state(run), final_state(tmp_path / "straight"))
     assert losses(run) == losses(tmp_path / "straight")
+
+
+def test_samples_are_written_and_leave_training_unchanged(tiny_corpus, tmp_path):
+    fit(tiny_corpus, tmp_path / "plain", "trainer.max_steps=4")
+    fit(
+        tiny_corpus,
+        tmp_path / "sampled",
+        "trainer.max_steps=4",
+        "callbacks.samples.every_n_steps=2",
+        "callbacks.samples.max_new_tokens=20",
+    )
+    text = (tmp_path / "sampled" / "samples.txt").read_text()
+    assert text.count("=== step 2\n") == 1 and text.count("=== step 4\n") == 1
+    assert losses(tmp_path / "sampled") == losses(tmp_path / "plain")  # dropout's RNG stream untouched

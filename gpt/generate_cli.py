@@ -1,0 +1,176 @@
+"""The generate.py command: read prompts, load the checkpoint, stream or print continuations,
+or keep a conversation going in interactive mode. Imports no Lightning and no Hydra."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gpt.checkpoint import load_model
+from gpt.config import GenerateConfig
+from gpt.errors import UserError
+from gpt.model import GPT
+from gpt.text_generation import encode_prompts, generate_text
+from gpt.tokenizer import Tokenizer
+
+SEPARATOR = "---------------\n"
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def write_stdout(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def unescape(text: str) -> str:
+    """\\n, \\t and \\\\ typed on the command line (Hydra keeps them as written) -> newline, tab, \\."""
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m[1]], text)
+
+
+def read_prompt_file(path: Path) -> list[str]:
+    """One prompt per non-blank line, or for .jsonl one {"prompt": "..."} object per line."""
+    if not path.is_file():
+        raise UserError(f"prompt_file {path} does not exist; pass a text or .jsonl file")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"prompt_file {path} is not UTF-8 text; save it as UTF-8") from None
+    numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
+    if path.suffix != ".jsonl":
+        prompts = [line for _, line in numbered]
+    else:
+        prompts = []
+        for n, line in numbered:
+            try:
+                prompt = json.loads(line).get("prompt") if line.lstrip().startswith("{") else None
+            except json.JSONDecodeError:
+                prompt = None
+            if not isinstance(prompt, str):
+                raise UserError(
+                    f'{path}:{n}: expected a JSON object with a "prompt" string, like {{"prompt": "Hi"}}'
+                )
+            prompts.append(prompt)
+    if not prompts:
+        raise UserError(f"prompt_file {path} holds no prompts")
+    return prompts
+
+
+def read_prompts(cfg: GenerateConfig) -> list[str]:
+    if cfg.prompt_file:
+        return read_prompt_file(Path(cfg.prompt_file))
+    if cfg.prompt == "-":
+        return [sys.stdin.read().removesuffix("\n")]
+    return [unescape(cfg.prompt)]
+
+
+def warn_if_cropped(tokenizer: Tokenizer, prompts: list[str], block: int) -> None:
+    for i, row in enumerate(encode_prompts(tokenizer, prompts)):
+        if len(row) > block:
+            which = f"prompt {i + 1}" if len(prompts) > 1 else "prompt"
+            print(
+                f"note: {which} has {len(row)} tokens; keeping its last {block} (block_size)", file=sys.stderr
+            )
+
+
+def text_options(cfg: GenerateConfig) -> dict[str, Any]:
+    """The knobs generate_text takes, from the command's config."""
+    names = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "num_beams")
+    return {n: getattr(cfg, n) for n in names} | {
+        "stop": [unescape(s) for s in cfg.stop],
+        "length_penalty": cfg.length_penalty,
+        "use_cache": cfg.use_cache,
+        "compile": cfg.compile,
+    }
+
+
+def sample(cfg: GenerateConfig, write: Callable[[str], object] = write_stdout) -> list[str]:
+    """Print num_samples continuations of each prompt (prompt included), separated by a line of
+    dashes, and return the generated texts. A batch of one row is streamed as it is decoded."""
+    prompts = [] if cfg.interactive else read_prompts(cfg)  # a bad prompt file fails before loading
+    device = resolve_device(cfg.device)
+    model, tokenizer = load_model(
+        cfg.ckpt, device=device, dtype=getattr(torch, cfg.dtype), runs_dir=cfg.runs_dir
+    )
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    if cfg.interactive:
+        return interactive(model, tokenizer, cfg, generator, write)
+    warn_if_cropped(tokenizer, prompts, model.config.block_size)
+    rows = [p for p in prompts for _ in range(cfg.num_samples)]
+    texts: list[str] = []
+    for start in range(0, len(rows), cfg.batch_size):
+        batch = rows[start : start + cfg.batch_size]
+        streamed = len(batch) == 1
+        if streamed:
+            write((SEPARATOR if start else "") + batch[0])
+        outs = generate_text(
+            model,
+            tokenizer,
+            batch,
+            cfg.max_new_tokens,
+            generator=generator,
+            on_text=(lambda _, piece: write(piece)) if streamed else None,
+            **text_options(cfg),
+        )
+        if streamed:
+            write("\n")
+        else:
+            for i, (prompt, out) in enumerate(zip(batch, outs, strict=True)):
+                write((SEPARATOR if start + i else "") + prompt + out + "\n")
+        texts += outs
+    return texts
+
+
+def interactive(
+    model: GPT,
+    tokenizer: Tokenizer,
+    cfg: GenerateConfig,
+    generator: torch.Generator,
+    write: Callable[[str], object] = write_stdout,
+    read_line: Callable[[], str] = sys.stdin.readline,
+) -> list[str]:
+    """A small REPL: each line you type is added to the conversation and the model continues it.
+
+    The conversation starts as `prompt`; the model sees its last block_size tokens. An empty line
+    lets the model go on; /reset starts over; /quit or end of input (Ctrl-D) leaves.
+    """
+    history, texts = unescape(cfg.prompt), []
+    while True:
+        print("> ", end="", file=sys.stderr, flush=True)
+        line = read_line()
+        command = line.strip()
+        if not line or command == "/quit":
+            return texts
+        if command == "/reset":
+            history = unescape(cfg.prompt)
+            continue
+        turn = history + (line if line.endswith("\n") else line + "\n")
+        try:
+            out = generate_text(
+                model,
+                tokenizer,
+                turn,
+                cfg.max_new_tokens,
+                generator=generator,
+                on_text=lambda _, piece: write(piece),
+                **text_options(cfg),
+            )
+        except UserError as e:  # e.g. a character outside the vocabulary: say so, keep the session
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        history = turn
+        if not out.endswith("\n"):
+            out += "\n"
+            write("\n")
+        history += out
+        texts.append(out)
