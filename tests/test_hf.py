@@ -14,7 +14,8 @@ from gpt.config import GenerateConfig
 from gpt.errors import UserError
 from gpt.export import bpe_merge_of, export, write_gpt2_tokenizer
 from gpt.export import main as export_main
-from gpt.generation import generate, sample
+from gpt.generate_cli import sample
+from gpt.generation import generate
 from gpt.hf import hf_format, init_from_pretrained, load_hf_model
 from gpt.tokenizer import CharTokenizer, TiktokenTokenizer
 from tests.conftest import run_script, tiny_config, tiny_model
