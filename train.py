@@ -75,6 +75,19 @@ def build(cfg: DictConfig) -> tuple[L.Trainer, GPTLitModule, GPTDataModule]:
     loggers = [hydra.utils.instantiate(c) for c in cfg.logger.values()]
     callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values()]
     trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers, callbacks=callbacks)
+    if HydraConfig.get().mode == RunMode.MULTIRUN and isinstance(
+        trainer.strategy.launcher, _SubprocessScriptLauncher
+    ):
+        # Lightning's default DDP launcher starts the other ranks by running the command again,
+        # which under -m would start the whole sweep again in every rank: spawn them instead.
+        if cfg.trainer.strategy != "auto":
+            raise ConfigError(
+                f"sweeps (-m) on several devices need trainer.strategy=ddp_spawn (or auto), not "
+                f"{cfg.trainer.strategy}: with ddp each worker process would start the whole sweep again"
+            )
+        trainer = hydra.utils.instantiate(
+            cfg.trainer, strategy="ddp_spawn", logger=loggers, callbacks=callbacks
+        )
     if cfg.tokens_per_step:
         trainer.accumulate_grad_batches = accumulation_steps(
             cfg.tokens_per_step, data_cfg.batch_size, model_cfg.block_size, trainer.world_size
@@ -90,13 +103,6 @@ def main(cfg: DictConfig) -> None:
     run_dir = HydraConfig.get().runtime.output_dir
     ckpt_path = resolve_resume(cfg.ckpt_path, run_dir)
     trainer, module, datamodule = build(cfg)
-    if HydraConfig.get().mode == RunMode.MULTIRUN and isinstance(
-        trainer.strategy.launcher, _SubprocessScriptLauncher
-    ):
-        raise ConfigError(
-            "sweeps (-m) on several devices need trainer.strategy=ddp_spawn: with ddp each worker process "
-            "would start the whole sweep again"
-        )
     if cfg.init_from and not ckpt_path:  # a resumed run continues from its own weights instead
         source = init_from_pretrained(module.model, cfg.init_from, datamodule.tokenizer.to_dict())
         if trainer.is_global_zero:
