@@ -343,3 +343,23 @@ def test_samples_are_written_and_leave_training_unchanged(tiny_corpus, tmp_path)
     text = (tmp_path / "sampled" / "samples.txt").read_text()
     assert text.count("=== step 2\n") == 1 and text.count("=== step 4\n") == 1
     assert losses(tmp_path / "sampled") == losses(tmp_path / "plain")  # dropout's RNG stream untouched
+
+
+def test_throughput_logs_tokens_per_second_and_mfu_from_peak_flops(tiny_corpus, tmp_path):
+    module = fit(
+        tiny_corpus,
+        tmp_path / "run",
+        "trainer.max_steps=6",
+        "callbacks.throughput.window_size=2",
+        "callbacks.throughput.peak_flops=1e12",
+    )
+    rows = [r for r in read_metrics(tmp_path / "run") if "train/device/mfu" in r]
+    assert rows, "no MFU logged"
+    last = rows[-1]
+    # MFU = model FLOP/s / peak, and FLOP/s = flops_per_batch x batches/s
+    assert last["train/device/mfu"] == pytest.approx(last["train/device/flops_per_sec"] / 1e12)
+    module.train()
+    assert last["train/device/flops_per_sec"] == pytest.approx(
+        module.flops_per_batch * last["train/device/batches_per_sec"], rel=1e-6
+    )
+    assert last["train/device/items_per_sec"] == pytest.approx(last["train/device/batches_per_sec"] * 16 * 32)
