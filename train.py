@@ -112,8 +112,8 @@ def main(cfg: DictConfig) -> None:
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except SIGTERMException:
-        # Lightning stopped at a step boundary and OnExceptionCheckpoint saved the state; it would
-        # exit 0, which a scheduler reads as "finished".
+        # Lightning stopped at a step boundary and the on_exception callback saved the state;
+        # Lightning would exit 0, which a scheduler reads as "finished".
         if trainer.is_global_zero:
             print(
                 f"stopped by SIGTERM at step {trainer.global_step}; checkpoint in {run_dir}/checkpoints/, "

@@ -187,8 +187,8 @@ def test_compile_runs_and_checkpoints_load_without_it(tiny_corpus, tmp_path):
 # ----------------------------------------------------------------------------- in-process pieces
 
 
-def fit(corpus: Path, run_dir: Path, *overrides: str):
-    """train.build + fit in this process (seconds, not a subprocess): returns the module."""
+def build_in_process(corpus: Path, run_dir: Path, *overrides: str):
+    """train.build in this process, as @hydra.main would call it: (trainer, module, datamodule)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
@@ -203,7 +203,12 @@ def fit(corpus: Path, run_dir: Path, *overrides: str):
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]  # as @hydra.main hands it to train.py
-    trainer, module, datamodule = train.build(cfg)
+    return train.build(cfg)
+
+
+def fit(corpus: Path, run_dir: Path, *overrides: str):
+    """train.build + fit in this process (seconds, not a subprocess): returns the module."""
+    trainer, module, datamodule = build_in_process(corpus, run_dir, *overrides)
     trainer.fit(module, datamodule=datamodule)
     return module
 
@@ -222,7 +227,7 @@ def test_accumulation_equals_one_big_batch(tiny_corpus, tmp_path):
 
 
 def test_muon_trains_hidden_matrices_and_adamw_the_rest(tiny_corpus, tmp_path):
-    module = fit(tiny_corpus, tmp_path / "muon", "optim=muon", "trainer.max_steps=8")
+    module = fit(tiny_corpus, tmp_path / "muon", "optim=muon", "optim.muon_lr=0.03", "trainer.max_steps=8")
     optimizer = module.optimizers().optimizer
     assert isinstance(optimizer, MuonWithAdamW)
     muon_ids = {id(p) for g in optimizer.muon.param_groups for p in g["params"]}
@@ -232,7 +237,7 @@ def test_muon_trains_hidden_matrices_and_adamw_the_rest(tiny_corpus, tmp_path):
     assert rows[7] < rows[0]  # it learns
     # the scheduler drives both optimizers' groups
     assert optimizer.muon.param_groups[0]["lr"] == pytest.approx(
-        0.02 * lr_factor(8, OptimConfig(**module.hparams["optim"]), 8)
+        0.03 * lr_factor(8, OptimConfig(**module.hparams["optim"]), 8)
     )
 
 
@@ -363,3 +368,10 @@ def test_throughput_logs_tokens_per_second_and_mfu_from_peak_flops(tiny_corpus, 
         module.flops_per_batch * last["train/device/batches_per_sec"], rel=1e-6
     )
     assert last["train/device/items_per_sec"] == pytest.approx(last["train/device/batches_per_sec"] * 16 * 32)
+
+
+def test_compile_flag_compiles_the_model(tiny_corpus, tmp_path):
+    _, compiled, _ = build_in_process(tiny_corpus, tmp_path / "a", "compile=true")
+    _, eager, _ = build_in_process(tiny_corpus, tmp_path / "b")
+    assert compiled.model._compiled_call_impl is not None
+    assert eager.model._compiled_call_impl is None
