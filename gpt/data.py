@@ -171,8 +171,21 @@ class GPTDataModule(L.LightningDataModule):
     @property
     def prepared(self) -> Prepared:
         if self._prepared is None:
-            self._prepared = prepare(self.cfg)
+            prepared = prepare(self.cfg)
+            # Checked here, on first use (train.py asks for the tokenizer before it builds the
+            # trainer), not in setup(): by then loggers and callbacks could write into the run dir.
+            self._check_split_sizes(prepared.meta)
+            self._prepared = prepared
         return self._prepared
+
+    def _check_split_sizes(self, meta: dict[str, Any]) -> None:
+        for split in ("train", "val"):
+            n = meta[f"{split}_tokens"]
+            if n <= self.block_size + 1:
+                raise UserError(
+                    f"the {split} split has {n} tokens, fewer than block_size+2 = {self.block_size + 2}; "
+                    "use more text, a smaller model.block_size or a different data.val_fraction"
+                )
 
     @property
     def tokenizer(self) -> CharTokenizer | TiktokenTokenizer:
@@ -182,14 +195,7 @@ class GPTDataModule(L.LightningDataModule):
         self.prepared  # noqa: B018  (tokenizes on first access)
 
     def setup(self, stage: str | None = None) -> None:
-        meta = self.prepared.meta
-        for split in ("train", "val"):
-            n = meta[f"{split}_tokens"]
-            if n <= self.block_size + 1:
-                raise UserError(
-                    f"the {split} split has {n} tokens, fewer than block_size+2 = {self.block_size + 2}; "
-                    "use more text, a smaller model.block_size or a different data.val_fraction"
-                )
+        meta = self.prepared.meta  # checks that each split holds a window
         self.train_set = Windows(self.prepared.shard_paths("train"), meta["dtype"], self.block_size)
         self.val_set = Windows(self.prepared.shard_paths("val"), meta["dtype"], self.block_size)
 

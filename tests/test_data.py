@@ -137,6 +137,9 @@ def test_datamodule_sequential_with_workers_reads_the_split_in_order(tiny_corpus
 
 def test_block_size_larger_than_split_is_a_clear_error(tiny_corpus, tmp_path):
     dm = GPTDataModule(text_cfg(tiny_corpus, tmp_path, tokenizer="char"), block_size=5000)
+    # As soon as the data is prepared (train.py asks for the tokenizer before it builds a trainer).
+    with pytest.raises(UserError, match="val split has 4000 tokens, fewer than block_size"):
+        dm.tokenizer  # noqa: B018
     with pytest.raises(UserError, match="val split has 4000 tokens, fewer than block_size"):
         dm.setup("fit")
 
