@@ -8,6 +8,7 @@ directory with a config.json is a Hugging Face checkpoint (GPT-2 or Llama, see g
 from __future__ import annotations
 
 import pickle
+import zipfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -59,13 +60,59 @@ def clean_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return out
 
 
-def read_checkpoint(path: Path) -> dict[str, Any]:
+def read_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
+    """The checkpoint's plain data; mmap=True leaves the tensors on disk until they are read."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise UserError(f"{path} holds more than plain tensors and data; refusing to load it ({e})") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise UserError(f"{path} is not a readable checkpoint ({e}); pass another ckpt=PATH") from None
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # a damaged or foreign file makes torch.load raise many types (KeyError too)
+        # torch.save writes a zip archive: anything else is truncated or another kind of file, and
+        # torch's own message for it ("Weights only load failed...", "Invalid argument") misleads.
+        if not zipfile.is_zipfile(path):
+            raise UserError(
+                f"{path} is not a checkpoint (not the zip archive torch.save writes: truncated, or "
+                "another kind of file); pass another ckpt=PATH"
+            ) from None
+        if isinstance(e, pickle.UnpicklingError):
+            raise UserError(
+                f"{path} holds Python objects besides tensors and plain data, which are not loaded "
+                "(weights_only); pass a checkpoint written by train.py"
+            ) from None
+        raise UserError(
+            f"{path} is not a readable checkpoint ({_first_line(e)}); pass another ckpt=PATH"
+        ) from None
+    if not isinstance(ckpt, dict):
+        raise UserError(
+            f"{path} is not a checkpoint of this trainer (it holds a {type(ckpt).__name__}); "
+            "pass another ckpt=PATH"
+        )
+    return ckpt
+
+
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    """The message's first line, with the next one when it ends in ':' (torch's "Error(s) in ...:"),
+    cut to `limit` characters (a list of missing weights can be long)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    line = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    line = line.rstrip(".")
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def describe_tokenizer(d: dict[str, Any]) -> str:
+    if d.get("kind") == "char":
+        return f"a {len(d.get('chars', ''))}-character vocabulary"
+    return f"tokenizer {d.get('name', d)!r}"
+
+
+def check_vocabulary(path: Path, config: ModelConfig, tokenizer: CharTokenizer | TiktokenTokenizer) -> None:
+    """A tokenizer with ids past the model's embedding is not the one the model was trained with."""
+    if config.vocab_size is not None and tokenizer.vocab_size > config.vocab_size:
+        raise UserError(
+            f"{path}: its tokenizer has {tokenizer.vocab_size} tokens but its model only "
+            f"vocab_size={config.vocab_size}, so the tokenizer saved with it is not the one it was "
+            "trained with; pass another ckpt=PATH"
+        )
 
 
 def load_model(
@@ -78,6 +125,7 @@ def load_model(
     ckpt_path = find_checkpoint(path, runs_dir)
     if ckpt_path.is_dir():
         model, tokenizer = load_hf_dir(ckpt_path)
+        check_vocabulary(ckpt_path, model.config, tokenizer)
         return model.to(device=device, dtype=dtype), tokenizer
     ckpt = read_checkpoint(ckpt_path)
     try:
@@ -87,9 +135,59 @@ def load_model(
         state_dict = clean_state_dict(ckpt["state_dict"])
     except (KeyError, TypeError) as e:
         raise UserError(f"{ckpt_path} is not a checkpoint of this trainer (missing {e})") from None
+    check_vocabulary(ckpt_path, config, tokenizer)
     model = GPT(config)
-    model.load_state_dict(state_dict, strict=True)
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:  # missing, unexpected or mis-shaped weights
+        raise UserError(
+            f"{ckpt_path}: its weights do not match its model config ({_first_line(e)}); the file was "
+            "edited or damaged, pass another ckpt=PATH"
+        ) from None
     return model.to(device=device, dtype=dtype).eval(), tokenizer
+
+
+# The ModelConfig fields named when a checkpoint's weights do not fit this run's model.
+ARCHITECTURE = (
+    "n_layer", "n_head", "n_embd", "block_size", "vocab_size", "pos_emb", "norm", "ffn", "ffn_hidden",
+    "bias", "tie_embeddings",
+)  # fmt: skip
+
+
+def check_resumable(path: str | Path, config: ModelConfig, tokenizer: dict[str, Any]) -> None:
+    """Refuse, in one line, a checkpoint that a run with this model and tokenizer cannot continue:
+    Lightning would fail deep inside its load with a traceback or, for another vocabulary of the
+    same size, go on training with every token's meaning changed."""
+    ckpt = read_checkpoint(Path(path), mmap=True)  # shapes only: the weights stay on disk
+    if not isinstance(ckpt.get("state_dict"), dict):
+        raise UserError(f"{path} is not a checkpoint of this trainer (it has no state_dict); pass another")
+    hparams = ckpt.get("hyper_parameters") or {}
+    saved_tokenizer = hparams.get("tokenizer")
+    if saved_tokenizer is not None and saved_tokenizer != tokenizer:
+        raise UserError(
+            f"{path} was trained with {describe_tokenizer(saved_tokenizer)} but this run's data.tokenizer "
+            f"gives {describe_tokenizer(tokenizer)}; resume with the data settings it was trained with, "
+            "or start a new run dir (hydra.run.dir=...)"
+        )
+    with torch.device("meta"):
+        ours = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items()}
+    weights = {k: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    saved = {k: tuple(v.shape) for k, v in clean_state_dict(weights).items()}
+    if ours == saved:
+        return
+    saved_model = hparams.get("model") or {}
+    diffs = [
+        f"model.{name}={saved_model[name]} in it, {getattr(config, name)} now"
+        for name in ARCHITECTURE
+        if name in saved_model and saved_model[name] != getattr(config, name)
+    ]
+    if not diffs:
+        key = next(k for k in sorted(ours.keys() | saved.keys()) if ours.get(k) != saved.get(k))
+        diffs = [f"weight {key} is {saved.get(key)} in it, {ours.get(key)} now"]
+    raise UserError(
+        f"{path} holds a model of another shape ({'; '.join(diffs)}); resume with the model settings "
+        "it was trained with, or start a new run dir (hydra.run.dir=...)"
+    )
 
 
 def save_weights_checkpoint(

@@ -1,0 +1,75 @@
+"""Loading checkpoints for inference, and checking one before a run resumes from it: files that are
+not checkpoints, or not of this model and vocabulary, are one-line user errors."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt.checkpoint import check_resumable, load_model, save_weights_checkpoint
+from gpt.errors import UserError
+from gpt.tokenizer import CharTokenizer
+from tests.conftest import tiny_model
+
+CHARS = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+@pytest.fixture
+def ckpt(tmp_path) -> Path:
+    tok = CharTokenizer(CHARS)
+    return save_weights_checkpoint(tiny_model(vocab_size=tok.vocab_size), tok, tmp_path / "last.ckpt")
+
+
+def edited(ckpt: Path, edit) -> Path:
+    data = torch.load(ckpt, weights_only=True)
+    edit(data)
+    path = ckpt.with_name("edited.ckpt")
+    torch.save(data, path)
+    return path
+
+
+def test_files_that_are_not_checkpoints(ckpt, tmp_path):
+    (tmp_path / "truncated.ckpt").write_bytes(ckpt.read_bytes()[:5000])
+    (tmp_path / "text.ckpt").write_text("hello")
+    for name in ("truncated.ckpt", "text.ckpt"):
+        with pytest.raises(UserError, match="is not a checkpoint \\(not the zip archive torch.save writes"):
+            load_model(tmp_path / name)
+    torch.save({"payload": Path("x")}, tmp_path / "pickled.ckpt")
+    with pytest.raises(UserError, match="holds Python objects besides tensors and plain data"):
+        load_model(tmp_path / "pickled.ckpt")
+    torch.save([1, 2], tmp_path / "list.ckpt")
+    with pytest.raises(UserError, match="is not a checkpoint of this trainer \\(it holds a list\\)"):
+        load_model(tmp_path / "list.ckpt")
+
+
+def test_checkpoint_whose_parts_disagree(ckpt):
+    def more_characters(data):
+        data["hyper_parameters"]["tokenizer"]["chars"] += "éèê"
+
+    with pytest.raises(UserError, match=f"its tokenizer has {len(CHARS) + 3} tokens but its model only"):
+        load_model(edited(ckpt, more_characters))
+
+    def one_layer(data):
+        data["hyper_parameters"]["model"]["n_layer"] = 1
+
+    with pytest.raises(UserError, match="its weights do not match its model config \\(Error\\(s\\)"):
+        load_model(edited(ckpt, one_layer))
+
+
+def test_resume_needs_the_same_model_shape_and_tokenizer(ckpt):
+    model, tok = load_model(ckpt)
+    config = model.config
+    check_resumable(ckpt, config, tok.to_dict())
+    check_resumable(ckpt, replace(config, dropout=0.1), tok.to_dict())  # same weights, other training
+    with pytest.raises(UserError, match="holds a model of another shape \\(model.n_layer=2 in it, 3 now\\)"):
+        check_resumable(ckpt, replace(config, n_layer=3), tok.to_dict())
+    with pytest.raises(UserError, match="model.vocab_size=61 in it, 64 now"):
+        check_resumable(ckpt, replace(config, vocab_size=64), tok.to_dict())
+    other = CharTokenizer(CHARS.replace("z", "0"))  # as many characters, not the same ones
+    with pytest.raises(UserError, match="trained with a 61-character vocabulary but this run"):
+        check_resumable(ckpt, config, other.to_dict())
+    with pytest.raises(UserError, match="data.tokenizer gives tokenizer 'r50k_base'"):
+        check_resumable(ckpt, config, {"kind": "tiktoken", "name": "r50k_base"})
