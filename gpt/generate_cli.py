@@ -23,9 +23,25 @@ SEPARATOR = "---------------\n"
 
 
 def resolve_device(device: str) -> torch.device:
+    """`auto`, or a device this machine has: checked before the checkpoint is loaded."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"device={device!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(f"device={device} but torch finds no CUDA GPU here; use device=cpu or auto")
+        if dev.index is not None and dev.index >= count:
+            raise UserError(
+                f"device={device} but this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}; "
+                "pick one of those"
+            )
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device={device} but MPS is not available on this machine; use device=cpu or auto")
+    return dev
 
 
 def write_stdout(text: str) -> None:
@@ -97,8 +113,8 @@ def text_options(cfg: GenerateConfig) -> dict[str, Any]:
 def sample(cfg: GenerateConfig, write: Callable[[str], object] = write_stdout) -> list[str]:
     """Print num_samples continuations of each prompt (prompt included), separated by a line of
     dashes, and return the generated texts. A batch of one row is streamed as it is decoded."""
-    prompts = [] if cfg.interactive else read_prompts(cfg)  # a bad prompt file fails before loading
     device = resolve_device(cfg.device)
+    prompts = [] if cfg.interactive else read_prompts(cfg)  # a bad prompt file fails before loading
     model, tokenizer = load_model(
         cfg.ckpt, device=device, dtype=getattr(torch, cfg.dtype), runs_dir=cfg.runs_dir
     )

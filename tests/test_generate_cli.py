@@ -10,11 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from gpt.checkpoint import load_model, save_weights_checkpoint
 from gpt.config import GenerateConfig
 from gpt.errors import ConfigError, UserError
-from gpt.generate_cli import sample
+from gpt.generate_cli import resolve_device, sample
 from gpt.text_generation import generate_text
 from gpt.tokenizer import CharTokenizer
 from tests.conftest import ROOT, tiny_model
@@ -177,3 +178,19 @@ def test_benchmark_writes_its_json(tmp_path):
     assert result["cached_equals_uncached_tokens"] is True
     assert result["setup"]["prompt_tokens"] == 16 and result["first_token_seconds_nano"]["median"] > 0
     assert "cached / uncached" in proc.stdout
+
+
+def test_devices_this_machine_lacks_are_refused_before_loading(monkeypatch):
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(UserError, match="device='tpu' is not a torch device; use auto, cpu, cuda or cuda:N"):
+        resolve_device("tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="device=cuda:0 but torch finds no CUDA GPU here; use device=cpu"):
+        resolve_device("cuda:0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a machine with two GPUs
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(
+        UserError, match=r"device=cuda:2 but this machine has 2 CUDA GPU\(s\), cuda:0 to cuda:1"
+    ):
+        resolve_device("cuda:2")
