@@ -10,12 +10,40 @@ import codecs
 from typing import Any, Protocol
 
 import tiktoken
+import tiktoken.load
 
 from gpt.errors import UserError
 
 # tiktoken's "gpt2" encoding is r50k_base (same ranks, same split pattern) but is loaded from two
 # other files; one name keeps offline caches and checkpoints simple.
 TIKTOKEN_ALIASES = {"gpt2": "r50k_base"}
+
+
+# Seconds a vocabulary download may wait to connect or for its next bytes. tiktoken downloads a
+# vocabulary missing from its cache with requests.get and no timeout, which on a network that drops
+# packets waits forever; get_encoding swaps in a download with a timeout (tiktoken.load.read_file,
+# which tiktoken >= 0.7 has).
+DOWNLOAD_TIMEOUT = 20.0
+_tiktoken_read_file = tiktoken.load.read_file
+
+
+def _read_file(blobpath: str) -> bytes:
+    if not blobpath.startswith(("http://", "https://")):
+        return _tiktoken_read_file(blobpath)
+    import requests  # as in tiktoken: needed only when a vocabulary is downloaded
+
+    resp = requests.get(blobpath, timeout=DOWNLOAD_TIMEOUT)
+    resp.raise_for_status()
+    return resp.content
+
+
+def get_encoding(name: str) -> tiktoken.Encoding:
+    """tiktoken.get_encoding: from the cache (TIKTOKEN_CACHE_DIR) or downloaded, with a timeout."""
+    tiktoken.load.read_file = _read_file
+    try:
+        return tiktoken.get_encoding(name)
+    finally:
+        tiktoken.load.read_file = _tiktoken_read_file
 
 
 class Tokenizer(Protocol):
@@ -75,7 +103,7 @@ class TiktokenTokenizer:
                 + ", ".join(sorted(tiktoken.list_encoding_names()))
             )
         try:
-            self.enc = tiktoken.get_encoding(self.name)
+            self.enc = get_encoding(self.name)
         except Exception as e:  # network or cache failures surface as many exception types
             raise UserError(
                 f"could not load tiktoken encoding {self.name!r} ({type(e).__name__}); offline, set "

@@ -1,5 +1,12 @@
-import pytest
+import socket
+import time
 
+import pytest
+import tiktoken
+import tiktoken.load
+import tiktoken.registry
+
+import gpt.tokenizer
 from gpt.errors import UserError
 from gpt.tokenizer import (
     CharTokenizer,
@@ -70,3 +77,25 @@ def test_stream_decoder_never_splits_a_character():
     pieces = [decoder.push([i]) for i in ids] + [decoder.flush()]
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
+
+
+def test_download_on_a_network_that_never_answers_fails_after_the_timeout(tmp_path, monkeypatch):
+    """tiktoken downloads a missing vocabulary with no timeout of its own; a proxy that accepts the
+    connection and never answers stands in for a network that drops packets."""
+    monkeypatch.delitem(tiktoken.registry.ENCODINGS, "cl100k_base", raising=False)  # not loaded before
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))  # not cached either
+    monkeypatch.setattr(gpt.tokenizer, "DOWNLOAD_TIMEOUT", 0.5)
+    with socket.socket() as proxy:
+        proxy.bind(("127.0.0.1", 0))
+        proxy.listen()
+        for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+            monkeypatch.setenv(name, f"http://127.0.0.1:{proxy.getsockname()[1]}")
+        for name in ("NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        start = time.monotonic()
+        with pytest.raises(
+            UserError, match="could not load tiktoken encoding 'cl100k_base' .*TIKTOKEN_CACHE_DIR"
+        ):
+            TiktokenTokenizer("cl100k_base")
+        assert time.monotonic() - start < 10
+    assert tiktoken.load.read_file is gpt.tokenizer._tiktoken_read_file  # tiktoken's own again
