@@ -11,6 +11,7 @@ validation loss against tokens seen.
 from __future__ import annotations
 
 import argparse
+import csv
 import glob
 import math
 import statistics
@@ -106,15 +107,47 @@ def wall_seconds(rows: list[dict[str, float]]) -> float | None:
     return total + times[-1]
 
 
+def read_config(path: Path) -> dict[str, Any]:
+    """The run's .hydra/config.yaml, flattened to dotted keys."""
+    file = path / ".hydra" / "config.yaml"
+    try:
+        config = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        problem = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{file} is not readable YAML ({problem}); fix it or leave {path} out") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{file} holds a {type(config).__name__}, not a config; fix it or leave {path} out")
+    return flatten(config)
+
+
+def read_log(path: Path) -> list[dict[str, float]]:
+    try:
+        return read_metrics(path)
+    except (ValueError, KeyError, csv.Error) as e:  # a number that is not one, no step column
+        raise UserError(
+            f"the CSV log in {path}/csv/ is not readable ({type(e).__name__}: {e}); fix or remove the "
+            f"broken metrics.csv, or leave {path} out"
+        ) from None
+
+
+def read_checkpoint_fields(ckpt_path: Path) -> dict[str, Any]:
+    # mmap: only the few fields read here are loaded, not the weights.
+    try:
+        return torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # truncated zips, foreign pickles and bad headers raise many types
+        raise UserError(
+            f"{ckpt_path} is not a readable checkpoint ({type(e).__name__}); remove it or leave "
+            f"{ckpt_path.parent.parent} out"
+        ) from None
+
+
 def read_run(path: Path) -> Run:
-    config = flatten(yaml.safe_load((path / ".hydra" / "config.yaml").read_text()) or {})
-    run = Run(path=path, config=config, rows=read_metrics(path))
+    run = Run(path=path, config=read_config(path), rows=read_log(path))
     train = [r for r in run.rows if "train/tokens" in r]
     val = [r for r in run.rows if "val/loss" in r]
     ckpt_path = path / "checkpoints" / "last.ckpt"
     if ckpt_path.is_file():
-        # mmap: only the few fields read here are loaded, not the weights.
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+        ckpt = read_checkpoint_fields(ckpt_path)
         try:
             run.params = count_params(ckpt["hyper_parameters"]["model"])
         except (KeyError, TypeError):  # a checkpoint of another version of the model config
@@ -252,6 +285,22 @@ def plot(runs: list[Run], out: Path) -> None:
     plt.close(fig)
 
 
+def check_out(out: Path) -> None:
+    """Refuse a plot path that cannot be written before any run is read."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if out.suffix and out.suffix[1:].lower() not in formats:
+        raise UserError(f"--out {out}: cannot write a {out.suffix} plot; name a .png, .pdf or .svg file")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; name a file such as {out / 'compare.png'}")
+    folder = out.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"--out {out}: {folder} is a file, not a folder; pick another path for the plot")
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line and exit 2, like every user error here
         raise UserError(f"{message}; usage: python -m gpt.compare RUN_DIR... [--out plot.png]")
@@ -263,11 +312,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("runs", nargs="+", help="run dirs, globs, or folders of runs")
     parser.add_argument("--out", default="compare.png", help="where to write the loss plot (PNG)")
     args = parser.parse_args(argv)
+    check_out(Path(args.out))
     runs = [read_run(p) for p in expand(args.runs)]
     for run, name in zip(runs, short_names([r.path for r in runs]), strict=True):
         run.label = name
     print(render(table(runs)))
-    plot(runs, Path(args.out))
+    try:
+        plot(runs, Path(args.out))
+    except OSError as e:  # no permission, a full disk
+        raise UserError(f"could not write the plot to {args.out} ({e}); pass another --out") from None
     print(f"\nplot: {args.out}", file=sys.stderr)
 
 

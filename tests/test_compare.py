@@ -133,3 +133,39 @@ def test_validation_points_are_placed_at_the_tokens_seen_by_their_step():
     assert tokens_axis(rows, "train/loss") == ([512.0, 1024.0], [3.0, 2.5])
     assert tokens_axis(rows, "val/loss") == ([1024.0], [2.7])
     assert tokens_axis([], "val/loss") == ([], [])
+
+
+@pytest.mark.parametrize(
+    "file, content, message",
+    [
+        (".hydra/config.yaml", "model: [unclosed\n", "config.yaml is not readable YAML"),
+        (".hydra/config.yaml", "- a list\n", "config.yaml holds a list, not a config"),
+        ("csv/version_0/metrics.csv", "step,train/loss\n0,nan?\n", "csv/ is not readable (ValueError"),
+        ("checkpoints/last.ckpt", "half a checkpoint", "last.ckpt is not a readable checkpoint"),
+    ],
+)
+def test_broken_run_files_are_one_line(tmp_path, capsys, file, content, message):
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("seed: 1\n")
+    (run / "csv" / "version_0").mkdir(parents=True)
+    (run / "csv" / "version_0" / "metrics.csv").write_text("step,train/loss\n0,4.2\n")
+    (run / file).parent.mkdir(parents=True, exist_ok=True)
+    (run / file).write_text(content)
+    assert_one_line_exit(main, [str(run), "--out", str(tmp_path / "plot.png")], message, capsys)
+    assert not (tmp_path / "plot.png").exists()
+
+
+@pytest.mark.parametrize(
+    "out, message",
+    [
+        ("plot.txt", "--out plot.txt: cannot write a .txt plot; name a .png, .pdf or .svg file"),
+        ("notes/plot.png", "--out notes/plot.png: notes is a file, not a folder"),
+        ("plots", "--out plots is a folder; name a file such as plots/compare.png"),
+    ],
+)
+def test_plot_path_is_checked_before_the_runs_are_read(tmp_path, monkeypatch, capsys, out, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes").write_text("a file")
+    (tmp_path / "plots").mkdir()
+    assert_one_line_exit(main, ["missing-run", "--out", out], message, capsys)
