@@ -137,6 +137,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     if not args["out"]:
         raise UserError("say where to write the export: python -m gpt.export ckpt=RUN_OR_CKPT out=DIR")
+    out = Path(args["out"])
+    existing = next(p for p in (out, *out.parents) if p.exists())  # what mkdir would build on
+    if not existing.is_dir():
+        raise UserError(f"out={out}: {existing} is a file; pass a folder to write the export into")
     check_format(args["format"])
     if args["dtype"] not in DTYPES:
         raise UserError(f"dtype={args['dtype']} is not one of {', '.join(DTYPES)}")
