@@ -18,6 +18,7 @@ from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from gpt.checkpoint import check_resumable
 from gpt.cli import EXIT_PREEMPTED, exit_on_user_error
 from gpt.config import DataConfig, ModelConfig, OptimConfig
 from gpt.data import GPTDataModule
@@ -25,7 +26,7 @@ from gpt.errors import ConfigError
 from gpt.hf import init_from_pretrained
 from gpt.lit_module import GPTLitModule
 from gpt.loggers import choose_wandb_mode
-from gpt.training import accumulation_steps, enable_tf32, resolve_resume, wandb_fields
+from gpt.training import accumulation_steps, check_devices, enable_tf32, resolve_resume, wandb_fields
 
 cs = ConfigStore.instance()
 cs.store(group="model", name="_schema", node=ModelConfig)
@@ -50,14 +51,17 @@ def vocab_size(requested: int | None, tokenizer_vocab: int) -> int:
     return requested
 
 
-def build(cfg: DictConfig) -> tuple[L.Trainer, GPTLitModule, GPTDataModule]:
+def build(cfg: DictConfig, ckpt_path: str | None = None) -> tuple[L.Trainer, GPTLitModule, GPTDataModule]:
     model_cfg, data_cfg, optim_cfg = to_dataclasses(cfg)
+    check_devices(cfg.trainer.accelerator, cfg.trainer.devices)
     run_dir = HydraConfig.get().runtime.output_dir
     L.seed_everything(cfg.seed, workers=True)
     enable_tf32()
     datamodule = GPTDataModule(data_cfg, block_size=model_cfg.block_size, seed=cfg.seed)
     tokenizer = datamodule.tokenizer  # tokenizes the corpus on first use (cached on disk)
     model_cfg = replace(model_cfg, vocab_size=vocab_size(model_cfg.vocab_size, tokenizer.vocab_size))
+    if ckpt_path:  # another model or vocabulary: refused before anything is written to the run dir
+        check_resumable(ckpt_path, model_cfg, tokenizer.to_dict())
     module = GPTLitModule.from_configs(model_cfg, optim_cfg, tokenizer.to_dict())
     if cfg.compile:
         module.model.compile()  # in place: parameter names, and so checkpoints, are unchanged
@@ -102,7 +106,7 @@ def build(cfg: DictConfig) -> tuple[L.Trainer, GPTLitModule, GPTDataModule]:
 def main(cfg: DictConfig) -> None:
     run_dir = HydraConfig.get().runtime.output_dir
     ckpt_path = resolve_resume(cfg.ckpt_path, run_dir)
-    trainer, module, datamodule = build(cfg)
+    trainer, module, datamodule = build(cfg, ckpt_path)
     if cfg.init_from and not ckpt_path:  # a resumed run continues from its own weights instead
         source = init_from_pretrained(module.model, cfg.init_from, datamodule.tokenizer.to_dict())
         if trainer.is_global_zero:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 import re
 import warnings
 from pathlib import Path
@@ -60,6 +61,32 @@ def resolve_resume(ckpt_path: str | None, run_dir: str | Path) -> str | None:
     if problem:
         raise UserError(f"ckpt_path {ckpt_path} cannot be resumed from ({problem}); pass another checkpoint")
     return ckpt_path
+
+
+def check_devices(accelerator: str, devices: int | str | list[int]) -> None:
+    """Refuse more devices than this machine has, before anything starts. Lightning refuses missing
+    GPUs itself, but only after the data is prepared, and on a CPU it starts as many processes as
+    asked (each "device" is a training process)."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if accelerator in ("gpu", "cuda") and gpus == 0:
+        raise ConfigError(
+            f"trainer.accelerator={accelerator} but torch finds no CUDA GPU on this machine; "
+            "use trainer.accelerator=cpu or auto"
+        )
+    if not isinstance(devices, int) or isinstance(devices, bool) or devices < 1:
+        return  # "auto", -1 and lists of device ids are Lightning's to check
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and gpus > 0)
+    if on_gpu and devices > gpus:
+        raise ConfigError(
+            f"trainer.devices={devices} but this machine has {gpus} CUDA GPU(s); "
+            f"use trainer.devices={gpus} or fewer (devices per node)"
+        )
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if accelerator in ("cpu", "auto") and not on_gpu and devices > cores:
+        raise ConfigError(
+            f"trainer.devices={devices} on CPU but this process may use {cores} CPU core(s); each device "
+            f"is a training process: use trainer.devices={cores} or fewer"
+        )
 
 
 def accumulation_steps(tokens_per_step: int, micro_batch: int, block_size: int, world_size: int) -> int:

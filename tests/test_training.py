@@ -18,6 +18,7 @@ from gpt.errors import ConfigError, UserError
 from gpt.optim import MuonWithAdamW, build_optimizer, lr_factor, muon_split
 from gpt.training import (
     accumulation_steps,
+    check_devices,
     newest_checkpoint,
     read_metrics,
     resolve_resume,
@@ -288,6 +289,23 @@ def test_resolve_resume(tmp_path):
     torch.save({"payload": Path("x")}, tmp_path / "checkpoints" / "evil.ckpt")
     with pytest.raises(UserError, match="cannot be resumed from"):
         resolve_resume(str(tmp_path / "checkpoints" / "evil.ckpt"), tmp_path)
+
+
+def test_more_devices_than_the_machine_has_are_refused(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})  # two CPU cores
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for accelerator, devices in (("cpu", 2), ("auto", 1), ("auto", "auto"), ("cpu", -1)):
+        check_devices(accelerator, devices)
+    with pytest.raises(ConfigError, match="trainer.devices=3 on CPU but this process may use 2 CPU core"):
+        check_devices("auto", 3)
+    with pytest.raises(ConfigError, match="trainer.accelerator=gpu but torch finds no CUDA GPU"):
+        check_devices("gpu", 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a machine with four GPUs
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    for accelerator, devices in (("gpu", 4), ("auto", 4), ("cpu", 2), ("gpu", [0, 3])):
+        check_devices(accelerator, devices)
+    with pytest.raises(ConfigError, match=r"trainer.devices=8 but this machine has 4 CUDA GPU\(s\)"):
+        check_devices("auto", 8)
 
 
 def test_accumulation_steps_and_wandb_fields():
