@@ -7,6 +7,7 @@ python train.py model=small trainer.devices=4     # any preset, any number of de
 from __future__ import annotations
 
 import sys
+from contextlib import nullcontext
 from dataclasses import replace
 
 import hydra
@@ -26,6 +27,15 @@ from gpt.errors import ConfigError
 from gpt.hf import init_from_pretrained
 from gpt.lit_module import GPTLitModule
 from gpt.loggers import choose_wandb_mode
+from gpt.rundir import (
+    AtomicCheckpointIO,
+    RunLock,
+    check_free_space,
+    checkpoint_bytes,
+    is_launch_rank_zero,
+    remove_partial_writes,
+    save_run_config,
+)
 from gpt.training import accumulation_steps, check_devices, enable_tf32, resolve_resume, wandb_fields
 
 cs = ConfigStore.instance()
@@ -78,7 +88,8 @@ def build(cfg: DictConfig, ckpt_path: str | None = None) -> tuple[L.Trainer, GPT
             )
     loggers = [hydra.utils.instantiate(c) for c in cfg.logger.values()]
     callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values()]
-    trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers, callbacks=callbacks)
+    plugins = [AtomicCheckpointIO()]
+    trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers, callbacks=callbacks, plugins=plugins)
     if HydraConfig.get().mode == RunMode.MULTIRUN and isinstance(
         trainer.strategy.launcher, _SubprocessScriptLauncher
     ):
@@ -90,23 +101,51 @@ def build(cfg: DictConfig, ckpt_path: str | None = None) -> tuple[L.Trainer, GPT
                 f"{cfg.trainer.strategy}: with ddp each worker process would start the whole sweep again"
             )
         trainer = hydra.utils.instantiate(
-            cfg.trainer, strategy="ddp_spawn", logger=loggers, callbacks=callbacks
+            cfg.trainer, strategy="ddp_spawn", logger=loggers, callbacks=callbacks, plugins=plugins
         )
     if cfg.tokens_per_step:
         trainer.accumulate_grad_batches = accumulation_steps(
             cfg.tokens_per_step, data_cfg.batch_size, model_cfg.block_size, trainer.world_size
         )
-    for logger in trainer.loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     return trainer, module, datamodule
+
+
+def checkpoint_room(trainer: L.Trainer, module: GPTLitModule) -> tuple[int, int]:
+    """(bytes, files): about how much disk the run's checkpoints take at most at once."""
+    files = 2  # on_exception.ckpt, and the temporary file of the checkpoint being written
+    for callback in trainer.checkpoint_callbacks:
+        files += max(callback.save_top_k, 1) + bool(callback.save_last)
+    return checkpoint_bytes(module) * files, files
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    run_dir = HydraConfig.get().runtime.output_dir
+    hydra_cfg = HydraConfig.get()
+    run_dir = hydra_cfg.runtime.output_dir
+    # What Hydra would have written to .hydra/ before the config was even checked.
+    run_config = {
+        "config.yaml": OmegaConf.to_yaml(cfg),
+        "hydra.yaml": OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})),
+        "overrides.yaml": OmegaConf.to_yaml(list(hydra_cfg.overrides.task)),
+    }
+    rank_zero = is_launch_rank_zero()  # the other ranks' launcher process holds the lock for them
+    with RunLock(run_dir) if rank_zero else nullcontext():
+        if rank_zero:
+            remove_partial_writes(run_dir)
+        fit(cfg, run_dir, run_config, rank_zero)
+
+
+def fit(cfg: DictConfig, run_dir: str, run_config: dict[str, str], rank_zero: bool) -> None:
     ckpt_path = resolve_resume(cfg.ckpt_path, run_dir)
     trainer, module, datamodule = build(cfg, ckpt_path)
+    if rank_zero:
+        needed, files = checkpoint_room(trainer, module)
+        check_free_space(run_dir, needed, f"{files} checkpoints of the model and its optimizer state")
+        save_run_config(run_dir, run_config)
+    # Only now: the CSV logger makes its csv/version_N/ on the first write.
+    for logger in trainer.loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     if cfg.init_from and not ckpt_path:  # a resumed run continues from its own weights instead
         source = init_from_pretrained(module.model, cfg.init_from, datamodule.tokenizer.to_dict())
         if trainer.is_global_zero:

@@ -7,10 +7,12 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ThroughputMonitor
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
+from gpt.errors import NonFiniteError
 from gpt.text_generation import generate_text
 from gpt.tokenizer import tokenizer_from_dict
+from gpt.training import newest_readable_checkpoint
 
 
 class ValidateOnLastStep(L.Callback):
@@ -42,11 +44,73 @@ class CheckpointOnException(L.Callback):
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
-        trainer.save_checkpoint(self.path)
+        if isinstance(exception, NonFiniteError):
+            return  # resuming from the step that went wrong would only repeat it
+        try:
+            trainer.save_checkpoint(self.path)
+        except (OSError, NonFiniteError) as e:  # a full disk, say: let the first error be reported
+            rank_zero_warn(f"could not save {self.path}: {e}")
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Lightning calls teardown only when fit ends normally, not after an exception.
         trainer.strategy.remove_checkpoint(self.path)
+
+
+class NonFiniteGuard(L.Callback):
+    """Check every optimizer step's loss and gradient before the update; on a NaN or inf, stop
+    (action="stop") or skip that update (action="skip").
+
+    Stopping raises NonFiniteError before the update, so the weights never become non-finite and
+    no checkpoint of them is written; the message names the step and the newest checkpoint.
+    Skipping drops the step's gradients (the optimizer then leaves every weight and its state as
+    they were; the LR schedule moves on) and stops after `max_skips` skipped steps in a row, since
+    then it is the weights, not a batch, that are bad. Under 16-mixed, GradScaler already skips
+    steps with inf/NaN gradients and lowers its scale, so only the loss is checked there.
+
+    The check costs one host-device sync per optimizer step, and one all-reduce of a flag so that
+    every rank decides the same.
+    """
+
+    def __init__(self, action: str = "stop", max_skips: int = 10) -> None:
+        if action not in ("stop", "skip"):
+            raise ValueError(f"callbacks.nonfinite.action={action!r}: use stop or skip")
+        self.action, self.max_skips = action, max_skips
+        self._loss_bad: torch.Tensor | None = None
+        self.skipped_in_a_row = 0
+
+    def on_before_backward(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
+    ) -> None:
+        bad = ~torch.isfinite(loss.detach())
+        self._loss_bad = bad if self._loss_bad is None else self._loss_bad | bad
+
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        loss_bad, self._loss_bad = self._loss_bad, None
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        bad = torch.zeros((), dtype=torch.bool, device=pl_module.device) if loss_bad is None else loss_bad
+        if getattr(trainer.precision_plugin, "scaler", None) is None:
+            bad = bad | ~torch.isfinite(torch.nn.utils.get_total_norm(grads))
+        if not trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
+            self.skipped_in_a_row = 0
+            return
+        step = trainer.global_step
+        what = "loss" if loss_bad is not None and bool(loss_bad) else "gradient"
+        if self.action == "skip" and self.skipped_in_a_row < self.max_skips:
+            self.skipped_in_a_row += 1
+            for p in pl_module.parameters():
+                p.grad = None
+            rank_zero_warn(f"step {step}: non-finite {what}, update skipped (nonfinite.action=skip)")
+            return
+        good = newest_readable_checkpoint(trainer.default_root_dir)
+        after = f" after {self.max_skips} skipped steps in a row" if self.action == "skip" else ""
+        raise NonFiniteError(
+            f"non-finite {what} at step {step}{after}; training stopped before updating the weights. "
+            + (f"Last good checkpoint: {good}. " if good else "No checkpoint was saved yet. ")
+            + "Try a lower optim.lr, more warmup or bf16 instead of 16-mixed, or skip such steps "
+            "with callbacks.nonfinite.action=skip"
+        )
 
 
 def _batch_size(batch: tuple[torch.Tensor, torch.Tensor]) -> int:

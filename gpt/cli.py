@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
 from collections.abc import Callable
 from typing import TypeVar
 
-from gpt.errors import UserError
+from gpt.errors import NonFiniteError, UserError
 
 T = TypeVar("T")
 EXIT_USER_ERROR = 2
+# Training stopped on a non-finite loss or gradient; nothing non-finite was saved.
+EXIT_NONFINITE = 3
 # Training stopped by SIGTERM after saving a checkpoint (128 + signal 15, as a shell reports it):
 # not finished, resumable by running the same command again.
 EXIT_PREEMPTED = 143
@@ -31,9 +34,14 @@ def first_line(e: BaseException) -> str:
     return lines[0].rstrip(".")
 
 
+# Errors of the machine rather than the code: no permission, a read-only or full filesystem.
+ENVIRONMENT_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+
+
 def is_user_error(e: BaseException) -> bool:
     return (
         isinstance(e, UserError)
+        or (isinstance(e, OSError) and e.errno in ENVIRONMENT_ERRNOS)
         or type(e).__module__.startswith(CONFIG_ERROR_MODULES)
         or type(e).__name__ in CONFIG_ERROR_NAMES
     )
@@ -47,6 +55,9 @@ def describe(e: BaseException) -> str:
             f"could not parse the override {override!r}; put values with spaces or special characters "
             """in quotes inside the argument: 'prompt="Hello, world!"'"""
         )
+    if isinstance(e, OSError):
+        where = f" ({e.filename})" if e.filename else ""
+        return f"{e.strerror}{where}; check permissions and free space, or choose another location"
     msg = first_line(e)
     cause = e.__cause__
     while cause is not None and type(cause).__module__.startswith(CONFIG_ERROR_MODULES):
@@ -73,6 +84,9 @@ def exit_on_user_error(fn: Callable[..., T]) -> Callable[..., T]:
         os.environ.setdefault("HYDRA_FULL_ERROR", "1")
         try:
             return fn(*args, **kwargs)
+        except NonFiniteError as e:
+            print(f"error: {first_line(e)}", file=sys.stderr)
+            sys.exit(EXIT_NONFINITE)
         except Exception as e:
             if not is_user_error(e):
                 raise

@@ -11,3 +11,8 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """A config value that fails validation."""
+
+
+class NonFiniteError(RuntimeError):
+    """Training met a non-finite loss, gradient or weight. Not bad input, but the same kind of
+    ending: one line (the step, the last good checkpoint, what to try) and a non-zero exit."""

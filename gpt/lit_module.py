@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric, SumMetric
 
 from gpt.config import ModelConfig, OptimConfig
+from gpt.errors import NonFiniteError
 from gpt.model import GPT
 from gpt.optim import build_optimizer, build_scheduler
 from gpt.tokenizer import tokenizer_from_dict
@@ -159,6 +160,14 @@ class GPTLitModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # No checkpoint (last, best, periodic) ever holds a non-finite model. The NonFiniteGuard
+        # callback stops before one exists; this catches runs without it.
+        bad = [name for name, p in self.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise NonFiniteError(
+                f"the weights are non-finite at step {self.global_step} ({bad[0]} and {len(bad) - 1} more); "
+                "refusing to save them. Resume from an earlier checkpoint with a lower optim.lr"
+            )
         # Lightning saves weights, optimizer, schedule and loop progress, not random streams: with
         # these and the data position (GPTDataModule.state_dict) a resumed run is bit-identical.
         checkpoint["rng"] = get_rng_state()

@@ -37,6 +37,10 @@ def readable(path: Path) -> str | None:
     return None
 
 
+def newest_readable_checkpoint(run_dir: str | Path) -> Path | None:
+    return next((p for p in checkpoints_newest_first(run_dir) if readable(p) is None), None)
+
+
 def resolve_resume(ckpt_path: str | None, run_dir: str | Path) -> str | None:
     """What trainer.fit resumes from.
 

@@ -1,0 +1,142 @@
+"""What guards a run dir: one training at a time, room for its checkpoints before it starts,
+checkpoint files that are either complete or absent, and a config record written only once the
+config has validated."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+
+from gpt.errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; runs are not guarded against each other there
+    fcntl = None
+
+LOCK_NAME = "train.lock"
+# Ranks other than global zero find these set by the launcher (Lightning's own subprocess
+# launcher sets LOCAL_RANK and NODE_RANK; torchrun sets RANK; srun sets SLURM_PROCID).
+RANK_VARIABLES = ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK")
+
+
+def is_launch_rank_zero() -> bool:
+    """Whether this process is (or will become) global rank zero, read from the launcher's
+    environment: the decision is needed before Lightning has set up any process group."""
+    return all(os.environ.get(name, "0") == "0" for name in RANK_VARIABLES)
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Call write(f) on a temporary file beside `path`, flush it to disk, then rename it over
+    `path`: a reader (or a resume after a kill) sees the old file or the new one, never part of one.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class RunLock:
+    """An exclusive lock on <run dir>/train.lock for as long as a training runs in that dir.
+
+    flock() locks belong to the open file, so the kernel drops the lock when the process ends in
+    any way, SIGKILL included: a killed run never leaves a stale lock behind. The file holds the
+    owner's host, pid and start time, to name it to a second run that is refused.
+    """
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.path = Path(run_dir) / LOCK_NAME
+        self._file = None
+
+    def __enter__(self) -> RunLock:
+        if fcntl is None:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            owner = f.read().strip() or "another process"
+            f.close()
+            raise UserError(
+                f"another training ({owner}) is running in {self.path.parent}; wait for it to end, "
+                "stop it, or choose another hydra.run.dir"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        f.flush()
+        self._file = f
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._file is not None:
+            self._file.close()  # releases the lock; the file stays (removing it would race)
+            self._file = None
+
+
+def remove_partial_writes(run_dir: str | Path) -> list[Path]:
+    """Delete the temporary files of checkpoint writes that a kill interrupted. Call it only while
+    holding the run's lock: otherwise they may belong to a training that is still writing."""
+    stale = [p for p in Path(run_dir).glob("**/.*.tmp-*") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, with the temporary file beside the checkpoint.
+
+    Lightning's own save goes through an fsspec transaction, which for local paths writes the
+    temporary file into the system temp dir and moves it into place. When that is another
+    filesystem than the run dir (a node-local /tmp and a shared run dir, as on most clusters), the
+    move is a copy, and a kill during it leaves a truncated checkpoint under its final name. Here
+    the rename is always within one directory, and so atomic. Remote URLs keep Lightning's path.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_write(Path(path), lambda f: torch.save(checkpoint, f))
+
+
+def checkpoint_bytes(module: torch.nn.Module) -> int:
+    """About how large one training checkpoint of `module` is: its parameters and buffers, plus
+    two optimizer states per parameter (AdamW's moments; Muon keeps fewer)."""
+    params = sum(p.numel() * p.element_size() for p in module.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in module.buffers())
+    return 3 * params + buffers
+
+
+def check_free_space(directory: str | Path, needed: int, what: str) -> None:
+    """Refuse to start when `directory` has less room than `needed` bytes."""
+    directory = Path(directory)
+    while not directory.exists():  # the checkpoint dir is made on the first save
+        directory = directory.parent
+    free = shutil.disk_usage(directory).free
+    if free < needed:
+        raise UserError(
+            f"{directory} has {free / 1e6:,.1f} MB free but {what} need about {needed / 1e6:,.1f} MB; "
+            "free some space or choose another hydra.run.dir"
+        )
+
+
+def save_run_config(run_dir: str | Path, files: dict[str, str]) -> None:
+    """Write <run dir>/.hydra/<name> for each name -> YAML text, each file atomically."""
+    for name, text in files.items():
+        atomic_write(Path(run_dir, ".hydra", name), lambda f, text=text: f.write(text.encode("utf-8")))

@@ -1,0 +1,49 @@
+"""Faults injected into a real train.py process by tests/test_faults.py.
+
+Python imports `sitecustomize` at start-up from the path; the tests put this folder on PYTHONPATH
+and choose a fault with environment variables. Without them nothing is patched or even imported.
+
+GPT_FAULT_BLOCK_SAVE=NAME   the write of the checkpoint file NAME stops half-way, flushed to disk;
+GPT_FAULT_MARKER=PATH       then PATH is created and the process waits there to be killed.
+GPT_FAULT_NAN_AT_STEP=N     the training loss of optimizer step N (0-based, as logged) is NaN.
+"""
+
+import os
+
+if os.environ.get("GPT_FAULT_BLOCK_SAVE"):
+    import io
+    import time
+    from pathlib import Path
+
+    import torch
+
+    _save = torch.save
+
+    def _blocking_save(obj, f, *args, **kwargs):
+        name = getattr(f, "name", f)
+        if not isinstance(name, (str, os.PathLike)) or os.environ["GPT_FAULT_BLOCK_SAVE"] not in str(name):
+            return _save(obj, f, *args, **kwargs)
+        buffer = io.BytesIO()
+        _save(obj, buffer, *args, **kwargs)
+        data = buffer.getvalue()
+        with open(name, "wb") if isinstance(f, (str, os.PathLike)) else f as out:
+            out.write(data[: len(data) // 2])
+            out.flush()
+            os.fsync(out.fileno())
+            Path(os.environ["GPT_FAULT_MARKER"]).write_text(str(name))
+            time.sleep(3600)
+
+    torch.save = _blocking_save
+
+if os.environ.get("GPT_FAULT_NAN_AT_STEP"):
+    from gpt.lit_module import GPTLitModule
+
+    _training_step = GPTLitModule.training_step
+
+    def _nan_training_step(self, batch, batch_idx):
+        loss = _training_step(self, batch, batch_idx)
+        if self.global_step == int(os.environ["GPT_FAULT_NAN_AT_STEP"]):
+            loss = loss * float("nan")
+        return loss
+
+    GPTLitModule.training_step = _nan_training_step
