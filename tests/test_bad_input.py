@@ -1,0 +1,305 @@
+"""The bad-input catalogue (issue 8): every user-facing command answers bad input with exit code 2
+and one line on stderr that says what was wrong and what to do, never a traceback, and changes
+nothing already saved.
+
+Each case runs the real command in a subprocess against one finished tiny run (built once for the
+module) and compares a snapshot of every file under the working folder (the run dir, the prepared
+data cache, an export, the inputs the cases read) before and after.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt.checkpoint import save_weights_checkpoint
+from gpt.config import DataConfig
+from gpt.export import export
+from gpt.prepare import prepare
+from gpt.tokenizer import CharTokenizer
+from tests.conftest import SHAKESPEARE, run_script, tiny_model
+
+EXIT_USER_ERROR = 2
+
+
+@dataclass(frozen=True)
+class Case:
+    args: tuple[str, ...]  # the command line; {run}, {cache}, ... are paths of the `work` fixture
+    message: str  # what the error line must say (so that the right error fired)
+    env: dict[str, str] = field(default_factory=dict)
+
+
+# The tiny run every train.py case points at: hydra.run.dir is the finished run, so a case that got
+# past its error would resume it (and change its files).
+TRAIN = (
+    "train.py",
+    "data=text",
+    "data.path={corpus}",
+    "data.tokenizer=char",
+    "data.cache_dir={cache}",
+    "model=nano",
+    "model.n_layer=2",
+    "model.n_embd=32",
+    "model.block_size=32",
+    "data.batch_size=4",
+    "data.val_windows=8",
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=4",
+    "trainer.log_every_n_steps=1",
+    "optim.warmup_steps=1",
+    "~callbacks.progress_bar",
+    "callbacks.samples.every_n_steps=0",
+    "hydra.run.dir={run}",
+)
+GENERATE = ("generate.py", "ckpt={run}", "max_new_tokens=5")
+# No network: every proxy is a closed port, and the tiktoken cache an empty folder.
+OFFLINE = {
+    name: "http://127.0.0.1:{closed_port}"
+    for name in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy")
+} | {"NO_PROXY": "", "no_proxy": "", "TIKTOKEN_CACHE_DIR": "{inputs}/empty-tiktoken-cache"}
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+
+
+def train(*extra: str, message: str, env: dict[str, str] | None = None) -> Case:
+    return Case((*TRAIN, *extra), message, env or {})
+
+
+def generate(*extra: str, message: str) -> Case:
+    return Case((*GENERATE, *extra), message)
+
+
+def command(*args: str, message: str, env: dict[str, str] | None = None) -> Case:
+    return Case(args, message, env or {})
+
+
+RUN = "{run}/checkpoints/last.ckpt"
+CASES = {
+    # train.py: the config, the data, the checkpoint it would resume, the machine
+    "train-unknown-key": train("model.n_layr=2", message="Key 'n_layr' not in 'ModelConfig'"),
+    "train-wrong-type": train(
+        "model.n_layer=two", message="Value 'two' of type 'str' could not be converted"
+    ),
+    "train-n-embd-not-divisible-by-n-head": train(
+        "model.n_head=5", message="model.n_embd=32 is not divisible by model.n_head=5; pick n_head"
+    ),
+    "train-negative-lr": train("optim.lr=-0.1", message="optim.lr=-0.1 must be > 0"),
+    "train-block-size-larger-than-data": train(
+        "model.block_size=5000", message="val split has 4000 tokens, fewer than block_size+2 = 5002; use more"
+    ),
+    "train-empty-corpus": train("data.path={inputs}/empty.txt", message="empty.txt) is empty; give it"),
+    "train-missing-corpus": train("data.path={inputs}/missing.txt", message="missing.txt' does not exist"),
+    "train-missing-checkpoint": train(
+        "ckpt_path={inputs}/missing.ckpt", message="missing.ckpt does not exist"
+    ),
+    "train-corrupt-checkpoint": train("ckpt_path={inputs}/garbage.ckpt", message="cannot be resumed from"),
+    "train-checkpoint-of-another-vocabulary": train(
+        "data.tokenizer=r50k_base",
+        message=f"{RUN} was trained with a 58-character vocabulary but this run's data.tokenizer gives "
+        "tokenizer 'r50k_base'; resume with",
+    ),
+    "train-checkpoint-of-another-shape": train(
+        "model.n_layer=3", message=f"{RUN} holds a model of another shape (model.n_layer=2 in it, 3 now)"
+    ),
+    "train-unknown-tokenizer": train(
+        "data.tokenizer=nope", message="unknown tokenizer 'nope'; use 'char' or"
+    ),
+    "train-tokenizer-not-loadable-offline": train(
+        "data.tokenizer=cl100k_base", message="could not load tiktoken encoding 'cl100k_base'", env=OFFLINE
+    ),
+    # On a GPU machine the message names the GPUs, else the CPU cores.
+    "train-more-devices-than-exist": train("trainer.devices=1000", message="trainer.devices=1000 "),
+    "train-gpu-on-a-machine-without-one": pytest.param(
+        train("trainer.accelerator=gpu", message="trainer.accelerator=gpu but torch finds no CUDA GPU"),
+        marks=NO_GPU,
+    ),
+    # generate.py: the sampling knobs, the checkpoint, the prompt, the device
+    "generate-unknown-key": generate("tempreature=0.5", message="Key 'tempreature' not in 'GenerateConfig'"),
+    "generate-wrong-type": generate(
+        "top_k=many", message="Value 'many' of type 'str' could not be converted"
+    ),
+    "generate-negative-temperature": generate("temperature=-1", message="temperature=-1.0 must be >= 0"),
+    "generate-top-p-zero": generate("top_p=0", message="top_p=0.0 must be in (0, 1]"),
+    "generate-top-p-above-one": generate("top_p=1.5", message="top_p=1.5 must be in (0, 1]"),
+    "generate-top-k-zero": generate("top_k=0", message="top_k=0 must be >= 1"),
+    "generate-max-new-tokens-zero": generate("max_new_tokens=0", message="max_new_tokens=0 must be >= 1"),
+    "generate-missing-checkpoint": generate(
+        "ckpt={inputs}/missing.ckpt", message="missing.ckpt does not exist"
+    ),
+    "generate-corrupt-checkpoint": generate(
+        "ckpt={inputs}/garbage.ckpt", message="garbage.ckpt is not a checkpoint (not the zip archive"
+    ),
+    "generate-truncated-checkpoint": generate(
+        "ckpt={inputs}/truncated.ckpt", message="truncated.ckpt is not a checkpoint (not the zip archive"
+    ),
+    "generate-checkpoint-of-another-vocabulary": generate(
+        "ckpt={inputs}/other-vocabulary.ckpt", message="its tokenizer has 100 tokens but its model only"
+    ),
+    "generate-character-outside-vocabulary": generate(
+        'prompt="ROMEO§"', message="character '§' (U+00A7) is not in this model's 58-character vocabulary"
+    ),
+    # On a GPU machine the message names its GPUs, else it says there are none.
+    "generate-more-devices-than-exist": generate("device=cuda:99", message="device=cuda:99 but"),
+    # prepare, by both of its names
+    "prepare-unknown-key": command(
+        "-m", "gpt.prepare", "data.tokenizr=char", message="Key 'tokenizr' not in 'DataConfig'"
+    ),
+    "prepare-text-without-path": command(
+        "-m", "gpt.prepare", "data=text", "data.cache_dir={cache}", message="data=text needs a corpus"
+    ),
+    "prepare-empty-corpus": command(
+        *("prepare.py", "data=text", "data.path={inputs}/empty.txt", "data.tokenizer=char"),
+        "data.cache_dir={cache}",
+        message="empty.txt) is empty; give it some text",
+    ),
+    "prepare-not-utf8": command(
+        *("prepare.py", "data=text", "data.path={inputs}/latin1.txt", "data.tokenizer=char"),
+        "data.cache_dir={cache}",
+        message="latin1.txt is not UTF-8 text (bad byte near offset 2)",
+    ),
+    "prepare-tokenizer-not-loadable-offline": command(
+        *("prepare.py", "data=text", "data.path={corpus}", "data.tokenizer=cl100k_base"),
+        "data.cache_dir={cache}",
+        message="could not load tiktoken encoding 'cl100k_base'",
+        env=OFFLINE,
+    ),
+    # export: an earlier export is in {export}
+    "export-without-out": command("-m", "gpt.export", "ckpt={rope}", message="say where to write the export"),
+    "export-unknown-format": command(
+        *("-m", "gpt.export", "ckpt={rope}", "out={export}", "format=onnx"),
+        message="unknown export format 'onnx'",
+    ),
+    "export-missing-checkpoint": command(
+        *("-m", "gpt.export", "ckpt={inputs}/missing.ckpt", "out={export}"),
+        message="missing.ckpt does not exist",
+    ),
+    "export-model-without-hf-equivalent": command(
+        *("-m", "gpt.export", "ckpt={run}", "out={export}"), message="norm=rmsnorm cannot be exported in gpt2"
+    ),
+    "export-checkpoint-of-another-vocabulary": command(
+        *("-m", "gpt.export", "ckpt={inputs}/other-vocabulary.ckpt", "out={export}"),
+        message="its tokenizer has 100 tokens but its model only vocab_size=58",
+    ),
+    "export-out-is-a-file": command(
+        *("-m", "gpt.export", "ckpt={rope}", "out={inputs}/empty.txt"),
+        message="empty.txt is a file; pass a folder",
+    ),
+    # compare: an earlier plot is in {plots}
+    "compare-no-runs": command("-m", "gpt.compare", message="the following arguments are required: runs"),
+    "compare-missing-run": command("-m", "gpt.compare", "{inputs}/missing", message="missing does not exist"),
+    "compare-plot-format": command(
+        *("-m", "gpt.compare", "{run}", "--out", "{plots}/compare.txt"), message="cannot write a .txt plot"
+    ),
+    "compare-corrupt-checkpoint": command(
+        *("-m", "gpt.compare", "{broken}/checkpoint", "--out", "{plots}/compare.png"),
+        message="last.ckpt is not a readable checkpoint",
+    ),
+    "compare-corrupt-log": command(
+        *("-m", "gpt.compare", "{broken}/log", "--out", "{plots}/compare.png"), message="csv/ is not readable"
+    ),
+}
+
+
+def free_port() -> int:
+    """A port nothing listens on (connections to it are refused at once)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> dict[str, str]:
+    """A folder with one finished tiny run and everything the cases read; returns the paths the
+    cases' {placeholders} stand for. Commands run in it (cwd), so a stray output shows up too."""
+    if not SHAKESPEARE.is_file():
+        pytest.skip(f"{SHAKESPEARE} not found; set GPT_DATA_DIR")
+    root = tmp_path_factory.mktemp("bad-input")
+    paths = {name: str(root / name) for name in ("run", "cache", "inputs", "export", "plots", "broken")}
+    paths["corpus"] = str(root / "corpus.txt")
+    corpus = Path(paths["corpus"])
+    corpus.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:40_000], encoding="utf-8")
+    fill = lambda args: [a.format(**paths) for a in args]  # noqa: E731
+
+    proc = run_script(*fill(TRAIN), cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = Path(paths["run"], "checkpoints", "last.ckpt")
+    # The r50k_base tokens of the corpus, so that train-checkpoint-of-another-vocabulary finds them
+    # prepared and reaches the checkpoint.
+    prepare(DataConfig(source="text", path=str(corpus), tokenizer="r50k_base", cache_dir=paths["cache"]))
+
+    inputs = Path(paths["inputs"])
+    (inputs / "empty-tiktoken-cache").mkdir(parents=True)
+    (inputs / "empty.txt").write_text("")
+    (inputs / "latin1.txt").write_bytes("ab\xe9cd".encode("latin-1"))
+    (inputs / "garbage.ckpt").write_bytes(bytes(range(256)) * 8)
+    (inputs / "truncated.ckpt").write_bytes(ckpt.read_bytes()[:20_000])
+    other = torch.load(ckpt, weights_only=True)
+    other["hyper_parameters"]["tokenizer"] = {"kind": "char", "chars": "".join(map(chr, range(256, 356)))}
+    torch.save(other, inputs / "other-vocabulary.ckpt")
+
+    # An exportable model (rope, rmsnorm, swiglu: the Llama format) and an earlier export of it.
+    tokenizer = CharTokenizer.from_text(corpus.read_text(encoding="utf-8"))
+    model = tiny_model(pos_emb="rope", vocab_size=tokenizer.vocab_size)
+    paths["rope"] = str(save_weights_checkpoint(model, tokenizer, inputs / "rope.ckpt"))
+    export(model, tokenizer, paths["export"])
+
+    # An earlier plot, and copies of the run with one of the files compare reads broken.
+    Path(paths["plots"]).mkdir()
+    (Path(paths["plots"]) / "compare.png").write_bytes(b"an earlier plot")
+    broken = Path(paths["broken"])
+    for name, file, content in (
+        ("checkpoint", "checkpoints/last.ckpt", ckpt.read_bytes()[:3000]),
+        ("log", "csv/version_0/metrics.csv", b"step,train/loss\n0,nan?\n"),
+    ):
+        shutil.copytree(paths["run"], broken / name)
+        (broken / name / file).write_bytes(content)
+
+    paths["closed_port"] = str(free_port())
+    paths["root"] = str(root)
+    return paths
+
+
+# train.py holds <run dir>/train.lock while it runs and writes its pid there (gpt.rundir.RunLock):
+# the file must stay, but naming the last process that held the lock is what it is for.
+LOCK = "run/train.lock"
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every path under root: a file's sha256, or "dir"."""
+    return {
+        rel: "lock" if rel == LOCK else hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(root.rglob("*"))
+        if (rel := str(p.relative_to(root)))
+    }
+
+
+def changes(before: dict[str, str], after: dict[str, str]) -> list[str]:
+    return sorted(
+        [f"added {p}" for p in after.keys() - before.keys()]
+        + [f"removed {p}" for p in before.keys() - after.keys()]
+        + [f"changed {p}" for p in before.keys() & after.keys() if before[p] != after[p]]
+    )
+
+
+@pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(case: Case, work: dict[str, str]):
+    root = Path(work["root"])
+    args = [a.format(**work) for a in case.args]
+    env = {k: v.format(**work) for k, v in case.env.items()}
+    before = snapshot(root)
+    proc = run_script(*args, cwd=root, env=env, timeout=60)  # offline cases must not wait on the network
+    after = snapshot(root)
+
+    report = f"stdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    assert proc.returncode == EXIT_USER_ERROR, report
+    assert "Traceback" not in proc.stderr, report
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error: "), report
+    assert [line for line in lines if line.startswith("error:")] == [lines[-1]], report
+    assert case.message.format(**work) in lines[-1], report
+    assert changes(before, after) == [], report
