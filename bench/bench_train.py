@@ -1,8 +1,8 @@
 """Training speed: tokens/s and step time per model preset, and what Lightning adds.
 
 For each preset, the same model, batches, optimizer, LR schedule and gradient clipping run in
-two loops in this process: GPTLitModule under a Lightning Trainer (as train.py runs it, minus
-checkpoint files and loggers) and a plain PyTorch loop. Rounds alternate between the two so that
+two loops in this process: GPTLitModule under a Lightning Trainer (as train.py runs it, with its
+per-step NaN check, minus checkpoint files and loggers) and a plain PyTorch loop with no such check. Rounds alternate between the two so that
 drift in machine speed hits both. Prints a table and writes JSON.
 
     python bench/bench_train.py                         # nano and small on this device
@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from gpt.callbacks import NonFiniteGuard  # noqa: E402
 from gpt.config import ModelConfig, OptimConfig  # noqa: E402
 from gpt.lit_module import GPTLitModule  # noqa: E402
 from gpt.model import GPT  # noqa: E402
@@ -77,7 +78,7 @@ def lightning_loop(module: GPTLitModule, loader: DataLoader, steps: int, acceler
         enable_progress_bar=False,
         enable_model_summary=False,
         limit_val_batches=0,
-        callbacks=[timer],
+        callbacks=[NonFiniteGuard(), timer],  # the NaN check train.py runs by default
     )
     trainer.fit(module, train_dataloaders=loader)
     return [b - a for a, b in zip(timer.times, timer.times[1:], strict=False)]

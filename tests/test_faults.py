@@ -143,6 +143,40 @@ def test_sigterm_saves_exits_143_and_resumes_bit_identical(corpus, straight, tmp
     assert not (run / "checkpoints" / "on_exception.ckpt").exists()  # removed once finished
 
 
+def test_sigusr1_under_slurm_saves_requeues_and_the_relaunch_resumes(corpus, straight, tmp_path):
+    """What SLURM does before a time limit (--signal=SIGUSR1@90 --requeue): SIGUSR1, then, once
+    the job is requeued, SIGTERM; the requeued job runs the same command again."""
+    bin_dir, requeued = tmp_path / "bin", tmp_path / "requeued"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" > {requeued}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    slurm = {
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "gpt",
+        "SLURM_NTASKS": "1",
+        "SLURM_NTASKS_PER_NODE": "1",
+        "SLURM_NODELIST": "localhost",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+    }
+    run = tmp_path / "slurm"
+    proc = train_until(corpus, run, EXTRA, "step-10.ckpt", env=slurm)
+    proc.send_signal(signal.SIGUSR1)
+    deadline = time.time() + 120
+    while not requeued.exists():
+        assert proc.poll() is None and time.time() < deadline, "no requeue after SIGUSR1"
+        time.sleep(0.02)
+    assert requeued.read_text().split() == ["requeue", "4242"]
+    assert list(run.glob("hpc_ckpt_*.ckpt"))
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-3000:]
+    ok(run_script(*train_cmd(corpus, run, *EXTRA), cwd=tmp_path, env=slurm))  # the requeued job
+    assert_equals_straight(run, straight)
+
+
 NAN_RUN = ["trainer.max_steps=8", "trainer.val_check_interval=4", "callbacks.last.every_n_train_steps=2"]
 
 
