@@ -3,6 +3,7 @@ not checkpoints, or not of this model and vocabulary, are one-line user errors."
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import torch
 
 from gpt.checkpoint import check_resumable, load_model, save_weights_checkpoint
 from gpt.errors import UserError
+from gpt.export import export
+from gpt.hf import TOKENIZER_FILE
 from gpt.tokenizer import CharTokenizer
 from tests.conftest import tiny_model
 
@@ -73,3 +76,12 @@ def test_resume_needs_the_same_model_shape_and_tokenizer(ckpt):
         check_resumable(ckpt, config, other.to_dict())
     with pytest.raises(UserError, match="data.tokenizer gives tokenizer 'r50k_base'"):
         check_resumable(ckpt, config, {"kind": "tiktoken", "name": "r50k_base"})
+
+
+def test_hugging_face_dir_whose_tokenizer_is_not_the_models(tmp_path):
+    tok = CharTokenizer(CHARS)
+    export(tiny_model(pos_emb="rope", vocab_size=tok.vocab_size), tok, tmp_path / "hf")
+    load_model(tmp_path / "hf")
+    (tmp_path / "hf" / TOKENIZER_FILE).write_text(json.dumps(CharTokenizer(CHARS + "éèê").to_dict()))
+    with pytest.raises(UserError, match=f"its tokenizer has {len(CHARS) + 3} tokens but its model only"):
+        load_model(tmp_path / "hf")
