@@ -1,4 +1,7 @@
-"""Train a GPT: compose the Hydra config, turn it into dataclasses, build, fit.
+"""Train a GPT: compose the Hydra config, turn it into dataclasses, check, build, fit.
+
+Everything a user can get wrong (config, data, devices, checkpoint to resume) is checked before
+Lightning is imported, so that a mistake is answered in about two seconds, not six.
 
 python train.py                                   # nano model on Tiny Shakespeare, CPU-friendly
 python train.py model=small trainer.devices=4     # any preset, any number of devices
@@ -9,26 +12,21 @@ from __future__ import annotations
 import sys
 from contextlib import nullcontext
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import hydra
-import lightning as L
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from gpt.checkpoint import check_resumable
 from gpt.cli import EXIT_PREEMPTED, exit_on_user_error
 from gpt.config import DataConfig, ModelConfig, OptimConfig
-from gpt.data import GPTDataModule
 from gpt.errors import ConfigError
-from gpt.hf import init_from_pretrained
-from gpt.lit_module import GPTLitModule
 from gpt.loggers import choose_wandb_mode
+from gpt.prepare import Prepared, prepare
 from gpt.rundir import (
-    AtomicCheckpointIO,
     RunLock,
     check_free_space,
     checkpoint_bytes,
@@ -37,6 +35,12 @@ from gpt.rundir import (
     save_run_config,
 )
 from gpt.training import accumulation_steps, check_devices, enable_tf32, resolve_resume, wandb_fields
+
+if TYPE_CHECKING:
+    import lightning as L
+
+    from gpt.data import GPTDataModule
+    from gpt.lit_module import GPTLitModule
 
 cs = ConfigStore.instance()
 cs.store(group="model", name="_schema", node=ModelConfig)
@@ -61,17 +65,34 @@ def vocab_size(requested: int | None, tokenizer_vocab: int) -> int:
     return requested
 
 
-def build(cfg: DictConfig, ckpt_path: str | None = None) -> tuple[L.Trainer, GPTLitModule, GPTDataModule]:
+def check(cfg: DictConfig, ckpt_path: str | None) -> tuple[ModelConfig, DataConfig, OptimConfig, Prepared]:
+    """Validate everything that needs no Lightning: configs, devices, the data (prepared on first
+    use, cached on disk) against the model, and the checkpoint to resume against both."""
     model_cfg, data_cfg, optim_cfg = to_dataclasses(cfg)
     check_devices(cfg.trainer.accelerator, cfg.trainer.devices)
-    run_dir = HydraConfig.get().runtime.output_dir
-    L.seed_everything(cfg.seed, workers=True)
-    enable_tf32()
-    datamodule = GPTDataModule(data_cfg, block_size=model_cfg.block_size, seed=cfg.seed)
-    tokenizer = datamodule.tokenizer  # tokenizes the corpus on first use (cached on disk)
+    prepared = prepare(data_cfg)
+    prepared.check_fits(model_cfg.block_size)
+    tokenizer = prepared.tokenizer()
     model_cfg = replace(model_cfg, vocab_size=vocab_size(model_cfg.vocab_size, tokenizer.vocab_size))
     if ckpt_path:  # another model or vocabulary: refused before anything is written to the run dir
         check_resumable(ckpt_path, model_cfg, tokenizer.to_dict())
+    return model_cfg, data_cfg, optim_cfg, prepared
+
+
+def build(cfg: DictConfig, ckpt_path: str | None = None) -> tuple[L.Trainer, GPTLitModule, GPTDataModule]:
+    model_cfg, data_cfg, optim_cfg, prepared = check(cfg, ckpt_path)
+    import lightning as L
+    from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+
+    from gpt.callbacks import AtomicCheckpointIO
+    from gpt.data import GPTDataModule
+    from gpt.lit_module import GPTLitModule
+
+    run_dir = HydraConfig.get().runtime.output_dir
+    L.seed_everything(cfg.seed, workers=True)
+    enable_tf32()
+    datamodule = GPTDataModule(data_cfg, block_size=model_cfg.block_size, seed=cfg.seed, prepared=prepared)
+    tokenizer = prepared.tokenizer()
     module = GPTLitModule.from_configs(model_cfg, optim_cfg, tokenizer.to_dict())
     if cfg.compile:
         module.model.compile()  # in place: parameter names, and so checkpoints, are unchanged
@@ -147,11 +168,15 @@ def fit(cfg: DictConfig, run_dir: str, run_config: dict[str, str], rank_zero: bo
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     if cfg.init_from and not ckpt_path:  # a resumed run continues from its own weights instead
+        from gpt.hf import init_from_pretrained
+
         source = init_from_pretrained(module.model, cfg.init_from, datamodule.tokenizer.to_dict())
         if trainer.is_global_zero:
             print(f"initialized from {source}")
     if trainer.is_global_zero:
         print(f"run dir: {run_dir}" + (f"; resuming from {ckpt_path}" if ckpt_path else ""))
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except SIGTERMException:

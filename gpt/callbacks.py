@@ -1,15 +1,18 @@
-"""Callbacks Lightning does not ship."""
+"""Callbacks (and a checkpoint plugin) Lightning does not ship."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from gpt.errors import NonFiniteError
+from gpt.rundir import atomic_write
 from gpt.text_generation import generate_text
 from gpt.tokenizer import tokenizer_from_dict
 from gpt.training import newest_readable_checkpoint
@@ -215,3 +218,19 @@ class SampleText(L.Callback):
         for logger in trainer.loggers:
             if hasattr(logger, "log_text"):
                 logger.log_text(key="samples", columns=["step", "text"], data=[[step, text]], step=step)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, with the temporary file beside the checkpoint.
+
+    Lightning's own save goes through an fsspec transaction, which for local paths writes the
+    temporary file into the system temp dir and moves it into place. When that is another
+    filesystem than the run dir (a node-local /tmp and a shared run dir, as on most clusters), the
+    move is a copy, and a kill during it leaves a truncated checkpoint under its final name. Here
+    the rename is always within one directory, and so atomic. Remote URLs keep Lightning's path.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_write(Path(path), lambda f: torch.save(checkpoint, f))

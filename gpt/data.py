@@ -162,30 +162,28 @@ def val_offsets(n_tokens: int, block_size: int, n_windows: int) -> list[int]:
 
 
 class GPTDataModule(L.LightningDataModule):
-    def __init__(self, cfg: DataConfig, block_size: int, seed: int = 0) -> None:
+    """`prepared`: the tokenized corpus if the caller already has it (train.py prepares it, and
+    checks it fits the model, before it imports Lightning); otherwise prepared on first use."""
+
+    def __init__(
+        self, cfg: DataConfig, block_size: int, seed: int = 0, prepared: Prepared | None = None
+    ) -> None:
         super().__init__()
         self.cfg, self.block_size, self.seed = cfg, block_size, seed
-        self._prepared: Prepared | None = None
+        self._prepared = prepared
+        if prepared is not None:
+            prepared.check_fits(block_size)
         self._resume: dict[str, int] | None = None  # sampler state from a checkpoint
 
     @property
     def prepared(self) -> Prepared:
         if self._prepared is None:
             prepared = prepare(self.cfg)
-            # Checked here, on first use (train.py asks for the tokenizer before it builds the
-            # trainer), not in setup(): by then loggers and callbacks could write into the run dir.
-            self._check_split_sizes(prepared.meta)
+            # Checked here, on first use, not in setup(): by then loggers and callbacks could
+            # write into the run dir.
+            prepared.check_fits(self.block_size)
             self._prepared = prepared
         return self._prepared
-
-    def _check_split_sizes(self, meta: dict[str, Any]) -> None:
-        for split in ("train", "val"):
-            n = meta[f"{split}_tokens"]
-            if n <= self.block_size + 1:
-                raise UserError(
-                    f"the {split} split has {n} tokens, fewer than block_size+2 = {self.block_size + 2}; "
-                    "use more text, a smaller model.block_size or a different data.val_fraction"
-                )
 
     @property
     def tokenizer(self) -> CharTokenizer | TiktokenTokenizer:

@@ -548,6 +548,16 @@ class Prepared:
     def shard_paths(self, split: str) -> list[Path]:
         return [self.dir / s["file"] for s in self.meta["shards"][split]]
 
+    def check_fits(self, block_size: int) -> None:
+        """Each split must hold at least one training window (block_size + 1 tokens, and one more)."""
+        for split in ("train", "val"):
+            n = self.meta[f"{split}_tokens"]
+            if n <= block_size + 1:
+                raise UserError(
+                    f"the {split} split has {n} tokens, fewer than block_size+2 = {block_size + 2}; "
+                    "use more text, a smaller model.block_size or a different data.val_fraction"
+                )
+
     def tokens(self, split: str) -> np.ndarray:
         """The whole split in memory, for small corpora and tests; training reads the shards."""
         parts = [np.fromfile(p, dtype=self.meta["dtype"]) for p in self.shard_paths(split)]

@@ -10,10 +10,9 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import torch
-from lightning.fabric.plugins import TorchCheckpointIO
 
 from gpt.errors import UserError
 
@@ -97,22 +96,6 @@ def remove_partial_writes(run_dir: str | Path) -> list[Path]:
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint writer, with the temporary file beside the checkpoint.
-
-    Lightning's own save goes through an fsspec transaction, which for local paths writes the
-    temporary file into the system temp dir and moves it into place. When that is another
-    filesystem than the run dir (a node-local /tmp and a shared run dir, as on most clusters), the
-    move is a copy, and a kill during it leaves a truncated checkpoint under its final name. Here
-    the rename is always within one directory, and so atomic. Remote URLs keep Lightning's path.
-    """
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-        if storage_options is not None or "://" in str(path):
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        atomic_write(Path(path), lambda f: torch.save(checkpoint, f))
 
 
 def checkpoint_bytes(module: torch.nn.Module) -> int:

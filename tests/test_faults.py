@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt.callbacks import NonFiniteGuard
+from gpt.callbacks import AtomicCheckpointIO, NonFiniteGuard
 from gpt.config import ModelConfig, OptimConfig
 from gpt.errors import NonFiniteError, UserError
 from gpt.lit_module import GPTLitModule
-from gpt.rundir import AtomicCheckpointIO, RunLock, check_free_space, is_launch_rank_zero
+from gpt.rundir import RunLock, check_free_space, is_launch_rank_zero
 from gpt.tokenizer import CharTokenizer
 from gpt.training import newest_checkpoint, newest_readable_checkpoint
 from tests.conftest import ROOT, SHAKESPEARE, run_script
