@@ -7,6 +7,7 @@ import hashlib
 import os
 import re
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -30,6 +31,8 @@ def newest_checkpoint(run_dir: str | Path) -> Path | None:
 def readable(path: Path) -> str | None:
     """Why a checkpoint cannot be resumed from, or None. Memory-mapped, so tensors are not read:
     a truncated file fails on its missing zip directory, a pickled payload on weights_only."""
+    if not zipfile.is_zipfile(path):
+        return "not the zip archive torch.save writes: truncated, or another kind of file"
     try:
         torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # truncated zips, foreign pickles and bad headers raise many types

@@ -97,7 +97,10 @@ CASES = {
     "train-missing-checkpoint": train(
         "ckpt_path={inputs}/missing.ckpt", message="missing.ckpt does not exist"
     ),
-    "train-corrupt-checkpoint": train("ckpt_path={inputs}/garbage.ckpt", message="cannot be resumed from"),
+    "train-corrupt-checkpoint": train(
+        "ckpt_path={inputs}/garbage.ckpt",
+        message="cannot be resumed from (not the zip archive torch.save writes",
+    ),
     "train-checkpoint-of-another-vocabulary": train(
         "data.tokenizer=r50k_base",
         message=f"{RUN} was trained with a 58-character vocabulary but this run's data.tokenizer gives "
