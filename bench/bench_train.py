@@ -2,8 +2,9 @@
 
 For each preset, the same model, batches, optimizer, LR schedule and gradient clipping run in
 two loops in this process: GPTLitModule under a Lightning Trainer (as train.py runs it, with its
-per-step NaN check, minus checkpoint files and loggers) and a plain PyTorch loop with no such check. Rounds alternate between the two so that
-drift in machine speed hits both. Prints a table and writes JSON.
+per-step NaN check, minus checkpoint files and loggers) and a plain PyTorch loop with no such
+check. Rounds alternate between the two so that drift in machine speed hits both. Prints a table
+and writes JSON.
 
     python bench/bench_train.py                         # nano and small on this device
     python bench/bench_train.py --presets medium --precision bf16-mixed --peak-flops 989e12   # a GPU
