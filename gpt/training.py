@@ -40,8 +40,16 @@ def readable(path: Path) -> str | None:
     return None
 
 
-def newest_readable_checkpoint(run_dir: str | Path) -> Path | None:
-    return next((p for p in checkpoints_newest_first(run_dir) if readable(p) is None), None)
+def newest_readable_checkpoint(run_dir: str | Path, warn: bool = False) -> Path | None:
+    """The newest checkpoint that can be resumed from; unreadable newer ones are passed over
+    (with a warning each if `warn`)."""
+    for path in checkpoints_newest_first(run_dir):
+        problem = readable(path)
+        if problem is None:
+            return path
+        if warn:
+            warnings.warn(f"skipping unreadable checkpoint {path} ({problem})", stacklevel=3)
+    return None
 
 
 def resolve_resume(ckpt_path: str | None, run_dir: str | Path) -> str | None:
@@ -52,11 +60,9 @@ def resolve_resume(ckpt_path: str | None, run_dir: str | Path) -> str | None:
     are skipped with a warning. "last": the same, but one must exist. Anything else: that file.
     """
     if ckpt_path in (None, "last"):
-        for path in checkpoints_newest_first(run_dir):
-            problem = readable(path)
-            if problem is None:
-                return str(path)
-            warnings.warn(f"skipping unreadable checkpoint {path} ({problem})", stacklevel=2)
+        path = newest_readable_checkpoint(run_dir, warn=True)
+        if path is not None:
+            return str(path)
         if ckpt_path == "last":
             raise UserError(
                 f"ckpt_path=last but {run_dir}/checkpoints/ holds no readable checkpoint; drop ckpt_path"

@@ -307,3 +307,35 @@ def test_checkpoints_are_written_beside_their_target_and_renamed(tmp_path, monke
     assert tmp_name.parent == target.parent == tmp_path / "ck" and tmp_name.name.startswith(".last.ckpt.tmp-")
     assert torch.load(target, weights_only=True)["w"].tolist() == [1, 1, 1]
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["last.ckpt"]
+
+
+def test_guard_skips_at_most_max_skips_steps_in_a_row(tmp_path):
+    """Called as Lightning calls it: a step whose gradient is NaN is skipped (its gradients
+    dropped) up to max_skips times in a row, then training stops; a finite step resets the count."""
+    from types import SimpleNamespace
+
+    layer = torch.nn.Linear(2, 2)
+    trainer = SimpleNamespace(
+        precision_plugin=SimpleNamespace(scaler=None),
+        strategy=SimpleNamespace(reduce_boolean_decision=lambda decision, all: decision),
+        global_step=7,
+        default_root_dir=str(tmp_path),
+    )
+    module = SimpleNamespace(parameters=layer.parameters, device=torch.device("cpu"))
+    guard = NonFiniteGuard(action="skip", max_skips=2)
+
+    def step(grad: float) -> None:
+        for p in layer.parameters():
+            p.grad = torch.full_like(p, grad)
+        guard.on_before_backward(trainer, module, torch.tensor(1.0))
+        guard.on_before_optimizer_step(trainer, module, None)
+
+    step(float("nan"))
+    assert all(p.grad is None for p in layer.parameters())  # the update is skipped
+    step(float("nan"))
+    step(1.0)  # a finite step: grads kept, count reset
+    assert all(p.grad is not None for p in layer.parameters())
+    step(float("nan"))
+    step(float("inf"))
+    with pytest.raises(NonFiniteError, match="non-finite gradient at step 7 after 2 skipped steps in a row"):
+        step(float("nan"))
