@@ -25,6 +25,7 @@ from gpt.cli import EXIT_PREEMPTED, exit_on_user_error
 from gpt.config import DataConfig, ModelConfig, OptimConfig
 from gpt.errors import ConfigError
 from gpt.loggers import choose_wandb_mode
+from gpt.precision import device_type, resolve_precision
 from gpt.prepare import Prepared, prepare
 from gpt.rundir import (
     RunLock,
@@ -34,7 +35,14 @@ from gpt.rundir import (
     remove_partial_writes,
     save_run_config,
 )
-from gpt.training import accumulation_steps, check_devices, enable_tf32, resolve_resume, wandb_fields
+from gpt.training import (
+    accumulation_steps,
+    check_devices,
+    enable_tf32,
+    resolve_resume,
+    val_windows,
+    wandb_fields,
+)
 
 if TYPE_CHECKING:
     import lightning as L
@@ -65,15 +73,35 @@ def vocab_size(requested: int | None, tokenizer_vocab: int) -> int:
     return requested
 
 
+def say(line: str | None, warning: bool = False) -> None:
+    """Print a start-up decision once (the launch's rank zero)."""
+    if line and is_launch_rank_zero():
+        print(f"warning: {line}" if warning else line, file=sys.stderr if warning else sys.stdout)
+
+
+def choose_precision(cfg: DictConfig) -> None:
+    """Replace trainer.precision=auto (and fp16 on a CPU) by what the Trainer gets; say so once."""
+    precision, line, warning = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
+    cfg.trainer.precision = precision
+    say(line)
+    say(warning, warning=True)
+
+
 def check(cfg: DictConfig, ckpt_path: str | None) -> tuple[ModelConfig, DataConfig, OptimConfig, Prepared]:
     """Validate everything that needs no Lightning: configs, devices, the data (prepared on first
     use, cached on disk) against the model, and the checkpoint to resume against both."""
     model_cfg, data_cfg, optim_cfg = to_dataclasses(cfg)
     check_devices(cfg.trainer.accelerator, cfg.trainer.devices)
+    choose_precision(cfg)
     prepared = prepare(data_cfg)
     prepared.check_fits(model_cfg.block_size)
     tokenizer = prepared.tokenizer()
     model_cfg = replace(model_cfg, vocab_size=vocab_size(model_cfg.vocab_size, tokenizer.vocab_size))
+    windows, line = val_windows(
+        data_cfg.val_windows, device_type(cfg.trainer.accelerator), model_cfg.vocab_size
+    )
+    data_cfg = replace(data_cfg, val_windows=windows)
+    say(line)
     if ckpt_path:  # another model or vocabulary: refused before anything is written to the run dir
         check_resumable(ckpt_path, model_cfg, tokenizer.to_dict())
     return model_cfg, data_cfg, optim_cfg, prepared

@@ -113,6 +113,24 @@ def accumulation_steps(tokens_per_step: int, micro_batch: int, block_size: int, 
     return tokens_per_step // per_pass
 
 
+FULL_VAL_WINDOWS = 512
+CPU_VAL_WINDOWS = 64
+LARGE_VOCAB = 4096
+
+
+def val_windows(requested: int | None, device: str, vocab_size: int) -> tuple[int, str | None]:
+    """(windows per validation, a line saying why) for data.val_windows; null picks by cost."""
+    if requested is not None:
+        return requested, None
+    if device != "cpu" or vocab_size <= LARGE_VOCAB:
+        return FULL_VAL_WINDOWS, None
+    slower = FULL_VAL_WINDOWS // CPU_VAL_WINDOWS
+    return CPU_VAL_WINDOWS, (
+        f"validation: {CPU_VAL_WINDOWS} windows (data.val_windows=null on a CPU with a {vocab_size:,}-token "
+        f"vocabulary; data.val_windows={FULL_VAL_WINDOWS} scores the full set, {slower}x slower)"
+    )
+
+
 def run_label(overrides: list[str]) -> str:
     """A short readable name from the command-line overrides (not Hydra's own settings)."""
     kept = [o for o in overrides if not o.startswith(("hydra.", "ckpt_path="))]

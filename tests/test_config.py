@@ -114,6 +114,7 @@ def instantiate_in(run_dir: Path, *overrides: str):
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(run_dir)
     HydraConfig.instance().set_config(cfg)
+    train.choose_precision(cfg)
     callbacks = {k: hydra.utils.instantiate(c) for k, c in cfg.callbacks.items()}
     loggers = {k: hydra.utils.instantiate(c) for k, c in cfg.logger.items()}
     trainer = hydra.utils.instantiate(
@@ -160,4 +161,4 @@ def test_fsdp_preset_shards_each_block():
     strategy = hydra.utils.instantiate(cfg.trainer.strategy)
     assert strategy.kwargs["auto_wrap_policy"]._module_classes == {Block}
     assert strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == {Block}
-    assert cfg.trainer.precision == "bf16-mixed"
+    assert cfg.trainer.precision == "auto"

@@ -35,6 +35,9 @@ BASE = [
     "trainer.log_every_n_steps=1",
     "callbacks.samples.every_n_steps=0",
     "~callbacks.progress_bar",
+    # fp32 on every machine: auto would pick bf16 on CPUs that compute it natively, and the
+    # equivalence tests compare runs within fp32 tolerances.
+    "trainer.precision=32-true",
 ]
 
 
