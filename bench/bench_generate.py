@@ -14,7 +14,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from machine import describe, summary  # noqa: E402
 
 from gpt.checkpoint import load_model, save_weights_checkpoint  # noqa: E402
 from gpt.config import ModelConfig  # noqa: E402
@@ -131,14 +132,7 @@ def main() -> None:
 
     result = {
         "date": datetime.date.today().isoformat(),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        },
+        "machine": describe(),
         "setup": {
             "model": "small (6 layers, 384 wide, block 256), random weights, 65-character vocabulary",
             "prompt_tokens": len(prompt_ids),
@@ -158,6 +152,7 @@ def main() -> None:
         },
     }
 
+    print(f"on {summary(result['machine'])}")
     print(f"small model, {len(prompt_ids)}-token prompt, {n} new tokens, best of {args.repeats} runs")
     print(f"{'mode':<16}{'batch':>6}{'seconds':>10}{'tokens/s':>11}{'median tok/s':>14}")
     for r in rows:

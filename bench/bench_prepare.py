@@ -18,7 +18,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import random
 import resource
 import shutil
@@ -30,10 +29,11 @@ from pathlib import Path
 
 import numpy as np
 import tiktoken
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from machine import describe, summary  # noqa: E402
 
 from gpt.config import DataConfig  # noqa: E402
 from gpt.prepare import Prepared, data_root, find_shakespeare, prepare  # noqa: E402
@@ -162,9 +162,7 @@ def main() -> None:
             "verify_seconds": round(time.perf_counter() - t1, 1),
             "workers": args.workers or len(os.sched_getaffinity(0)),
             "cpus": len(os.sched_getaffinity(0)),
-            "machine": f"{platform.machine()} {platform.platform()}",
-            "python": platform.python_version(),
-            "torch": torch.__version__,
+            "machine": describe(),
             "tiktoken": tiktoken.__version__ if hasattr(tiktoken, "__version__") else "?",
             "date": time.strftime("%Y-%m-%d"),
         }
@@ -172,7 +170,8 @@ def main() -> None:
             f"prepare: {report['corpus_mb']} MB, {tokens:,} tokens in {report['seconds']} s = "
             f"{report['mb_per_s']} MB/s ({report['tokens_per_s'] / 1e6:.2f}M tokens/s) on "
             f"{report['workers']} threads; peak memory {report['peak_rss_mb']:.0f} MB; "
-            f"{checked:,} documents equal a direct encode; {report['mb_per_cpu_s']} MB per CPU-second"
+            f"{checked:,} documents equal a direct encode; {report['mb_per_cpu_s']} MB per CPU-second; "
+            f"on {summary(report['machine'])}"
         )
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

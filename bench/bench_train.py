@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -29,11 +28,14 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from machine import describe, summary  # noqa: E402
+
 from gpt.callbacks import NonFiniteGuard  # noqa: E402
 from gpt.config import ModelConfig, OptimConfig  # noqa: E402
 from gpt.lit_module import GPTLitModule  # noqa: E402
 from gpt.model import GPT  # noqa: E402
 from gpt.optim import build_optimizer, build_scheduler  # noqa: E402
+from gpt.precision import resolve_precision  # noqa: E402
 
 PRESETS = {  # conf/model/*.yaml, with the vocabulary each is usually trained with
     "nano": (dict(n_layer=4, n_head=4, n_embd=128, block_size=64), 65, 16),
@@ -162,7 +164,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--precision", default=None, help="32-true or bf16-mixed (default: bf16-mixed on GPU)")
+    p.add_argument(
+        "--precision", default=None, help="32-true or bf16-mixed (default: what trainer.precision=auto picks)"
+    )
     p.add_argument("--compile", action="store_true")
     p.add_argument("--peak-flops", type=float, default=None, help="one device's peak FLOP/s, for MFU")
     p.add_argument("--out", default="bench/results/train.json")
@@ -170,17 +174,13 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     args.accelerator = "gpu" if cuda else "cpu"
-    args.precision = args.precision or ("bf16-mixed" if cuda else "32-true")
+    args.precision = args.precision or resolve_precision("auto", args.accelerator)[0]
     if cuda:
         torch.set_float32_matmul_precision("high")
     presets = (args.presets or ("nano,small,medium,large" if cuda else "nano,small")).split(",")
 
     rows = [bench_preset(name, args, device) for name in presets]
-    machine = (
-        torch.cuda.get_device_name()
-        if cuda
-        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    )
+    machine = describe()
     result = {
         "benchmark": "train",
         "machine": machine,
@@ -192,7 +192,8 @@ def main() -> None:
         "rows": rows,
     }
     print(
-        f"\ntraining speed on {machine} (torch {torch.__version__}, {args.precision}, compile={args.compile})"
+        f"\ntraining speed on {summary(machine)}\n(torch {torch.__version__}, {args.precision}, "
+        f"compile={args.compile})"
     )
     header = (
         f"{'preset':<8}{'params':>12}{'batch':>10}{'lightning ms':>14}{'plain ms':>10}"
