@@ -176,7 +176,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
 def resolve_ns_dtype(requested: str, device: torch.device) -> torch.dtype:
     """optim.muon_ns_dtype as a dtype. auto: bf16 where `device` computes it fast, else fp32 (a CPU
-    that emulates bf16 runs Muon's Newton-Schulz several times slower in bf16 than in fp32)."""
+    that emulates bf16 runs Muon's Newton-Schulz tens of times slower in bf16 than in fp32)."""
     if requested == "auto":
         return torch.bfloat16 if precision.bf16_speed(device.type).fast else torch.float32
     return NS_DTYPES[requested]
