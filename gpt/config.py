@@ -15,6 +15,7 @@ NORMS = ("layernorm", "rmsnorm")
 FFNS = ("swiglu", "gelu")
 SCHEDULES = ("cosine", "wsd", "constant")
 OPTIMIZERS = ("adamw", "muon")
+MUON_NS_DTYPES = ("auto", "float32", "bfloat16")
 
 
 def _check(ok: bool, msg: str) -> None:
@@ -162,12 +163,16 @@ class OptimConfig:
     decay_fraction: float = 0.2
     muon_lr: float = 0.02
     muon_momentum: float = 0.95
+    # The dtype of Muon's Newton-Schulz iteration. auto: bfloat16 where the parameters' device
+    # computes it fast (GPUs from Ampere on, CPUs with AVX-512 BF16 or AMX), else float32.
+    muon_ns_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         _one_of("optim.name", self.name, OPTIMIZERS)
         _check(self.lr > 0, f"optim.lr={self.lr} must be > 0")
         _check(self.muon_lr > 0, f"optim.muon_lr={self.muon_lr} must be > 0")
         _check(0 <= self.muon_momentum < 1, f"optim.muon_momentum={self.muon_momentum} must be in [0, 1)")
+        _one_of("optim.muon_ns_dtype", self.muon_ns_dtype, MUON_NS_DTYPES)
         _check(0 < self.decay_fraction <= 1, f"optim.decay_fraction={self.decay_fraction} must be in (0, 1]")
         _check(self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay} must be >= 0")
         for name in ("beta1", "beta2"):

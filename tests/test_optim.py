@@ -1,11 +1,30 @@
+import io
 import math
 
 import pytest
 import torch
 
+import gpt.precision
+import train
 from gpt.config import OptimConfig
-from gpt.optim import build_optimizer, build_scheduler, lr_factor, param_groups
+from gpt.errors import ConfigError
+from gpt.optim import (
+    Muon,
+    build_optimizer,
+    build_scheduler,
+    lr_factor,
+    muon_split,
+    newton_schulz,
+    param_groups,
+)
+from gpt.precision import Bf16Speed
 from tests.conftest import tiny_model
+from tests.test_config import compose_train
+
+NS = dict(coefficients=(3.4445, -4.7750, 2.0315), steps=5, eps=1e-7)
+needs_torch_muon = pytest.mark.skipif(
+    not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon: torch >= 2.9"
+)
 
 
 def test_decay_groups_split_matrices_from_vectors():
@@ -51,3 +70,138 @@ def test_scheduler_steps_the_optimizer_lr_and_state_is_plain():
     assert lrs == pytest.approx(expected)
     assert sched.state_dict()["lr_lambdas"] == [None, None]  # nothing pickled beyond plain data
     assert isinstance(opt, torch.optim.AdamW)
+
+
+def twin_params(seed: int = 0) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """Two identical sets of a tall, a wide and a square matrix."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(48, 16), (16, 40), (24, 24)]
+    ps = [torch.nn.Parameter(torch.randn(shape, generator=gen)) for shape in shapes]
+    return ps, [torch.nn.Parameter(p.detach().clone()) for p in ps]
+
+
+def step_both(a: torch.optim.Optimizer, b: torch.optim.Optimizer, ps: list, qs: list, steps: int) -> None:
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for p, q in zip(ps, qs, strict=True):
+            grad = torch.randn(p.shape, generator=gen)
+            p.grad, q.grad = grad.clone(), grad.clone()
+        a.step()
+        b.step()
+
+
+@needs_torch_muon
+@pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.parametrize("adjust_lr_fn", [None, "match_rms_adamw"])
+def test_muon_in_bf16_updates_exactly_as_torch_muon(nesterov, adjust_lr_fn):
+    ps, qs = twin_params()
+    hyper = dict(lr=0.02, momentum=0.9, weight_decay=0.1, nesterov=nesterov, adjust_lr_fn=adjust_lr_fn)
+    ours, theirs = Muon(ps, ns_dtype=torch.bfloat16, **hyper), torch.optim.Muon(qs, **hyper)
+    step_both(ours, theirs, ps, qs, steps=4)
+    for p, q in zip(ps, qs, strict=True):
+        assert torch.equal(p, q)
+        assert torch.equal(ours.state[p]["momentum_buffer"], theirs.state[q]["momentum_buffer"])
+    assert ours.state_dict()["param_groups"] == theirs.state_dict()["param_groups"]
+
+
+def reference_newton_schulz(g: torch.Tensor, coefficients, steps: int, eps: float) -> torch.Tensor:
+    """The iteration written out in float64 without addmm (Keller Jordan's formulation)."""
+    a, b, c = coefficients
+    x = g.double()
+    x = x.T if g.size(0) > g.size(1) else x
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if g.size(0) > g.size(1) else x
+
+
+@pytest.mark.parametrize("shape", [(64, 256), (256, 64)])
+def test_fp32_newton_schulz_matches_float64_and_is_not_bf16(shape):
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    ref = reference_newton_schulz(g, **NS)
+    fp32 = newton_schulz(g, **NS, dtype=torch.float32)
+    bf16 = newton_schulz(g, **NS, dtype=torch.bfloat16)
+    assert fp32.dtype == torch.float32 and bf16.dtype == torch.bfloat16 and fp32.shape == g.shape
+    torch.testing.assert_close(fp32.double(), ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(bf16.double(), ref, rtol=0, atol=0.05)  # bf16: 8 mantissa bits
+    # the dtype is really switched: bf16's error is orders of magnitude above fp32's
+    assert (bf16.double() - ref).abs().max() > 100 * (fp32.double() - ref).abs().max()
+    torch.testing.assert_close(g, torch.randn(shape, generator=torch.Generator().manual_seed(0)))  # g intact
+
+
+@needs_torch_muon
+def test_muon_in_fp32_steps_close_to_torch_muon_but_not_equal():
+    ps, qs = twin_params()
+    ours, theirs = Muon(ps, lr=0.02, ns_dtype=torch.float32), torch.optim.Muon(qs, lr=0.02)
+    step_both(ours, theirs, ps, qs, steps=3)
+    for p, q in zip(ps, qs, strict=True):
+        assert not torch.equal(p, q)
+        torch.testing.assert_close(p, q, rtol=0, atol=3e-3)  # 3 steps of lr 0.02 times bf16's error
+
+
+def test_newton_schulz_leaves_a_bf16_momentum_buffer_alone():
+    # torch.optim.Muon normalizes in place after .bfloat16(), a no-op cast for a bf16 tensor: with
+    # nesterov=False and bf16 parameters that would scale the momentum buffer itself.
+    buf = torch.randn(8, 4).bfloat16()
+    before = buf.clone()
+    newton_schulz(buf, **NS, dtype=torch.bfloat16)
+    assert torch.equal(buf, before)
+
+
+@pytest.mark.parametrize(("fast", "expected"), [(True, torch.bfloat16), (False, torch.float32)])
+def test_muon_ns_dtype_auto_follows_bf16_speed_of_the_params_device(monkeypatch, fast, expected):
+    asked = []
+
+    def fake_speed(device: str) -> Bf16Speed:
+        asked.append(device)
+        return Bf16Speed(fast, "mocked")
+
+    monkeypatch.setattr(gpt.precision, "bf16_speed", fake_speed)
+    opt = build_optimizer(tiny_model(), OptimConfig(name="muon"))
+    assert opt.muon.ns_dtype == expected
+    assert asked == ["cpu"]
+
+
+@pytest.mark.parametrize(("name", "dtype"), [("float32", torch.float32), ("bfloat16", torch.bfloat16)])
+def test_muon_ns_dtype_explicit_is_kept_without_measuring(monkeypatch, name, dtype):
+    monkeypatch.setattr(gpt.precision, "bf16_speed", lambda device: pytest.fail("measured"))
+    opt = build_optimizer(tiny_model(), OptimConfig(name="muon", muon_ns_dtype=name))
+    assert opt.muon.ns_dtype == dtype
+
+
+def test_muon_ns_dtype_bogus_is_refused():
+    message = "optim.muon_ns_dtype='bogus' is not one of auto, float32, bfloat16"
+    with pytest.raises(ConfigError, match=message):
+        train.to_dataclasses(compose_train("optim=muon", "optim.muon_ns_dtype=bogus"))
+    assert train.to_dataclasses(compose_train("optim=muon"))[2].muon_ns_dtype == "auto"
+
+
+@needs_torch_muon
+def test_muon_resumes_from_a_state_dict_written_with_torch_muon():
+    """A checkpoint from before our Muon (MuonWithAdamW over torch.optim.Muon) loads and resumes
+    exactly where torch's Muon would have gone on."""
+    model = tiny_model()
+    cfg = OptimConfig(name="muon", muon_ns_dtype="bfloat16", weight_decay=0.1)
+    hidden, rest = muon_split(model)
+    old_muon = torch.optim.Muon(hidden, lr=cfg.muon_lr, momentum=cfg.muon_momentum, weight_decay=0.1)
+    old_adamw = torch.optim.AdamW([{"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    model(torch.randint(50, (2, 8))).sum().backward()
+    old_muon.step()
+    old_adamw.step()
+    buffer = io.BytesIO()  # through a file, as a checkpoint goes: no tensor shared with old_muon
+    torch.save({"muon": old_muon.state_dict(), "adamw": old_adamw.state_dict()}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+    resumed = build_optimizer(model, cfg)
+    resumed.load_state_dict(checkpoint)
+    assert resumed.muon.ns_dtype == torch.bfloat16  # the dtype comes from the config, not the file
+    weights = [p.detach().clone() for p in hidden]
+    old_muon.step()  # same grads: torch's next step, from a copy of the weights
+    expected = [p.detach().clone() for p in hidden]
+    with torch.no_grad():
+        for p, w in zip(hidden, weights, strict=True):
+            p.copy_(w)
+    resumed.muon.step()
+    for p, e in zip(hidden, expected, strict=True):
+        assert torch.equal(p, e)
