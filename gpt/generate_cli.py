@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from gpt.checkpoint import load_model
+from gpt.checkpoint import describe_checkpoint, find_checkpoint, load_model
 from gpt.config import GenerateConfig
 from gpt.errors import UserError
 from gpt.model import GPT
@@ -115,9 +115,9 @@ def sample(cfg: GenerateConfig, write: Callable[[str], object] = write_stdout) -
     dashes, and return the generated texts. A batch of one row is streamed as it is decoded."""
     device = resolve_device(cfg.device)
     prompts = [] if cfg.interactive else read_prompts(cfg)  # a bad prompt file fails before loading
-    model, tokenizer = load_model(
-        cfg.ckpt, device=device, dtype=getattr(torch, cfg.dtype), runs_dir=cfg.runs_dir
-    )
+    path = find_checkpoint(cfg.ckpt, cfg.runs_dir)
+    print(f"checkpoint: {describe_checkpoint(path)}", file=sys.stderr)  # stdout: generated text only
+    model, tokenizer = load_model(path, device=device, dtype=getattr(torch, cfg.dtype))
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     if cfg.interactive:
         return interactive(model, tokenizer, cfg, generator, write)
