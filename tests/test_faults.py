@@ -26,7 +26,13 @@ from gpt.training import newest_checkpoint, newest_readable_checkpoint
 from tests.conftest import ROOT, SHAKESPEARE, run_script
 from tests.test_training import assert_same_weights, final_state, losses, ok, train_cmd
 
-EXTRA = ["trainer.max_steps=40", "trainer.val_check_interval=20", "callbacks.last.every_n_train_steps=10"]
+# The last step is not a periodic one (every 10): a resumed run must still end with it saved.
+STEPS = 35
+EXTRA = [
+    f"trainer.max_steps={STEPS}",
+    "trainer.val_check_interval=20",
+    "callbacks.last.every_n_train_steps=10",
+]
 FAULTS = {"PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests' / 'fault_injection'}"}
 
 
@@ -48,10 +54,11 @@ def straight(corpus, tmp_path_factory) -> Path:
 
 
 def assert_equals_straight(run: Path, straight: Path) -> None:
-    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 40
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == STEPS
+    assert (run / "checkpoints" / f"step-{STEPS}.ckpt").is_file()
     assert_same_weights(final_state(run), final_state(straight))
     assert losses(run) == losses(straight)
-    assert len(losses(run)) == 40
+    assert len(losses(run)) == STEPS
 
 
 def snapshot(directory: Path) -> dict[str, str]:
@@ -92,7 +99,7 @@ def test_sigkill_during_a_step_then_same_command_resumes_bit_identical(corpus, s
     proc.wait()
     # The kill may land between two checkpoint files of one step: resume takes the newest file.
     interrupted_at = torch.load(newest_checkpoint(run), weights_only=True)["global_step"]
-    assert 20 <= interrupted_at < 40
+    assert 20 <= interrupted_at < STEPS
 
     ok(run_script(*train_cmd(corpus, run, *EXTRA), cwd=tmp_path))  # the same command again
     assert_equals_straight(run, straight)
