@@ -103,7 +103,10 @@ def test_stop_strings_from_the_command_line_understand_newlines(ckpt):
 def test_long_prompt_is_cropped_with_a_notice(ckpt, capsys):
     prompt = "To be, or not to be, that is the question"  # 41 characters, block 32
     _, texts = run(ckpt, prompt=prompt, max_new_tokens=5, temperature=0)
-    assert capsys.readouterr().err == "note: prompt has 41 tokens; keeping its last 32 (block_size)\n"
+    assert capsys.readouterr().err.splitlines() == [
+        f"checkpoint: {ckpt} (weights only, no training step)",
+        "note: prompt has 41 tokens; keeping its last 32 (block_size)",
+    ]
     assert texts == [alone(ckpt, prompt[-32:], 5, temperature=0)]
 
 
