@@ -41,8 +41,9 @@ class PeriodicCheckpoint(ModelCheckpoint):
     save is made where the periodic ones are, after the optimizer step of step max_steps (before
     the final validation, and before a SIGTERM that arrives during the last step stops the run),
     or when training ends normally short of max_steps (max_epochs, max_time, early stopping). A
-    run stopped by an exception or SIGTERM reaches neither. Meant for a checkpoint monitored on
-    `step` or not at all: one on a validation metric keeps Lightning's own timing.
+    run stopped by an exception or SIGTERM before its last step reaches neither. Meant for a
+    checkpoint monitored on `step` or not at all: one on a validation metric keeps Lightning's own
+    timing.
     """
 
     def on_train_batch_end(
