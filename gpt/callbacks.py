@@ -8,7 +8,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from gpt.errors import NonFiniteError
@@ -30,6 +30,41 @@ class ValidateOnLastStep(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
         if 0 < trainer.max_steps <= trainer.global_step:
             trainer.should_stop = True
+
+
+class PeriodicCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, which also saves (its top-k file and last.ckpt) after the final
+    step, so that `every_n_train_steps: 250` with max_steps=300 ends with last.ckpt and
+    step-300.ckpt at step 300, not 250.
+
+    Lightning saves `last` when training ends only if it never saved it in that process. The final
+    save is made where the periodic ones are, after the optimizer step of step max_steps (before
+    the final validation, and before a SIGTERM that arrives during the last step stops the run),
+    or when training ends normally short of max_steps (max_epochs, max_time, early stopping). A
+    run stopped by an exception or SIGTERM before its last step reaches neither. Meant for a
+    checkpoint monitored on `step` or not at all: one on a validation metric keeps Lightning's own
+    timing.
+    """
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if 0 < trainer.max_steps <= trainer.global_step:
+            self.save_now(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.save_now(trainer)
+        super().on_train_end(trainer, pl_module)
+
+    def save_now(self, trainer: L.Trainer) -> None:
+        """Save as a periodic save would, unless this step is saved already (or Lightning would not
+        save now: sanity check, fast_dev_run, not fitting)."""
+        if self._should_skip_saving_checkpoint(trainer):
+            return
+        candidates = self._monitor_candidates(trainer)
+        self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)
 
 
 class CheckpointOnException(L.Callback):

@@ -50,6 +50,15 @@ def find_checkpoint(path: str | Path | None, runs_dir: str | Path = "runs") -> P
     return p
 
 
+def describe_checkpoint(path: Path) -> str:
+    """The file and its training step, as generate and export name what they load:
+    `runs/x/checkpoints/last.ckpt (step 300)`. Reads only the checkpoint's pickle (mmap)."""
+    if path.is_dir():
+        return f"{path} (Hugging Face)"
+    step = read_checkpoint(path, mmap=True).get("global_step")
+    return f"{path} (step {step})" if isinstance(step, int) else f"{path} (weights only, no training step)"
+
+
 def clean_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The network's own parameter names: strip wrapper prefixes, in this one place."""
     out = {}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from gpt.checkpoint import load_model
+from gpt.checkpoint import describe_checkpoint, find_checkpoint, load_model
 from gpt.cli import exit_on_user_error
 from gpt.errors import UserError
 from gpt.hf import TOKENIZER_FILE, check_format, hf_config, hf_format, to_hf_state_dict
@@ -144,7 +144,9 @@ def main(argv: list[str] | None = None) -> None:
     check_format(args["format"])
     if args["dtype"] not in DTYPES:
         raise UserError(f"dtype={args['dtype']} is not one of {', '.join(DTYPES)}")
-    model, tokenizer = load_model(args["ckpt"], runs_dir=args["runs_dir"])
+    path = find_checkpoint(args["ckpt"], args["runs_dir"])
+    print(f"checkpoint: {describe_checkpoint(path)}", file=sys.stderr)
+    model, tokenizer = load_model(path)
     hf_format(model.config, args["format"])  # refuse before anything is written
     fmt, notes = export(model, tokenizer, args["out"], args["format"], DTYPES[args["dtype"]])
     for note in notes:

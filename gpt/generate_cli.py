@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from gpt.checkpoint import load_model
+from gpt.checkpoint import describe_checkpoint, find_checkpoint, load_model
 from gpt.config import GenerateConfig
 from gpt.errors import UserError
 from gpt.model import GPT
@@ -115,9 +115,9 @@ def sample(cfg: GenerateConfig, write: Callable[[str], object] = write_stdout) -
     dashes, and return the generated texts. A batch of one row is streamed as it is decoded."""
     device = resolve_device(cfg.device)
     prompts = [] if cfg.interactive else read_prompts(cfg)  # a bad prompt file fails before loading
-    model, tokenizer = load_model(
-        cfg.ckpt, device=device, dtype=getattr(torch, cfg.dtype), runs_dir=cfg.runs_dir
-    )
+    path = find_checkpoint(cfg.ckpt, cfg.runs_dir)
+    print(f"checkpoint: {describe_checkpoint(path)}", file=sys.stderr)  # stdout: generated text only
+    model, tokenizer = load_model(path, device=device, dtype=getattr(torch, cfg.dtype))
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     if cfg.interactive:
         return interactive(model, tokenizer, cfg, generator, write)
@@ -154,36 +154,47 @@ def interactive(
     generator: torch.Generator,
     write: Callable[[str], object] = write_stdout,
     read_line: Callable[[], str] = sys.stdin.readline,
+    tty: bool | None = None,
 ) -> list[str]:
     """A small REPL: each line you type is added to the conversation and the model continues it.
 
     The conversation starts as `prompt`; the model sees its last block_size tokens. An empty line
-    lets the model go on; /reset starts over; /quit or end of input (Ctrl-D) leaves.
+    lets the model go on; /reset starts over; /quit or end of input (Ctrl-D) leaves. Every reply
+    ends with a newline. On a terminal (tty: stdin is one) each line is asked for with `> ` on
+    stderr; from piped input, which nobody sees typed, replies are separated by a line of dashes
+    instead, as num_samples separates samples.
     """
+    tty = sys.stdin.isatty() if tty is None else tty
     history, texts = unescape(cfg.prompt), []
     while True:
-        print("> ", end="", file=sys.stderr, flush=True)
+        if tty:
+            print("> ", end="", file=sys.stderr, flush=True)
         line = read_line()
         command = line.strip()
         if not line or command == "/quit":
+            if tty and not line:
+                print(file=sys.stderr)  # after Ctrl-D: the shell's prompt on a line of its own
             return texts
         if command == "/reset":
             history = unescape(cfg.prompt)
             continue
         turn = history + (line if line.endswith("\n") else line + "\n")
         try:
-            out = generate_text(
-                model,
-                tokenizer,
-                turn,
-                cfg.max_new_tokens,
-                generator=generator,
-                on_text=lambda _, piece: write(piece),
-                **text_options(cfg),
-            )
+            encode_prompts(tokenizer, [turn])  # refused before anything of this turn is written
         except UserError as e:  # e.g. a character outside the vocabulary: say so, keep the session
             print(f"error: {e}", file=sys.stderr)
             continue
+        if texts and not tty:
+            write(SEPARATOR)
+        out = generate_text(
+            model,
+            tokenizer,
+            turn,
+            cfg.max_new_tokens,
+            generator=generator,
+            on_text=lambda _, piece: write(piece),
+            **text_options(cfg),
+        )
         history = turn
         if not out.endswith("\n"):
             out += "\n"

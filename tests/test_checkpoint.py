@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt.checkpoint import check_resumable, load_model, save_weights_checkpoint
+from gpt.checkpoint import check_resumable, describe_checkpoint, load_model, save_weights_checkpoint
 from gpt.errors import UserError
 from gpt.export import export
 from gpt.hf import TOKENIZER_FILE
@@ -32,6 +32,12 @@ def edited(ckpt: Path, edit) -> Path:
     path = ckpt.with_name("edited.ckpt")
     torch.save(data, path)
     return path
+
+
+def test_describe_names_the_file_and_its_training_step(ckpt):
+    assert describe_checkpoint(ckpt) == f"{ckpt} (weights only, no training step)"
+    trained = edited(ckpt, lambda data: data.update(global_step=300))
+    assert describe_checkpoint(trained) == f"{trained} (step 300)"
 
 
 def test_files_that_are_not_checkpoints(ckpt, tmp_path):

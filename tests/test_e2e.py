@@ -10,6 +10,7 @@ import torch
 from gpt.checkpoint import load_model
 from gpt.training import read_metrics, wandb_fields
 from tests.conftest import run_script
+from tests.test_training import assert_same_weights
 
 FAST = [
     "model=nano",
@@ -44,7 +45,8 @@ def trained(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("work")
     src = Path(__import__("os").environ["GPT_DATA_DIR"]) / "tinyshakespeare.txt"
     (work / "corpus.txt").write_text(src.read_text()[:40_000])
-    proc = run_script(*train_args(work / "corpus.txt"), cwd=work)
+    # Periodic checkpoints every 5 steps of 12: the final step is not one of them.
+    proc = run_script(*train_args(work / "corpus.txt", "callbacks.last.every_n_train_steps=5"), cwd=work)
     assert_ok(proc)
     return work
 
@@ -74,6 +76,21 @@ def test_checkpoint_is_plain_data(trained):
     assert ckpt["global_step"] == 12
     model, tok = load_model(run_dir_of(trained))
     assert model.config.vocab_size == tok.vocab_size == len(hp["tokenizer"]["chars"])
+
+
+def test_the_final_step_is_saved_and_generate_names_it(trained):
+    run = run_dir_of(trained)
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step-*.ckpt")) == ["step-10.ckpt", "step-12.ckpt"]
+    last, final = (torch.load(ckpts / name, weights_only=True) for name in ("last.ckpt", "step-12.ckpt"))
+    assert last["global_step"] == final["global_step"] == 12
+    assert_same_weights(last["state_dict"], final["state_dict"])
+
+    proc = run_script("generate.py", f"ckpt={run}", "max_new_tokens=5", cwd=trained)
+    assert_ok(proc)
+    assert f"checkpoint: {ckpts / 'last.ckpt'} (step 12)" in proc.stderr.splitlines()
+    assert "checkpoint:" not in proc.stdout
+    assert proc.stdout.endswith("\n") and len(proc.stdout) == len("\n") + 5 + 1  # prompt "\n", 5 chars
 
 
 def test_generate_streams_from_newest_run(trained):

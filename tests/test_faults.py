@@ -13,10 +13,12 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
+from lightning.pytorch.demos.boring_classes import BoringModel
 
-from gpt.callbacks import AtomicCheckpointIO, NonFiniteGuard
+from gpt.callbacks import AtomicCheckpointIO, NonFiniteGuard, PeriodicCheckpoint
 from gpt.config import ModelConfig, OptimConfig
 from gpt.errors import NonFiniteError, UserError
 from gpt.lit_module import GPTLitModule
@@ -26,7 +28,13 @@ from gpt.training import newest_checkpoint, newest_readable_checkpoint
 from tests.conftest import ROOT, SHAKESPEARE, run_script
 from tests.test_training import assert_same_weights, final_state, losses, ok, train_cmd
 
-EXTRA = ["trainer.max_steps=40", "trainer.val_check_interval=20", "callbacks.last.every_n_train_steps=10"]
+# The last step is not a periodic one (every 10): a resumed run must still end with it saved.
+STEPS = 35
+EXTRA = [
+    f"trainer.max_steps={STEPS}",
+    "trainer.val_check_interval=20",
+    "callbacks.last.every_n_train_steps=10",
+]
 FAULTS = {"PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests' / 'fault_injection'}"}
 
 
@@ -48,10 +56,11 @@ def straight(corpus, tmp_path_factory) -> Path:
 
 
 def assert_equals_straight(run: Path, straight: Path) -> None:
-    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 40
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == STEPS
+    assert (run / "checkpoints" / f"step-{STEPS}.ckpt").is_file()
     assert_same_weights(final_state(run), final_state(straight))
     assert losses(run) == losses(straight)
-    assert len(losses(run)) == 40
+    assert len(losses(run)) == STEPS
 
 
 def snapshot(directory: Path) -> dict[str, str]:
@@ -92,7 +101,7 @@ def test_sigkill_during_a_step_then_same_command_resumes_bit_identical(corpus, s
     proc.wait()
     # The kill may land between two checkpoint files of one step: resume takes the newest file.
     interrupted_at = torch.load(newest_checkpoint(run), weights_only=True)["global_step"]
-    assert 20 <= interrupted_at < 40
+    assert 20 <= interrupted_at < STEPS
 
     ok(run_script(*train_cmd(corpus, run, *EXTRA), cwd=tmp_path))  # the same command again
     assert_equals_straight(run, straight)
@@ -232,6 +241,39 @@ def test_a_nonfinite_model_is_never_saved():
         module.on_save_checkpoint({})
     with pytest.raises(ValueError, match="use stop or skip"):
         NonFiniteGuard(action="ignore")
+
+
+class EndAtStep5(L.Callback):
+    """Ends training after step 5 of 10: normally (as early stopping would) or by an exception."""
+
+    def __init__(self, fail: bool) -> None:
+        self.fail = fail
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step == 5:
+            if self.fail:
+                raise RuntimeError("injected")
+            trainer.should_stop = True
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["stopped", "failed"])
+def test_last_checkpoint_is_the_final_step_only_of_a_normal_end(tmp_path, fail):
+    checkpoint = PeriodicCheckpoint(
+        dirpath=tmp_path, filename="step-{step}", monitor="step", mode="max", save_top_k=2,
+        save_last=True, every_n_train_steps=4, auto_insert_metric_name=False,
+    )  # fmt: skip
+    trainer = L.Trainer(
+        max_steps=10, callbacks=[EndAtStep5(fail), checkpoint], limit_val_batches=0, logger=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    if fail:
+        with pytest.raises(RuntimeError, match="injected"):
+            trainer.fit(BoringModel())
+    else:
+        trainer.fit(BoringModel())
+    step = 4 if fail else 5  # an exception leaves the last periodic save as it was
+    assert {p.name for p in tmp_path.iterdir()} == {"last.ckpt", "step-4.ckpt", f"step-{step}.ckpt"}
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == step
 
 
 def test_run_lock_refuses_a_second_holder_and_is_released(tmp_path):

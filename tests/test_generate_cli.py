@@ -15,7 +15,7 @@ import torch
 from gpt.checkpoint import load_model, save_weights_checkpoint
 from gpt.config import GenerateConfig
 from gpt.errors import ConfigError, UserError
-from gpt.generate_cli import resolve_device, sample
+from gpt.generate_cli import SEPARATOR, interactive, resolve_device, sample
 from gpt.text_generation import generate_text
 from gpt.tokenizer import CharTokenizer
 from tests.conftest import ROOT, tiny_model
@@ -103,7 +103,10 @@ def test_stop_strings_from_the_command_line_understand_newlines(ckpt):
 def test_long_prompt_is_cropped_with_a_notice(ckpt, capsys):
     prompt = "To be, or not to be, that is the question"  # 41 characters, block 32
     _, texts = run(ckpt, prompt=prompt, max_new_tokens=5, temperature=0)
-    assert capsys.readouterr().err == "note: prompt has 41 tokens; keeping its last 32 (block_size)\n"
+    assert capsys.readouterr().err.splitlines() == [
+        f"checkpoint: {ckpt} (weights only, no training step)",
+        "note: prompt has 41 tokens; keeping its last 32 (block_size)",
+    ]
     assert texts == [alone(ckpt, prompt[-32:], 5, temperature=0)]
 
 
@@ -153,9 +156,21 @@ def test_interactive_session_continues_the_conversation(ckpt, tmp_path):
     history += second + ("" if second.endswith("\n") else "\n") + "and then\n"
     third = alone(ckpt, history, 12, temperature=0)
     lines = lambda t: t if t.endswith("\n") else t + "\n"
-    assert proc.stdout == lines(first) + lines(second) + lines(third)
-    assert proc.stderr.count("> ") == 6  # one prompt per line read, and one for the end of input
+    # Piped input is not seen typed: a line of dashes shows where each reply starts, no "> ".
+    assert proc.stdout == lines(first) + SEPARATOR + lines(second) + SEPARATOR + lines(third)
+    assert "> " not in proc.stderr
     assert "error: character '§' (U+00A7) is not in this model's" in proc.stderr
+
+
+def test_interactive_on_a_terminal_prompts_and_ends_its_line(ckpt, capsys):
+    model, tok = load_model(ckpt)
+    cfg = GenerateConfig(ckpt=str(ckpt), interactive=True, max_new_tokens=8, temperature=0, prompt="")
+    typed = iter(["ROMEO: hi\n", "and?\n", ""])  # "" is Ctrl-D
+    out: list[str] = []
+    texts = interactive(model, tok, cfg, torch.Generator(), out.append, lambda: next(typed), tty=True)
+    assert len(texts) == 2 and all(t.endswith("\n") for t in texts)
+    assert "".join(out) == "".join(texts)  # no separators: the typed lines show where replies start
+    assert capsys.readouterr().err == "> " * 3 + "\n"  # the shell's prompt after Ctrl-D on its own line
 
 
 @pytest.mark.slow

@@ -221,13 +221,17 @@ def test_train_init_from_then_generate_and_export(tmp_path, tiny_corpus, capsys)
 
     # generate.py's code path, on the Hugging Face dir itself.
     cfg = GenerateConfig(ckpt=str(path), prompt="Hello", max_new_tokens=5, temperature=0)
+    capsys.readouterr()
     (text,) = sample(cfg, write=lambda _: None)
+    assert capsys.readouterr().err.splitlines() == [f"checkpoint: {path} (Hugging Face)"]
     model, tok = load_model(path)
     ids = torch.cat(list(generate(model, torch.tensor([tok.encode("Hello")]), 5, temperature=0)))
     assert text == tok.decode(ids.tolist())
 
     export_main([f"ckpt={tmp_path}/run", f"out={tmp_path}/exported"])
-    assert "wrote gpt2 format" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "wrote gpt2 format" in printed.out
+    assert printed.err.splitlines()[0] == f"checkpoint: {tmp_path}/run/checkpoints/last.ckpt (step 1)"
     assert json.loads((tmp_path / "exported/config.json").read_text())["model_type"] == "gpt2"
     assert (tmp_path / "exported/merges.txt").is_file() and (tmp_path / "exported/vocab.json").is_file()
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
