@@ -237,14 +237,16 @@ class RunReport(L.Callback):
     def __init__(self, monitor: str = "val/loss") -> None:
         self.monitor = monitor
         self._started = time.monotonic()
-        self._start_step = 0
+        self._start_step: int | None = None
         self._last_validation_step: int | None = None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._started = time.monotonic()
+        self._started, self._start_step = time.monotonic(), None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._start_step = trainer.global_step  # a resumed run's checkpoint is restored by now
+        # Not on_fit_start: a resumed run's step is restored after it. Not called at all when the
+        # run had already reached max_steps.
+        self._start_step = trainer.global_step
 
     @rank_zero_only
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -262,7 +264,8 @@ class RunReport(L.Callback):
         _report("\n  ".join(self.summary(trainer, pl_module)))
 
     def summary(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[str]:
-        step, start = trainer.global_step, self._start_step
+        step = trainer.global_step
+        start = step if self._start_step is None else self._start_step
         resumed = f" (resumed at step {start})" if start else ""
         tokens = getattr(pl_module, "tokens_seen", 0)
         lines = [
