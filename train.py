@@ -9,6 +9,7 @@ python train.py model=small trainer.devices=4     # any preset, any number of de
 
 from __future__ import annotations
 
+import logging
 import sys
 from contextlib import nullcontext
 from dataclasses import replace
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
     from gpt.data import GPTDataModule
     from gpt.lit_module import GPTLitModule
 
+log = logging.getLogger("train")  # to the console and <run dir>/train.log (conf/hydra/job_logging)
 cs = ConfigStore.instance()
 cs.store(group="model", name="_schema", node=ModelConfig)
 cs.store(group="data", name="_schema", node=DataConfig)
@@ -113,9 +115,11 @@ def build(cfg: DictConfig, ckpt_path: str | None = None) -> tuple[L.Trainer, GPT
     from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 
     from gpt.callbacks import AtomicCheckpointIO
+    from gpt.console import quiet_lightning
     from gpt.data import GPTDataModule
     from gpt.lit_module import GPTLitModule
 
+    quiet_lightning()
     run_dir = HydraConfig.get().runtime.output_dir
     L.seed_everything(cfg.seed, workers=True)
     enable_tf32()
@@ -200,9 +204,9 @@ def fit(cfg: DictConfig, run_dir: str, run_config: dict[str, str], rank_zero: bo
 
         source = init_from_pretrained(module.model, cfg.init_from, datamodule.tokenizer.to_dict())
         if trainer.is_global_zero:
-            print(f"initialized from {source}")
+            log.info(f"initialized from {source}")
     if trainer.is_global_zero:
-        print(f"run dir: {run_dir}" + (f"; resuming from {ckpt_path}" if ckpt_path else ""))
+        log.info(f"run dir: {run_dir}" + (f"; resuming from {ckpt_path}" if ckpt_path else ""))
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     try:
