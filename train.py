@@ -76,9 +76,9 @@ def vocab_size(requested: int | None, tokenizer_vocab: int) -> int:
 
 
 def say(line: str | None, warning: bool = False) -> None:
-    """Print a start-up decision once (the launch's rank zero)."""
+    """Log a start-up decision once (the launch's rank zero)."""
     if line and is_launch_rank_zero():
-        print(f"warning: {line}" if warning else line, file=sys.stderr if warning else sys.stdout)
+        log.log(logging.WARNING if warning else logging.INFO, f"warning: {line}" if warning else line)
 
 
 def choose_precision(cfg: DictConfig) -> None:
