@@ -85,6 +85,20 @@ CASES = {
     "train-wrong-type": train(
         "model.n_layer=two", message="Value 'two' of type 'str' could not be converted"
     ),
+    "train-unknown-optimizer": train("optim=sgd", message="there is no optim=sgd; choose one of adamw, muon"),
+    "train-unknown-model-preset": train("model=tiny", message="there is no model=tiny; choose one of gpt2,"),
+    "train-unknown-experiment": train(
+        "experiment=typo", message="there is no experiment=typo; choose one of shakespeare_char_cpu,"
+    ),
+    # Hydra would print its own message over several lines and exit with 1.
+    "train-unknown-optimizer-with-hydra-full-error-0": train(
+        "optim=sgd", message="there is no optim=sgd;", env={"HYDRA_FULL_ERROR": "0"}
+    ),
+    "train-unquoted-tilde": train(
+        "data.path=~/corpus.txt",
+        message="""'data.path=~/corpus.txt'; put the value in quotes inside the argument: """
+        """'data.path="~/corpus.txt"'""",
+    ),
     "train-n-embd-not-divisible-by-n-head": train(
         "model.n_head=5", message="model.n_embd=32 is not divisible by model.n_head=5; pick n_head"
     ),
@@ -151,6 +165,9 @@ CASES = {
     # prepare, by both of its names
     "prepare-unknown-key": command(
         "-m", "gpt.prepare", "data.tokenizr=char", message="Key 'tokenizr' not in 'DataConfig'"
+    ),
+    "prepare-unknown-data-preset": command(
+        "-m", "gpt.prepare", "data=wikitext", message="there is no data=wikitext; choose one of hf,"
     ),
     "prepare-text-without-path": command(
         "-m", "gpt.prepare", "data=text", "data.cache_dir={cache}", message="data=text needs a corpus"
