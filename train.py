@@ -34,7 +34,14 @@ from gpt.rundir import (
     remove_partial_writes,
     save_run_config,
 )
-from gpt.training import accumulation_steps, check_devices, enable_tf32, resolve_resume, wandb_fields
+from gpt.training import (
+    accumulation_steps,
+    check_devices,
+    check_trainer_args,
+    enable_tf32,
+    resolve_resume,
+    wandb_fields,
+)
 
 if TYPE_CHECKING:
     import lightning as L
@@ -69,6 +76,7 @@ def check(cfg: DictConfig, ckpt_path: str | None) -> tuple[ModelConfig, DataConf
     """Validate everything that needs no Lightning: configs, devices, the data (prepared on first
     use, cached on disk) against the model, and the checkpoint to resume against both."""
     model_cfg, data_cfg, optim_cfg = to_dataclasses(cfg)
+    check_trainer_args(OmegaConf.to_container(cfg.trainer, resolve=True))
     check_devices(cfg.trainer.accelerator, cfg.trainer.devices)
     prepared = prepare(data_cfg)
     prepared.check_fits(model_cfg.block_size)

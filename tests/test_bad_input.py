@@ -99,6 +99,9 @@ CASES = {
         message="""'data.path=~/corpus.txt'; put the value in quotes inside the argument: """
         """'data.path="~/corpus.txt"'""",
     ),
+    "train-trainer-arg-of-a-wrong-type": train(
+        "trainer.max_steps=abc", message="trainer.max_steps='abc' must be an integer"
+    ),
     "train-n-embd-not-divisible-by-n-head": train(
         "model.n_head=5", message="model.n_embd=32 is not divisible by model.n_head=5; pick n_head"
     ),
