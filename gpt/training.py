@@ -70,6 +70,7 @@ def resolve_resume(ckpt_path: str | None, run_dir: str | Path) -> str | None:
                 f"ckpt_path=last but {run_dir}/checkpoints/ holds no readable checkpoint; drop ckpt_path"
             )
         return None
+    ckpt_path = os.path.expanduser(ckpt_path)
     if not Path(ckpt_path).is_file():
         raise UserError(f"ckpt_path {ckpt_path} does not exist; pass a .ckpt file, 'last', or nothing")
     problem = readable(Path(ckpt_path))

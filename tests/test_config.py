@@ -7,6 +7,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import train  # registers the schemas
+from gpt.checkpoint import find_checkpoint
 from gpt.config import DataConfig, GenerateConfig, ModelConfig, OptimConfig
 from gpt.errors import ConfigError
 from gpt.model import GPT
@@ -116,6 +117,20 @@ def test_trainer_args_of_a_wrong_type_fail_before_lightning(override, message):
     with pytest.raises(ConfigError) as info:
         check_trainer_args(OmegaConf.to_container(compose_train(override).trainer))
     assert str(info.value).startswith(message)
+
+
+def test_tilde_in_config_paths_is_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    data = DataConfig(source="text", path="~/corpus", root="~/data", cache_dir="~/cache")
+    assert (data.path, data.root, data.cache_dir) == tuple(
+        str(tmp_path / n) for n in ("corpus", "data", "cache")
+    )
+    assert GenerateConfig(prompt_file="~/prompts.txt").prompt_file == str(tmp_path / "prompts.txt")
+    assert DataConfig(source="hf", path="user/dataset").path == "user/dataset"  # not a path: unchanged
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "last.ckpt").write_bytes(b"")
+    assert find_checkpoint("~/run") == tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert find_checkpoint(None, runs_dir="~") == tmp_path / "run" / "checkpoints" / "last.ckpt"
 
 
 def test_indivisible_heads_fail_with_values():

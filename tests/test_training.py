@@ -225,7 +225,7 @@ def test_wsd_schedule_values():
     assert lr_factor(100, cfg, 100) == pytest.approx(0.0)
 
 
-def test_resolve_resume(tmp_path):
+def test_resolve_resume(tmp_path, monkeypatch):
     assert resolve_resume(None, tmp_path) is None
     with pytest.raises(UserError, match="ckpt_path=last but"):
         resolve_resume("last", tmp_path)
@@ -237,6 +237,10 @@ def test_resolve_resume(tmp_path):
     torch.save({"global_step": 20}, tmp_path / "checkpoints" / "last.ckpt")
     assert resolve_resume(None, tmp_path).endswith("last.ckpt")
     assert resolve_resume("last", tmp_path).endswith("last.ckpt")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert resolve_resume("~/checkpoints/step-10.ckpt", "elsewhere") == str(
+        tmp_path / "checkpoints" / "step-10.ckpt"
+    )
     # a newer but truncated file (a kill mid-write outside Lightning's atomic save) is skipped
     good = (tmp_path / "checkpoints" / "last.ckpt").read_bytes()
     time.sleep(0.01)
