@@ -9,6 +9,7 @@ python train.py model=small trainer.devices=4     # any preset, any number of de
 
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import nullcontext
 from dataclasses import replace
@@ -40,6 +41,7 @@ from gpt.training import (
     check_trainer_args,
     enable_tf32,
     resolve_resume,
+    resume_command,
     wandb_fields,
 )
 
@@ -147,6 +149,14 @@ def checkpoint_room(trainer: L.Trainer, module: GPTLitModule) -> tuple[int, int]
     return checkpoint_bytes(module) * files, files
 
 
+def resume_command_of_this_run(run_dir: str) -> str:
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun's command line is not ours to repeat
+        return f"the same torchrun command, with hydra.run.dir={run_dir}"
+    hydra_cfg = HydraConfig.get()
+    sweep_job = list(hydra_cfg.overrides.task) if hydra_cfg.mode == RunMode.MULTIRUN else None
+    return resume_command(sys.argv, run_dir, sweep_job)
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
@@ -192,8 +202,8 @@ def fit(cfg: DictConfig, run_dir: str, run_config: dict[str, str], rank_zero: bo
         # Lightning would exit 0, which a scheduler reads as "finished".
         if trainer.is_global_zero:
             print(
-                f"stopped by SIGTERM at step {trainer.global_step}; checkpoint in {run_dir}/checkpoints/, "
-                "run the same command to resume",
+                f"stopped by SIGTERM at step {trainer.global_step}; checkpoint in {run_dir}/checkpoints/; "
+                f"resume with: {resume_command_of_this_run(run_dir)}",
                 file=sys.stderr,
             )
         sys.exit(EXIT_PREEMPTED)

@@ -17,7 +17,7 @@ EXIT_USER_ERROR = 2
 # Training stopped on a non-finite loss or gradient; nothing non-finite was saved.
 EXIT_NONFINITE = 3
 # Training stopped by SIGTERM after saving a checkpoint (128 + signal 15, as a shell reports it):
-# not finished, resumable by running the same command again.
+# not finished, resumable by the command it prints (the same one, on the same run dir).
 EXIT_PREEMPTED = 143
 # Errors of these libraries are about the config the user wrote. They are recognised by module so
 # that gpt/ never imports Hydra or OmegaConf.

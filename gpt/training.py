@@ -7,6 +7,9 @@ import hashlib
 import json
 import os
 import re
+import shlex
+import shutil
+import sys
 import warnings
 import zipfile
 from collections.abc import Callable
@@ -181,6 +184,29 @@ def accumulation_steps(tokens_per_step: int, micro_batch: int, block_size: int, 
             f"devices x nodes = {micro_batch} x {block_size} x {world_size} = {per_pass}; pick a multiple"
         )
     return tokens_per_step // per_pass
+
+
+def python_command() -> str:
+    """`python` when that is this interpreter on PATH (an activated venv), else its full path."""
+    found = shutil.which("python")
+    return "python" if found and os.path.samefile(found, sys.executable) else sys.executable
+
+
+def resume_command(argv: list[str], run_dir: str | Path, job_overrides: list[str] | None = None) -> str:
+    """The shell command that continues a stopped run: the one that started it (`argv`), with
+    hydra.run.dir=<run dir> added when it was not given, since the default runs/<date>/<time>
+    would name a new folder. For one job of a sweep (-m), the job's own overrides replace the
+    sweep's arguments: it resumes that job alone."""
+    script, *args = argv
+    if job_overrides is not None:
+        args = list(job_overrides)
+    if not any(re.match(r"\+{0,2}hydra\.run\.dir=", a) for a in args):
+        relative = os.path.relpath(run_dir)
+        path = str(run_dir) if relative.startswith("..") else relative
+        if not re.fullmatch(r"[\w./:-]+", path):  # spaces and the like: quoted for Hydra too
+            path = f'"{path}"'
+        args.append(f"hydra.run.dir={path}")
+    return shlex.join([python_command(), script, *args])
 
 
 def run_label(overrides: list[str]) -> str:

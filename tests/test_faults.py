@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -22,7 +23,7 @@ from gpt.errors import NonFiniteError, UserError
 from gpt.lit_module import GPTLitModule
 from gpt.rundir import RunLock, check_free_space, is_launch_rank_zero
 from gpt.tokenizer import CharTokenizer
-from gpt.training import newest_checkpoint, newest_readable_checkpoint
+from gpt.training import newest_checkpoint, newest_readable_checkpoint, python_command
 from tests.conftest import ROOT, SHAKESPEARE, run_script
 from tests.test_training import assert_same_weights, final_state, losses, ok, train_cmd
 
@@ -130,16 +131,42 @@ def test_sigkill_during_a_checkpoint_write_resumes_from_the_last_complete_one(co
     assert_equals_straight(run, straight)
 
 
-def test_sigterm_saves_exits_143_and_resumes_bit_identical(corpus, straight, tmp_path):
-    run = tmp_path / "stopped"
-    proc = train_until(corpus, run, EXTRA, "step-10.ckpt")
+def test_sigterm_saves_exits_143_and_the_printed_command_resumes_bit_identical(corpus, straight, tmp_path):
+    # The default run dir, runs/<date>/<time>/: the same command again would start a new run.
+    args = [
+        str(ROOT / "train.py"),
+        *(a for a in train_cmd(corpus, tmp_path, *EXTRA)[1:] if "hydra.run" not in a),
+    ]
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 300
+    while not (found := list(tmp_path.glob("runs/*/*/checkpoints/step-10.ckpt"))):
+        assert proc.poll() is None and time.time() < deadline, "training ended before it could be stopped"
+        time.sleep(0.02)
+    run = found[0].parent.parent
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143
-    assert "stopped by SIGTERM at step" in stderr.strip().splitlines()[-1]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("stopped by SIGTERM at step ") and f"; checkpoint in {run}/checkpoints/;" in last
+    command = last.split("; resume with: ", 1)[1]
+    assert command == shlex.join([python_command(), *args, f"hydra.run.dir={run.relative_to(tmp_path)}"])
     assert (run / "checkpoints" / "on_exception.ckpt").is_file()
-    ok(run_script(*train_cmd(corpus, run, *EXTRA), cwd=tmp_path))
+
+    ok(
+        subprocess.run(
+            shlex.split(command), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+        )
+    )
     assert_equals_straight(run, straight)
+    assert list(tmp_path.glob("runs/*/*")) == [run]  # resumed in place, no new run dir
     assert not (run / "checkpoints" / "on_exception.ckpt").exists()  # removed once finished
 
 
