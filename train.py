@@ -169,7 +169,8 @@ def main(cfg: DictConfig) -> None:
         "overrides.yaml": OmegaConf.to_yaml(list(hydra_cfg.overrides.task)),
     }
     rank_zero = is_launch_rank_zero()  # the other ranks' launcher process holds the lock for them
-    with RunLock(run_dir) if rank_zero else nullcontext():
+    # A start that fails before writing anything takes its new run dir (runs/<date>/<time>/) away.
+    with RunLock(run_dir, cleanup_below=hydra_cfg.runtime.cwd) if rank_zero else nullcontext():
         if rank_zero:
             remove_partial_writes(run_dir)
         fit(cfg, run_dir, run_config, rank_zero)

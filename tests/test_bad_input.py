@@ -70,6 +70,12 @@ def train(*extra: str, message: str, env: dict[str, str] | None = None) -> Case:
     return Case((*TRAIN, *extra), message, env or {})
 
 
+def new_run(*extra: str, message: str, env: dict[str, str] | None = None) -> Case:
+    """A train.py case in the default run dir, runs/<date>/<time>/ under the working folder: the
+    snapshot shows it if the failed start left it (or runs/) behind."""
+    return Case((*(a for a in TRAIN if not a.startswith("hydra.run.dir=")), *extra), message, env or {})
+
+
 def generate(*extra: str, message: str) -> Case:
     return Case((*GENERATE, *extra), message)
 
@@ -138,6 +144,27 @@ CASES = {
         train("trainer.accelerator=gpu", message="trainer.accelerator=gpu but torch finds no CUDA GPU"),
         marks=NO_GPU,
     ),
+    # train.py in a new run dir: what fails after Hydra made it must take it away again
+    "new-run-invalid-value": new_run("model.n_head=5", message="model.n_embd=32 is not divisible by"),
+    "new-run-trainer-arg-of-a-wrong-type": new_run(
+        "trainer.max_steps=abc", message="trainer.max_steps='abc' must be an integer"
+    ),
+    "new-run-missing-corpus": new_run(
+        "data.path={inputs}/missing.txt", message="missing.txt' does not exist"
+    ),
+    "new-run-empty-corpus": new_run("data.path={inputs}/empty.txt", message="empty.txt) is empty; give it"),
+    "new-run-block-size-larger-than-data": new_run(
+        "model.block_size=5000", message="fewer than block_size+2"
+    ),
+    "new-run-unknown-tokenizer": new_run("data.tokenizer=nope", message="unknown tokenizer 'nope'"),
+    "new-run-tokenizer-not-loadable-offline": new_run(
+        "data.tokenizer=cl100k_base", message="could not load tiktoken encoding 'cl100k_base'", env=OFFLINE
+    ),
+    "new-run-missing-checkpoint": new_run("ckpt_path={inputs}/missing.ckpt", message="missing.ckpt does not"),
+    "new-run-checkpoint-of-another-shape": new_run(
+        f"ckpt_path={RUN}", "model.n_layer=3", message="holds a model of another shape (model.n_layer=2 in it"
+    ),
+    "new-run-more-devices-than-exist": new_run("trainer.devices=1000", message="trainer.devices=1000 "),
     # generate.py: the sampling knobs, the checkpoint, the prompt, the device
     "generate-unknown-key": generate("tempreature=0.5", message="Key 'tempreature' not in 'GenerateConfig'"),
     "generate-wrong-type": generate(

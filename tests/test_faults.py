@@ -4,6 +4,7 @@ second training on a busy run dir; a full or read-only output location."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shlex
@@ -21,7 +22,7 @@ from gpt.callbacks import AtomicCheckpointIO, NonFiniteGuard
 from gpt.config import ModelConfig, OptimConfig
 from gpt.errors import NonFiniteError, UserError
 from gpt.lit_module import GPTLitModule
-from gpt.rundir import RunLock, check_free_space, is_launch_rank_zero
+from gpt.rundir import RunLock, check_free_space, is_launch_rank_zero, same_file
 from gpt.tokenizer import CharTokenizer
 from gpt.training import newest_checkpoint, newest_readable_checkpoint, python_command
 from tests.conftest import ROOT, SHAKESPEARE, run_script
@@ -267,6 +268,57 @@ def test_run_lock_refuses_a_second_holder_and_is_released(tmp_path):
         pass
     with RunLock(tmp_path):  # released on exit
         pass
+
+
+def test_a_failed_start_removes_the_run_dir_it_made_and_nothing_else(tmp_path):
+    def start(run: Path, fail: bool = True, write: str | None = None) -> None:
+        with (
+            pytest.raises(UserError) if fail else contextlib.nullcontext(),
+            RunLock(run, cleanup_below=tmp_path),
+        ):
+            if write:
+                (run / write).mkdir()
+            if fail:
+                raise UserError("bad input")
+
+    (tmp_path / "runs" / "earlier").mkdir(parents=True)
+    for day in ("today", "tomorrow"):  # as Hydra leaves it: the run dir and an empty log
+        (tmp_path / "runs" / day / "12-00-00").mkdir(parents=True)
+        (tmp_path / "runs" / day / "12-00-00" / "train.log").write_text("")
+    start(tmp_path / "runs" / "today" / "12-00-00")
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["earlier", "tomorrow"]
+    (tmp_path / "runs" / "earlier").rmdir()
+    start(tmp_path / "runs" / "tomorrow" / "12-00-00")
+    assert list(tmp_path.iterdir()) == []  # runs/ too: the walk stops at cleanup_below
+
+    kept = {
+        "succeeded": dict(fail=False),
+        "wrote-more": dict(write="checkpoints"),  # failed after writing something: not only ours
+        "older-file": dict(),  # a file older than this process: a run dir that existed before
+    }
+    for name in kept:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "train.log").write_text("")
+    os.utime(tmp_path / "older-file" / "train.log", (0, 0))
+    for name, how in kept.items():
+        start(tmp_path / name, **how)
+        assert (tmp_path / name / "train.log").is_file() and (tmp_path / name / "train.lock").is_file(), name
+    with (
+        pytest.raises(UserError),
+        RunLock(tmp_path / "busy"),
+        RunLock(tmp_path / "busy", cleanup_below=tmp_path),
+    ):
+        pass  # refused: the folder is another training's
+    assert (tmp_path / "busy" / "train.lock").is_file()
+
+
+def test_run_lock_locks_the_file_that_is_there(tmp_path):
+    """A failed start deletes train.lock while holding it; a start that opened it meanwhile must
+    not run on the deleted file beside a third one that locks a new train.lock."""
+    with open(tmp_path / "train.lock", "a+") as f:
+        assert same_file(f, tmp_path / "train.lock")
+        (tmp_path / "train.lock").unlink()
+        assert not same_file(f, tmp_path / "train.lock")
 
 
 def test_only_rank_zero_takes_the_lock(monkeypatch):
