@@ -1,6 +1,6 @@
 """What guards a run dir: one training at a time, room for its checkpoints before it starts,
-checkpoint files that are either complete or absent, and a config record written only once the
-config has validated."""
+checkpoint files that are either complete or absent, a config record written only once the
+config has validated, and no empty run dir left behind by a start that failed."""
 
 from __future__ import annotations
 
