@@ -10,6 +10,7 @@ python train.py model=small trainer.devices=4     # any preset, any number of de
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from contextlib import nullcontext
 from dataclasses import replace
@@ -39,8 +40,10 @@ from gpt.rundir import (
 from gpt.training import (
     accumulation_steps,
     check_devices,
+    check_trainer_args,
     enable_tf32,
     resolve_resume,
+    resume_command,
     val_windows,
     wandb_fields,
 )
@@ -93,6 +96,7 @@ def check(cfg: DictConfig, ckpt_path: str | None) -> tuple[ModelConfig, DataConf
     """Validate everything that needs no Lightning: configs, devices, the data (prepared on first
     use, cached on disk) against the model, and the checkpoint to resume against both."""
     model_cfg, data_cfg, optim_cfg = to_dataclasses(cfg)
+    check_trainer_args(OmegaConf.to_container(cfg.trainer, resolve=True))
     check_devices(cfg.trainer.accelerator, cfg.trainer.devices)
     choose_precision(cfg)
     prepared = prepare(data_cfg)
@@ -171,6 +175,14 @@ def checkpoint_room(trainer: L.Trainer, module: GPTLitModule) -> tuple[int, int]
     return checkpoint_bytes(module) * files, files
 
 
+def resume_command_of_this_run(run_dir: str) -> str:
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun's command line is not ours to repeat
+        return f"the same torchrun command, with hydra.run.dir={run_dir}"
+    hydra_cfg = HydraConfig.get()
+    sweep_job = list(hydra_cfg.overrides.task) if hydra_cfg.mode == RunMode.MULTIRUN else None
+    return resume_command(sys.argv, run_dir, sweep_job)
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
@@ -183,7 +195,8 @@ def main(cfg: DictConfig) -> None:
         "overrides.yaml": OmegaConf.to_yaml(list(hydra_cfg.overrides.task)),
     }
     rank_zero = is_launch_rank_zero()  # the other ranks' launcher process holds the lock for them
-    with RunLock(run_dir) if rank_zero else nullcontext():
+    # A start that fails before writing anything takes its new run dir (runs/<date>/<time>/) away.
+    with RunLock(run_dir, cleanup_below=hydra_cfg.runtime.cwd) if rank_zero else nullcontext():
         if rank_zero:
             remove_partial_writes(run_dir)
         fit(cfg, run_dir, run_config, rank_zero)
@@ -216,8 +229,8 @@ def fit(cfg: DictConfig, run_dir: str, run_config: dict[str, str], rank_zero: bo
         # Lightning would exit 0, which a scheduler reads as "finished".
         if trainer.is_global_zero:
             print(
-                f"stopped by SIGTERM at step {trainer.global_step}; checkpoint in {run_dir}/checkpoints/, "
-                "run the same command to resume",
+                f"stopped by SIGTERM at step {trainer.global_step}; checkpoint in {run_dir}/checkpoints/; "
+                f"resume with: {resume_command_of_this_run(run_dir)}",
                 file=sys.stderr,
             )
         sys.exit(EXIT_PREEMPTED)

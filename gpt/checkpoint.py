@@ -29,13 +29,15 @@ def find_checkpoint(path: str | Path | None, runs_dir: str | Path = "runs") -> P
     """A .ckpt file or a Hugging Face checkpoint directory as given; a run dir's checkpoints/last.ckpt;
     or the newest last.ckpt under runs_dir."""
     if path is None:
-        found = sorted(Path(runs_dir).glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        found = sorted(
+            Path(runs_dir).expanduser().glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime
+        )
         if not found:
             raise UserError(
                 f"no checkpoint under {runs_dir}/; train one with `python train.py` or pass ckpt=PATH"
             )
         return found[-1]
-    p = Path(path)
+    p = Path(path).expanduser()
     if is_hf_dir(p):
         return p
     if p.is_dir():

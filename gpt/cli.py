@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import TypeVar
@@ -16,7 +17,7 @@ EXIT_USER_ERROR = 2
 # Training stopped on a non-finite loss or gradient; nothing non-finite was saved.
 EXIT_NONFINITE = 3
 # Training stopped by SIGTERM after saving a checkpoint (128 + signal 15, as a shell reports it):
-# not finished, resumable by running the same command again.
+# not finished, resumable by the command it prints (the same one, on the same run dir).
 EXIT_PREEMPTED = 143
 # Errors of these libraries are about the config the user wrote. They are recognised by module so
 # that gpt/ never imports Hydra or OmegaConf.
@@ -47,15 +48,43 @@ def is_user_error(e: BaseException) -> bool:
     )
 
 
+def unparsed_override(e: BaseException) -> str:
+    """How to quote the argument Hydra could not parse (an unquoted `~`, `?`, accent, ...)."""
+    override = getattr(e, "override", None) or first_line(e).split(": ", 1)[-1]
+    key, sep, value = override.partition("=")
+    # Quoting the value helps when the key is fine and the value is no list, dict or quote itself.
+    if sep and re.fullmatch(r"\+{0,2}[\w./-]+", key) and not set("\"'=[{") & set(value):
+        how = f"""put the value in quotes inside the argument: '{key}="{value}"'"""
+    else:
+        how = (
+            "put values with spaces or special characters in quotes inside the argument: "
+            """'prompt="Hello, world!"'"""
+        )
+    return f"could not parse the override {override!r}; {how}"
+
+
+def missing_config(e: BaseException) -> str:
+    """Hydra's "Could not find 'optim/sgd'" and its list of options, as one line."""
+    missing = getattr(e, "missing_cfg_file", None)
+    group, _, name = (missing or "").rpartition("/")
+    if not group:  # the primary config itself (--config-name)
+        return first_line(e)
+    msg = f"there is no {group}={name}"
+    parent = re.match(r"In '([^']+)':", first_line(e))
+    if parent and "/" in parent[1] and not parent[1].startswith("hydra/"):
+        msg += f" (asked for in {parent[1]})"  # by a config file, not on the command line
+    # Schemas (_schema) are not choices.
+    options = [o for o in getattr(e, "options", None) or () if not o.startswith("_")]
+    return f"{msg}; choose one of {', '.join(options)}" if options else f"{msg}; {group}/ holds no configs"
+
+
 def describe(e: BaseException) -> str:
     """One line: the error, and the config error beneath it if Hydra wrapped one."""
     if type(e).__name__ == "OverrideParseException":
-        override = first_line(e).split(": ", 1)[-1]
-        return (
-            f"could not parse the override {override!r}; put values with spaces or special characters "
-            """in quotes inside the argument: 'prompt="Hello, world!"'"""
-        )
-    if isinstance(e, OSError):
+        return unparsed_override(e)
+    if type(e).__name__ == "MissingConfigException":  # an OSError too, but about the config
+        return missing_config(e)
+    if isinstance(e, OSError) and e.errno is not None:
         where = f" ({e.filename})" if e.filename else ""
         return f"{e.strerror}{where}; check permissions and free space, or choose another location"
     msg = first_line(e)
@@ -75,13 +104,13 @@ def exit_on_user_error(fn: Callable[..., T]) -> Callable[..., T]:
 
     Entry points apply it twice: around the Hydra task function (Hydra would print its own line
     for an exception raised there, but lets SystemExit through) and around the whole Hydra main,
-    for errors in composing the config (HYDRA_FULL_ERROR makes Hydra pass those on to us instead
-    of printing them over several lines).
+    for errors in composing the config (HYDRA_FULL_ERROR=1 makes Hydra pass those on to us instead
+    of printing them over several lines and exiting with 1; it is set whatever the user's value).
     """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+        os.environ["HYDRA_FULL_ERROR"] = "1"
         try:
             return fn(*args, **kwargs)
         except NonFiniteError as e:

@@ -14,6 +14,7 @@ import argparse
 import csv
 import glob
 import math
+import os
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -309,8 +310,13 @@ class _Parser(argparse.ArgumentParser):
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     parser = _Parser(prog="python -m gpt.compare", description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", help="run dirs, globs, or folders of runs")
-    parser.add_argument("--out", default="compare.png", help="where to write the loss plot (PNG)")
+    # expanduser: a quoted glob ('~/runs/*') or --out=~/plot.png reaches us with its `~`.
+    parser.add_argument(
+        "runs", nargs="+", type=os.path.expanduser, help="run dirs, globs, or folders of runs"
+    )
+    parser.add_argument(
+        "--out", default="compare.png", type=os.path.expanduser, help="where to write the loss plot (PNG)"
+    )
     args = parser.parse_args(argv)
     check_out(Path(args.out))
     runs = [read_run(p) for p in expand(args.runs)]

@@ -6,6 +6,7 @@ dataclasses (OmegaConf.to_object runs __post_init__), and the library only sees 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from gpt.errors import ConfigError
@@ -25,6 +26,13 @@ def _check(ok: bool, msg: str) -> None:
 
 def _one_of(name: str, value: str, choices: tuple[str, ...]) -> None:
     _check(value in choices, f"{name}={value!r} is not one of {', '.join(choices)}")
+
+
+def _home(path: str | None) -> str | None:
+    """`~` at the start of a path is the home folder, as in a shell. Hydra's parser refuses an
+    unquoted `~` in a value ('data.path="~/corpus"' gets past it), and a shell leaves one after
+    `data.path=` as it is, so nothing else expands it."""
+    return os.path.expanduser(path) if path else path
 
 
 @dataclass
@@ -125,6 +133,7 @@ class DataConfig:
     val_windows: int | None = None
 
     def __post_init__(self) -> None:
+        self.path, self.root, self.cache_dir = _home(self.path), _home(self.root), _home(self.cache_dir)
         _one_of("data.source", self.source, SOURCES)
         if self.source in ("text", "hf"):
             _check(bool(self.path), f"data={self.source} needs a corpus: pass data.path=...")
@@ -214,6 +223,7 @@ class GenerateConfig:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        self.prompt_file = _home(self.prompt_file)  # ckpt and runs_dir: in gpt.checkpoint.find_checkpoint
         _check(self.max_new_tokens >= 1, f"max_new_tokens={self.max_new_tokens} must be >= 1")
         _check(self.temperature >= 0, f"temperature={self.temperature} must be >= 0 (0 = greedy)")
         _check(self.top_k is None or self.top_k >= 1, f"top_k={self.top_k} must be >= 1 (or null)")

@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     if not args["out"]:
         raise UserError("say where to write the export: python -m gpt.export ckpt=RUN_OR_CKPT out=DIR")
-    out = Path(args["out"])
+    out = Path(args["out"]).expanduser()
     existing = next(p for p in (out, *out.parents) if p.exists())  # what mkdir would build on
     if not existing.is_dir():
         raise UserError(f"out={out}: {existing} is a file; pass a folder to write the export into")
@@ -148,11 +148,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"checkpoint: {describe_checkpoint(path)}", file=sys.stderr)
     model, tokenizer = load_model(path)
     hf_format(model.config, args["format"])  # refuse before anything is written
-    fmt, notes = export(model, tokenizer, args["out"], args["format"], DTYPES[args["dtype"]])
+    fmt, notes = export(model, tokenizer, out, args["format"], DTYPES[args["dtype"]])
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     n = model.num_params(exclude_positions=False) / 1e6
-    print(f"wrote {fmt} format ({n:.2f}M parameters, {args['dtype']}) to {args['out']}")
+    print(f"wrote {fmt} format ({n:.2f}M parameters, {args['dtype']}) to {out}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """What guards a run dir: one training at a time, room for its checkpoints before it starts,
-checkpoint files that are either complete or absent, and a config record written only once the
-config has validated."""
+checkpoint files that are either complete or absent, a config record written only once the
+config has validated, and no empty run dir left behind by a start that failed."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 import torch
 
@@ -49,33 +49,50 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+# When this process started, near enough: train.py imports this module before Hydra makes the run
+# dir. A file modified since then was written by this start (or by one running beside it).
+STARTED = time.time()
+
+
 class RunLock:
     """An exclusive lock on <run dir>/train.lock for as long as a training runs in that dir.
 
     flock() locks belong to the open file, so the kernel drops the lock when the process ends in
     any way, SIGKILL included: a killed run never leaves a stale lock behind. The file holds the
     owner's host, pid and start time, to name it to a second run that is refused.
+
+    With `cleanup_below` (the folder the run dir's path is relative to), a start that fails leaves
+    no new folder behind: if the run dir held nothing but files written since this process started
+    (the log Hydra opened) and still holds nothing else but the lock, those files, the run dir and
+    the parents it leaves empty below `cleanup_below` are removed. A run dir that held anything
+    older, a checkpoint or a config record is never touched.
     """
 
-    def __init__(self, run_dir: str | Path) -> None:
-        self.path = Path(run_dir) / LOCK_NAME
+    def __init__(self, run_dir: str | Path, cleanup_below: str | Path | None = None) -> None:
+        self.path = Path(os.path.abspath(run_dir)) / LOCK_NAME
         self._file = None
+        self._cleanup_below = Path(os.path.abspath(cleanup_below)) if cleanup_below is not None else None
+        self._new_files = new_files(self.path.parent) if cleanup_below is not None else None
 
     def __enter__(self) -> RunLock:
         if fcntl is None:
             return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(self.path, "a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            owner = f.read().strip() or "another process"
-            f.close()
-            raise UserError(
-                f"another training ({owner}) is running in {self.path.parent}; wait for it to end, "
-                "stop it, or choose another hydra.run.dir"
-            ) from None
+        while True:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            f = open(self.path, "a+")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                owner = f.read().strip() or "another process"
+                f.close()
+                raise UserError(
+                    f"another training ({owner}) is running in {self.path.parent}; wait for it to end, "
+                    "stop it, or choose another hydra.run.dir"
+                ) from None
+            if same_file(f, self.path):
+                break
+            f.close()  # a failed start removed the file after we opened it: lock the new one
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")
@@ -83,10 +100,60 @@ class RunLock:
         self._file = f
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        if self._file is not None:
-            self._file.close()  # releases the lock; the file stays (removing it would race)
-            self._file = None
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        failed_start = exc_type is not None and self._holds_only_new_files()
+        try:
+            if failed_start:  # while holding the lock; __enter__ of a start waiting on it looks again
+                for name in {*self._new_files, LOCK_NAME}:
+                    (self.path.parent / name).unlink(missing_ok=True)
+        except OSError:  # Windows refuses to delete the open log: leave the folder
+            failed_start = False
+        finally:
+            if self._file is not None:
+                self._file.close()  # releases the lock; the file stays unless the start failed
+                self._file = None
+        if failed_start:
+            remove_empty_dirs(self.path.parent, self._cleanup_below)
+
+    def _holds_only_new_files(self) -> bool:
+        if self._new_files is None:
+            return False
+        allowed = {*self._new_files, LOCK_NAME}
+        try:
+            return all(p.name in allowed and p.is_file() for p in self.path.parent.iterdir())
+        except OSError:
+            return False
+
+
+def new_files(directory: Path) -> set[str] | None:
+    """The names in `directory` if it holds only files written since this process started (a run
+    dir that Hydra made for this start holds only its log file), else None."""
+    try:
+        entries = list(directory.iterdir())
+        if all(p.is_file() and not p.is_symlink() and p.stat().st_mtime >= STARTED for p in entries):
+            return {p.name for p in entries}
+    except OSError:
+        pass
+    return None
+
+
+def same_file(f: IO, path: Path) -> bool:
+    """Whether the open file `f` is still the file at `path` (not deleted or replaced)."""
+    try:
+        return os.fstat(f.fileno()).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def remove_empty_dirs(directory: Path, below: Path) -> None:
+    """Remove `directory` if empty, then each parent that this leaves empty, strictly below `below`."""
+    for d in (directory, *directory.parents):
+        if d != directory and (d == below or below not in d.parents):
+            return
+        try:
+            d.rmdir()
+        except OSError:  # not empty: someone else's runs are in it
+            return
 
 
 def remove_partial_writes(run_dir: str | Path) -> list[Path]:

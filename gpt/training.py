@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import os
 import re
+import shlex
+import shutil
+import sys
 import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -68,12 +73,80 @@ def resolve_resume(ckpt_path: str | None, run_dir: str | Path) -> str | None:
                 f"ckpt_path=last but {run_dir}/checkpoints/ holds no readable checkpoint; drop ckpt_path"
             )
         return None
+    ckpt_path = os.path.expanduser(ckpt_path)
     if not Path(ckpt_path).is_file():
         raise UserError(f"ckpt_path {ckpt_path} does not exist; pass a .ckpt file, 'last', or nothing")
     problem = readable(Path(ckpt_path))
     if problem:
         raise UserError(f"ckpt_path {ckpt_path} cannot be resumed from ({problem}); pass another checkpoint")
     return ckpt_path
+
+
+def _int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v: object) -> bool:
+    return _int(v) or isinstance(v, float)
+
+
+def _flag(v: object) -> bool:
+    return isinstance(v, bool)
+
+
+def _duration(v: object) -> bool:  # Lightning's "DD:HH:MM:SS", or timedelta's keyword arguments
+    return isinstance(v, dict) or isinstance(v, str) and re.fullmatch(r"\d+:\d+:\d+:\d+", v) is not None
+
+
+def _devices(v: object) -> bool:  # a count, -1 (all), auto, or device indices: [0, 1] or "0,1"
+    if isinstance(v, list):
+        return all(_int(i) for i in v)
+    return _int(v) or isinstance(v, str) and re.fullmatch(r"auto|-?\d+|\d+(,\d*)+", v) is not None
+
+
+# The Trainer arguments users set on the command line, what Lightning accepts for each, and whether
+# it takes null. Checked before Lightning is imported: Trainer() would refuse a wrong type only
+# seconds later, with a TypeError from deep inside Lightning.
+TRAINER_ARGS: dict[str, tuple[Callable[[object], bool], str, bool]] = {
+    "accelerator": (lambda v: isinstance(v, str), "a name such as auto, cpu or gpu", False),
+    "devices": (_devices, "a number of devices, -1 (all), auto, or a list of device indices", False),
+    "num_nodes": (_int, "an integer", False),
+    "precision": (lambda v: isinstance(v, str) or _int(v), "a name such as 32-true or bf16-mixed", True),
+    "max_steps": (_int, "an integer (-1: no limit)", False),
+    "min_steps": (_int, "an integer", True),
+    "max_epochs": (_int, "an integer (-1: no limit)", True),
+    "max_time": (_duration, "a duration 'DD:HH:MM:SS'", True),
+    "val_check_interval": (
+        lambda v: _number(v) or _duration(v),
+        "a number of steps (an integer), a fraction of the epoch (a float) or a duration 'DD:HH:MM:SS'",
+        True,
+    ),
+    "check_val_every_n_epoch": (_int, "an integer", True),
+    "num_sanity_val_steps": (_int, "an integer", True),
+    "limit_train_batches": (_number, "a number of batches (an integer) or a fraction (a float)", True),
+    "limit_val_batches": (_number, "a number of batches (an integer) or a fraction (a float)", True),
+    "log_every_n_steps": (_int, "an integer", True),
+    "accumulate_grad_batches": (_int, "an integer", False),
+    "gradient_clip_val": (_number, "a number", True),
+    "gradient_clip_algorithm": (lambda v: v in ("norm", "value"), "norm or value", True),
+    "deterministic": (lambda v: isinstance(v, bool) or v == "warn", "true, false or warn", True),
+    "benchmark": (_flag, "true or false", True),
+    "enable_checkpointing": (_flag, "true or false", True),
+    "enable_progress_bar": (_flag, "true or false", True),
+    "enable_model_summary": (_flag, "true or false", True),
+    "use_distributed_sampler": (_flag, "true or false", False),
+}
+
+
+def check_trainer_args(trainer: dict[str, object]) -> None:
+    """Refuse a Trainer argument of the wrong type (trainer.max_steps=abc) in one line."""
+    for name, (accepts, what, nullable) in TRAINER_ARGS.items():
+        if name not in trainer or trainer[name] is None and nullable:
+            continue
+        value = trainer[name]
+        if not accepts(value):
+            shown = json.dumps(value) if value is None or isinstance(value, bool) else repr(value)
+            raise ConfigError(f"trainer.{name}={shown} must be {what}" + (" (or null)" if nullable else ""))
 
 
 def check_devices(accelerator: str, devices: int | str | list[int]) -> None:
@@ -129,6 +202,29 @@ def val_windows(requested: int | None, device: str, vocab_size: int) -> tuple[in
         f"validation: {CPU_VAL_WINDOWS} windows (data.val_windows=null on a CPU with a {vocab_size:,}-token "
         f"vocabulary; data.val_windows={FULL_VAL_WINDOWS} scores the full set, {slower}x slower)"
     )
+
+
+def python_command() -> str:
+    """`python` when that is this interpreter on PATH (an activated venv), else its full path."""
+    found = shutil.which("python")
+    return "python" if found and os.path.samefile(found, sys.executable) else sys.executable
+
+
+def resume_command(argv: list[str], run_dir: str | Path, job_overrides: list[str] | None = None) -> str:
+    """The shell command that continues a stopped run: the one that started it (`argv`), with
+    hydra.run.dir=<run dir> added when it was not given, since the default runs/<date>/<time>
+    would name a new folder. For one job of a sweep (-m), the job's own overrides replace the
+    sweep's arguments: it resumes that job alone."""
+    script, *args = argv
+    if job_overrides is not None:
+        args = list(job_overrides)
+    if not any(re.match(r"\+{0,2}hydra\.run\.dir=", a) for a in args):
+        relative = os.path.relpath(run_dir)
+        path = str(run_dir) if relative.startswith("..") else relative
+        if not re.fullmatch(r"[\w./:-]+", path):  # spaces and the like: quoted for Hydra too
+            path = f'"{path}"'
+        args.append(f"hydra.run.dir={path}")
+    return shlex.join([python_command(), script, *args])
 
 
 def run_label(overrides: list[str]) -> str:

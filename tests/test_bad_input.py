@@ -70,6 +70,12 @@ def train(*extra: str, message: str, env: dict[str, str] | None = None) -> Case:
     return Case((*TRAIN, *extra), message, env or {})
 
 
+def new_run(*extra: str, message: str, env: dict[str, str] | None = None) -> Case:
+    """A train.py case in the default run dir, runs/<date>/<time>/ under the working folder: the
+    snapshot shows it if the failed start left it (or runs/) behind."""
+    return Case((*(a for a in TRAIN if not a.startswith("hydra.run.dir=")), *extra), message, env or {})
+
+
 def generate(*extra: str, message: str) -> Case:
     return Case((*GENERATE, *extra), message)
 
@@ -84,6 +90,23 @@ CASES = {
     "train-unknown-key": train("model.n_layr=2", message="Key 'n_layr' not in 'ModelConfig'"),
     "train-wrong-type": train(
         "model.n_layer=two", message="Value 'two' of type 'str' could not be converted"
+    ),
+    "train-unknown-optimizer": train("optim=sgd", message="there is no optim=sgd; choose one of adamw, muon"),
+    "train-unknown-model-preset": train("model=tiny", message="there is no model=tiny; choose one of gpt2,"),
+    "train-unknown-experiment": train(
+        "experiment=typo", message="there is no experiment=typo; choose one of shakespeare_char_cpu,"
+    ),
+    # Hydra would print its own message over several lines and exit with 1.
+    "train-unknown-optimizer-with-hydra-full-error-0": train(
+        "optim=sgd", message="there is no optim=sgd;", env={"HYDRA_FULL_ERROR": "0"}
+    ),
+    "train-unquoted-tilde": train(
+        "data.path=~/corpus.txt",
+        message="""'data.path=~/corpus.txt'; put the value in quotes inside the argument: """
+        """'data.path="~/corpus.txt"'""",
+    ),
+    "train-trainer-arg-of-a-wrong-type": train(
+        "trainer.max_steps=abc", message="trainer.max_steps='abc' must be an integer"
     ),
     "train-n-embd-not-divisible-by-n-head": train(
         "model.n_head=5", message="model.n_embd=32 is not divisible by model.n_head=5; pick n_head"
@@ -121,6 +144,27 @@ CASES = {
         train("trainer.accelerator=gpu", message="trainer.accelerator=gpu but torch finds no CUDA GPU"),
         marks=NO_GPU,
     ),
+    # train.py in a new run dir: what fails after Hydra made it must take it away again
+    "new-run-invalid-value": new_run("model.n_head=5", message="model.n_embd=32 is not divisible by"),
+    "new-run-trainer-arg-of-a-wrong-type": new_run(
+        "trainer.max_steps=abc", message="trainer.max_steps='abc' must be an integer"
+    ),
+    "new-run-missing-corpus": new_run(
+        "data.path={inputs}/missing.txt", message="missing.txt' does not exist"
+    ),
+    "new-run-empty-corpus": new_run("data.path={inputs}/empty.txt", message="empty.txt) is empty; give it"),
+    "new-run-block-size-larger-than-data": new_run(
+        "model.block_size=5000", message="fewer than block_size+2"
+    ),
+    "new-run-unknown-tokenizer": new_run("data.tokenizer=nope", message="unknown tokenizer 'nope'"),
+    "new-run-tokenizer-not-loadable-offline": new_run(
+        "data.tokenizer=cl100k_base", message="could not load tiktoken encoding 'cl100k_base'", env=OFFLINE
+    ),
+    "new-run-missing-checkpoint": new_run("ckpt_path={inputs}/missing.ckpt", message="missing.ckpt does not"),
+    "new-run-checkpoint-of-another-shape": new_run(
+        f"ckpt_path={RUN}", "model.n_layer=3", message="holds a model of another shape (model.n_layer=2 in it"
+    ),
+    "new-run-more-devices-than-exist": new_run("trainer.devices=1000", message="trainer.devices=1000 "),
     # generate.py: the sampling knobs, the checkpoint, the prompt, the device
     "generate-unknown-key": generate("tempreature=0.5", message="Key 'tempreature' not in 'GenerateConfig'"),
     "generate-wrong-type": generate(
@@ -151,6 +195,9 @@ CASES = {
     # prepare, by both of its names
     "prepare-unknown-key": command(
         "-m", "gpt.prepare", "data.tokenizr=char", message="Key 'tokenizr' not in 'DataConfig'"
+    ),
+    "prepare-unknown-data-preset": command(
+        "-m", "gpt.prepare", "data=wikitext", message="there is no data=wikitext; choose one of hf,"
     ),
     "prepare-text-without-path": command(
         "-m", "gpt.prepare", "data=text", "data.cache_dir={cache}", message="data=text needs a corpus"

@@ -31,3 +31,38 @@ def test_failed_instantiation_names_target_and_cause():
     assert describe(info.value).startswith(
         "Error in call to target 'math.sqrt': TypeError('math.sqrt() takes no keyword arguments')"
     )
+
+
+def test_missing_group_option_names_the_choices():
+    from hydra.errors import MissingConfigException
+
+    e = MissingConfigException(
+        "In 'train': Could not find 'optim/sgd'\n\nAvailable options in 'optim':\n\t_schema\n\tadamw\n\tmuon",
+        missing_cfg_file="optim/sgd",
+        options=["_schema", "adamw", "muon"],
+    )
+    assert describe(e) == "there is no optim=sgd; choose one of adamw, muon"
+    inner = MissingConfigException(
+        "In 'experiment/mine': Could not find 'model/tiny'", missing_cfg_file="model/tiny", options=["nano"]
+    )
+    assert describe(inner) == "there is no model=tiny (asked for in experiment/mine); choose one of nano"
+
+
+@pytest.mark.parametrize(
+    "override, advice",
+    [
+        ("data.path=~/corpus", """put the value in quotes inside the argument: 'data.path="~/corpus"'"""),
+        ("prompt=Où?", """put the value in quotes inside the argument: 'prompt="Où?"'"""),
+        (
+            "stop=[Où]",
+            """put values with spaces or special characters in quotes inside the argument: """
+            """'prompt="Hello, world!"'""",
+        ),
+    ],
+)
+def test_unparsable_override_says_how_to_quote_it(override: str, advice: str):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    with pytest.raises(Exception) as info:
+        OverridesParser.create().parse_overrides([override])
+    assert describe(info.value) == f"could not parse the override {override!r}; " + advice

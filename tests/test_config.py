@@ -7,9 +7,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import train  # registers the schemas
+from gpt.checkpoint import find_checkpoint
 from gpt.config import DataConfig, GenerateConfig, ModelConfig, OptimConfig
 from gpt.errors import ConfigError
 from gpt.model import GPT
+from gpt.training import check_trainer_args
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -77,6 +79,58 @@ def test_unknown_key_fails_at_compose_time():
 def test_wrong_type_fails_at_compose_time():
     with pytest.raises(Exception, match="n_layer"):
         compose_train("model.n_layer=two")
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        *([f"trainer={t}"] for t in group_options("trainer")),
+        *([f"experiment={e}"] for e in group_options("experiment")),
+        ["trainer.devices=[0,1]", "trainer.precision=16", "trainer.val_check_interval=0.5"],
+        ["trainer.devices=auto", "trainer.val_check_interval=00:01:00:00", "+trainer.max_time=00:12:00:00"],
+        ["trainer.devices=-1", "trainer.gradient_clip_val=null", "trainer.log_every_n_steps=null"],
+    ],
+)
+def test_trainer_args_of_the_presets_and_of_each_accepted_type_pass(overrides):
+    check_trainer_args(OmegaConf.to_container(compose_train(*overrides).trainer))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.max_steps=abc", "trainer.max_steps='abc' must be an integer (-1: no limit)"),
+        ("trainer.max_steps=1.5", "trainer.max_steps=1.5 must be an integer"),
+        ("trainer.max_steps=true", "trainer.max_steps=true must be an integer"),
+        ("trainer.max_steps=null", "trainer.max_steps=null must be an integer"),
+        ("trainer.val_check_interval=often", "trainer.val_check_interval='often' must be a number of steps"),
+        ("trainer.devices=two", "trainer.devices='two' must be a number of devices"),
+        ("trainer.devices=[a]", "trainer.devices=['a'] must be a number of devices"),
+        ("trainer.num_nodes=2.0", "trainer.num_nodes=2.0 must be an integer"),
+        ("trainer.accumulate_grad_batches=x", "trainer.accumulate_grad_batches='x' must be an integer"),
+        ("trainer.log_every_n_steps=1e1", "trainer.log_every_n_steps=10.0 must be an integer (or null)"),
+        ("trainer.gradient_clip_val=off", "trainer.gradient_clip_val='off' must be a number (or null)"),
+        ("trainer.precision=16.5", "trainer.precision=16.5 must be a name such as 32-true or bf16-mixed"),
+        ("trainer.use_distributed_sampler=1", "trainer.use_distributed_sampler=1 must be true or false"),
+    ],
+)
+def test_trainer_args_of_a_wrong_type_fail_before_lightning(override, message):
+    with pytest.raises(ConfigError) as info:
+        check_trainer_args(OmegaConf.to_container(compose_train(override).trainer))
+    assert str(info.value).startswith(message)
+
+
+def test_tilde_in_config_paths_is_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    data = DataConfig(source="text", path="~/corpus", root="~/data", cache_dir="~/cache")
+    assert (data.path, data.root, data.cache_dir) == tuple(
+        str(tmp_path / n) for n in ("corpus", "data", "cache")
+    )
+    assert GenerateConfig(prompt_file="~/prompts.txt").prompt_file == str(tmp_path / "prompts.txt")
+    assert DataConfig(source="hf", path="user/dataset").path == "user/dataset"  # not a path: unchanged
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "last.ckpt").write_bytes(b"")
+    assert find_checkpoint("~/run") == tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert find_checkpoint(None, runs_dir="~") == tmp_path / "run" / "checkpoints" / "last.ckpt"
 
 
 def test_indivisible_heads_fail_with_values():

@@ -106,8 +106,8 @@ def test_unquoted_special_characters_say_how_to_quote(trained):
     proc = run_script("generate.py", "prompt=Où?", cwd=trained)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        """error: could not parse the override 'prompt=Où?'; put values with spaces or special """
-        """characters in quotes inside the argument: 'prompt="Hello, world!"'"""
+        """error: could not parse the override 'prompt=Où?'; put the value in quotes inside the """
+        """argument: 'prompt="Où?"'"""
     ]
 
 

@@ -4,8 +4,10 @@ second training on a busy run dir; a full or read-only output location."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -22,9 +24,9 @@ from gpt.callbacks import AtomicCheckpointIO, NonFiniteGuard, PeriodicCheckpoint
 from gpt.config import ModelConfig, OptimConfig
 from gpt.errors import NonFiniteError, UserError
 from gpt.lit_module import GPTLitModule
-from gpt.rundir import RunLock, check_free_space, is_launch_rank_zero
+from gpt.rundir import RunLock, check_free_space, is_launch_rank_zero, same_file
 from gpt.tokenizer import CharTokenizer
-from gpt.training import newest_checkpoint, newest_readable_checkpoint
+from gpt.training import newest_checkpoint, newest_readable_checkpoint, python_command
 from tests.conftest import ROOT, SHAKESPEARE, run_script
 from tests.test_training import assert_same_weights, final_state, losses, ok, train_cmd
 
@@ -139,16 +141,42 @@ def test_sigkill_during_a_checkpoint_write_resumes_from_the_last_complete_one(co
     assert_equals_straight(run, straight)
 
 
-def test_sigterm_saves_exits_143_and_resumes_bit_identical(corpus, straight, tmp_path):
-    run = tmp_path / "stopped"
-    proc = train_until(corpus, run, EXTRA, "step-10.ckpt")
+def test_sigterm_saves_exits_143_and_the_printed_command_resumes_bit_identical(corpus, straight, tmp_path):
+    # The default run dir, runs/<date>/<time>/: the same command again would start a new run.
+    args = [
+        str(ROOT / "train.py"),
+        *(a for a in train_cmd(corpus, tmp_path, *EXTRA)[1:] if "hydra.run" not in a),
+    ]
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 300
+    while not (found := list(tmp_path.glob("runs/*/*/checkpoints/step-10.ckpt"))):
+        assert proc.poll() is None and time.time() < deadline, "training ended before it could be stopped"
+        time.sleep(0.02)
+    run = found[0].parent.parent
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143
-    assert "stopped by SIGTERM at step" in stderr.strip().splitlines()[-1]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("stopped by SIGTERM at step ") and f"; checkpoint in {run}/checkpoints/;" in last
+    command = last.split("; resume with: ", 1)[1]
+    assert command == shlex.join([python_command(), *args, f"hydra.run.dir={run.relative_to(tmp_path)}"])
     assert (run / "checkpoints" / "on_exception.ckpt").is_file()
-    ok(run_script(*train_cmd(corpus, run, *EXTRA), cwd=tmp_path))
+
+    ok(
+        subprocess.run(
+            shlex.split(command), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+        )
+    )
     assert_equals_straight(run, straight)
+    assert list(tmp_path.glob("runs/*/*")) == [run]  # resumed in place, no new run dir
     assert not (run / "checkpoints" / "on_exception.ckpt").exists()  # removed once finished
 
 
@@ -282,6 +310,57 @@ def test_run_lock_refuses_a_second_holder_and_is_released(tmp_path):
         pass
     with RunLock(tmp_path):  # released on exit
         pass
+
+
+def test_a_failed_start_removes_the_run_dir_it_made_and_nothing_else(tmp_path):
+    def start(run: Path, fail: bool = True, write: str | None = None) -> None:
+        with (
+            pytest.raises(UserError) if fail else contextlib.nullcontext(),
+            RunLock(run, cleanup_below=tmp_path),
+        ):
+            if write:
+                (run / write).mkdir()
+            if fail:
+                raise UserError("bad input")
+
+    (tmp_path / "runs" / "earlier").mkdir(parents=True)
+    for day in ("today", "tomorrow"):  # as Hydra leaves it: the run dir and an empty log
+        (tmp_path / "runs" / day / "12-00-00").mkdir(parents=True)
+        (tmp_path / "runs" / day / "12-00-00" / "train.log").write_text("")
+    start(tmp_path / "runs" / "today" / "12-00-00")
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["earlier", "tomorrow"]
+    (tmp_path / "runs" / "earlier").rmdir()
+    start(tmp_path / "runs" / "tomorrow" / "12-00-00")
+    assert list(tmp_path.iterdir()) == []  # runs/ too: the walk stops at cleanup_below
+
+    kept = {
+        "succeeded": dict(fail=False),
+        "wrote-more": dict(write="checkpoints"),  # failed after writing something: not only ours
+        "older-file": dict(),  # a file older than this process: a run dir that existed before
+    }
+    for name in kept:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "train.log").write_text("")
+    os.utime(tmp_path / "older-file" / "train.log", (0, 0))
+    for name, how in kept.items():
+        start(tmp_path / name, **how)
+        assert (tmp_path / name / "train.log").is_file() and (tmp_path / name / "train.lock").is_file(), name
+    with (
+        pytest.raises(UserError),
+        RunLock(tmp_path / "busy"),
+        RunLock(tmp_path / "busy", cleanup_below=tmp_path),
+    ):
+        pass  # refused: the folder is another training's
+    assert (tmp_path / "busy" / "train.lock").is_file()
+
+
+def test_run_lock_locks_the_file_that_is_there(tmp_path):
+    """A failed start deletes train.lock while holding it; a start that opened it meanwhile must
+    not run on the deleted file beside a third one that locks a new train.lock."""
+    with open(tmp_path / "train.lock", "a+") as f:
+        assert same_file(f, tmp_path / "train.lock")
+        (tmp_path / "train.lock").unlink()
+        assert not same_file(f, tmp_path / "train.lock")
 
 
 def test_only_rank_zero_takes_the_lock(monkeypatch):

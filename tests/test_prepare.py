@@ -389,6 +389,17 @@ def test_command_line_prepares_once_then_hits_the_cache(tiny_corpus, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "corpus.txt"]  # no run folder, no log file
 
 
+def test_command_line_expands_a_quoted_tilde(tiny_corpus, tmp_path):
+    """Hydra reads `~` only in quotes, and no shell expands it after `data.path=`: the config does."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    args = ["-m", "gpt.prepare", "data=text", 'data.path="~/corpus.txt"', "data.tokenizer=char"]
+    proc = run_script(*args, 'data.cache_dir="~/cache"', cwd=elsewhere, env={"HOME": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert f"prepared {tmp_path / 'cache'}" in proc.stdout
+    assert list(elsewhere.iterdir()) == []  # no folder named ~
+
+
 def test_command_line_error_is_one_line(tmp_path):
     proc = run_script("prepare.py", "data=text", f"data.path={tmp_path / 'nope'}", cwd=tmp_path)
     assert proc.returncode == 2

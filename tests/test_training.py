@@ -16,8 +16,10 @@ from gpt.optim import MuonWithAdamW, build_optimizer, lr_factor, muon_split
 from gpt.training import (
     accumulation_steps,
     check_devices,
+    python_command,
     read_metrics,
     resolve_resume,
+    resume_command,
     run_label,
     wandb_fields,
 )
@@ -228,7 +230,7 @@ def test_wsd_schedule_values():
     assert lr_factor(100, cfg, 100) == pytest.approx(0.0)
 
 
-def test_resolve_resume(tmp_path):
+def test_resolve_resume(tmp_path, monkeypatch):
     assert resolve_resume(None, tmp_path) is None
     with pytest.raises(UserError, match="ckpt_path=last but"):
         resolve_resume("last", tmp_path)
@@ -240,6 +242,10 @@ def test_resolve_resume(tmp_path):
     torch.save({"global_step": 20}, tmp_path / "checkpoints" / "last.ckpt")
     assert resolve_resume(None, tmp_path).endswith("last.ckpt")
     assert resolve_resume("last", tmp_path).endswith("last.ckpt")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert resolve_resume("~/checkpoints/step-10.ckpt", "elsewhere") == str(
+        tmp_path / "checkpoints" / "step-10.ckpt"
+    )
     # a newer but truncated file (a kill mid-write outside Lightning's atomic save) is skipped
     good = (tmp_path / "checkpoints" / "last.ckpt").read_bytes()
     time.sleep(0.01)
@@ -268,6 +274,24 @@ def test_more_devices_than_the_machine_has_are_refused(monkeypatch):
         check_devices(accelerator, devices)
     with pytest.raises(ConfigError, match=r"trainer.devices=8 but this machine has 4 CUDA GPU\(s\)"):
         check_devices("auto", 8)
+
+
+def test_resume_command_names_the_run_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    py = python_command()
+    typed = ["train.py", "model=small", 'prompt="a b"']
+    assert (
+        resume_command(typed, tmp_path / "runs/d/t")
+        == f"""{py} train.py model=small 'prompt="a b"' hydra.run.dir=runs/d/t"""
+    )
+    given = ["train.py", "hydra.run.dir=runs/mine"]
+    assert resume_command(given, tmp_path / "runs/mine") == f"{py} train.py hydra.run.dir=runs/mine"
+    assert resume_command(["train.py"], "/else where") == f"""{py} train.py 'hydra.run.dir="/else where"'"""
+    # one job of a sweep: that job's overrides, without -m
+    sweep = ["train.py", "-m", "optim.lr=1e-3,3e-3"]
+    assert resume_command(sweep, tmp_path / "runs/multirun/d/t/1", ["optim.lr=3e-3"]) == (
+        f"{py} train.py optim.lr=3e-3 hydra.run.dir=runs/multirun/d/t/1"
+    )
 
 
 def test_accumulation_steps_and_wandb_fields():
