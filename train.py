@@ -78,27 +78,25 @@ def vocab_size(requested: int | None, tokenizer_vocab: int) -> int:
     return requested
 
 
-def say(line: str | None, warning: bool = False) -> None:
-    """Log a start-up decision once (the launch's rank zero)."""
-    if line and is_launch_rank_zero():
-        log.log(logging.WARNING if warning else logging.INFO, f"warning: {line}" if warning else line)
-
-
-def choose_precision(cfg: DictConfig) -> None:
-    """Replace trainer.precision=auto (and fp16 on a CPU) by what the Trainer gets; say so once."""
+def choose_precision(cfg: DictConfig, notes: list[str]) -> None:
+    """Replace trainer.precision=auto (and fp16 on a CPU) by what the Trainer gets."""
     precision, line, warning = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
     cfg.trainer.precision = precision
-    say(line)
-    say(warning, warning=True)
+    notes += [line] if line else []
+    notes += [f"warning: {warning}"] if warning else []
 
 
-def check(cfg: DictConfig, ckpt_path: str | None) -> tuple[ModelConfig, DataConfig, OptimConfig, Prepared]:
+def check(
+    cfg: DictConfig, ckpt_path: str | None, notes: list[str]
+) -> tuple[ModelConfig, DataConfig, OptimConfig, Prepared]:
     """Validate everything that needs no Lightning: configs, devices, the data (prepared on first
-    use, cached on disk) against the model, and the checkpoint to resume against both."""
+    use, cached on disk) against the model, and the checkpoint to resume against both. The
+    decisions made on the way (precision, validation windows) are added to `notes`, to be logged
+    once the start has succeeded: a failed start leaves an existing run dir's train.log as it was."""
     model_cfg, data_cfg, optim_cfg = to_dataclasses(cfg)
     check_trainer_args(OmegaConf.to_container(cfg.trainer, resolve=True))
     check_devices(cfg.trainer.accelerator, cfg.trainer.devices)
-    choose_precision(cfg)
+    choose_precision(cfg, notes)
     prepared = prepare(data_cfg)
     prepared.check_fits(model_cfg.block_size)
     tokenizer = prepared.tokenizer()
@@ -107,14 +105,16 @@ def check(cfg: DictConfig, ckpt_path: str | None) -> tuple[ModelConfig, DataConf
         data_cfg.val_windows, device_type(cfg.trainer.accelerator), model_cfg.vocab_size
     )
     data_cfg = replace(data_cfg, val_windows=windows)
-    say(line)
+    notes += [line] if line else []
     if ckpt_path:  # another model or vocabulary: refused before anything is written to the run dir
         check_resumable(ckpt_path, model_cfg, tokenizer.to_dict())
     return model_cfg, data_cfg, optim_cfg, prepared
 
 
-def build(cfg: DictConfig, ckpt_path: str | None = None) -> tuple[L.Trainer, GPTLitModule, GPTDataModule]:
-    model_cfg, data_cfg, optim_cfg, prepared = check(cfg, ckpt_path)
+def build(
+    cfg: DictConfig, ckpt_path: str | None = None, notes: list[str] | None = None
+) -> tuple[L.Trainer, GPTLitModule, GPTDataModule]:
+    model_cfg, data_cfg, optim_cfg, prepared = check(cfg, ckpt_path, [] if notes is None else notes)
     import lightning as L
     from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 
@@ -204,7 +204,8 @@ def main(cfg: DictConfig) -> None:
 
 def fit(cfg: DictConfig, run_dir: str, run_config: dict[str, str], rank_zero: bool) -> None:
     ckpt_path = resolve_resume(cfg.ckpt_path, run_dir)
-    trainer, module, datamodule = build(cfg, ckpt_path)
+    notes: list[str] = []
+    trainer, module, datamodule = build(cfg, ckpt_path, notes)
     if rank_zero:
         needed, files = checkpoint_room(trainer, module)
         check_free_space(run_dir, needed, f"{files} checkpoints of the model and its optimizer state")
@@ -219,6 +220,8 @@ def fit(cfg: DictConfig, run_dir: str, run_config: dict[str, str], rank_zero: bo
         if trainer.is_global_zero:
             log.info(f"initialized from {source}")
     if trainer.is_global_zero:
+        for note in notes:
+            log.log(logging.WARNING if note.startswith("warning:") else logging.INFO, note)
         log.info(f"run dir: {run_dir}" + (f"; resuming from {ckpt_path}" if ckpt_path else ""))
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 

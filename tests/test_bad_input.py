@@ -126,11 +126,12 @@ CASES = {
     ),
     "train-checkpoint-of-another-vocabulary": train(
         "data.tokenizer=r50k_base",
-        message=f"{RUN} was trained with a 58-character vocabulary but this run's data.tokenizer gives "
+        # The run's newest checkpoint: last.ckpt, or best-step=4.ckpt written after it at the same step.
+        message="ckpt was trained with a 58-character vocabulary but this run's data.tokenizer gives "
         "tokenizer 'r50k_base'; resume with",
     ),
     "train-checkpoint-of-another-shape": train(
-        "model.n_layer=3", message=f"{RUN} holds a model of another shape (model.n_layer=2 in it, 3 now)"
+        "model.n_layer=3", message="ckpt holds a model of another shape (model.n_layer=2 in it, 3 now)"
     ),
     "train-unknown-tokenizer": train(
         "data.tokenizer=nope", message="unknown tokenizer 'nope'; use 'char' or"
