@@ -78,9 +78,9 @@ def vocab_size(requested: int | None, tokenizer_vocab: int) -> int:
     return requested
 
 
-def choose_precision(cfg: DictConfig, notes: list[str]) -> None:
+def choose_precision(cfg: DictConfig, width: int, notes: list[str]) -> None:
     """Replace trainer.precision=auto (and fp16 on a CPU) by what the Trainer gets."""
-    precision, line, warning = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
+    precision, line, warning = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator, width)
     cfg.trainer.precision = precision
     notes += [line] if line else []
     notes += [f"warning: {warning}"] if warning else []
@@ -96,7 +96,7 @@ def check(
     model_cfg, data_cfg, optim_cfg = to_dataclasses(cfg)
     check_trainer_args(OmegaConf.to_container(cfg.trainer, resolve=True))
     check_devices(cfg.trainer.accelerator, cfg.trainer.devices)
-    choose_precision(cfg, notes)
+    choose_precision(cfg, model_cfg.n_embd, notes)
     prepared = prepare(data_cfg)
     prepared.check_fits(model_cfg.block_size)
     tokenizer = prepared.tokenizer()

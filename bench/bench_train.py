@@ -174,7 +174,7 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     args.accelerator = "gpu" if cuda else "cpu"
-    args.precision = args.precision or resolve_precision("auto", args.accelerator)[0]
+    args.precision = args.precision or resolve_precision("auto", args.accelerator, width=768)[0]
     if cuda:
         torch.set_float32_matmul_precision("high")
     presets = (args.presets or ("nano,small,medium,large" if cuda else "nano,small")).split(",")

@@ -22,6 +22,11 @@ from gpt.errors import ConfigError
 # A bf16 matmul taking more than this many times as long as fp32 counts as emulated. Measured
 # here: 0.3x with AVX-512 BF16, 70x to 190x with oneDNN limited to AVX2.
 EMULATED_RATIO = 2.0
+# Under bf16 autocast on a CPU, every op casts its inputs, and a narrow model's matmuls are too
+# small for the bf16 gain to pay for that. Measured with bench/bench_train.py on a 2-core AVX-512
+# BF16 CPU: model=nano (128 wide) 66 ms per step in fp32, 88 ms in bf16-mixed; model=small (384
+# wide) 1,752 ms in fp32, 1,069 ms in bf16-mixed. So auto picks bf16 on a CPU from this width on.
+CPU_BF16_MIN_WIDTH = 256
 BF16_PRECISIONS = ("bf16-mixed", "bf16-true", "bf16")
 FP16_PRECISIONS = ("16-mixed", "16-true", "16")
 
@@ -98,10 +103,14 @@ def bf16_speed(device: str) -> Bf16Speed:
     return Bf16Speed(False, f"bf16 is not measured on {device}")
 
 
-def resolve_precision(requested: str | int, accelerator: str) -> tuple[str | int, str | None, str | None]:
-    """(precision for Lightning's Trainer, a line to print, a warning) for trainer.precision.
+def resolve_precision(
+    requested: str | int, accelerator: str, width: int
+) -> tuple[str | int, str | None, str | None]:
+    """(precision for Lightning's Trainer, a line to print, a warning) for trainer.precision, for a
+    model `width` (n_embd) wide.
 
-    "auto": bf16-mixed where the device computes bf16 fast, else 32-true. An explicit bf16 or fp16
+    "auto": bf16-mixed where the device computes bf16 fast (on a CPU, for models at least
+    CPU_BF16_MIN_WIDTH wide), else 32-true. An explicit bf16 or fp16
     precision on a CPU that emulates bf16 is kept, with a warning that says how slow it is; fp16
     mixed precision on a CPU becomes bf16-mixed, as Lightning would make it (it has no fp16
     autocast on CPUs), but said here.
@@ -109,6 +118,9 @@ def resolve_precision(requested: str | int, accelerator: str) -> tuple[str | int
     device = device_type(accelerator)
     if requested == "auto":
         speed = bf16_speed(device)
+        if speed.fast and device == "cpu" and width < CPU_BF16_MIN_WIDTH:
+            why = f"{speed.reason}, but at {width} wide fp32 is faster"
+            return "32-true", f"precision: 32-true (trainer.precision=auto: {why})", None
         precision = "bf16-mixed" if speed.fast else "32-true"
         return precision, f"precision: {precision} (trainer.precision=auto: {speed.reason})", None
     if not isinstance(requested, (str, int)) or isinstance(requested, bool):

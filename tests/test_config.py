@@ -168,7 +168,7 @@ def instantiate_in(run_dir: Path, *overrides: str):
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(run_dir)
     HydraConfig.instance().set_config(cfg)
-    train.choose_precision(cfg, [])
+    train.choose_precision(cfg, cfg.model.n_embd, [])
     callbacks = {k: hydra.utils.instantiate(c) for k, c in cfg.callbacks.items()}
     loggers = {k: hydra.utils.instantiate(c) for k, c in cfg.logger.items()}
     trainer = hydra.utils.instantiate(

@@ -29,14 +29,21 @@ def cpu_ratio(monkeypatch):
 
 def test_auto_is_bf16_on_a_cpu_with_native_bf16(cpu_ratio):
     cpu_ratio(0.3)
-    chosen, line, warning = resolve_precision("auto", "auto")
+    chosen, line, warning = resolve_precision("auto", "auto", 384)
     assert chosen == "bf16-mixed" and warning is None
     assert line.startswith("precision: bf16-mixed (trainer.precision=auto: bf16 is native on this CPU")
 
 
+def test_auto_is_fp32_for_a_narrow_model_even_with_native_bf16(cpu_ratio):
+    cpu_ratio(0.3)
+    chosen, line, _ = resolve_precision("auto", "cpu", 128)
+    assert chosen == "32-true" and line.endswith("but at 128 wide fp32 is faster)")
+    assert resolve_precision("auto", "cpu", 256)[0] == "bf16-mixed"
+
+
 def test_auto_is_fp32_on_a_cpu_that_emulates_bf16(cpu_ratio):
     cpu_ratio(48.0)
-    chosen, line, warning = resolve_precision("auto", "cpu")
+    chosen, line, warning = resolve_precision("auto", "cpu", 384)
     assert chosen == "32-true" and warning is None
     assert "emulates bf16: a bf16 matmul took 48x as long as fp32" in line
 
@@ -44,7 +51,7 @@ def test_auto_is_fp32_on_a_cpu_that_emulates_bf16(cpu_ratio):
 @pytest.mark.parametrize("requested", ["bf16-mixed", "bf16-true", "16-mixed"])
 def test_explicit_bf16_on_an_emulating_cpu_is_kept_with_a_warning(cpu_ratio, requested):
     cpu_ratio(48.0)
-    chosen, _, warning = resolve_precision(requested, "cpu")
+    chosen, _, warning = resolve_precision(requested, "cpu", 384)
     assert chosen == ("bf16-mixed" if requested == "16-mixed" else requested)
     assert warning.startswith(f"trainer.precision={requested} on a CPU that emulates bf16")
     assert "48x as long as fp32" in warning
@@ -52,9 +59,9 @@ def test_explicit_bf16_on_an_emulating_cpu_is_kept_with_a_warning(cpu_ratio, req
 
 def test_explicit_precisions_on_a_fast_cpu_are_left_alone(cpu_ratio):
     cpu_ratio(0.3)
-    assert resolve_precision("bf16-mixed", "cpu") == ("bf16-mixed", None, None)
-    assert resolve_precision("32-true", "cpu") == ("32-true", None, None)
-    chosen, note, warning = resolve_precision("16-mixed", "cpu")
+    assert resolve_precision("bf16-mixed", "cpu", 384) == ("bf16-mixed", None, None)
+    assert resolve_precision("32-true", "cpu", 384) == ("32-true", None, None)
+    chosen, note, warning = resolve_precision("16-mixed", "cpu", 384)
     assert (chosen, warning) == ("bf16-mixed", None) and "runs as bf16-mixed" in note
 
 
@@ -66,7 +73,7 @@ def test_auto_on_a_gpu_follows_native_bf16(monkeypatch, native, expected):
     monkeypatch.setattr(precision, "cpu_bf16_ratio", lambda: pytest.fail("a GPU run must not probe the CPU"))
     bf16_speed.cache_clear()
     try:
-        chosen, line, _ = resolve_precision("auto", "auto")
+        chosen, line, _ = resolve_precision("auto", "auto", 384)
     finally:
         bf16_speed.cache_clear()
     assert chosen == expected
