@@ -364,3 +364,12 @@ def test_compile_flag_compiles_the_model(tiny_corpus, tmp_path):
     _, eager, _ = build_in_process(tiny_corpus, tmp_path / "b")
     assert compiled.model._compiled_call_impl is not None
     assert eager.model._compiled_call_impl is None
+
+
+def test_val_windows_null_scores_fewer_windows_on_cpu_with_a_large_vocabulary(tiny_corpus, tmp_path):
+    """train.py hands the data module what data.val_windows=null resolves to, not None or 512."""
+    bpe = "data.tokenizer=r50k_base"
+    _, _, large = build_in_process(tiny_corpus, tmp_path / "bpe", bpe, "data.val_windows=null")
+    _, _, chars = build_in_process(tiny_corpus, tmp_path / "char", "data.val_windows=null")
+    _, _, chosen = build_in_process(tiny_corpus, tmp_path / "set", bpe, "data.val_windows=100")
+    assert (large.cfg.val_windows, chars.cfg.val_windows, chosen.cfg.val_windows) == (64, 512, 100)
