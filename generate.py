@@ -10,9 +10,9 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from gpt.cli import exit_on_user_error
 from gpt.config import GenerateConfig
-from gpt.generate_cli import sample
+from gpt.errors import exit_on_user_error
+from gpt.generate.command import sample
 
 ConfigStore.instance().store(name="_schema", node=GenerateConfig)
 

@@ -10,9 +10,9 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from gpt.cli import exit_on_user_error
 from gpt.config import DataConfig
-from gpt.prepare import prepare
+from gpt.data.prepare import prepare
+from gpt.errors import exit_on_user_error
 
 ConfigStore.instance().store(group="data", name="_schema", node=DataConfig)
 

@@ -22,14 +22,15 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from gpt.checkpoint import check_resumable
-from gpt.cli import EXIT_PREEMPTED, exit_on_user_error
 from gpt.config import DataConfig, ModelConfig, OptimConfig
-from gpt.errors import ConfigError
-from gpt.loggers import choose_wandb_mode
-from gpt.precision import device_type, resolve_precision
-from gpt.prepare import Prepared, prepare
-from gpt.rundir import (
+from gpt.data.prepare import Prepared, prepare
+from gpt.errors import EXIT_PREEMPTED, ConfigError, exit_on_user_error
+from gpt.runs.checkpoint import check_resumable
+from gpt.train.checks import accumulation_steps, check_devices, check_trainer_args, enable_tf32, val_windows
+from gpt.train.loggers import choose_wandb_mode, wandb_fields
+from gpt.train.precision import device_type, resolve_precision
+from gpt.train.resume import resolve_resume, resume_command
+from gpt.train.rundir import (
     RunLock,
     check_free_space,
     checkpoint_bytes,
@@ -37,22 +38,12 @@ from gpt.rundir import (
     remove_partial_writes,
     save_run_config,
 )
-from gpt.training import (
-    accumulation_steps,
-    check_devices,
-    check_trainer_args,
-    enable_tf32,
-    resolve_resume,
-    resume_command,
-    val_windows,
-    wandb_fields,
-)
 
 if TYPE_CHECKING:
     import lightning as L
 
-    from gpt.data import GPTDataModule
-    from gpt.lit_module import GPTLitModule
+    from gpt.data.datamodule import GPTDataModule
+    from gpt.train.lit_module import GPTLitModule
 
 log = logging.getLogger("train")  # to the console and <run dir>/train.log (conf/hydra/job_logging)
 cs = ConfigStore.instance()
@@ -118,10 +109,10 @@ def build(
     import lightning as L
     from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 
-    from gpt.callbacks import AtomicCheckpointIO
-    from gpt.console import quiet_lightning
-    from gpt.data import GPTDataModule
-    from gpt.lit_module import GPTLitModule
+    from gpt.data.datamodule import GPTDataModule
+    from gpt.train.checkpointing import AtomicCheckpointIO
+    from gpt.train.console import quiet_lightning
+    from gpt.train.lit_module import GPTLitModule
 
     quiet_lightning()
     run_dir = HydraConfig.get().runtime.output_dir
@@ -214,7 +205,7 @@ def fit(cfg: DictConfig, run_dir: str, run_config: dict[str, str], rank_zero: bo
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     if cfg.init_from and not ckpt_path:  # a resumed run continues from its own weights instead
-        from gpt.hf import init_from_pretrained
+        from gpt.interop.load import init_from_pretrained
 
         source = init_from_pretrained(module.model, cfg.init_from, datamodule.tokenizer.to_dict())
         if trainer.is_global_zero:

@@ -28,10 +28,10 @@ sys.path.insert(0, str(ROOT))
 
 from machine import describe, summary  # noqa: E402
 
-from gpt.checkpoint import load_model, save_weights_checkpoint  # noqa: E402
 from gpt.config import ModelConfig  # noqa: E402
-from gpt.generation import generate  # noqa: E402
-from gpt.model import GPT  # noqa: E402
+from gpt.generate.tokens import generate  # noqa: E402
+from gpt.model.transformer import GPT  # noqa: E402
+from gpt.runs.checkpoint import load_model, save_weights_checkpoint  # noqa: E402
 from gpt.tokenizer import CharTokenizer  # noqa: E402
 
 # The 65 characters of Tiny Shakespeare: the vocabulary of the default data (shakespeare_char).

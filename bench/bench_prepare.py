@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT))
 from machine import describe, summary  # noqa: E402
 
 from gpt.config import DataConfig  # noqa: E402
-from gpt.prepare import Prepared, data_root, find_shakespeare, prepare  # noqa: E402
+from gpt.data.prepare import Prepared, prepare  # noqa: E402
+from gpt.data.sources import data_root, find_shakespeare  # noqa: E402
 
 
 def digest(text: str) -> bytes:

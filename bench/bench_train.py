@@ -30,12 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from machine import describe, summary  # noqa: E402
 
-from gpt.callbacks import NonFiniteGuard  # noqa: E402
 from gpt.config import ModelConfig, OptimConfig  # noqa: E402
-from gpt.lit_module import GPTLitModule  # noqa: E402
-from gpt.model import GPT  # noqa: E402
-from gpt.optim import build_optimizer, build_scheduler  # noqa: E402
-from gpt.precision import resolve_precision  # noqa: E402
+from gpt.model.transformer import GPT
+from gpt.train.callbacks import NonFiniteGuard
+from gpt.train.lit_module import GPTLitModule
+from gpt.train.optim import build_optimizer, build_scheduler
+from gpt.train.precision import resolve_precision
 
 PRESETS = {  # conf/model/*.yaml, with the vocabulary each is usually trained with
     "nano": (dict(n_layer=4, n_head=4, n_embd=128, block_size=64), 65, 16),

@@ -8,7 +8,7 @@ import platform
 
 import torch
 
-from gpt.precision import cpu_kind
+from gpt.train.precision import cpu_kind
 
 
 def describe() -> dict[str, object]:

@@ -5,12 +5,12 @@ model, tokenizer = load_model("runs/.../checkpoints/last.ckpt")   # once
 generate_text(model, tokenizer, "ROMEO:", 100, temperature=0.8)    # as often as you like
 """
 
-from gpt.checkpoint import load_model
 from gpt.config import DataConfig, GenerateConfig, ModelConfig, OptimConfig
-from gpt.generation import beam_search, generate, sample_next
-from gpt.kv_cache import KVCache
-from gpt.model import GPT
-from gpt.text_generation import generate_text
+from gpt.generate.text import generate_text
+from gpt.generate.tokens import beam_search, generate, sample_next
+from gpt.model.kv_cache import KVCache
+from gpt.model.transformer import GPT
+from gpt.runs.checkpoint import load_model
 from gpt.tokenizer import CharTokenizer, TiktokenTokenizer, get_tokenizer
 
 __all__ = [

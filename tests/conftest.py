@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gpt.config import ModelConfig
-from gpt.model import GPT
+from gpt.model.transformer import GPT
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt.checkpoint import save_weights_checkpoint
 from gpt.config import DataConfig
-from gpt.export import export
-from gpt.prepare import prepare
+from gpt.data.prepare import prepare
+from gpt.interop.export import export
+from gpt.runs.checkpoint import save_weights_checkpoint
 from gpt.tokenizer import CharTokenizer
 from tests.conftest import SHAKESPEARE, run_script, tiny_model
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt.checkpoint import check_resumable, describe_checkpoint, load_model, save_weights_checkpoint
 from gpt.errors import UserError
-from gpt.export import export
-from gpt.hf import TOKENIZER_FILE
+from gpt.interop.export import export
+from gpt.interop.hf import TOKENIZER_FILE
+from gpt.runs.checkpoint import check_resumable, describe_checkpoint, load_model, save_weights_checkpoint
 from gpt.tokenizer import CharTokenizer
 from tests.conftest import tiny_model
 

@@ -1,8 +1,7 @@
 import hydra
 import pytest
 
-from gpt.cli import EXIT_USER_ERROR, describe, exit_on_user_error
-from gpt.errors import UserError
+from gpt.errors import EXIT_USER_ERROR, UserError, describe, exit_on_user_error
 
 
 def raising(exc: Exception):

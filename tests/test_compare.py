@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from gpt.checkpoint import load_model
-from gpt.compare import main, tokens_axis, wall_seconds
-from gpt.training import read_metrics
+from gpt.runs.checkpoint import load_model
+from gpt.runs.compare import main, tokens_axis, wall_seconds
+from gpt.runs.metrics import read_metrics
 from tests.conftest import run_script
 
 SWEEP = [

@@ -7,11 +7,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import train  # registers the schemas
-from gpt.checkpoint import find_checkpoint
 from gpt.config import DataConfig, GenerateConfig, ModelConfig, OptimConfig
 from gpt.errors import ConfigError
-from gpt.model import GPT
-from gpt.training import check_trainer_args
+from gpt.model.transformer import GPT
+from gpt.runs.checkpoint import find_checkpoint
+from gpt.train.checks import check_trainer_args
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -209,7 +209,7 @@ def test_vocab_size_follows_tokenizer_or_pads_upward():
 def test_fsdp_preset_shards_each_block():
     import hydra
 
-    from gpt.model import Block
+    from gpt.model.transformer import Block
 
     cfg = compose_train("trainer=fsdp", "trainer.strategy.activation_checkpointing=true")
     strategy = hydra.utils.instantiate(cfg.trainer.strategy)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gpt.training import read_metrics
+from gpt.runs.metrics import read_metrics
 from tests.conftest import SHAKESPEARE, run_script
 from tests.test_e2e import assert_ok, train_args
 

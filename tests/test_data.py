@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from gpt.data import (
+from gpt.data.datamodule import (
     GPTDataModule,
     RandomWindowSampler,
     SequentialWindowSampler,

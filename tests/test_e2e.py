@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt.checkpoint import load_model
-from gpt.training import read_metrics, wandb_fields
+from gpt.runs.checkpoint import load_model
+from gpt.runs.metrics import read_metrics
+from gpt.train.loggers import wandb_fields
 from tests.conftest import run_script
 from tests.test_training import assert_same_weights
 

@@ -20,13 +20,15 @@ import pytest
 import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from gpt.callbacks import AtomicCheckpointIO, NonFiniteGuard, PeriodicCheckpoint
 from gpt.config import ModelConfig, OptimConfig
 from gpt.errors import NonFiniteError, UserError
-from gpt.lit_module import GPTLitModule
-from gpt.rundir import RunLock, check_free_space, is_launch_rank_zero, same_file
+from gpt.runs.checkpoint import newest_checkpoint, newest_readable_checkpoint
 from gpt.tokenizer import CharTokenizer
-from gpt.training import newest_checkpoint, newest_readable_checkpoint, python_command
+from gpt.train.callbacks import NonFiniteGuard
+from gpt.train.checkpointing import AtomicCheckpointIO, PeriodicCheckpoint
+from gpt.train.lit_module import GPTLitModule
+from gpt.train.resume import python_command
+from gpt.train.rundir import RunLock, check_free_space, is_launch_rank_zero, same_file
 from tests.conftest import ROOT, SHAKESPEARE, run_script
 from tests.test_training import assert_same_weights, final_state, losses, ok, train_cmd
 

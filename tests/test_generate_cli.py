@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt.checkpoint import load_model, save_weights_checkpoint
 from gpt.config import GenerateConfig
 from gpt.errors import ConfigError, UserError
-from gpt.generate_cli import SEPARATOR, interactive, resolve_device, sample
-from gpt.text_generation import generate_text
+from gpt.generate.command import SEPARATOR, interactive, resolve_device, sample
+from gpt.generate.text import generate_text
+from gpt.runs.checkpoint import load_model, save_weights_checkpoint
 from gpt.tokenizer import CharTokenizer
 from tests.conftest import ROOT, tiny_model
 

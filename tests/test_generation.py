@@ -3,7 +3,8 @@ import torch
 import torch.nn as nn
 
 from gpt.config import ModelConfig
-from gpt.generation import (
+from gpt.generate.text import left_pad
+from gpt.generate.tokens import (
     Context,
     apply_repetition_penalty,
     beam_search,
@@ -11,8 +12,7 @@ from gpt.generation import (
     sample_next,
     sequence_logprob,
 )
-from gpt.model import GPT
-from gpt.text_generation import left_pad
+from gpt.model.transformer import GPT
 from tests.conftest import tiny_config, tiny_model
 
 POS_EMBS = ["learned", "sinusoidal", "rope"]

@@ -9,14 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt.checkpoint import load_model
 from gpt.config import GenerateConfig
 from gpt.errors import UserError
-from gpt.export import bpe_merge_of, export, write_gpt2_tokenizer
-from gpt.export import main as export_main
-from gpt.generate_cli import sample
-from gpt.generation import generate
-from gpt.hf import hf_format, init_from_pretrained, load_hf_model
+from gpt.generate.command import sample
+from gpt.generate.tokens import generate
+from gpt.interop.export import bpe_merge_of, export, write_gpt2_tokenizer
+from gpt.interop.export import main as export_main
+from gpt.interop.hf import hf_format
+from gpt.interop.load import init_from_pretrained, load_hf_model
+from gpt.runs.checkpoint import load_model
 from gpt.tokenizer import CharTokenizer, TiktokenTokenizer
 from tests.conftest import run_script, tiny_config, tiny_model
 from tests.test_compare import assert_one_line_exit

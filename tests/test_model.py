@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from gpt.config import ModelConfig
-from gpt.kv_cache import KVCache
-from gpt.model import GPT, apply_rope, rope_tables, sinusoidal_table
+from gpt.model.kv_cache import KVCache
+from gpt.model.transformer import GPT, apply_rope, rope_tables, sinusoidal_table
 from tests.conftest import tiny_config, tiny_model
 
 VARIANTS = [

@@ -4,11 +4,11 @@ import math
 import pytest
 import torch
 
-import gpt.precision
+import gpt.train.precision
 import train
 from gpt.config import OptimConfig
 from gpt.errors import ConfigError
-from gpt.optim import (
+from gpt.train.optim import (
     Muon,
     build_optimizer,
     build_scheduler,
@@ -17,7 +17,7 @@ from gpt.optim import (
     newton_schulz,
     param_groups,
 )
-from gpt.precision import Bf16Speed
+from gpt.train.precision import Bf16Speed
 from tests.conftest import tiny_model
 from tests.test_config import compose_train
 
@@ -157,7 +157,7 @@ def test_muon_ns_dtype_auto_follows_bf16_speed_of_the_params_device(monkeypatch,
         asked.append(device)
         return Bf16Speed(fast, "mocked")
 
-    monkeypatch.setattr(gpt.precision, "bf16_speed", fake_speed)
+    monkeypatch.setattr(gpt.train.precision, "bf16_speed", fake_speed)
     opt = build_optimizer(tiny_model(), OptimConfig(name="muon"))
     assert opt.muon.ns_dtype == expected
     assert asked == ["cpu"]
@@ -165,7 +165,7 @@ def test_muon_ns_dtype_auto_follows_bf16_speed_of_the_params_device(monkeypatch,
 
 @pytest.mark.parametrize(("name", "dtype"), [("float32", torch.float32), ("bfloat16", torch.bfloat16)])
 def test_muon_ns_dtype_explicit_is_kept_without_measuring(monkeypatch, name, dtype):
-    monkeypatch.setattr(gpt.precision, "bf16_speed", lambda device: pytest.fail("measured"))
+    monkeypatch.setattr(gpt.train.precision, "bf16_speed", lambda device: pytest.fail("measured"))
     opt = build_optimizer(tiny_model(), OptimConfig(name="muon", muon_ns_dtype=name))
     assert opt.muon.ns_dtype == dtype
 

@@ -8,9 +8,9 @@ import platform
 import pytest
 import torch
 
-from gpt import precision
-from gpt.precision import bf16_speed, resolve_precision
-from gpt.training import val_windows
+from gpt.train import precision
+from gpt.train.checks import val_windows
+from gpt.train.precision import bf16_speed, resolve_precision
 from tests.conftest import run_script
 
 

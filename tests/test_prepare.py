@@ -12,16 +12,10 @@ import pytest
 import tiktoken
 
 from gpt.config import DataConfig
+from gpt.data.encode import CHAR_SEPARATOR, cut
+from gpt.data.prepare import prepare
+from gpt.data.sources import SHAKESPEARE_SHA256, download, find_shakespeare, sha256_file
 from gpt.errors import UserError
-from gpt.prepare import (
-    CHAR_SEPARATOR,
-    SHAKESPEARE_SHA256,
-    cut,
-    download,
-    find_shakespeare,
-    prepare,
-    sha256_file,
-)
 from gpt.tokenizer import CharTokenizer, TiktokenTokenizer
 from tests.conftest import run_script
 
@@ -279,7 +273,7 @@ def test_interrupted_prepare_leaves_nothing_a_later_run_trusts(tmp_path, monkeyp
     for i in range(30):
         (tmp_path / "docs" / f"{i:02d}.txt").write_text(f"document {i} " * 500)
     cfg = text_cfg(tmp_path / "docs", tmp_path, tokenizer="r50k_base", shard_tokens=1024)
-    real_write = __import__("gpt.prepare").prepare.ShardWriter.write
+    real_write = __import__("gpt.data.shards").data.shards.ShardWriter.write
     calls = []
 
     def dying_write(self, ids):
@@ -288,14 +282,14 @@ def test_interrupted_prepare_leaves_nothing_a_later_run_trusts(tmp_path, monkeyp
             raise KeyboardInterrupt
         real_write(self, ids)
 
-    monkeypatch.setattr("gpt.prepare.ShardWriter.write", dying_write)
+    monkeypatch.setattr("gpt.data.shards.ShardWriter.write", dying_write)
     with pytest.raises(KeyboardInterrupt):
         prepare(cfg, verbose=False)
     assert list((tmp_path / "cache").iterdir()) == []  # the temporary folder went with it
     # a process killed outright leaves its temporary folder: it is never read
     (tmp_path / "cache" / "docs-r50k_base-0123456789abcdef.tmp-xyz").mkdir()
     (tmp_path / "cache" / "docs-r50k_base-0123456789abcdef.tmp-xyz" / "train-00000.bin").write_bytes(b"\0\0")
-    monkeypatch.setattr("gpt.prepare.ShardWriter.write", real_write)
+    monkeypatch.setattr("gpt.data.shards.ShardWriter.write", real_write)
     prepared = prepare(cfg, verbose=False)
     assert prepared.fresh and ".tmp-" not in prepared.dir.name
     assert sorted(all_segments(prepared, [50256])) == sorted(
@@ -358,7 +352,7 @@ def test_shakespeare_found_in_data_root(shakespeare_text, tmp_path):
 
 
 def test_shakespeare_offline_and_missing_says_where_to_put_it(tmp_path, monkeypatch):
-    monkeypatch.setattr("gpt.prepare.SHAKESPEARE_URL", "http://127.0.0.1:9/unreachable")
+    monkeypatch.setattr("gpt.data.sources.SHAKESPEARE_URL", "http://127.0.0.1:9/unreachable")
     with pytest.raises(UserError, match="put tinyshakespeare.txt there or set GPT_DATA_DIR"):
         find_shakespeare(tmp_path / "root")
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from gpt.text_generation import TextStream, generate_text, held_back
+from gpt.generate.text import TextStream, generate_text, held_back
 from gpt.tokenizer import CharTokenizer, TiktokenTokenizer
 from tests.conftest import tiny_model
 

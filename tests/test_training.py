@@ -12,17 +12,11 @@ import torch
 
 from gpt.config import OptimConfig
 from gpt.errors import ConfigError, UserError
-from gpt.optim import MuonWithAdamW, build_optimizer, lr_factor, muon_split
-from gpt.training import (
-    accumulation_steps,
-    check_devices,
-    python_command,
-    read_metrics,
-    resolve_resume,
-    resume_command,
-    run_label,
-    wandb_fields,
-)
+from gpt.runs.metrics import read_metrics
+from gpt.train.checks import accumulation_steps, check_devices
+from gpt.train.loggers import run_label, wandb_fields
+from gpt.train.optim import MuonWithAdamW, build_optimizer, lr_factor, muon_split
+from gpt.train.resume import python_command, resolve_resume, resume_command
 from tests.conftest import ROOT, run_script, tiny_model
 
 BASE = [
@@ -143,7 +137,7 @@ def test_compile_runs_and_checkpoints_load_without_it(tiny_corpus, tmp_path):
     )
     state = final_state(tmp_path / "run")
     assert not any("_orig_mod" in k for k in state)
-    from gpt.checkpoint import load_model
+    from gpt.runs.checkpoint import load_model
 
     model, _ = load_model(tmp_path / "run")  # read back without compiling
     assert model.num_params() > 0

@@ -36,7 +36,7 @@ if os.environ.get("GPT_FAULT_BLOCK_SAVE"):
     torch.save = _blocking_save
 
 if os.environ.get("GPT_FAULT_NAN_AT_STEP"):
-    from gpt.lit_module import GPTLitModule
+    from gpt.train.lit_module import GPTLitModule
 
     _training_step = GPTLitModule.training_step
 

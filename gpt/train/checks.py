@@ -1,85 +1,16 @@
-"""Run-level decisions train.py makes before fitting: what to resume, how to accumulate, names."""
+"""Checks and decisions made before fitting, without Lightning: trainer arguments, devices, gradient
+accumulation, validation windows, TF32."""
 
 from __future__ import annotations
 
-import csv
-import hashlib
 import json
 import os
 import re
-import shlex
-import shutil
-import sys
-import warnings
-import zipfile
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-from gpt.errors import ConfigError, UserError
-
-
-def checkpoints_newest_first(run_dir: str | Path) -> list[Path]:
-    """A run's checkpoints, most recently written first: checkpoints/*.ckpt, and the
-    hpc_ckpt_N.ckpt Lightning writes into the run dir when SLURM signals a requeue."""
-    run_dir = Path(run_dir)
-    found = [*run_dir.glob("checkpoints/*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
-    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
-
-
-def newest_checkpoint(run_dir: str | Path) -> Path | None:
-    found = checkpoints_newest_first(run_dir)
-    return found[0] if found else None
-
-
-def readable(path: Path) -> str | None:
-    """Why a checkpoint cannot be resumed from, or None. Memory-mapped, so tensors are not read:
-    a truncated file fails on its missing zip directory, a pickled payload on weights_only."""
-    if not zipfile.is_zipfile(path):
-        return "not the zip archive torch.save writes: truncated, or another kind of file"
-    try:
-        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # truncated zips, foreign pickles and bad headers raise many types
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    return None
-
-
-def newest_readable_checkpoint(run_dir: str | Path, warn: bool = False) -> Path | None:
-    """The newest checkpoint that can be resumed from; unreadable newer ones are passed over
-    (with a warning each if `warn`)."""
-    for path in checkpoints_newest_first(run_dir):
-        problem = readable(path)
-        if problem is None:
-            return path
-        if warn:
-            warnings.warn(f"skipping unreadable checkpoint {path} ({problem})", stacklevel=3)
-    return None
-
-
-def resolve_resume(ckpt_path: str | None, run_dir: str | Path) -> str | None:
-    """What trainer.fit resumes from.
-
-    None: the run dir's newest readable checkpoint if it has one (running the same command again on
-    the same run dir continues it), else a fresh start; unreadable ones (a partial or corrupt file)
-    are skipped with a warning. "last": the same, but one must exist. Anything else: that file.
-    """
-    if ckpt_path in (None, "last"):
-        path = newest_readable_checkpoint(run_dir, warn=True)
-        if path is not None:
-            return str(path)
-        if ckpt_path == "last":
-            raise UserError(
-                f"ckpt_path=last but {run_dir}/checkpoints/ holds no readable checkpoint; drop ckpt_path"
-            )
-        return None
-    ckpt_path = os.path.expanduser(ckpt_path)
-    if not Path(ckpt_path).is_file():
-        raise UserError(f"ckpt_path {ckpt_path} does not exist; pass a .ckpt file, 'last', or nothing")
-    problem = readable(Path(ckpt_path))
-    if problem:
-        raise UserError(f"ckpt_path {ckpt_path} cannot be resumed from ({problem}); pass another checkpoint")
-    return ckpt_path
+from gpt.errors import ConfigError
 
 
 def _int(v: object) -> bool:
@@ -204,72 +135,7 @@ def val_windows(requested: int | None, device: str, vocab_size: int) -> tuple[in
     )
 
 
-def python_command() -> str:
-    """`python` when that is this interpreter on PATH (an activated venv), else its full path."""
-    found = shutil.which("python")
-    return "python" if found and os.path.samefile(found, sys.executable) else sys.executable
-
-
-def resume_command(argv: list[str], run_dir: str | Path, job_overrides: list[str] | None = None) -> str:
-    """The shell command that continues a stopped run: the one that started it (`argv`), with
-    hydra.run.dir=<run dir> added when it was not given, since the default runs/<date>/<time>
-    would name a new folder. For one job of a sweep (-m), the job's own overrides replace the
-    sweep's arguments: it resumes that job alone."""
-    script, *args = argv
-    if job_overrides is not None:
-        args = list(job_overrides)
-    if not any(re.match(r"\+{0,2}hydra\.run\.dir=", a) for a in args):
-        relative = os.path.relpath(run_dir)
-        path = str(run_dir) if relative.startswith("..") else relative
-        if not re.fullmatch(r"[\w./:-]+", path):  # spaces and the like: quoted for Hydra too
-            path = f'"{path}"'
-        args.append(f"hydra.run.dir={path}")
-    return shlex.join([python_command(), script, *args])
-
-
-def run_label(overrides: list[str]) -> str:
-    """A short readable name from the command-line overrides (not Hydra's own settings)."""
-    kept = [o for o in overrides if not o.startswith(("hydra.", "ckpt_path="))]
-    return ",".join(kept) or "defaults"
-
-
-def wandb_fields(overrides: list[str], run_dir: str | Path) -> dict[str, object]:
-    """Name, group, tags and a stable id for a wandb run.
-
-    The group is the run's overrides without the seed, so seeds of one configuration group
-    together; the id is derived from the run dir, so a resumed run continues the same wandb run.
-    """
-    kept = [o for o in overrides if not o.startswith(("hydra.", "ckpt_path="))]
-    run_id = hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
-    return {
-        "name": run_label(overrides),
-        "group": run_label([o for o in kept if not re.match(r"^\+*seed=", o)]),
-        "tags": [o[:64] for o in kept],  # wandb's tag length limit
-        "id": run_id,
-        "resume": "allow",
-    }
-
-
 def enable_tf32() -> None:
     """TF32 matmuls on Ampere and newer GPUs: fp32 training several times faster, ~10 mantissa bits."""
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")
-
-
-def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
-    """The run's CSV log as one list of rows in step order, its segments stitched together.
-
-    Each start or resume writes csv/version_N/metrics.csv. A resume repeats the steps after its
-    checkpoint, so each segment supersedes the earlier segments' rows from its first step on.
-    """
-    segments = sorted(
-        Path(run_dir, "csv").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:])
-    )
-    rows: list[dict[str, float]] = []
-    for path in segments:
-        with open(path, newline="") as f:
-            new = [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
-        if new:
-            first = min(r["step"] for r in new)
-            rows = [r for r in rows if r["step"] < first] + new
-    return rows

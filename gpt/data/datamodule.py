@@ -19,8 +19,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from gpt.config import DataConfig
+from gpt.data.prepare import Prepared, prepare
 from gpt.errors import UserError
-from gpt.prepare import Prepared, prepare
 from gpt.tokenizer import CharTokenizer, TiktokenTokenizer
 
 __all__ = [

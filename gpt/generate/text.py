@@ -13,8 +13,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 from gpt.errors import UserError
-from gpt.generation import beam_search, generate
-from gpt.model import GPT
+from gpt.generate.tokens import beam_search, generate
+from gpt.model.transformer import GPT
 from gpt.tokenizer import StreamDecoder, Tokenizer
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from lightning.pytorch.strategies import FSDPStrategy
 
-from gpt.model import Block
+from gpt.model.transformer import Block
 
 
 def fsdp_strategy(activation_checkpointing: bool = False, **kwargs: Any) -> FSDPStrategy:

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from gpt import precision
 from gpt.config import OptimConfig
+from gpt.train import precision
 
 NS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

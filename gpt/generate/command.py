@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 
-from gpt.checkpoint import describe_checkpoint, find_checkpoint, load_model
 from gpt.config import GenerateConfig
 from gpt.errors import UserError
-from gpt.model import GPT
-from gpt.text_generation import encode_prompts, generate_text
+from gpt.generate.text import encode_prompts, generate_text
+from gpt.model.transformer import GPT
+from gpt.runs.checkpoint import describe_checkpoint, find_checkpoint, load_model
 from gpt.tokenizer import Tokenizer
 
 SEPARATOR = "---------------\n"

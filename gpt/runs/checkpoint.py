@@ -1,13 +1,9 @@
-"""Load a trained model for inference, without Lightning or the training config.
-
-A checkpoint is plain data (torch.load(weights_only=True)): `hyper_parameters` holds the model
-config and the tokenizer description as dicts, `state_dict` the weights under "model.". A
-directory with a config.json is a Hugging Face checkpoint (GPT-2 or Llama, see gpt.hf).
-"""
+"""Run-level decisions train.py makes before fitting: what to resume, how to accumulate, names."""
 
 from __future__ import annotations
 
 import pickle
+import warnings
 import zipfile
 from dataclasses import asdict
 from pathlib import Path
@@ -17,9 +13,48 @@ import torch
 
 from gpt.config import ModelConfig, OptimConfig
 from gpt.errors import UserError
-from gpt.hf import is_hf_dir, load_hf_dir
-from gpt.model import GPT
+from gpt.interop.hf import is_hf_dir
+from gpt.interop.load import load_hf_dir
+from gpt.model.transformer import GPT
 from gpt.tokenizer import CharTokenizer, TiktokenTokenizer, tokenizer_from_dict
+
+
+def checkpoints_newest_first(run_dir: str | Path) -> list[Path]:
+    """A run's checkpoints, most recently written first: checkpoints/*.ckpt, and the
+    hpc_ckpt_N.ckpt Lightning writes into the run dir when SLURM signals a requeue."""
+    run_dir = Path(run_dir)
+    found = [*run_dir.glob("checkpoints/*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def newest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = checkpoints_newest_first(run_dir)
+    return found[0] if found else None
+
+
+def readable(path: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from, or None. Memory-mapped, so tensors are not read:
+    a truncated file fails on its missing zip directory, a pickled payload on weights_only."""
+    if not zipfile.is_zipfile(path):
+        return "not the zip archive torch.save writes: truncated, or another kind of file"
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # truncated zips, foreign pickles and bad headers raise many types
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
+
+
+def newest_readable_checkpoint(run_dir: str | Path, warn: bool = False) -> Path | None:
+    """The newest checkpoint that can be resumed from; unreadable newer ones are passed over
+    (with a warning each if `warn`)."""
+    for path in checkpoints_newest_first(run_dir):
+        problem = readable(path)
+        if problem is None:
+            return path
+        if warn:
+            warnings.warn(f"skipping unreadable checkpoint {path} ({problem})", stacklevel=3)
+    return None
+
 
 # Prefixes wrappers add to parameter names: the LightningModule's attribute, torch.compile's module.
 STRIP_PREFIXES = ("model.", "_orig_mod.")

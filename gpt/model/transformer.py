@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt.config import ModelConfig
-from gpt.kv_cache import KVCache
+from gpt.model.kv_cache import KVCache
 
 # ----------------------------------------------------------------------------- helpers
 

@@ -21,8 +21,8 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
-from gpt.kv_cache import KVCache
-from gpt.model import GPT
+from gpt.model.kv_cache import KVCache
+from gpt.model.transformer import GPT
 
 # ----------------------------------------------------------------------------- sampling
 

@@ -15,9 +15,9 @@ from torchmetrics import MeanMetric, SumMetric
 
 from gpt.config import ModelConfig, OptimConfig
 from gpt.errors import NonFiniteError
-from gpt.model import GPT
-from gpt.optim import build_optimizer, build_scheduler
+from gpt.model.transformer import GPT
 from gpt.tokenizer import tokenizer_from_dict
+from gpt.train.optim import build_optimizer, build_scheduler
 
 
 def token_byte_lengths(tokenizer: dict[str, Any], vocab_size: int) -> torch.Tensor:
