@@ -1,4 +1,10 @@
-"""Run-level decisions train.py makes before fitting: what to resume, how to accumulate, names."""
+"""Checkpoints of a run: find them, open them, check them against a config, describe them, and load a
+trained model for inference without Lightning or the training config.
+
+A checkpoint is plain data (torch.load(weights_only=True)): `hyper_parameters` holds the model
+config and the tokenizer description as dicts, `state_dict` the weights under "model.". A
+directory with a config.json is a Hugging Face checkpoint (GPT-2 or Llama, see gpt.interop).
+"""
 
 from __future__ import annotations
 

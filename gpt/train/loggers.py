@@ -1,4 +1,4 @@
-"""Run-level decisions train.py makes before fitting: what to resume, how to accumulate, names."""
+"""Logger settings decided before any logger library is imported: the wandb mode and the run's name and tags."""
 
 from __future__ import annotations
 
