@@ -1,4 +1,4 @@
-"""Logger settings decided before any logger library is imported: the wandb mode and the run's name and tags."""
+"""Logger settings decided before a logger library is imported: the wandb mode, the run's name and tags."""
 
 from __future__ import annotations
 
