@@ -11,7 +11,7 @@ from gpt.runs.checkpoint import load_model
 from gpt.runs.metrics import read_metrics
 from gpt.train.loggers import wandb_fields
 from tests.conftest import run_script
-from tests.test_training import assert_same_weights
+from tests.commands.test_train import assert_same_weights
 
 FAST = [
     "model=nano",

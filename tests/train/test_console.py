@@ -11,7 +11,7 @@ import pytest
 
 from gpt.runs.metrics import read_metrics
 from tests.conftest import SHAKESPEARE, run_script
-from tests.test_e2e import assert_ok, train_args
+from tests.commands.test_e2e import assert_ok, train_args
 
 # A piece of each warning gpt/console.py and gpt/wandb_logger.py silence.
 SILENCED = (

@@ -30,7 +30,7 @@ from gpt.train.lit_module import GPTLitModule
 from gpt.train.resume import python_command
 from gpt.train.rundir import RunLock, check_free_space, is_launch_rank_zero, same_file
 from tests.conftest import ROOT, SHAKESPEARE, run_script
-from tests.test_training import assert_same_weights, final_state, losses, ok, train_cmd
+from tests.commands.test_train import assert_same_weights, final_state, losses, ok, train_cmd
 
 # The last step is not a periodic one (every 10): a resumed run must still end with it saved.
 STEPS = 35
@@ -39,7 +39,7 @@ EXTRA = [
     "trainer.val_check_interval=20",
     "callbacks.last.every_n_train_steps=10",
 ]
-FAULTS = {"PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests' / 'fault_injection'}"}
+FAULTS = {"PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests' / 'commands' / 'fault_injection'}"}
 
 
 @pytest.fixture(scope="module")
