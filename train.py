@@ -98,7 +98,7 @@ def check(
     data_cfg = replace(data_cfg, val_windows=windows)
     notes += [line] if line else []
     if ckpt_path:  # another model or vocabulary: refused before anything is written to the run dir
-        check_resumable(ckpt_path, model_cfg, tokenizer.to_dict())
+        check_resumable(ckpt_path, model_cfg, tokenizer)
     return model_cfg, data_cfg, optim_cfg, prepared
 
 

@@ -86,6 +86,14 @@ class ModelConfig:
         return -(-8 * self.n_embd // 3 // 64) * 64
 
 
+# The ModelConfig fields that decide which weights a model has and their shapes: a checkpoint's
+# weights fit a model only if these agree (dropout, norm_eps, rope_base and init_std do not matter).
+ARCHITECTURE = (
+    "n_layer", "n_head", "n_embd", "block_size", "vocab_size", "pos_emb", "norm", "ffn", "ffn_hidden",
+    "bias", "tie_embeddings",
+)  # fmt: skip
+
+
 # What a folder is searched for (paths relative to the folder, fnmatch-style: `*` crosses `/`).
 DEFAULT_INCLUDE = ("*.txt", "*.md", "*.jsonl", "*.txt.gz", "*.md.gz", "*.jsonl.gz")
 SOURCES = ("shakespeare", "text", "hf")

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from gpt.config import ARCHITECTURE
 from gpt.errors import UserError
 from gpt.interop.hf import GPT2_VOCAB, TOKENIZER_FILE, from_hf_state_dict, is_hf_dir, model_config_from_hf
 from gpt.model.transformer import GPT
@@ -118,21 +119,6 @@ def resolve_init_from(source: str) -> Path:
         ) from None
 
 
-# Fields compared between the training config and the checkpoint's; dropout and init_std only
-# matter to training, and a shorter block_size keeps the first positions.
-_MUST_MATCH = (
-    "n_layer",
-    "n_head",
-    "n_embd",
-    "vocab_size",
-    "pos_emb",
-    "norm",
-    "ffn",
-    "bias",
-    "tie_embeddings",
-)
-
-
 def init_from_pretrained(model: GPT, source: str, tokenizer: dict[str, Any]) -> Path:
     """Load a checkpoint directory's weights into `model` (before training); returns the directory.
 
@@ -149,7 +135,11 @@ def init_from_pretrained(model: GPT, source: str, tokenizer: dict[str, Any]) -> 
             f"data.tokenizer={got} but init_from={source} was trained with {need}; "
             f"set data.tokenizer={need} (data=shakespeare uses r50k_base)"
         )
-    fields = [*_MUST_MATCH, *(("rope_base",) if ours.pos_emb == "rope" else ())]
+    # block_size and ffn_hidden are compared below: a shorter context keeps the first positions,
+    # and the FFN width is compared as resolved (ffn_hidden=None is a width too). dropout and
+    # init_std only matter to training.
+    shape = [name for name in ARCHITECTURE if name not in ("block_size", "ffn_hidden")]
+    fields = [*shape, *(("rope_base",) if ours.pos_emb == "rope" else ())]
     for name in fields:
         mine, want = getattr(ours, name), getattr(theirs, name)
         if mine != want:

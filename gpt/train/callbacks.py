@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from gpt.errors import NonFiniteError
 from gpt.generate.text import generate_text
-from gpt.runs.checkpoint import newest_readable_checkpoint
+from gpt.runs.checkpoint import newest_checkpoint
 from gpt.tokenizer import tokenizer_from_dict
 from gpt.train.checkpointing import _saved_step
 
@@ -82,7 +82,7 @@ class NonFiniteGuard(L.Callback):
                 p.grad = None
             rank_zero_warn(f"step {step}: non-finite {what}, update skipped (nonfinite.action=skip)")
             return
-        good = newest_readable_checkpoint(trainer.default_root_dir)
+        good = newest_checkpoint(trainer.default_root_dir)
         after = f" after {self.max_skips} skipped steps in a row" if self.action == "skip" else ""
         raise NonFiniteError(
             f"non-finite {what} at step {step}{after}; training stopped before updating the weights. "
