@@ -219,15 +219,6 @@ def generate(
         logits = ctx.append(token)
 
 
-def sequence_logprob(model: GPT, prompt: list[int], continuation: list[int]) -> float:
-    """log P(continuation | prompt) under the model (uncached; prompt + continuation <= block_size)."""
-    idx = torch.tensor([prompt + continuation], device=next(model.parameters()).device)
-    with torch.inference_mode():
-        logprobs = F.log_softmax(model(idx)[0, :-1].float(), dim=-1)  # (T-1, V)
-    targets = idx[0, 1:]
-    return float(logprobs[torch.arange(len(targets), device=idx.device), targets][len(prompt) - 1 :].sum())
-
-
 @torch.inference_mode()
 def beam_search(
     model: GPT,
