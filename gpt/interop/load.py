@@ -13,7 +13,7 @@ from gpt.config import ARCHITECTURE
 from gpt.errors import UserError
 from gpt.interop.hf import GPT2_VOCAB, TOKENIZER_FILE, from_hf_state_dict, is_hf_dir, model_config_from_hf
 from gpt.model.transformer import GPT
-from gpt.tokenizer import tokenizer_from_dict
+from gpt.tokenizer import Tokenizer, tokenizer_from_dict
 
 # init_from=NAME downloads these from the hub.
 HUB_MODELS = {
@@ -119,7 +119,7 @@ def resolve_init_from(source: str) -> Path:
         ) from None
 
 
-def init_from_pretrained(model: GPT, source: str, tokenizer: dict[str, Any]) -> Path:
+def init_from_pretrained(model: GPT, source: str, tokenizer: Tokenizer) -> Path:
     """Load a checkpoint directory's weights into `model` (before training); returns the directory.
 
     Refuses, in one line, a model config or a data tokenizer that disagrees with the checkpoint.
@@ -127,9 +127,9 @@ def init_from_pretrained(model: GPT, source: str, tokenizer: dict[str, Any]) -> 
     path = resolve_init_from(source)
     hf = read_hf_config(path)
     theirs, ours = model_config_from_hf(hf), model.config
-    wanted = hf_tokenizer_description(path)
-    if tokenizer != wanted:
-        got = tokenizer.get("name", tokenizer.get("kind"))
+    wanted, ours_tokenizer = hf_tokenizer_description(path), tokenizer.to_dict()
+    if ours_tokenizer != wanted:
+        got = ours_tokenizer.get("name", ours_tokenizer.get("kind"))
         need = wanted.get("name", wanted.get("kind"))
         raise UserError(
             f"data.tokenizer={got} but init_from={source} was trained with {need}; "

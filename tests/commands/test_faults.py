@@ -262,7 +262,7 @@ def test_a_nonfinite_model_is_never_saved():
     module = GPTLitModule.from_configs(
         ModelConfig(n_layer=1, n_head=2, n_embd=8, block_size=8, vocab_size=3),
         OptimConfig(),
-        CharTokenizer("abc").to_dict(),
+        CharTokenizer("abc"),
     )
     module.on_save_checkpoint({})  # finite: fine
     with torch.no_grad():
