@@ -85,7 +85,7 @@ def hf_tokenizer_description(path: str | Path) -> dict[str, Any]:
 
 
 def load_hf_dir(path: str | Path):
-    """(model, tokenizer) of a checkpoint directory, as gpt.checkpoint.load_model returns them."""
+    """(model, tokenizer) of a checkpoint directory, as gpt.runs.checkpoint.load_model returns them."""
     model = load_hf_model(path)
     return model, tokenizer_from_dict(hf_tokenizer_description(path))
 

@@ -47,10 +47,6 @@ def newest_checkpoint(run_dir: str | Path, *, readable: bool = True, warn: bool 
     return None
 
 
-# Prefixes wrappers add to parameter names: the LightningModule's attribute, torch.compile's module.
-STRIP_PREFIXES = ("model.", "_orig_mod.")
-
-
 def find_checkpoint(path: str | Path | None, runs_dir: str | Path = "runs") -> Path:
     """What a user's ckpt= names: a .ckpt file or a Hugging Face checkpoint directory as given; a run
     dir's checkpoints/last.ckpt; or, for None, the newest last.ckpt under runs_dir."""
@@ -85,6 +81,10 @@ def describe_checkpoint(path: Path) -> str:
         return f"{path} (Hugging Face)"
     step = read_checkpoint(path, mmap=True).get("global_step")
     return f"{path} (step {step})" if isinstance(step, int) else f"{path} (weights only, no training step)"
+
+
+# Prefixes wrappers add to parameter names: the LightningModule's attribute, torch.compile's module.
+STRIP_PREFIXES = ("model.", "_orig_mod.")
 
 
 def clean_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
