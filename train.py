@@ -26,6 +26,7 @@ from gpt.config import DataConfig, ModelConfig, OptimConfig
 from gpt.data.prepare import Prepared, prepare
 from gpt.errors import EXIT_PREEMPTED, ConfigError, exit_on_user_error
 from gpt.runs.checkpoint import check_resumable
+from gpt.tokenizer import Tokenizer
 from gpt.train.checks import accumulation_steps, check_devices, check_trainer_args, enable_tf32, val_windows
 from gpt.train.loggers import choose_wandb_mode, wandb_fields
 from gpt.train.precision import device_type, resolve_precision
@@ -79,7 +80,7 @@ def choose_precision(cfg: DictConfig, width: int, notes: list[str]) -> None:
 
 def check(
     cfg: DictConfig, ckpt_path: str | None, notes: list[str]
-) -> tuple[ModelConfig, DataConfig, OptimConfig, Prepared]:
+) -> tuple[ModelConfig, DataConfig, OptimConfig, Prepared, Tokenizer]:
     """Validate everything that needs no Lightning: configs, devices, the data (prepared on first
     use, cached on disk) against the model, and the checkpoint to resume against both. The
     decisions made on the way (precision, validation windows) are added to `notes`, to be logged
@@ -98,14 +99,16 @@ def check(
     data_cfg = replace(data_cfg, val_windows=windows)
     notes += [line] if line else []
     if ckpt_path:  # another model or vocabulary: refused before anything is written to the run dir
-        check_resumable(ckpt_path, model_cfg, tokenizer.to_dict())
-    return model_cfg, data_cfg, optim_cfg, prepared
+        check_resumable(ckpt_path, model_cfg, tokenizer)
+    return model_cfg, data_cfg, optim_cfg, prepared, tokenizer
 
 
 def build(
     cfg: DictConfig, ckpt_path: str | None = None, notes: list[str] | None = None
 ) -> tuple[L.Trainer, GPTLitModule, GPTDataModule]:
-    model_cfg, data_cfg, optim_cfg, prepared = check(cfg, ckpt_path, [] if notes is None else notes)
+    model_cfg, data_cfg, optim_cfg, prepared, tokenizer = check(
+        cfg, ckpt_path, [] if notes is None else notes
+    )
     import lightning as L
     from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 
@@ -119,8 +122,7 @@ def build(
     L.seed_everything(cfg.seed, workers=True)
     enable_tf32()
     datamodule = GPTDataModule(data_cfg, block_size=model_cfg.block_size, seed=cfg.seed, prepared=prepared)
-    tokenizer = prepared.tokenizer()
-    module = GPTLitModule.from_configs(model_cfg, optim_cfg, tokenizer.to_dict())
+    module = GPTLitModule.from_configs(model_cfg, optim_cfg, tokenizer)
     if cfg.compile:
         module.model.compile()  # in place: parameter names, and so checkpoints, are unchanged
 
@@ -207,7 +209,7 @@ def fit(cfg: DictConfig, run_dir: str, run_config: dict[str, str], rank_zero: bo
     if cfg.init_from and not ckpt_path:  # a resumed run continues from its own weights instead
         from gpt.interop.load import init_from_pretrained
 
-        source = init_from_pretrained(module.model, cfg.init_from, datamodule.tokenizer.to_dict())
+        source = init_from_pretrained(module.model, cfg.init_from, module.tokenizer)
         if trainer.is_global_zero:
             log.info(f"initialized from {source}")
     if trainer.is_global_zero:

@@ -93,7 +93,9 @@ def verify(prepared: Prepared, docs: dict[bytes, int], sample: int | None, seed:
     eot = enc.eot_token
     segments = []
     for split in ("train", "val"):
-        ids = prepared.tokens(split)
+        ids = np.concatenate(
+            [np.fromfile(p, dtype=prepared.meta["dtype"]) for p in prepared.shard_paths(split)]
+        )
         cuts = np.flatnonzero(ids == eot).tolist()
         bounds = zip([-1, *cuts], [*cuts, len(ids)], strict=True)
         segments += [ids[a + 1 : b] for a, b in bounds]

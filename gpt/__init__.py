@@ -5,7 +5,7 @@ model, tokenizer = load_model("runs/.../checkpoints/last.ckpt")   # once
 generate_text(model, tokenizer, "ROMEO:", 100, temperature=0.8)    # as often as you like
 """
 
-from gpt.config import DataConfig, GenerateConfig, ModelConfig, OptimConfig
+from gpt.config import DataConfig, GenerateConfig, ModelConfig, OptimConfig, SamplingConfig
 from gpt.generate.text import generate_text
 from gpt.generate.tokens import beam_search, generate, sample_next
 from gpt.model.kv_cache import KVCache
@@ -21,6 +21,7 @@ __all__ = [
     "KVCache",
     "ModelConfig",
     "OptimConfig",
+    "SamplingConfig",
     "TiktokenTokenizer",
     "beam_search",
     "generate",

@@ -7,7 +7,8 @@ dataclasses (OmegaConf.to_object runs __post_init__), and the library only sees 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 from gpt.errors import ConfigError
 
@@ -84,6 +85,14 @@ class ModelConfig:
         if self.ffn == "gelu":
             return 4 * self.n_embd
         return -(-8 * self.n_embd // 3 // 64) * 64
+
+
+# The ModelConfig fields that decide which weights a model has and their shapes: a checkpoint's
+# weights fit a model only if these agree (dropout, norm_eps, rope_base and init_std do not matter).
+ARCHITECTURE = (
+    "n_layer", "n_head", "n_embd", "block_size", "vocab_size", "pos_emb", "norm", "ffn", "ffn_hidden",
+    "bias", "tie_embeddings",
+)  # fmt: skip
 
 
 # What a folder is searched for (paths relative to the folder, fnmatch-style: `*` crosses `/`).
@@ -193,7 +202,42 @@ class OptimConfig:
 
 
 @dataclass
-class GenerateConfig:
+class SamplingConfig:
+    """How the next token is drawn: generate.py's keys, generate_text's keywords, SampleText's."""
+
+    # 0 = greedy (argmax).
+    temperature: float = 0.8
+    top_k: int | None = 200
+    top_p: float | None = None
+    # Drop tokens less likely than min_p times the most likely one.
+    min_p: float | None = None
+    # > 1 makes tokens already in the row less likely (CTRL); 1 = off.
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(self.temperature >= 0, f"temperature={self.temperature} must be >= 0 (0 = greedy)")
+        _check(self.top_k is None or self.top_k >= 1, f"top_k={self.top_k} must be >= 1 (or null)")
+        _check(self.top_p is None or 0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1] (or null)")
+        _check(self.min_p is None or 0 <= self.min_p <= 1, f"min_p={self.min_p} must be in [0, 1] (or null)")
+        _check(
+            self.repetition_penalty > 0,
+            f"repetition_penalty={self.repetition_penalty} must be > 0 (1 = off, > 1 discourages repeats)",
+        )
+
+
+def sampling_config(sampling: SamplingConfig | None = None, **settings: Any) -> SamplingConfig:
+    """`sampling` (None: the defaults) with keyword settings such as temperature=0.5 replaced, validated."""
+    unknown = sorted(set(settings) - {f.name for f in fields(SamplingConfig)})
+    if unknown:
+        names = ", ".join(f.name for f in fields(SamplingConfig))
+        raise TypeError(f"unknown sampling setting(s) {', '.join(unknown)}; the settings are {names}")
+    sampling = sampling or SamplingConfig()
+    return replace(sampling, **settings) if settings else sampling
+
+
+@dataclass
+class GenerateConfig(SamplingConfig):
+    # The sampling settings (temperature, top_k, ...) are SamplingConfig's, as top-level keys.
     # A checkpoint file, a run dir, or None for the newest run under runs_dir.
     ckpt: str | None = None
     runs_dir: str = "runs"
@@ -202,11 +246,6 @@ class GenerateConfig:
     # A file of prompts, one per line, or .jsonl with a "prompt" field per line; replaces `prompt`.
     prompt_file: str | None = None
     max_new_tokens: int = 500
-    temperature: float = 0.8
-    top_k: int | None = 200
-    top_p: float | None = None
-    min_p: float | None = None
-    repetition_penalty: float = 1.0
     # Generation of a row ends where the first of these strings starts (or at end-of-text).
     stop: list[str] = field(default_factory=list)
     # > 1: beam search (deterministic; the sampling knobs are ignored).
@@ -223,16 +262,9 @@ class GenerateConfig:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        self.prompt_file = _home(self.prompt_file)  # ckpt and runs_dir: in gpt.checkpoint.find_checkpoint
+        super().__post_init__()
+        self.prompt_file = _home(self.prompt_file)  # ckpt, runs_dir: in gpt.runs.checkpoint.find_checkpoint
         _check(self.max_new_tokens >= 1, f"max_new_tokens={self.max_new_tokens} must be >= 1")
-        _check(self.temperature >= 0, f"temperature={self.temperature} must be >= 0 (0 = greedy)")
-        _check(self.top_k is None or self.top_k >= 1, f"top_k={self.top_k} must be >= 1 (or null)")
-        _check(self.top_p is None or 0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1] (or null)")
-        _check(self.min_p is None or 0 <= self.min_p <= 1, f"min_p={self.min_p} must be in [0, 1] (or null)")
-        _check(
-            self.repetition_penalty > 0,
-            f"repetition_penalty={self.repetition_penalty} must be > 0 (1 = off, > 1 discourages repeats)",
-        )
         _check(all(self.stop), "stop strings must not be empty; remove the empty one from stop=[...]")
         _check(self.num_beams >= 1, f"num_beams={self.num_beams} must be >= 1")
         _check(self.num_samples >= 1, f"num_samples={self.num_samples} must be >= 1")

@@ -41,14 +41,16 @@ CONFIG_ERROR_MODULES = ("hydra.", "omegaconf.")
 CONFIG_ERROR_NAMES = ("MisconfigurationException",)
 
 
-def first_line(e: BaseException) -> str:
-    """The message's first line; with the next one when it ends in ':' (Hydra's "Error in call...:")."""
+def first_line(e: BaseException, limit: int | None = None) -> str:
+    """The message's first line, with the next one when it ends in ':' (Hydra's "Error in call...:",
+    torch's "Error(s) in ...:"), cut to `limit` characters if given (a list of missing weights can
+    be long)."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     if not lines:
         return type(e).__name__
-    if lines[0].endswith(":") and len(lines) > 1:
-        return f"{lines[0]} {lines[1]}".rstrip(".")
-    return lines[0].rstrip(".")
+    line = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    line = line.rstrip(".")
+    return line if limit is None or len(line) <= limit else line[: limit - 3] + "..."
 
 
 # Errors of the machine rather than the code: no permission, a read-only or full filesystem.

@@ -47,6 +47,8 @@ def get_encoding(name: str) -> tiktoken.Encoding:
 
 
 class Tokenizer(Protocol):
+    """What the rest of the package uses of a tokenizer; CharTokenizer and TiktokenTokenizer are the two."""
+
     vocab_size: int
     eot_token: int | None
 
@@ -112,23 +114,9 @@ class TiktokenTokenizer:
         self.vocab_size = self.enc.n_vocab
         self.eot_token = self.enc.eot_token
 
-    @classmethod
-    def from_encoding(cls, enc: tiktoken.Encoding) -> TiktokenTokenizer:
-        """Wrap an Encoding built in code (tests build one with more than 65,536 tokens).
-
-        Its to_dict() names the encoding, which only rebuilds it if tiktoken knows that name.
-        """
-        tok = cls.__new__(cls)
-        tok.name, tok.enc = enc.name, enc
-        tok.vocab_size, tok.eot_token = enc.n_vocab, enc.eot_token
-        return tok
-
     def encode(self, text: str) -> list[int]:
         # Special-token text such as "<|endoftext|>" in a corpus is ordinary text, not a control token.
         return self.enc.encode_ordinary(text)
-
-    def encode_batch(self, texts: list[str], num_threads: int = 8) -> list[list[int]]:
-        return self.enc.encode_ordinary_batch(texts, num_threads=num_threads)
 
     def decode(self, ids: list[int]) -> str:
         return self.enc.decode(ids)
@@ -140,7 +128,7 @@ class TiktokenTokenizer:
         return {"kind": "tiktoken", "name": self.name}
 
 
-def get_tokenizer(name: str, text: str | None = None) -> CharTokenizer | TiktokenTokenizer:
+def get_tokenizer(name: str, text: str | None = None) -> Tokenizer:
     """'char' (built from `text`) or a tiktoken encoding name."""
     if name == "char":
         if text is None:
@@ -149,7 +137,7 @@ def get_tokenizer(name: str, text: str | None = None) -> CharTokenizer | Tiktoke
     return TiktokenTokenizer(name)
 
 
-def tokenizer_from_dict(d: dict[str, Any]) -> CharTokenizer | TiktokenTokenizer:
+def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
     kind = d.get("kind")
     if kind == "char":
         return CharTokenizer(d["chars"])

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from gpt.config import DataConfig
 from gpt.data.prepare import Prepared, prepare
 from gpt.errors import UserError
-from gpt.tokenizer import CharTokenizer, TiktokenTokenizer
+from gpt.tokenizer import Tokenizer
 
 __all__ = [
     "GPTDataModule",
@@ -186,7 +186,7 @@ class GPTDataModule(L.LightningDataModule):
         return self._prepared
 
     @property
-    def tokenizer(self) -> CharTokenizer | TiktokenTokenizer:
+    def tokenizer(self) -> Tokenizer:
         return self.prepared.tokenizer()
 
     def prepare_data(self) -> None:

@@ -14,13 +14,11 @@ import numpy as np
 from gpt.config import DataConfig
 from gpt.data.sources import read_documents
 from gpt.errors import UserError
-from gpt.tokenizer import CharTokenizer, TiktokenTokenizer
+from gpt.tokenizer import CharTokenizer, Tokenizer
 
 # Characters separating documents for the character tokenizer (BPE uses its end-of-text token).
 CHAR_SEPARATOR = "\n\n"
 BATCH_CHARS = 1 << 20
-
-Tokenizer = CharTokenizer | TiktokenTokenizer
 
 
 def cut_point(text: str, start: int, limit: int) -> int:

@@ -49,7 +49,6 @@ from gpt.config import DataConfig
 from gpt.data.encode import (
     CHAR_SEPARATOR,
     PartCounter,
-    Tokenizer,
     char_vocabulary,
     encode_parts,
     iter_parts,
@@ -59,7 +58,7 @@ from gpt.data.encode import (
 from gpt.data.shards import ShardWriter, Splitter
 from gpt.data.sources import find_files
 from gpt.errors import UserError
-from gpt.tokenizer import CharTokenizer, TiktokenTokenizer, get_tokenizer, tokenizer_from_dict
+from gpt.tokenizer import CharTokenizer, TiktokenTokenizer, Tokenizer, get_tokenizer, tokenizer_from_dict
 
 FORMAT_VERSION = 3
 
@@ -91,11 +90,6 @@ class Prepared:
                     f"the {split} split has {n} tokens, fewer than block_size+2 = {block_size + 2}; "
                     "use more text, a smaller model.block_size or a different data.val_fraction"
                 )
-
-    def tokens(self, split: str) -> np.ndarray:
-        """The whole split in memory, for small corpora and tests; training reads the shards."""
-        parts = [np.fromfile(p, dtype=self.meta["dtype"]) for p in self.shard_paths(split)]
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=self.meta["dtype"])
 
 
 def fingerprint(cfg: DataConfig, files: list[Path], tok_key: dict[str, Any]) -> str:

@@ -8,7 +8,6 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -99,15 +98,29 @@ def warn_if_cropped(tokenizer: Tokenizer, prompts: list[str], block: int) -> Non
             )
 
 
-def text_options(cfg: GenerateConfig) -> dict[str, Any]:
-    """The knobs generate_text takes, from the command's config."""
-    names = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "num_beams")
-    return {n: getattr(cfg, n) for n in names} | {
-        "stop": [unescape(s) for s in cfg.stop],
-        "length_penalty": cfg.length_penalty,
-        "use_cache": cfg.use_cache,
-        "compile": cfg.compile,
-    }
+def continue_text(
+    model: GPT,
+    tokenizer: Tokenizer,
+    cfg: GenerateConfig,
+    prompt: str | list[str],
+    generator: torch.Generator,
+    on_text: Callable[[int, str], object] | None,
+) -> str | list[str]:
+    """generate_text with the command's settings (a GenerateConfig is a SamplingConfig)."""
+    return generate_text(
+        model,
+        tokenizer,
+        prompt,
+        cfg.max_new_tokens,
+        sampling=cfg,
+        stop=[unescape(s) for s in cfg.stop],
+        num_beams=cfg.num_beams,
+        length_penalty=cfg.length_penalty,
+        generator=generator,
+        use_cache=cfg.use_cache,
+        compile=cfg.compile,
+        on_text=on_text,
+    )
 
 
 def sample(cfg: GenerateConfig, write: Callable[[str], object] = write_stdout) -> list[str]:
@@ -129,15 +142,8 @@ def sample(cfg: GenerateConfig, write: Callable[[str], object] = write_stdout) -
         streamed = len(batch) == 1
         if streamed:
             write((SEPARATOR if start else "") + batch[0])
-        outs = generate_text(
-            model,
-            tokenizer,
-            batch,
-            cfg.max_new_tokens,
-            generator=generator,
-            on_text=(lambda _, piece: write(piece)) if streamed else None,
-            **text_options(cfg),
-        )
+        on_text = (lambda _, piece: write(piece)) if streamed else None
+        outs = continue_text(model, tokenizer, cfg, batch, generator, on_text)
         if streamed:
             write("\n")
         else:
@@ -186,15 +192,7 @@ def interactive(
             continue
         if texts and not tty:
             write(SEPARATOR)
-        out = generate_text(
-            model,
-            tokenizer,
-            turn,
-            cfg.max_new_tokens,
-            generator=generator,
-            on_text=lambda _, piece: write(piece),
-            **text_options(cfg),
-        )
+        out = continue_text(model, tokenizer, cfg, turn, generator, lambda _, piece: write(piece))
         history = turn
         if not out.endswith("\n"):
             out += "\n"

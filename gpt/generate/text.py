@@ -9,9 +9,11 @@ exactly where the first stop string starts).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
+from gpt.config import SamplingConfig, sampling_config
 from gpt.errors import UserError
 from gpt.generate.tokens import beam_search, generate
 from gpt.model.transformer import GPT
@@ -93,6 +95,7 @@ def generate_text(
     prompt: str | Sequence[str],
     max_new_tokens: int = 200,
     *,
+    sampling: SamplingConfig | None = None,
     stop: Sequence[str] = (),
     num_beams: int = 1,
     length_penalty: float = 1.0,
@@ -101,15 +104,16 @@ def generate_text(
     use_cache: bool = True,
     compile: bool | str = False,
     on_text: Callable[[int, str], object] | None = None,
-    **sampling,
+    **settings: Any,
 ) -> str | list[str]:
     """Continue a prompt (-> str) or a list of prompts, batched (-> list[str]); prompts not included.
 
-    sampling: temperature, top_k, top_p, min_p, repetition_penalty (see gpt.generation.generate).
-    num_beams > 1 runs beam search instead, prompt by prompt, and ignores sampling.
+    sampling: a SamplingConfig (None: its defaults); keyword settings such as temperature=0.5 replace
+    its fields, validated. num_beams > 1 runs beam search instead, prompt by prompt, and ignores sampling.
     seed: seeds a generator for this call (or pass your own `generator`).
     on_text(row, text) is called with each piece of text as it becomes final: streaming.
     """
+    sampling = sampling_config(sampling, **settings)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     ids = encode_prompts(tokenizer, prompts)
     device = next(model.parameters()).device
@@ -146,8 +150,8 @@ def generate_text(
             generator=generator,
             lengths=lengths,
             eot_token=tokenizer.eot_token,
+            sampling=sampling,
             **common,
-            **sampling,
         )
         for token in tokens:
             for row, t in enumerate(token.tolist()):

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from functools import cache
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from gpt.config import SamplingConfig, sampling_config
 from gpt.model.kv_cache import KVCache
 from gpt.model.transformer import GPT
 
@@ -29,7 +31,7 @@ from gpt.model.transformer import GPT
 
 def sample_next(
     logits: torch.Tensor,
-    temperature: float = 1.0,
+    temperature: float,
     top_k: int | None = None,
     top_p: float | None = None,
     min_p: float | None = None,
@@ -169,21 +171,19 @@ def generate(
     idx: torch.Tensor,
     max_new_tokens: int,
     *,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    min_p: float | None = None,
-    repetition_penalty: float = 1.0,
+    sampling: SamplingConfig | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     vocab_size: int | None = None,
     lengths: list[int] | None = None,
     eot_token: int | None = None,
     compile: bool | str = False,
+    **settings: Any,
 ) -> Iterator[torch.Tensor]:
     """Yield up to max_new_tokens new tokens, one (B,) tensor per step, continuing prompts idx (B, T).
 
-    temperature, top_k, top_p, min_p: see sample_next. repetition_penalty: see
+    sampling: a SamplingConfig (None: its defaults); keyword settings such as temperature=0 replace
+    its fields. temperature, top_k, top_p, min_p: see sample_next. repetition_penalty: see
     apply_repetition_penalty; it counts the prompt and every new token of the row.
     lengths: real tokens of each row when idx is left padded (None: every row is T long).
     vocab_size: sample only ids below it, for a model whose embedding was padded past its
@@ -192,10 +192,11 @@ def generate(
     every row is finished.
     compile: run the decode step through torch.compile (True, or the name of a backend).
     """
+    s = sampling_config(sampling, **settings)  # validated
     ctx = Context(model, idx, lengths, max_new_tokens, use_cache, compile)
     logits = ctx.logits
     seen = None  # (B, V): which tokens each row holds (prompt after cropping, then each new one)
-    if repetition_penalty != 1.0:
+    if s.repetition_penalty != 1.0:
         B, T = ctx.tokens.shape
         real = (
             torch.arange(T, device=idx.device)[None, :]
@@ -206,8 +207,8 @@ def generate(
     done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
     for step in range(max_new_tokens):
         if seen is not None:
-            logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-        token = sample_next(logits[:, :vocab_size], temperature, top_k, top_p, min_p, generator)  # (B,)
+            logits = apply_repetition_penalty(logits, seen, s.repetition_penalty)
+        token = sample_next(logits[:, :vocab_size], s.temperature, s.top_k, s.top_p, s.min_p, generator)
         if eot_token is not None:
             token = token.masked_fill(done, eot_token)
             done |= token == eot_token
@@ -217,15 +218,6 @@ def generate(
         if seen is not None:
             seen.scatter_(1, token[:, None], True)
         logits = ctx.append(token)
-
-
-def sequence_logprob(model: GPT, prompt: list[int], continuation: list[int]) -> float:
-    """log P(continuation | prompt) under the model (uncached; prompt + continuation <= block_size)."""
-    idx = torch.tensor([prompt + continuation], device=next(model.parameters()).device)
-    with torch.inference_mode():
-        logprobs = F.log_softmax(model(idx)[0, :-1].float(), dim=-1)  # (T-1, V)
-    targets = idx[0, 1:]
-    return float(logprobs[torch.arange(len(targets), device=idx.device), targets][len(prompt) - 1 :].sum())
 
 
 @torch.inference_mode()

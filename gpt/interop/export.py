@@ -21,7 +21,7 @@ from gpt.errors import UserError, exit_on_user_error
 from gpt.interop.hf import TOKENIZER_FILE, check_format, hf_config, hf_format, to_hf_state_dict
 from gpt.model.transformer import GPT
 from gpt.runs.checkpoint import describe_checkpoint, find_checkpoint, load_model
-from gpt.tokenizer import CharTokenizer, TiktokenTokenizer
+from gpt.tokenizer import CharTokenizer, TiktokenTokenizer, Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EOT = "<|endoftext|>"
@@ -89,7 +89,7 @@ def write_gpt2_tokenizer(tokenizer: TiktokenTokenizer, out: Path, max_length: in
 
 def export(
     model: GPT,
-    tokenizer: CharTokenizer | TiktokenTokenizer,
+    tokenizer: Tokenizer,
     out: str | Path,
     fmt: str = "auto",
     dtype: torch.dtype = torch.float32,

@@ -10,7 +10,7 @@ are our model under other names:
 - Llama (`LlamaForCausalLM`): RoPE (rotating halves, as ours does), RMSNorm, SwiGLU. Its separate
   q/k/v and gate/up projections are our fused c_attn and c_fc split along the output dim.
 
-This module reads and maps; gpt.export writes directories, gpt.checkpoint loads them.
+This module reads and maps; gpt.interop.export writes directories, gpt.interop.load loads them.
 """
 
 from __future__ import annotations

@@ -9,10 +9,11 @@ from typing import Any
 
 import torch
 
+from gpt.config import ARCHITECTURE
 from gpt.errors import UserError
 from gpt.interop.hf import GPT2_VOCAB, TOKENIZER_FILE, from_hf_state_dict, is_hf_dir, model_config_from_hf
 from gpt.model.transformer import GPT
-from gpt.tokenizer import tokenizer_from_dict
+from gpt.tokenizer import Tokenizer, tokenizer_from_dict
 
 # init_from=NAME downloads these from the hub.
 HUB_MODELS = {
@@ -84,7 +85,7 @@ def hf_tokenizer_description(path: str | Path) -> dict[str, Any]:
 
 
 def load_hf_dir(path: str | Path):
-    """(model, tokenizer) of a checkpoint directory, as gpt.checkpoint.load_model returns them."""
+    """(model, tokenizer) of a checkpoint directory, as gpt.runs.checkpoint.load_model returns them."""
     model = load_hf_model(path)
     return model, tokenizer_from_dict(hf_tokenizer_description(path))
 
@@ -118,22 +119,7 @@ def resolve_init_from(source: str) -> Path:
         ) from None
 
 
-# Fields compared between the training config and the checkpoint's; dropout and init_std only
-# matter to training, and a shorter block_size keeps the first positions.
-_MUST_MATCH = (
-    "n_layer",
-    "n_head",
-    "n_embd",
-    "vocab_size",
-    "pos_emb",
-    "norm",
-    "ffn",
-    "bias",
-    "tie_embeddings",
-)
-
-
-def init_from_pretrained(model: GPT, source: str, tokenizer: dict[str, Any]) -> Path:
+def init_from_pretrained(model: GPT, source: str, tokenizer: Tokenizer) -> Path:
     """Load a checkpoint directory's weights into `model` (before training); returns the directory.
 
     Refuses, in one line, a model config or a data tokenizer that disagrees with the checkpoint.
@@ -141,15 +127,19 @@ def init_from_pretrained(model: GPT, source: str, tokenizer: dict[str, Any]) -> 
     path = resolve_init_from(source)
     hf = read_hf_config(path)
     theirs, ours = model_config_from_hf(hf), model.config
-    wanted = hf_tokenizer_description(path)
-    if tokenizer != wanted:
-        got = tokenizer.get("name", tokenizer.get("kind"))
+    wanted, ours_tokenizer = hf_tokenizer_description(path), tokenizer.to_dict()
+    if ours_tokenizer != wanted:
+        got = ours_tokenizer.get("name", ours_tokenizer.get("kind"))
         need = wanted.get("name", wanted.get("kind"))
         raise UserError(
             f"data.tokenizer={got} but init_from={source} was trained with {need}; "
             f"set data.tokenizer={need} (data=shakespeare uses r50k_base)"
         )
-    fields = [*_MUST_MATCH, *(("rope_base",) if ours.pos_emb == "rope" else ())]
+    # block_size and ffn_hidden are compared below: a shorter context keeps the first positions,
+    # and the FFN width is compared as resolved (ffn_hidden=None is a width too). dropout and
+    # init_std only matter to training.
+    shape = [name for name in ARCHITECTURE if name not in ("block_size", "ffn_hidden")]
+    fields = [*shape, *(("rope_base",) if ours.pos_emb == "rope" else ())]
     for name in fields:
         mine, want = getattr(ours, name), getattr(theirs, name)
         if mine != want:

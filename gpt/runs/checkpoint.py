@@ -1,5 +1,4 @@
-"""Checkpoints of a run: find them, open them, check them against a config, describe them, and load a
-trained model for inference without Lightning or the training config.
+"""Checkpoints, in one place: find, open, check and describe them; load a model without Lightning.
 
 A checkpoint is plain data (torch.load(weights_only=True)): `hyper_parameters` holds the model
 config and the tokenizer description as dicts, `state_dict` the weights under "model.". A
@@ -17,15 +16,21 @@ from typing import Any
 
 import torch
 
-from gpt.config import ModelConfig, OptimConfig
-from gpt.errors import UserError
+from gpt.config import ARCHITECTURE, ModelConfig, OptimConfig
+from gpt.errors import UserError, first_line
 from gpt.interop.hf import is_hf_dir
 from gpt.interop.load import load_hf_dir
 from gpt.model.transformer import GPT
-from gpt.tokenizer import CharTokenizer, TiktokenTokenizer, tokenizer_from_dict
+from gpt.tokenizer import Tokenizer, tokenizer_from_dict
+
+# Where a run dir names its checkpoint for inference (generate, export, load_model).
+LAST = "last.ckpt"
+# What a user is told to do about a checkpoint that is not one: to generate or export, to resume.
+PASS_ANOTHER = "pass another ckpt=PATH"
+RESUME_ANOTHER = "pass another ckpt_path, or start a new run dir (hydra.run.dir=...)"
 
 
-def checkpoints_newest_first(run_dir: str | Path) -> list[Path]:
+def run_checkpoints(run_dir: str | Path) -> list[Path]:
     """A run's checkpoints, most recently written first: checkpoints/*.ckpt, and the
     hpc_ckpt_N.ckpt Lightning writes into the run dir when SLURM signals a requeue."""
     run_dir = Path(run_dir)
@@ -33,28 +38,13 @@ def checkpoints_newest_first(run_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
-def newest_checkpoint(run_dir: str | Path) -> Path | None:
-    found = checkpoints_newest_first(run_dir)
-    return found[0] if found else None
-
-
-def readable(path: Path) -> str | None:
-    """Why a checkpoint cannot be resumed from, or None. Memory-mapped, so tensors are not read:
-    a truncated file fails on its missing zip directory, a pickled payload on weights_only."""
-    if not zipfile.is_zipfile(path):
-        return "not the zip archive torch.save writes: truncated, or another kind of file"
-    try:
-        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # truncated zips, foreign pickles and bad headers raise many types
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    return None
-
-
-def newest_readable_checkpoint(run_dir: str | Path, warn: bool = False) -> Path | None:
-    """The newest checkpoint that can be resumed from; unreadable newer ones are passed over
-    (with a warning each if `warn`)."""
-    for path in checkpoints_newest_first(run_dir):
-        problem = readable(path)
+def newest_checkpoint(run_dir: str | Path, *, readable: bool = True, warn: bool = False) -> Path | None:
+    """The run's newest checkpoint; with `readable`, the newest one that opens, newer unreadable ones
+    (a partial or corrupt file) passed over, with a warning each if `warn`."""
+    for path in run_checkpoints(run_dir):
+        if not readable:
+            return path
+        _, problem = _open(path, mmap=True)  # mmap: the tensors are not read
         if problem is None:
             return path
         if warn:
@@ -62,16 +52,12 @@ def newest_readable_checkpoint(run_dir: str | Path, warn: bool = False) -> Path 
     return None
 
 
-# Prefixes wrappers add to parameter names: the LightningModule's attribute, torch.compile's module.
-STRIP_PREFIXES = ("model.", "_orig_mod.")
-
-
 def find_checkpoint(path: str | Path | None, runs_dir: str | Path = "runs") -> Path:
-    """A .ckpt file or a Hugging Face checkpoint directory as given; a run dir's checkpoints/last.ckpt;
-    or the newest last.ckpt under runs_dir."""
+    """What a user's ckpt= names: a .ckpt file or a Hugging Face checkpoint directory as given; a run
+    dir's checkpoints/last.ckpt; or, for None, the newest last.ckpt under runs_dir."""
     if path is None:
         found = sorted(
-            Path(runs_dir).expanduser().glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime
+            Path(runs_dir).expanduser().glob(f"**/checkpoints/{LAST}"), key=lambda p: p.stat().st_mtime
         )
         if not found:
             raise UserError(
@@ -82,11 +68,11 @@ def find_checkpoint(path: str | Path | None, runs_dir: str | Path = "runs") -> P
     if is_hf_dir(p):
         return p
     if p.is_dir():
-        for candidate in (p / "checkpoints" / "last.ckpt", p / "last.ckpt"):
+        for candidate in (p / "checkpoints" / LAST, p / LAST):
             if candidate.is_file():
                 return candidate
         raise UserError(
-            f"no last.ckpt (or config.json) in {p}; pass a .ckpt file, a run dir or a Hugging Face dir"
+            f"no {LAST} (or config.json) in {p}; pass a .ckpt file, a run dir or a Hugging Face dir"
         )
     if not p.is_file():
         raise UserError(f"checkpoint {p} does not exist; pass a .ckpt file or a run dir as ckpt=PATH")
@@ -102,6 +88,10 @@ def describe_checkpoint(path: Path) -> str:
     return f"{path} (step {step})" if isinstance(step, int) else f"{path} (weights only, no training step)"
 
 
+# Prefixes wrappers add to parameter names: the LightningModule's attribute, torch.compile's module.
+STRIP_PREFIXES = ("model.", "_orig_mod.")
+
+
 def clean_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The network's own parameter names: strip wrapper prefixes, in this one place."""
     out = {}
@@ -112,43 +102,35 @@ def clean_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return out
 
 
-def read_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
-    """The checkpoint's plain data; mmap=True leaves the tensors on disk until they are read."""
+def _open(path: Path, mmap: bool) -> tuple[dict[str, Any], None] | tuple[None, str]:
+    """The one opener: (the checkpoint's plain data, None), or (None, what is wrong with the file)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # a damaged or foreign file makes torch.load raise many types (KeyError too)
         # torch.save writes a zip archive: anything else is truncated or another kind of file, and
         # torch's own message for it ("Weights only load failed...", "Invalid argument") misleads.
         if not zipfile.is_zipfile(path):
-            raise UserError(
-                f"{path} is not a checkpoint (not the zip archive torch.save writes: truncated, or "
-                "another kind of file); pass another ckpt=PATH"
-            ) from None
+            return None, "not the zip archive torch.save writes: truncated, or another kind of file"
         if isinstance(e, pickle.UnpicklingError):
-            raise UserError(
-                f"{path} holds Python objects besides tensors and plain data, which are not loaded "
-                "(weights_only); pass a checkpoint written by train.py"
-            ) from None
-        raise UserError(
-            f"{path} is not a readable checkpoint ({_first_line(e)}); pass another ckpt=PATH"
-        ) from None
+            return None, "it holds Python objects besides tensors and plain data, which weights_only refuses"
+        return None, first_line(e, limit=200)
     if not isinstance(ckpt, dict):
-        raise UserError(
-            f"{path} is not a checkpoint of this trainer (it holds a {type(ckpt).__name__}); "
-            "pass another ckpt=PATH"
-        )
+        return None, f"it holds a {type(ckpt).__name__}, not the dict train.py writes"
+    return ckpt, None
+
+
+def not_a_checkpoint(path: str | Path, problem: str, fix: str = PASS_ANOTHER) -> UserError:
+    """The one error text for a file that is not a checkpoint of this trainer."""
+    return UserError(f"{path} is not a checkpoint ({problem}); {fix}")
+
+
+def read_checkpoint(path: Path, mmap: bool = False, fix: str = PASS_ANOTHER) -> dict[str, Any]:
+    """The checkpoint's plain data; mmap=True leaves the tensors on disk until they are read. `fix`
+    ends the error: what the user can do instead."""
+    ckpt, problem = _open(path, mmap)
+    if ckpt is None:
+        raise not_a_checkpoint(path, problem, fix) from None
     return ckpt
-
-
-def _first_line(e: BaseException, limit: int = 200) -> str:
-    """The message's first line, with the next one when it ends in ':' (torch's "Error(s) in ...:"),
-    cut to `limit` characters (a list of missing weights can be long)."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    if not lines:
-        return type(e).__name__
-    line = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
-    line = line.rstrip(".")
-    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def describe_tokenizer(d: dict[str, Any]) -> str:
@@ -157,7 +139,7 @@ def describe_tokenizer(d: dict[str, Any]) -> str:
     return f"tokenizer {d.get('name', d)!r}"
 
 
-def check_vocabulary(path: Path, config: ModelConfig, tokenizer: CharTokenizer | TiktokenTokenizer) -> None:
+def check_vocabulary(path: Path, config: ModelConfig, tokenizer: Tokenizer) -> None:
     """A tokenizer with ids past the model's embedding is not the one the model was trained with."""
     if config.vocab_size is not None and tokenizer.vocab_size > config.vocab_size:
         raise UserError(
@@ -172,7 +154,7 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     runs_dir: str | Path = "runs",
-) -> tuple[GPT, CharTokenizer | TiktokenTokenizer]:
+) -> tuple[GPT, Tokenizer]:
     """The model (in eval mode) and tokenizer of a checkpoint; see find_checkpoint for `path`."""
     ckpt_path = find_checkpoint(path, runs_dir)
     if ckpt_path.is_dir():
@@ -186,39 +168,32 @@ def load_model(
         tokenizer = tokenizer_from_dict(hparams["tokenizer"])
         state_dict = clean_state_dict(ckpt["state_dict"])
     except (KeyError, TypeError) as e:
-        raise UserError(f"{ckpt_path} is not a checkpoint of this trainer (missing {e})") from None
+        raise not_a_checkpoint(ckpt_path, f"it has no {e}") from None
     check_vocabulary(ckpt_path, config, tokenizer)
     model = GPT(config)
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:  # missing, unexpected or mis-shaped weights
         raise UserError(
-            f"{ckpt_path}: its weights do not match its model config ({_first_line(e)}); the file was "
-            "edited or damaged, pass another ckpt=PATH"
+            f"{ckpt_path}: its weights do not match its model config ({first_line(e, limit=200)}); "
+            f"the file was edited or damaged, {PASS_ANOTHER}"
         ) from None
     return model.to(device=device, dtype=dtype).eval(), tokenizer
 
 
-# The ModelConfig fields named when a checkpoint's weights do not fit this run's model.
-ARCHITECTURE = (
-    "n_layer", "n_head", "n_embd", "block_size", "vocab_size", "pos_emb", "norm", "ffn", "ffn_hidden",
-    "bias", "tie_embeddings",
-)  # fmt: skip
-
-
-def check_resumable(path: str | Path, config: ModelConfig, tokenizer: dict[str, Any]) -> None:
+def check_resumable(path: str | Path, config: ModelConfig, tokenizer: Tokenizer) -> None:
     """Refuse, in one line, a checkpoint that a run with this model and tokenizer cannot continue:
     Lightning would fail deep inside its load with a traceback or, for another vocabulary of the
     same size, go on training with every token's meaning changed."""
-    ckpt = read_checkpoint(Path(path), mmap=True)  # shapes only: the weights stay on disk
+    ckpt = read_checkpoint(Path(path), mmap=True, fix=RESUME_ANOTHER)  # shapes only: weights stay on disk
     if not isinstance(ckpt.get("state_dict"), dict):
-        raise UserError(f"{path} is not a checkpoint of this trainer (it has no state_dict); pass another")
+        raise not_a_checkpoint(path, "it has no state_dict", RESUME_ANOTHER)
     hparams = ckpt.get("hyper_parameters") or {}
-    saved_tokenizer = hparams.get("tokenizer")
-    if saved_tokenizer is not None and saved_tokenizer != tokenizer:
+    saved_tokenizer, ours_tokenizer = hparams.get("tokenizer"), tokenizer.to_dict()
+    if saved_tokenizer is not None and saved_tokenizer != ours_tokenizer:
         raise UserError(
             f"{path} was trained with {describe_tokenizer(saved_tokenizer)} but this run's data.tokenizer "
-            f"gives {describe_tokenizer(tokenizer)}; resume with the data settings it was trained with, "
+            f"gives {describe_tokenizer(ours_tokenizer)}; resume with the data settings it was trained with, "
             "or start a new run dir (hydra.run.dir=...)"
         )
     with torch.device("meta"):
@@ -244,7 +219,7 @@ def check_resumable(path: str | Path, config: ModelConfig, tokenizer: dict[str, 
 
 def save_weights_checkpoint(
     model: GPT,
-    tokenizer: CharTokenizer | TiktokenTokenizer,
+    tokenizer: Tokenizer,
     path: str | Path,
     optim: dict[str, Any] | None = None,
 ) -> Path:

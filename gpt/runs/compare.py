@@ -27,6 +27,7 @@ import yaml
 from gpt.config import ModelConfig
 from gpt.errors import UserError, exit_on_user_error
 from gpt.model.transformer import GPT
+from gpt.runs.checkpoint import newest_checkpoint, read_checkpoint
 from gpt.runs.metrics import read_metrics
 
 
@@ -130,24 +131,14 @@ def read_log(path: Path) -> list[dict[str, float]]:
         ) from None
 
 
-def read_checkpoint_fields(ckpt_path: Path) -> dict[str, Any]:
-    # mmap: only the few fields read here are loaded, not the weights.
-    try:
-        return torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # truncated zips, foreign pickles and bad headers raise many types
-        raise UserError(
-            f"{ckpt_path} is not a readable checkpoint ({type(e).__name__}); remove it or leave "
-            f"{ckpt_path.parent.parent} out"
-        ) from None
-
-
 def read_run(path: Path) -> Run:
     run = Run(path=path, config=read_config(path), rows=read_log(path))
     train = [r for r in run.rows if "train/tokens" in r]
     val = [r for r in run.rows if "val/loss" in r]
-    ckpt_path = path / "checkpoints" / "last.ckpt"
-    if ckpt_path.is_file():
-        ckpt = read_checkpoint_fields(ckpt_path)
+    ckpt_path = newest_checkpoint(path, readable=False)  # a broken newest file is reported, not skipped
+    if ckpt_path is not None:
+        # mmap: only the few fields read here are loaded, not the weights.
+        ckpt = read_checkpoint(ckpt_path, mmap=True, fix=f"remove it or leave {path} out")
         try:
             run.params = count_params(ckpt["hyper_parameters"]["model"])
         except (KeyError, TypeError):  # a checkpoint of another version of the model config

@@ -12,10 +12,10 @@ import torch
 from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
+from gpt.config import SamplingConfig, sampling_config
 from gpt.errors import NonFiniteError
 from gpt.generate.text import generate_text
-from gpt.runs.checkpoint import newest_readable_checkpoint
-from gpt.tokenizer import tokenizer_from_dict
+from gpt.runs.checkpoint import newest_checkpoint
 from gpt.train.checkpointing import _saved_step
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class NonFiniteGuard(L.Callback):
                 p.grad = None
             rank_zero_warn(f"step {step}: non-finite {what}, update skipped (nonfinite.action=skip)")
             return
-        good = newest_readable_checkpoint(trainer.default_root_dir)
+        good = newest_checkpoint(trainer.default_root_dir)
         after = f" after {self.max_skips} skipped steps in a row" if self.action == "skip" else ""
         raise NonFiniteError(
             f"non-finite {what} at step {step}{after}; training stopped before updating the weights. "
@@ -149,12 +149,11 @@ class SampleText(L.Callback):
         every_n_steps: int = 500,
         prompt: str = "\n",
         max_new_tokens: int = 200,
-        temperature: float = 0.8,
-        top_k: int | None = 200,
+        sampling: SamplingConfig | None = None,
         seed: int = 0,
     ) -> None:
         self.every_n_steps, self.prompt, self.max_new_tokens = every_n_steps, prompt, max_new_tokens
-        self.temperature, self.top_k, self.seed = temperature, top_k, seed
+        self.sampling, self.seed = sampling_config(sampling), seed
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
         step = trainer.global_step
@@ -169,19 +168,17 @@ class SampleText(L.Callback):
             self.write(trainer, step, self.sample(pl_module))
 
     def sample(self, pl_module: L.LightningModule) -> str:
-        tokenizer = tokenizer_from_dict(pl_module.hparams["tokenizer"])
         model = pl_module.model
         was_training = model.training
         model.eval()
         try:
             text = generate_text(
                 model,
-                tokenizer,
+                pl_module.tokenizer,
                 self.prompt,
                 self.max_new_tokens,
+                sampling=self.sampling,
                 seed=self.seed,
-                temperature=self.temperature,
-                top_k=self.top_k,
             )
         finally:
             model.train(was_training)

@@ -16,15 +16,14 @@ from torchmetrics import MeanMetric, SumMetric
 from gpt.config import ModelConfig, OptimConfig
 from gpt.errors import NonFiniteError
 from gpt.model.transformer import GPT
-from gpt.tokenizer import tokenizer_from_dict
+from gpt.tokenizer import Tokenizer, tokenizer_from_dict
 from gpt.train.optim import build_optimizer, build_scheduler
 
 
-def token_byte_lengths(tokenizer: dict[str, Any], vocab_size: int) -> torch.Tensor:
+def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int) -> torch.Tensor:
     """UTF-8 bytes of each token id (0 for padding ids), to turn nats per token into bits per byte."""
-    tok = tokenizer_from_dict(tokenizer)
-    lengths = [len(tok.decode_bytes([i])) for i in range(tok.vocab_size)]
-    return torch.tensor(lengths + [0] * (vocab_size - tok.vocab_size), dtype=torch.float32)
+    lengths = [len(tokenizer.decode_bytes([i])) for i in range(tokenizer.vocab_size)]
+    return torch.tensor(lengths + [0] * (vocab_size - tokenizer.vocab_size), dtype=torch.float32)
 
 
 def get_rng_state() -> dict[str, Any]:
@@ -63,7 +62,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 class GPTLitModule(L.LightningModule):
     """Hyperparameters are saved as plain dicts (model, optim, tokenizer), so a checkpoint loads with
-    torch.load(weights_only=True) and gpt.checkpoint rebuilds the model without Lightning."""
+    torch.load(weights_only=True) and gpt.runs.checkpoint rebuilds the model without Lightning. The
+    tokenizer dict is that stored form; the module keeps the tokenizer itself as `tokenizer`."""
 
     def __init__(self, model: dict[str, Any], optim: dict[str, Any], tokenizer: dict[str, Any]) -> None:
         super().__init__()
@@ -71,8 +71,9 @@ class GPTLitModule(L.LightningModule):
         self.model_config = ModelConfig(**model)
         self.optim_config = OptimConfig(**optim)
         self.model = GPT(self.model_config)
+        self.tokenizer = tokenizer_from_dict(tokenizer)
         self.register_buffer(
-            "token_bytes", token_byte_lengths(tokenizer, self.model_config.vocab_size), persistent=False
+            "token_bytes", token_byte_lengths(self.tokenizer, self.model_config.vocab_size), persistent=False
         )
         self.train_loss = MeanMetric()  # over the micro-batches (and ranks) of one optimizer step
         # Validation sums, reduced over ranks by torchmetrics: loss = nats / tokens, bpb from bytes.
@@ -84,8 +85,8 @@ class GPTLitModule(L.LightningModule):
         self._batch_shape = (0, 0)  # (B, T) of the last batch, for flops_per_batch
 
     @classmethod
-    def from_configs(cls, model: ModelConfig, optim: OptimConfig, tokenizer: dict[str, Any]) -> GPTLitModule:
-        return cls(asdict(model), asdict(optim), tokenizer)
+    def from_configs(cls, model: ModelConfig, optim: OptimConfig, tokenizer: Tokenizer) -> GPTLitModule:
+        return cls(asdict(model), asdict(optim), tokenizer.to_dict())
 
     @property
     def flops_per_batch(self) -> float:

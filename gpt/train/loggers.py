@@ -1,4 +1,4 @@
-"""Logger settings decided before a logger library is imported: the wandb mode, the run's name and tags."""
+"""What loggers are told about a run: its name from the command line, wandb's fields and mode."""
 
 from __future__ import annotations
 
@@ -10,10 +10,14 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 
+def run_overrides(overrides: list[str]) -> list[str]:
+    """The command-line overrides that describe the run: not Hydra's own settings, nor what it resumes."""
+    return [o for o in overrides if not o.startswith(("hydra.", "ckpt_path="))]
+
+
 def run_label(overrides: list[str]) -> str:
-    """A short readable name from the command-line overrides (not Hydra's own settings)."""
-    kept = [o for o in overrides if not o.startswith(("hydra.", "ckpt_path="))]
-    return ",".join(kept) or "defaults"
+    """A short readable name from the command-line overrides."""
+    return ",".join(run_overrides(overrides)) or "defaults"
 
 
 def wandb_fields(overrides: list[str], run_dir: str | Path) -> dict[str, object]:
@@ -22,7 +26,7 @@ def wandb_fields(overrides: list[str], run_dir: str | Path) -> dict[str, object]
     The group is the run's overrides without the seed, so seeds of one configuration group
     together; the id is derived from the run dir, so a resumed run continues the same wandb run.
     """
-    kept = [o for o in overrides if not o.startswith(("hydra.", "ckpt_path="))]
+    kept = run_overrides(overrides)
     run_id = hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
     return {
         "name": run_label(overrides),

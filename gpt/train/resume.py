@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from gpt.errors import UserError
-from gpt.runs.checkpoint import newest_readable_checkpoint, readable
+from gpt.runs.checkpoint import RESUME_ANOTHER, newest_checkpoint, read_checkpoint
 
 
 def resolve_resume(ckpt_path: str | None, run_dir: str | Path) -> str | None:
@@ -21,7 +21,7 @@ def resolve_resume(ckpt_path: str | None, run_dir: str | Path) -> str | None:
     are skipped with a warning. "last": the same, but one must exist. Anything else: that file.
     """
     if ckpt_path in (None, "last"):
-        path = newest_readable_checkpoint(run_dir, warn=True)
+        path = newest_checkpoint(run_dir, warn=True)
         if path is not None:
             return str(path)
         if ckpt_path == "last":
@@ -32,9 +32,7 @@ def resolve_resume(ckpt_path: str | None, run_dir: str | Path) -> str | None:
     ckpt_path = os.path.expanduser(ckpt_path)
     if not Path(ckpt_path).is_file():
         raise UserError(f"ckpt_path {ckpt_path} does not exist; pass a .ckpt file, 'last', or nothing")
-    problem = readable(Path(ckpt_path))
-    if problem:
-        raise UserError(f"ckpt_path {ckpt_path} cannot be resumed from ({problem}); pass another checkpoint")
+    read_checkpoint(Path(ckpt_path), mmap=True, fix=RESUME_ANOTHER)  # refuses what cannot be resumed
     return ckpt_path
 
 

@@ -122,7 +122,7 @@ CASES = {
     ),
     "train-corrupt-checkpoint": train(
         "ckpt_path={inputs}/garbage.ckpt",
-        message="cannot be resumed from (not the zip archive torch.save writes",
+        message="garbage.ckpt is not a checkpoint (not the zip archive torch.save writes",
     ),
     "train-checkpoint-of-another-vocabulary": train(
         "data.tokenizer=r50k_base",
@@ -248,7 +248,7 @@ CASES = {
     ),
     "compare-corrupt-checkpoint": command(
         *("-m", "gpt.compare", "{broken}/checkpoint", "--out", "{plots}/compare.png"),
-        message="last.ckpt is not a readable checkpoint",
+        message="last.ckpt is not a checkpoint (not the zip archive torch.save writes",
     ),
     "compare-corrupt-log": command(
         *("-m", "gpt.compare", "{broken}/log", "--out", "{plots}/compare.png"), message="csv/ is not readable"

@@ -10,8 +10,8 @@ import torch
 from gpt.runs.checkpoint import load_model
 from gpt.runs.metrics import read_metrics
 from gpt.train.loggers import wandb_fields
-from tests.conftest import run_script
 from tests.commands.test_train import assert_same_weights
+from tests.conftest import run_script
 
 FAST = [
     "model=nano",

@@ -22,15 +22,15 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 
 from gpt.config import ModelConfig, OptimConfig
 from gpt.errors import NonFiniteError, UserError
-from gpt.runs.checkpoint import newest_checkpoint, newest_readable_checkpoint
+from gpt.runs.checkpoint import newest_checkpoint
 from gpt.tokenizer import CharTokenizer
 from gpt.train.callbacks import NonFiniteGuard
 from gpt.train.checkpointing import AtomicCheckpointIO, PeriodicCheckpoint
 from gpt.train.lit_module import GPTLitModule
 from gpt.train.resume import python_command
 from gpt.train.rundir import RunLock, check_free_space, is_launch_rank_zero, same_file
-from tests.conftest import ROOT, SHAKESPEARE, run_script
 from tests.commands.test_train import assert_same_weights, final_state, losses, ok, train_cmd
+from tests.conftest import ROOT, SHAKESPEARE, run_script
 
 # The last step is not a periodic one (every 10): a resumed run must still end with it saved.
 STEPS = 35
@@ -228,7 +228,7 @@ def test_injected_nan_stops_naming_the_step_and_the_last_good_checkpoint(corpus,
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: non-finite loss at step 5;")
-    good = newest_readable_checkpoint(run)
+    good = newest_checkpoint(run)
     assert f"Last good checkpoint: {good}." in last
     saved = [torch.load(p, weights_only=True) for p in (run / "checkpoints").glob("*.ckpt")]
     assert max(c["global_step"] for c in saved) == 4  # nothing after the last finite step
@@ -262,7 +262,7 @@ def test_a_nonfinite_model_is_never_saved():
     module = GPTLitModule.from_configs(
         ModelConfig(n_layer=1, n_head=2, n_embd=8, block_size=8, vocab_size=3),
         OptimConfig(),
-        CharTokenizer("abc").to_dict(),
+        CharTokenizer("abc"),
     )
     module.on_save_checkpoint({})  # finite: fine
     with torch.no_grad():

@@ -15,7 +15,7 @@ from gpt.data.datamodule import (
     val_offsets,
 )
 from gpt.errors import UserError
-from tests.data.test_prepare import text_cfg
+from tests.data.test_prepare import split_tokens, text_cfg
 
 
 def test_windows_are_shifted_by_one(tiny_corpus, tmp_path):
@@ -23,7 +23,7 @@ def test_windows_are_shifted_by_one(tiny_corpus, tmp_path):
     ds = Windows(prepared.shard_paths("train"), prepared.meta["dtype"], block_size=16)
     assert len(ds) == 36_000 - 16
     x, y = ds[100]
-    tokens = torch.from_numpy(prepared.tokens("train")[100:117].astype(np.int64))
+    tokens = torch.from_numpy(split_tokens(prepared, "train")[100:117].astype(np.int64))
     assert x.dtype == torch.long and x.shape == (16,)
     assert torch.equal(x, tokens[:16]) and torch.equal(y, tokens[1:])
 
@@ -130,7 +130,7 @@ def test_datamodule_sequential_with_workers_reads_the_split_in_order(tiny_corpus
     dm = GPTDataModule(cfg, block_size=64)
     dm.setup("fit")
     xs = torch.cat([x for x, _ in dm.train_dataloader()])
-    train = torch.from_numpy(dm.prepared.tokens("train").astype(np.int64))
+    train = torch.from_numpy(split_tokens(dm.prepared, "train").astype(np.int64))
     n = (len(train) - 1) // 64
     assert xs.shape == (n, 64) and torch.equal(xs.flatten(), train[: n * 64])
 

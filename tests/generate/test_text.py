@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+from gpt.config import SamplingConfig
+from gpt.errors import ConfigError
 from gpt.generate.text import TextStream, generate_text, held_back
 from gpt.tokenizer import CharTokenizer, TiktokenTokenizer
 from tests.conftest import tiny_model
@@ -115,3 +117,16 @@ def test_generator_or_seed_makes_library_calls_independent(char_model):
     b = generate_text(model, tok, "A", 20, temperature=1.0, generator=g)
     assert a != b  # the generator moved on
     assert a == generate_text(model, tok, "A", 20, temperature=1.0, seed=5)
+
+
+def test_keyword_settings_go_through_the_sampling_config(char_model):
+    model, tok = char_model
+    with pytest.raises(ConfigError, match="temperature=-1 must be >= 0"):
+        generate_text(model, tok, "A", 5, temperature=-1)
+    with pytest.raises(TypeError, match="unknown sampling setting\\(s\\) temprature"):
+        generate_text(model, tok, "A", 5, temprature=0.5)
+    # One default: keywords omitted are SamplingConfig's, and keywords replace a config's fields.
+    same = lambda **kw: generate_text(model, tok, "A", 20, seed=3, **kw)
+    assert same() == same(sampling=SamplingConfig())
+    assert same(temperature=1.0) == same(sampling=SamplingConfig(temperature=1.0))
+    assert same(sampling=SamplingConfig(top_k=5), temperature=0) == same(temperature=0, top_k=5)

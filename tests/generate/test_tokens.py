@@ -10,7 +10,6 @@ from gpt.generate.tokens import (
     beam_search,
     generate,
     sample_next,
-    sequence_logprob,
 )
 from gpt.model.transformer import GPT
 from tests.conftest import tiny_config, tiny_model
@@ -22,6 +21,15 @@ def lively_model(**overrides) -> GPT:
     """A random tiny model with a large init: its greedy continuations vary instead of repeating
     one token, so equalities between tokens mean something."""
     return tiny_model(init_std=0.5, **overrides)
+
+
+def sequence_logprob(model, prompt: list[int], continuation: list[int]) -> float:
+    """log P(continuation | prompt) under the model."""
+    idx = torch.tensor([prompt + continuation])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(idx)[0, :-1].float(), dim=-1)  # (T-1, V)
+    targets = idx[0, 1:]
+    return float(logprobs[torch.arange(len(targets)), targets][len(prompt) - 1 :].sum())
 
 
 def tokens(model, idx, n, use_cache=True, **kw):

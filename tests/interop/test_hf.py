@@ -177,7 +177,7 @@ def test_export_refuses_shapes_hf_cannot_express():
 
 def test_init_from_loads_weights_and_refuses_mismatches(tmp_path):
     path, theirs = hf_gpt2(tmp_path, vocab_size=50257)
-    gpt2_tok = {"kind": "tiktoken", "name": "r50k_base"}
+    gpt2_tok = TiktokenTokenizer("r50k_base")
     ours = tiny_model(**GPT2_SHAPE, vocab_size=50257, block_size=48)  # a shorter context is allowed
     init_from_pretrained(ours, str(path), gpt2_tok)
     assert max_diff(ours, theirs, 50257, T=48) < ATOL
@@ -190,7 +190,7 @@ def test_init_from_loads_weights_and_refuses_mismatches(tmp_path):
     with pytest.raises(UserError, match="^model.block_size=128 exceeds"):
         init_from_pretrained(tiny_model(**GPT2_SHAPE, vocab_size=50257, block_size=128), str(path), gpt2_tok)
     with pytest.raises(UserError, match="^data.tokenizer=char but .* was trained with r50k_base"):
-        init_from_pretrained(tiny_model(**GPT2_SHAPE), str(path), CHARS.to_dict())
+        init_from_pretrained(tiny_model(**GPT2_SHAPE), str(path), CHARS)
     with pytest.raises(UserError, match="neither a directory with config.json nor one of gpt2"):
         init_from_pretrained(tiny_model(**GPT2_SHAPE), str(tmp_path / "nowhere"), gpt2_tok)
 
@@ -203,7 +203,7 @@ def test_init_from_hub_name_offline_is_one_line(tmp_path):
         with pytest.raises(
             UserError, match="^could not download openai-community/gpt2 from the Hugging Face hub"
         ):
-            init_from_pretrained(model, "gpt2", {"kind": "tiktoken", "name": "r50k_base"})
+            init_from_pretrained(model, "gpt2", TiktokenTokenizer("r50k_base"))
 
 
 def test_train_init_from_then_generate_and_export(tmp_path, tiny_corpus, capsys):

@@ -14,7 +14,7 @@ from gpt.errors import UserError
 from gpt.interop.export import export
 from gpt.interop.hf import TOKENIZER_FILE
 from gpt.runs.checkpoint import check_resumable, describe_checkpoint, load_model, save_weights_checkpoint
-from gpt.tokenizer import CharTokenizer
+from gpt.tokenizer import CharTokenizer, TiktokenTokenizer
 from tests.conftest import tiny_model
 
 CHARS = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -50,7 +50,7 @@ def test_files_that_are_not_checkpoints(ckpt, tmp_path):
     with pytest.raises(UserError, match="holds Python objects besides tensors and plain data"):
         load_model(tmp_path / "pickled.ckpt")
     torch.save([1, 2], tmp_path / "list.ckpt")
-    with pytest.raises(UserError, match="is not a checkpoint of this trainer \\(it holds a list\\)"):
+    with pytest.raises(UserError, match="is not a checkpoint \\(it holds a list, not the dict"):
         load_model(tmp_path / "list.ckpt")
 
 
@@ -71,17 +71,17 @@ def test_checkpoint_whose_parts_disagree(ckpt):
 def test_resume_needs_the_same_model_shape_and_tokenizer(ckpt):
     model, tok = load_model(ckpt)
     config = model.config
-    check_resumable(ckpt, config, tok.to_dict())
-    check_resumable(ckpt, replace(config, dropout=0.1), tok.to_dict())  # same weights, other training
+    check_resumable(ckpt, config, tok)
+    check_resumable(ckpt, replace(config, dropout=0.1), tok)  # same weights, other training
     with pytest.raises(UserError, match="holds a model of another shape \\(model.n_layer=2 in it, 3 now\\)"):
-        check_resumable(ckpt, replace(config, n_layer=3), tok.to_dict())
+        check_resumable(ckpt, replace(config, n_layer=3), tok)
     with pytest.raises(UserError, match="model.vocab_size=61 in it, 64 now"):
-        check_resumable(ckpt, replace(config, vocab_size=64), tok.to_dict())
+        check_resumable(ckpt, replace(config, vocab_size=64), tok)
     other = CharTokenizer(CHARS.replace("z", "0"))  # as many characters, not the same ones
     with pytest.raises(UserError, match="trained with a 61-character vocabulary but this run"):
-        check_resumable(ckpt, config, other.to_dict())
+        check_resumable(ckpt, config, other)
     with pytest.raises(UserError, match="data.tokenizer gives tokenizer 'r50k_base'"):
-        check_resumable(ckpt, config, {"kind": "tiktoken", "name": "r50k_base"})
+        check_resumable(ckpt, config, TiktokenTokenizer("r50k_base"))
 
 
 def test_hugging_face_dir_whose_tokenizer_is_not_the_models(tmp_path):

@@ -141,7 +141,7 @@ def test_validation_points_are_placed_at_the_tokens_seen_by_their_step():
         (".hydra/config.yaml", "model: [unclosed\n", "config.yaml is not readable YAML"),
         (".hydra/config.yaml", "- a list\n", "config.yaml holds a list, not a config"),
         ("csv/version_0/metrics.csv", "step,train/loss\n0,nan?\n", "csv/ is not readable (ValueError"),
-        ("checkpoints/last.ckpt", "half a checkpoint", "last.ckpt is not a readable checkpoint"),
+        ("checkpoints/last.ckpt", "half a checkpoint", "last.ckpt is not a checkpoint (not the zip archive"),
     ],
 )
 def test_broken_run_files_are_one_line(tmp_path, capsys, file, content, message):

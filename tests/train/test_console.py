@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from gpt.runs.metrics import read_metrics
-from tests.conftest import SHAKESPEARE, run_script
 from tests.commands.test_e2e import assert_ok, train_args
+from tests.conftest import SHAKESPEARE, run_script
 
 # A piece of each warning gpt/console.py and gpt/wandb_logger.py silence.
 SILENCED = (

@@ -1,0 +1,249 @@
+"""Typed configs. Hydra's ConfigStore uses these as schemas; validation lives in __post_init__.
+
+Nothing here imports hydra or omegaconf: the entry points convert their DictConfig into these
+dataclasses (OmegaConf.to_object runs __post_init__), and the library only sees dataclasses.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from gpt.errors import ConfigError
+
+POS_EMBS = ("learned", "sinusoidal", "rope")
+NORMS = ("layernorm", "rmsnorm")
+FFNS = ("swiglu", "gelu")
+SCHEDULES = ("cosine", "wsd", "constant")
+OPTIMIZERS = ("adamw", "muon")
+MUON_NS_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def _one_of(name: str, value: str, choices: tuple[str, ...]) -> None:
+    _check(value in choices, f"{name}={value!r} is not one of {', '.join(choices)}")
+
+
+def _home(path: str | None) -> str | None:
+    """`~` at the start of a path is the home folder, as in a shell. Hydra's parser refuses an
+    unquoted `~` in a value ('data.path="~/corpus"' gets past it), and a shell leaves one after
+    `data.path=` as it is, so nothing else expands it."""
+    return os.path.expanduser(path) if path else path
+
+
+@dataclass
+class ModelConfig:
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 256
+    # None until the tokenizer is known: train.py fills it from the prepared data.
+    vocab_size: int | None = None
+    pos_emb: str = "learned"
+    norm: str = "rmsnorm"
+    ffn: str = "swiglu"
+    # FFN hidden width; None = 4*n_embd for gelu, 8/3*n_embd rounded up to a multiple of 64 for swiglu
+    # (the same parameter count as the 4x GELU MLP).
+    ffn_hidden: int | None = None
+    bias: bool = False
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+    rope_base: float = 10000.0
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("n_layer", "n_head", "n_embd", "block_size"):
+            _check(getattr(self, name) >= 1, f"model.{name}={getattr(self, name)} must be >= 1")
+        _check(
+            self.n_embd % self.n_head == 0,
+            f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}; "
+            "pick n_head that divides n_embd",
+        )
+        _one_of("model.pos_emb", self.pos_emb, POS_EMBS)
+        _one_of("model.norm", self.norm, NORMS)
+        _one_of("model.ffn", self.ffn, FFNS)
+        if self.pos_emb == "rope":
+            _check(self.head_dim % 2 == 0, f"rope needs an even head size, got {self.head_dim}")
+        _check(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1)")
+        _check(self.vocab_size is None or self.vocab_size >= 1, f"model.vocab_size={self.vocab_size} < 1")
+        _check(self.ffn_hidden is None or self.ffn_hidden >= 1, f"model.ffn_hidden={self.ffn_hidden} < 1")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.ffn_hidden is not None:
+            return self.ffn_hidden
+        if self.ffn == "gelu":
+            return 4 * self.n_embd
+        return -(-8 * self.n_embd // 3 // 64) * 64
+
+
+# What a folder is searched for (paths relative to the folder, fnmatch-style: `*` crosses `/`).
+DEFAULT_INCLUDE = ("*.txt", "*.md", "*.jsonl", "*.txt.gz", "*.md.gz", "*.jsonl.gz")
+SOURCES = ("shakespeare", "text", "hf")
+SAMPLINGS = ("random", "sequential")
+
+
+@dataclass
+class DataConfig:
+    # "shakespeare" finds/downloads Tiny Shakespeare; "text" reads `path` (a file or a directory);
+    # "hf" reads a Hugging Face dataset (`path`: a Hub name or a folder from save_to_disk).
+    source: str = "shakespeare"
+    path: str | None = None
+    # Which files of a folder are read, and which of those are skipped (globs on the relative path).
+    include: list[str] = field(default_factory=lambda: list(DEFAULT_INCLUDE))
+    exclude: list[str] = field(default_factory=list)
+    # The field holding the text in .jsonl lines and dataset rows.
+    text_field: str = "text"
+    hf_config: str | None = None
+    hf_split: str = "train"
+    # "char" builds a character vocabulary from the corpus; anything else is a tiktoken encoding name.
+    tokenizer: str = "char"
+    # Where a named corpus is looked for (and downloaded to when missing); None: env GPT_DATA_DIR,
+    # else ./data.
+    root: str | None = None
+    # Where tokenized corpora are cached.
+    cache_dir: str = "data/cache"
+    # Expected share of documents held out for validation, drawn with split_seed.
+    val_fraction: float = 0.1
+    split_seed: int = 0
+    # Documents longer than this many characters are cut at a line break into parts, which are split
+    # and tokenized separately (a single-file corpus such as Tiny Shakespeare still gets a val split).
+    doc_chars: int = 32_768
+    # Tokens per shard file (the last shard of a split is shorter).
+    shard_tokens: int = 1 << 27
+    # Tokenizer threads while preparing; None = one per CPU core.
+    prepare_workers: int | None = None
+    batch_size: int = 16
+    num_workers: int = 0
+    # "random": windows at uniformly random offsets; "sequential": back-to-back windows, in order,
+    # every token once per epoch.
+    sampling: str = "random"
+    # Windows per validation pass (fixed and evenly spaced, so every validation sees the same windows).
+    # None: 512, or 64 on a CPU with a vocabulary of over 4,096 tokens (where each window scores
+    # block_size x vocab_size logits: 512 windows of model=small with GPT-2's BPE take minutes).
+    val_windows: int | None = None
+
+    def __post_init__(self) -> None:
+        self.path, self.root, self.cache_dir = _home(self.path), _home(self.root), _home(self.cache_dir)
+        _one_of("data.source", self.source, SOURCES)
+        if self.source in ("text", "hf"):
+            _check(bool(self.path), f"data={self.source} needs a corpus: pass data.path=...")
+        _check(0.0 < self.val_fraction < 1.0, f"data.val_fraction={self.val_fraction} must be in (0, 1)")
+        _check(self.doc_chars >= 256, f"data.doc_chars={self.doc_chars} must be >= 256")
+        _check(self.shard_tokens >= 1024, f"data.shard_tokens={self.shard_tokens} must be >= 1024")
+        _check(
+            self.prepare_workers is None or self.prepare_workers >= 1,
+            f"data.prepare_workers={self.prepare_workers} must be >= 1 (or null)",
+        )
+        _check(bool(self.include), "data.include is empty: give at least one glob such as '*.txt'")
+        _check(self.batch_size >= 1, f"data.batch_size={self.batch_size} must be >= 1")
+        _check(self.num_workers >= 0, f"data.num_workers={self.num_workers} must be >= 0")
+        _one_of("data.sampling", self.sampling, SAMPLINGS)
+        _check(
+            self.val_windows is None or self.val_windows >= 1,
+            f"data.val_windows={self.val_windows} must be >= 1 (or null)",
+        )
+
+
+@dataclass
+class OptimConfig:
+    # adamw: AdamW everywhere. muon: Muon for the blocks' 2-D weights, AdamW (lr) for the rest.
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: int = 100
+    schedule: str = "cosine"
+    # The cosine decays to lr * min_lr_ratio at decay_steps (None: at trainer.max_steps).
+    min_lr_ratio: float = 0.1
+    decay_steps: int | None = None
+    # wsd: the share of the horizon spent decaying (after a stable phase at lr).
+    decay_fraction: float = 0.2
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    # The dtype of Muon's Newton-Schulz iteration. auto: bfloat16 where the parameters' device
+    # computes it fast (GPUs from Ampere on, CPUs with AVX-512 BF16 or AMX), else float32.
+    muon_ns_dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        _one_of("optim.name", self.name, OPTIMIZERS)
+        _check(self.lr > 0, f"optim.lr={self.lr} must be > 0")
+        _check(self.muon_lr > 0, f"optim.muon_lr={self.muon_lr} must be > 0")
+        _check(0 <= self.muon_momentum < 1, f"optim.muon_momentum={self.muon_momentum} must be in [0, 1)")
+        _one_of("optim.muon_ns_dtype", self.muon_ns_dtype, MUON_NS_DTYPES)
+        _check(0 < self.decay_fraction <= 1, f"optim.decay_fraction={self.decay_fraction} must be in (0, 1]")
+        _check(self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay} must be >= 0")
+        for name in ("beta1", "beta2"):
+            _check(0 <= getattr(self, name) < 1, f"optim.{name}={getattr(self, name)} must be in [0, 1)")
+        _check(self.warmup_steps >= 0, f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        _one_of("optim.schedule", self.schedule, SCHEDULES)
+        _check(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        _check(self.decay_steps is None or self.decay_steps >= 1, f"optim.decay_steps={self.decay_steps} < 1")
+
+
+@dataclass
+class GenerateConfig:
+    # A checkpoint file, a run dir, or None for the newest run under runs_dir.
+    ckpt: str | None = None
+    runs_dir: str = "runs"
+    # The text to continue; "-" reads it from stdin.
+    prompt: str = "\n"
+    # A file of prompts, one per line, or .jsonl with a "prompt" field per line; replaces `prompt`.
+    prompt_file: str | None = None
+    max_new_tokens: int = 500
+    temperature: float = 0.8
+    top_k: int | None = 200
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+    # Generation of a row ends where the first of these strings starts (or at end-of-text).
+    stop: list[str] = field(default_factory=list)
+    # > 1: beam search (deterministic; the sampling knobs are ignored).
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    seed: int = 1337
+    num_samples: int = 1
+    # Rows (prompts x num_samples) generated together.
+    batch_size: int = 8
+    interactive: bool = False
+    use_cache: bool = True
+    compile: bool = False
+    device: str = "auto"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        self.prompt_file = _home(self.prompt_file)  # ckpt and runs_dir: in gpt.checkpoint.find_checkpoint
+        _check(self.max_new_tokens >= 1, f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        _check(self.temperature >= 0, f"temperature={self.temperature} must be >= 0 (0 = greedy)")
+        _check(self.top_k is None or self.top_k >= 1, f"top_k={self.top_k} must be >= 1 (or null)")
+        _check(self.top_p is None or 0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1] (or null)")
+        _check(self.min_p is None or 0 <= self.min_p <= 1, f"min_p={self.min_p} must be in [0, 1] (or null)")
+        _check(
+            self.repetition_penalty > 0,
+            f"repetition_penalty={self.repetition_penalty} must be > 0 (1 = off, > 1 discourages repeats)",
+        )
+        _check(all(self.stop), "stop strings must not be empty; remove the empty one from stop=[...]")
+        _check(self.num_beams >= 1, f"num_beams={self.num_beams} must be >= 1")
+        _check(self.num_samples >= 1, f"num_samples={self.num_samples} must be >= 1")
+        _check(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
+        _check(
+            not (self.num_beams > 1 and self.num_samples > 1),
+            f"beam search is deterministic: num_samples={self.num_samples} would repeat one result; "
+            "use num_samples=1 with num_beams",
+        )
+        _check(
+            not (self.interactive and (self.prompt == "-" or self.prompt_file)),
+            "interactive=true reads what you type from stdin; drop prompt=- and prompt_file",
+        )
+        _one_of("dtype", self.dtype, ("float32", "bfloat16", "float16"))

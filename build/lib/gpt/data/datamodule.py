@@ -1,0 +1,265 @@
+"""Token shards -> training batches: windows, seeded resumable samplers, and the LightningDataModule.
+
+The shards come from `gpt.prepare.prepare` (the data module's prepare_data() calls it). A split's
+shards are read as one token stream: a window may span the boundary between two shards, so every
+offset of the split is a window start and the sequential mode covers every token.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from gpt.config import DataConfig
+from gpt.data.prepare import Prepared, prepare
+from gpt.errors import UserError
+from gpt.tokenizer import CharTokenizer, TiktokenTokenizer
+
+__all__ = [
+    "GPTDataModule",
+    "Prepared",
+    "RandomWindowSampler",
+    "SequentialWindowSampler",
+    "Windows",
+    "prepare",
+    "val_offsets",
+]
+
+# ----------------------------------------------------------------------------- windows
+
+
+class Windows(Dataset):
+    """Item i is (x, y): the block_size tokens starting at offset i of the split and the same shifted by one.
+
+    The shards are memory-mapped lazily, so each DataLoader worker opens them once, in its own process.
+    """
+
+    def __init__(self, paths: list[Path], dtype: str, block_size: int) -> None:
+        self.paths, self.dtype, self.block_size = list(paths), dtype, block_size
+        sizes = [os.path.getsize(p) // np.dtype(dtype).itemsize for p in self.paths]
+        self.starts = np.cumsum([0, *sizes]).tolist()  # token offset of each shard; the last is the total
+        self.n_tokens = self.starts[-1]
+        self._maps: list[np.memmap] | None = None
+
+    def __len__(self) -> int:
+        return max(0, self.n_tokens - self.block_size)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Workers started by spawn get the paths, not copies of mapped memory.
+        return self.__dict__ | {"_maps": None}
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Tokens [start, stop) of the split, across shard boundaries."""
+        if self._maps is None:
+            self._maps = [np.memmap(p, dtype=self.dtype, mode="r") for p in self.paths]
+        pieces = []
+        shard = bisect.bisect_right(self.starts, start) - 1
+        while start < stop:
+            lo = start - self.starts[shard]
+            take = min(stop, self.starts[shard + 1]) - start
+            pieces.append(self._maps[shard][lo : lo + take])
+            start += take
+            shard += 1
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        chunk = torch.from_numpy(self.read(i, i + self.block_size + 1).astype(np.int64))
+        return chunk[:-1], chunk[1:]
+
+
+class ResumableSampler(Sampler[int]):
+    """What both samplers share: `epoch`, and `start`, the samples of this epoch already consumed.
+
+    state_dict() / load_state_dict() carry exactly these two numbers, so a restored sampler continues
+    with the sample where the checkpoint stopped. set_epoch() to a new epoch starts it from its first
+    sample; to the current epoch (as Lightning does on resume) it keeps `start`.
+    """
+
+    length: int  # samples this rank yields per epoch
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self.start = 0  # items of this epoch already consumed (set when resuming)
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.start = epoch, 0
+
+    def __len__(self) -> int:
+        # The full epoch, also when resuming: Lightning counts the batches it already trained on.
+        return self.length
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "start": self.start}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.start = state["epoch"], state["start"]
+
+
+class RandomWindowSampler(ResumableSampler):
+    """Uniformly random window offsets from one seeded stream that the ranks share out.
+
+    The stream depends on (seed, epoch) only; rank r of W takes items r, r+W, r+2W, ... So a
+    global batch holds the same windows whatever the number of devices, accumulation steps and
+    micro-batch size that make it up. The stream is drawn in fixed-size chunks, chunk c from its
+    own generator, so it can restart at any position without replaying what came before.
+    """
+
+    CHUNK = 1 << 16
+
+    def __init__(self, n_windows: int, length: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        super().__init__()
+        self.n_windows, self.length, self.seed = n_windows, length, seed
+        self.rank, self.world_size = rank, world_size
+
+    def _chunk(self, c: int) -> torch.Tensor:
+        words = np.random.SeedSequence([self.seed, self.epoch, c]).generate_state(2)
+        g = torch.Generator().manual_seed(int(words[0]) << 31 ^ int(words[1]))
+        return torch.randint(self.n_windows, (self.CHUNK,), generator=g)
+
+    def __iter__(self) -> Iterator[int]:
+        # This rank's item i is item i * world_size + rank of the shared stream.
+        i = self.start
+        while i < self.length:
+            g = i * self.world_size + self.rank
+            c, j = divmod(g, self.CHUNK)
+            take = min(len(range(j, self.CHUNK, self.world_size)), self.length - i)
+            yield from self._chunk(c)[j :: self.world_size][:take].tolist()
+            i += take
+
+
+class SequentialWindowSampler(ResumableSampler):
+    """Back-to-back windows in corpus order: each token is an input once per epoch.
+
+    Window k starts at k * block_size (its targets run one token further, into the next window).
+    Rank r of world_size takes the r-th contiguous block of windows, so ranks never share a window;
+    each rank gets the same number (the few windows left over are dropped), as DDP needs.
+    """
+
+    def __init__(self, n_tokens: int, block_size: int, rank: int = 0, world_size: int = 1) -> None:
+        super().__init__()
+        self.block_size = block_size
+        self.length = (n_tokens - 1) // block_size // world_size
+        self.first = rank * self.length
+
+    def __iter__(self) -> Iterator[int]:
+        for k in range(self.first + self.start, self.first + self.length):
+            yield k * self.block_size
+
+
+def val_offsets(n_tokens: int, block_size: int, n_windows: int) -> list[int]:
+    """Evenly spaced windows over the whole split: the same every validation, every run."""
+    last = n_tokens - block_size - 1
+    return torch.linspace(0, last, n_windows).round().long().unique().tolist()
+
+
+class GPTDataModule(L.LightningDataModule):
+    """`prepared`: the tokenized corpus if the caller already has it (train.py prepares it, and
+    checks it fits the model, before it imports Lightning); otherwise prepared on first use."""
+
+    def __init__(
+        self, cfg: DataConfig, block_size: int, seed: int = 0, prepared: Prepared | None = None
+    ) -> None:
+        super().__init__()
+        self.cfg, self.block_size, self.seed = cfg, block_size, seed
+        self._prepared = prepared
+        if prepared is not None:
+            prepared.check_fits(block_size)
+        self._resume: dict[str, int] | None = None  # sampler state from a checkpoint
+
+    @property
+    def prepared(self) -> Prepared:
+        if self._prepared is None:
+            prepared = prepare(self.cfg)
+            # Checked here, on first use, not in setup(): by then loggers and callbacks could
+            # write into the run dir.
+            prepared.check_fits(self.block_size)
+            self._prepared = prepared
+        return self._prepared
+
+    @property
+    def tokenizer(self) -> CharTokenizer | TiktokenTokenizer:
+        return self.prepared.tokenizer()
+
+    def prepare_data(self) -> None:
+        self.prepared  # noqa: B018  (tokenizes on first access)
+
+    def setup(self, stage: str | None = None) -> None:
+        meta = self.prepared.meta  # checks that each split holds a window
+        self.train_set = Windows(self.prepared.shard_paths("train"), meta["dtype"], self.block_size)
+        self.val_set = Windows(self.prepared.shard_paths("val"), meta["dtype"], self.block_size)
+
+    def _samples_per_epoch(self) -> int:
+        trainer = self.trainer
+        if trainer is not None and trainer.max_steps > 0:
+            return trainer.max_steps * trainer.accumulate_grad_batches * self.cfg.batch_size
+        # Epoch-based training: an epoch draws as many windows as fit side by side in the split.
+        return max(1, self.train_set.n_tokens // self.block_size)
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._rank_and_world()
+        if self.cfg.sampling == "sequential":
+            sampler = SequentialWindowSampler(self.train_set.n_tokens, self.block_size, rank, world)
+            if len(sampler) == 0:
+                raise UserError(
+                    f"the train split ({self.train_set.n_tokens} tokens) has fewer back-to-back windows of "
+                    f"{self.block_size} tokens than there are ranks ({world}); use more text or "
+                    "data.sampling=random"
+                )
+        else:
+            sampler = RandomWindowSampler(
+                len(self.train_set), self._samples_per_epoch(), self.seed, rank, world
+            )
+        if self._resume is not None:
+            sampler.load_state_dict(self._resume)
+            self._resume = None  # later epochs start from their beginning
+        # Kept so that the training loop can save and restore its state (see ResumableSampler).
+        self.train_sampler = sampler
+        return self._loader(self.train_set, sampler)
+
+    def state_dict(self) -> dict[str, int]:
+        """Where the training stream stands: the micro-batches of this epoch already trained on.
+
+        Counted from the trainer's progress rather than the sampler's iterator, which runs ahead
+        of training by whatever the DataLoader and Lightning prefetch.
+        """
+        trainer = self.trainer
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": trainer.current_epoch, "start": done * self.cfg.batch_size}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = dict(state)
+
+    def val_dataloader(self) -> DataLoader:
+        # Each rank scores its share of the windows; the token-weighted mean is synced by the metric.
+        rank, world = self._rank_and_world()
+        offsets = val_offsets(self.val_set.n_tokens, self.block_size, self.cfg.val_windows)[rank::world]
+        return self._loader(torch.utils.data.Subset(self.val_set, offsets), None)
+
+    def _loader(self, dataset: Dataset, sampler: Sampler | None) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.cfg.batch_size,
+            sampler=sampler,
+            shuffle=False,
+            num_workers=self.cfg.num_workers,
+            # Pinned host memory speeds up copies to a GPU; without one it only costs.
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.cfg.num_workers > 0,
+            # A DataLoader seeds its workers from the global RNG unless given its own generator;
+            # that draw would shift dropout's random stream between a resumed and an
+            # uninterrupted run. Nothing in the data path is random beyond the sampler.
+            generator=torch.Generator().manual_seed(self.seed),
+        )

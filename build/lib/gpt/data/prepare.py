@@ -1,0 +1,234 @@
+"""Corpus -> token shards + meta.json, streamed, in parallel, cached.
+
+`prepare(cfg)` is the one prepare step: `python -m gpt.prepare data=...` and the data module's
+`prepare_data()` both call it. It
+
+1. finds the sources: Tiny Shakespeare, a file, a folder (recursive, include/exclude globs), or a
+   Hugging Face dataset. `.txt`/`.md` files are one document each, `.jsonl` lines and dataset rows
+   one document each; any of the files may be gzip-compressed (`.gz`);
+2. cuts documents longer than `doc_chars` at a line break into parts (a big file is read and
+   tokenized piece by piece, and a one-file corpus gets a validation split); a character
+   vocabulary is read from the corpus first, in a separate streamed pass;
+3. tokenizes parts in batches on a pool of threads (tiktoken releases the GIL), in order, with
+   memory bounded by the batches in flight, never by the corpus;
+4. sends parts to val at random (a `split_seed`-ed stream of draws, one per part, so the split
+   does not depend on threads or batch sizes) such that val gets `val_fraction` of the parts, to
+   within one part; a corpus of fewer than 10 documents (Tiny Shakespeare is one) is split by
+   tokens instead, its last `val_fraction` held out as nanoGPT does, unless it is larger than
+   16M tokens, which are split by part so that memory stays bounded. Split by document, both
+   splits get at least one part. Parts of different documents,
+   or non-adjacent parts of one document, are separated by the tokenizer's end-of-text token (a
+   blank line, "\\n\\n", for characters); adjacent parts of one document are joined without one;
+5. writes `{split}-NNNNN.bin` shards (uint16 when the vocabulary fits, else uint32) into a temporary
+   folder that is renamed into `cache_dir/<name>-<tokenizer>-<fingerprint>/` once complete, so an
+   interrupted prepare never leaves a folder a later run would trust. The fingerprint covers the
+   sources (path, size, mtime), the tokenizer and every setting that changes the output; a second
+   run with the same fingerprint returns at once.
+
+The command line, `python -m gpt.prepare data=...`, is the Hydra entry point `prepare.py` at the
+repository root (next to train.py, composing the same conf/data presets): this module only hands
+over to it, so that nothing in gpt/ imports Hydra.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from gpt.config import DataConfig
+from gpt.data.encode import (
+    CHAR_SEPARATOR,
+    PartCounter,
+    Tokenizer,
+    char_vocabulary,
+    encode_parts,
+    iter_parts,
+    make_encoder,
+    token_dtype,
+)
+from gpt.data.shards import ShardWriter, Splitter
+from gpt.data.sources import find_files
+from gpt.errors import UserError
+from gpt.tokenizer import CharTokenizer, TiktokenTokenizer, get_tokenizer, tokenizer_from_dict
+
+FORMAT_VERSION = 3
+
+
+# ----------------------------------------------------------------------------- the prepare step
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A tokenized corpus on disk: `{split}-NNNNN.bin` shards and meta.json in `dir`."""
+
+    dir: Path
+    meta: dict[str, Any]
+    # True when this call tokenized the corpus, False when it was found in the cache.
+    fresh: bool = False
+
+    def tokenizer(self) -> Tokenizer:
+        return tokenizer_from_dict(self.meta["tokenizer"])
+
+    def shard_paths(self, split: str) -> list[Path]:
+        return [self.dir / s["file"] for s in self.meta["shards"][split]]
+
+    def check_fits(self, block_size: int) -> None:
+        """Each split must hold at least one training window (block_size + 1 tokens, and one more)."""
+        for split in ("train", "val"):
+            n = self.meta[f"{split}_tokens"]
+            if n <= block_size + 1:
+                raise UserError(
+                    f"the {split} split has {n} tokens, fewer than block_size+2 = {block_size + 2}; "
+                    "use more text, a smaller model.block_size or a different data.val_fraction"
+                )
+
+    def tokens(self, split: str) -> np.ndarray:
+        """The whole split in memory, for small corpora and tests; training reads the shards."""
+        parts = [np.fromfile(p, dtype=self.meta["dtype"]) for p in self.shard_paths(split)]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=self.meta["dtype"])
+
+
+def fingerprint(cfg: DataConfig, files: list[Path], tok_key: dict[str, Any]) -> str:
+    """Hash of everything the output depends on: sources (path, size, mtime), tokenizer, settings."""
+    h = hashlib.sha256()
+    settings = {
+        k: getattr(cfg, k)
+        for k in ("source", "include", "exclude", "text_field", "hf_config", "hf_split", "val_fraction")
+        + ("split_seed", "doc_chars", "shard_tokens")
+    }
+    h.update(
+        json.dumps({"v": FORMAT_VERSION, "tokenizer": tok_key, "settings": settings}, sort_keys=True).encode()
+    )
+    if cfg.source == "hf" and not Path(cfg.path).expanduser().is_dir():
+        h.update(cfg.path.encode())  # a Hub dataset: its name (delete the cache folder to refetch)
+    if cfg.source == "hf" and Path(cfg.path).expanduser().is_dir():
+        files = sorted(p for p in Path(cfg.path).expanduser().rglob("*") if p.is_file())
+    for p in files:
+        st = p.stat()
+        h.update(f"{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def cache_name(cfg: DataConfig, files: list[Path], tok_name: str) -> str:
+    if cfg.source == "hf":
+        name = Path(cfg.path).name or "hf"
+    else:
+        name = files[0].name.split(".")[0] if len(files) == 1 else Path(cfg.path).expanduser().resolve().name
+    return f"{name}-{tok_name}"
+
+
+class Meter:
+    """The progress bar: bytes read (the bar) and tokens written per second (its postfix)."""
+
+    def __init__(self, total: int | None, desc: str, verbose: bool) -> None:
+        self.bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not verbose, leave=verbose)
+        self.tokens, self.t0 = 0, time.perf_counter()
+
+    def read(self, n: int) -> None:
+        self.bar.update(n)
+
+    def wrote(self, n: int) -> None:
+        self.tokens += n
+        rate = self.tokens / max(time.perf_counter() - self.t0, 1e-9)
+        self.bar.set_postfix_str(f"{self.tokens:,} tokens, {rate / 1e6:.2f}M tok/s", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def prepare(cfg: DataConfig, tokenizer: TiktokenTokenizer | None = None, verbose: bool = True) -> Prepared:
+    """Tokenize the corpus into cfg.cache_dir, or return the cached result.
+
+    `tokenizer` overrides cfg.tokenizer with a BPE tokenizer built in code (tests use it).
+    """
+    files = [] if cfg.source == "hf" else find_files(cfg)
+    tok: Tokenizer | None = tokenizer
+    if tok is None and cfg.tokenizer != "char":
+        tok = get_tokenizer(cfg.tokenizer)  # a character vocabulary is built below, from the corpus
+    tok_key = {"kind": "char"} if tok is None else tok.to_dict() | {"n_vocab": tok.vocab_size}
+    tok_name = "char" if tok is None else tok.name
+    out = Path(cfg.cache_dir) / f"{cache_name(cfg, files, tok_name)}-{fingerprint(cfg, files, tok_key)}"
+    if (out / "meta.json").is_file():
+        return Prepared(out, json.loads((out / "meta.json").read_text()))
+
+    total = sum(p.stat().st_size for p in files) or None
+    t0 = time.perf_counter()
+    if tok is None:
+        meter = Meter(total, "characters", verbose)
+        try:
+            tok = char_vocabulary(iter_parts(cfg, files, meter.read))
+        finally:
+            meter.close()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".tmp-"))
+    try:
+        meta = write_shards(cfg, files, tok, tmp, total, verbose)
+        meta["seconds"] = round(time.perf_counter() - t0, 3)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            # Another process prepared the same data first: theirs is equally good.
+            if not (out / "meta.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    meta = json.loads((out / "meta.json").read_text())
+    if verbose:
+        print(
+            f"prepared {meta['train_tokens'] + meta['val_tokens']:,} tokens ({tok.vocab_size:,}-token "
+            f"vocabulary, {meta['parts']:,} parts, val {meta['val_tokens']:,} tokens split by "
+            f"{meta['split_by']}) in {out}"
+        )
+    return Prepared(out, meta, fresh=True)
+
+
+def write_shards(
+    cfg: DataConfig, files: list[Path], tok: Tokenizer, folder: Path, total: int | None, verbose: bool
+) -> dict[str, Any]:
+    """The second pass: tokenize, split and write; returns the meta.json content."""
+    dtype = token_dtype(tok.vocab_size)
+    encode = make_encoder(tok, dtype)
+    sep = encode([CHAR_SEPARATOR])[0] if isinstance(tok, CharTokenizer) else np.array([tok.eot_token], dtype)
+    writers = {s: ShardWriter(folder, s, dtype, cfg.shard_tokens) for s in ("train", "val")}
+    splitter = Splitter(writers, cfg.val_fraction, cfg.split_seed, sep)
+    workers = cfg.prepare_workers or len(os.sched_getaffinity(0))
+    meter = Meter(total, "tokenizing", verbose)
+    counter = PartCounter()
+    try:
+        for part, ids in encode_parts(counter(iter_parts(cfg, files, meter.read)), encode, workers):
+            splitter.add(part, ids)
+            meter.wrote(ids.size)
+        split_by = splitter.finish()
+    finally:
+        meter.close()
+        for w in writers.values():
+            w.close()
+    if not counter.has_text:
+        where = cfg.path if cfg.path else ", ".join(map(str, files))
+        raise UserError(f"the corpus ({where}) is empty; give it some text")
+    return {
+        "format": FORMAT_VERSION,
+        "sources": len(files) if cfg.source != "hf" else cfg.path,
+        "first_source": str(files[0]) if files else cfg.path,
+        "tokenizer": tok.to_dict(),
+        "vocab_size": tok.vocab_size,
+        "dtype": dtype,
+        "documents": counter.documents,
+        "parts": splitter.n_parts,
+        "split_by": split_by,
+        "train_tokens": writers["train"].n_tokens,
+        "val_tokens": writers["val"].n_tokens,
+        "shards": {s: w.shards for s, w in writers.items()},
+        "data": asdict(cfg),
+    }

@@ -1,0 +1,236 @@
+"""Where a corpus comes from: Tiny Shakespeare (downloaded once), files and folders (globs, gzip, jsonl),
+Hugging Face datasets; each read as a stream of documents."""
+
+from __future__ import annotations
+
+import codecs
+import fnmatch
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import urllib.request
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from gpt.config import DataConfig
+from gpt.errors import UserError
+
+SHAKESPEARE_FILE = "tinyshakespeare.txt"
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+READ_BYTES = 1 << 20
+
+# ----------------------------------------------------------------------------- finding the corpus
+
+
+def data_root(cfg: DataConfig) -> Path:
+    return Path(cfg.root or os.environ.get("GPT_DATA_DIR") or "data")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(url: str, dest: Path, sha256: str, timeout: float = 30.0) -> Path:
+    """Download url to dest through a temporary file; keep it only if its sha256 matches."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as r:
+            shutil.copyfileobj(r, f)
+        got = sha256_file(Path(tmp))
+        if got != sha256:
+            raise UserError(f"download of {url} has sha256 {got}, expected {sha256}; try again later")
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return dest
+
+
+def find_shakespeare(root: Path) -> Path:
+    path = root / SHAKESPEARE_FILE
+    if path.is_file():
+        return path
+    try:
+        print(f"Tiny Shakespeare not found in {root}/: downloading {SHAKESPEARE_URL}")
+        return download(SHAKESPEARE_URL, path, SHAKESPEARE_SHA256)
+    except OSError as e:  # URLError, timeouts and permission errors are all OSErrors
+        raise UserError(
+            f"Tiny Shakespeare is not in {root}/ and could not be downloaded ({e}); put "
+            f"{SHAKESPEARE_FILE} there or set GPT_DATA_DIR to the folder that holds it"
+        ) from e
+
+
+def is_jsonl(path: Path) -> bool:
+    return path.name.removesuffix(".gz").endswith(".jsonl")
+
+
+def find_files(cfg: DataConfig) -> list[Path]:
+    """The corpus files, in a stable (sorted) order."""
+    if cfg.source == "shakespeare" and not cfg.path:
+        return [find_shakespeare(data_root(cfg))]
+    path = Path(cfg.path).expanduser()
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise UserError(f"data.path {str(path)!r} does not exist; pass a text file or a folder of text files")
+
+    def wanted(rel: str) -> bool:
+        return any(fnmatch.fnmatch(rel, g) for g in cfg.include) and not any(
+            fnmatch.fnmatch(rel, g) for g in cfg.exclude
+        )
+
+    files = sorted(p for p in path.rglob("*") if p.is_file() and wanted(p.relative_to(path).as_posix()))
+    if not files:
+        raise UserError(
+            f"no files under {path} match data.include={list(cfg.include)} "
+            f"(data.exclude={list(cfg.exclude)}); point data.path at text or change the globs"
+        )
+    return files
+
+
+# ----------------------------------------------------------------------------- reading documents
+
+
+def open_binary(path: Path) -> tuple[BinaryIO, BinaryIO]:
+    """(stream of the file's content, the file on disk); the second's tell() measures progress."""
+    raw = open(path, "rb")  # noqa: SIM115  (closed by the caller, with the stream)
+    if path.name.endswith(".gz"):
+        return gzip.GzipFile(fileobj=raw, mode="rb"), raw
+    return raw, raw
+
+
+def _check_text(path: Path, text: str, where: str = "") -> str:
+    if "\x00" in text:
+        raise UserError(
+            f"{path}{where} looks binary (it holds NUL bytes); remove it or skip it with data.exclude"
+        )
+    return text
+
+
+def _bad_utf8(path: Path, offset: int) -> UserError:
+    return UserError(
+        f"{path} is not UTF-8 text (bad byte near offset {offset}); convert it, or skip it with data.exclude"
+    )
+
+
+def _bad_gzip(path: Path, e: Exception) -> UserError:
+    return UserError(f"{path} is not a readable gzip file ({e}); recompress it or remove it")
+
+
+def read_text_file(path: Path, progress: Callable[[int], None]) -> Iterator[str]:
+    """One document: the file's text, decoded (strict UTF-8) piece by piece."""
+    stream, raw = open_binary(path)
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    done, seen = 0, 0
+    with stream, raw:
+        while True:
+            try:
+                data = stream.read(READ_BYTES)
+            except (OSError, EOFError, zlib.error) as e:
+                raise _bad_gzip(path, e) from None
+            try:
+                text = decoder.decode(data, final=not data)
+            except UnicodeDecodeError as e:
+                raise _bad_utf8(path, seen + e.start) from None
+            seen += len(data)
+            progress(raw.tell() - done)
+            done = raw.tell()
+            if text:
+                yield _check_text(path, text)
+            if not data:
+                return
+
+
+def read_jsonl_file(path: Path, field: str, progress: Callable[[int], None]) -> Iterator[str]:
+    """One document per non-blank line: the string in `field` of the line's JSON object."""
+    stream, raw = open_binary(path)
+    done = 0
+    with stream, raw:
+        try:
+            for lineno, line in enumerate(stream, 1):
+                if lineno % 1024 == 0:
+                    progress(raw.tell() - done)
+                    done = raw.tell()
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except UnicodeDecodeError:
+                    raise UserError(f"{path}:{lineno} is not UTF-8 text; convert the file to UTF-8") from None
+                except ValueError as e:
+                    raise UserError(
+                        f"{path}:{lineno} is not JSON ({e.args[0].split(':')[0]}); each line of a .jsonl "
+                        "file must be one JSON object"
+                    ) from None
+                text = obj.get(field) if isinstance(obj, dict) else None
+                if not isinstance(text, str):
+                    raise UserError(
+                        f"{path}:{lineno} has no string field {field!r}; set data.text_field to the field "
+                        "that holds the text"
+                    )
+                yield _check_text(path, text, f":{lineno}")
+        except (OSError, EOFError, zlib.error) as e:
+            raise _bad_gzip(path, e) from None
+        progress(raw.tell() - done)
+
+
+def hf_dataset(cfg: DataConfig) -> Iterable[dict[str, Any]]:
+    """A Hugging Face dataset's rows: a folder written by save_to_disk, or a Hub name (streamed)."""
+    try:
+        # Optional: only this source needs the `datasets` package, so it is imported here.
+        import datasets
+    except ImportError:
+        raise UserError("data=hf needs the Hugging Face datasets package: pip install datasets") from None
+    path = Path(cfg.path).expanduser()
+    if path.is_dir():
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            if cfg.hf_split not in ds:
+                raise UserError(
+                    f"{path} has no split {cfg.hf_split!r} (it has {', '.join(ds)}); set data.hf_split"
+                )
+            ds = ds[cfg.hf_split]
+        return ds
+    try:
+        return datasets.load_dataset(cfg.path, cfg.hf_config, split=cfg.hf_split, streaming=True)
+    except Exception as e:  # the Hub and the loaders raise many types for a wrong name or no network
+        raise UserError(
+            f"could not open the Hugging Face dataset {cfg.path!r} ({type(e).__name__}: {e})"
+        ) from e
+
+
+def read_hf(cfg: DataConfig, progress: Callable[[int], None]) -> Iterator[Iterator[str]]:
+    for i, row in enumerate(hf_dataset(cfg)):
+        text = row.get(cfg.text_field)
+        if not isinstance(text, str):
+            raise UserError(
+                f"row {i} of {cfg.path} has no string field {cfg.text_field!r}; set data.text_field"
+            )
+        progress(len(text))
+        yield iter([text])
+
+
+def read_documents(
+    cfg: DataConfig, files: list[Path], progress: Callable[[int], None]
+) -> Iterator[Iterator[str]]:
+    """Each document as an iterator over its text, in a stable order."""
+    if cfg.source == "hf":
+        yield from read_hf(cfg, progress)
+        return
+    for path in files:
+        if is_jsonl(path):
+            for text in read_jsonl_file(path, cfg.text_field, progress):
+                yield iter([text])
+        else:
+            yield read_text_file(path, progress)

@@ -1,0 +1,203 @@
+"""The generate.py command: read prompts, load the checkpoint, stream or print continuations,
+or keep a conversation going in interactive mode. Imports no Lightning and no Hydra."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gpt.config import GenerateConfig
+from gpt.errors import UserError
+from gpt.generate.text import encode_prompts, generate_text
+from gpt.model.transformer import GPT
+from gpt.runs.checkpoint import describe_checkpoint, find_checkpoint, load_model
+from gpt.tokenizer import Tokenizer
+
+SEPARATOR = "---------------\n"
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto`, or a device this machine has: checked before the checkpoint is loaded."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"device={device!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(f"device={device} but torch finds no CUDA GPU here; use device=cpu or auto")
+        if dev.index is not None and dev.index >= count:
+            raise UserError(
+                f"device={device} but this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}; "
+                "pick one of those"
+            )
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device={device} but MPS is not available on this machine; use device=cpu or auto")
+    return dev
+
+
+def write_stdout(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def unescape(text: str) -> str:
+    """\\n, \\t and \\\\ typed on the command line (Hydra keeps them as written) -> newline, tab, \\."""
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m[1]], text)
+
+
+def read_prompt_file(path: Path) -> list[str]:
+    """One prompt per non-blank line, or for .jsonl one {"prompt": "..."} object per line."""
+    if not path.is_file():
+        raise UserError(f"prompt_file {path} does not exist; pass a text or .jsonl file")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"prompt_file {path} is not UTF-8 text; save it as UTF-8") from None
+    numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
+    if path.suffix != ".jsonl":
+        prompts = [line for _, line in numbered]
+    else:
+        prompts = []
+        for n, line in numbered:
+            try:
+                prompt = json.loads(line).get("prompt") if line.lstrip().startswith("{") else None
+            except json.JSONDecodeError:
+                prompt = None
+            if not isinstance(prompt, str):
+                raise UserError(
+                    f'{path}:{n}: expected a JSON object with a "prompt" string, like {{"prompt": "Hi"}}'
+                )
+            prompts.append(prompt)
+    if not prompts:
+        raise UserError(f"prompt_file {path} holds no prompts")
+    return prompts
+
+
+def read_prompts(cfg: GenerateConfig) -> list[str]:
+    if cfg.prompt_file:
+        return read_prompt_file(Path(cfg.prompt_file))
+    if cfg.prompt == "-":
+        return [sys.stdin.read().removesuffix("\n")]
+    return [unescape(cfg.prompt)]
+
+
+def warn_if_cropped(tokenizer: Tokenizer, prompts: list[str], block: int) -> None:
+    for i, row in enumerate(encode_prompts(tokenizer, prompts)):
+        if len(row) > block:
+            which = f"prompt {i + 1}" if len(prompts) > 1 else "prompt"
+            print(
+                f"note: {which} has {len(row)} tokens; keeping its last {block} (block_size)", file=sys.stderr
+            )
+
+
+def text_options(cfg: GenerateConfig) -> dict[str, Any]:
+    """The knobs generate_text takes, from the command's config."""
+    names = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "num_beams")
+    return {n: getattr(cfg, n) for n in names} | {
+        "stop": [unescape(s) for s in cfg.stop],
+        "length_penalty": cfg.length_penalty,
+        "use_cache": cfg.use_cache,
+        "compile": cfg.compile,
+    }
+
+
+def sample(cfg: GenerateConfig, write: Callable[[str], object] = write_stdout) -> list[str]:
+    """Print num_samples continuations of each prompt (prompt included), separated by a line of
+    dashes, and return the generated texts. A batch of one row is streamed as it is decoded."""
+    device = resolve_device(cfg.device)
+    prompts = [] if cfg.interactive else read_prompts(cfg)  # a bad prompt file fails before loading
+    path = find_checkpoint(cfg.ckpt, cfg.runs_dir)
+    print(f"checkpoint: {describe_checkpoint(path)}", file=sys.stderr)  # stdout: generated text only
+    model, tokenizer = load_model(path, device=device, dtype=getattr(torch, cfg.dtype))
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    if cfg.interactive:
+        return interactive(model, tokenizer, cfg, generator, write)
+    warn_if_cropped(tokenizer, prompts, model.config.block_size)
+    rows = [p for p in prompts for _ in range(cfg.num_samples)]
+    texts: list[str] = []
+    for start in range(0, len(rows), cfg.batch_size):
+        batch = rows[start : start + cfg.batch_size]
+        streamed = len(batch) == 1
+        if streamed:
+            write((SEPARATOR if start else "") + batch[0])
+        outs = generate_text(
+            model,
+            tokenizer,
+            batch,
+            cfg.max_new_tokens,
+            generator=generator,
+            on_text=(lambda _, piece: write(piece)) if streamed else None,
+            **text_options(cfg),
+        )
+        if streamed:
+            write("\n")
+        else:
+            for i, (prompt, out) in enumerate(zip(batch, outs, strict=True)):
+                write((SEPARATOR if start + i else "") + prompt + out + "\n")
+        texts += outs
+    return texts
+
+
+def interactive(
+    model: GPT,
+    tokenizer: Tokenizer,
+    cfg: GenerateConfig,
+    generator: torch.Generator,
+    write: Callable[[str], object] = write_stdout,
+    read_line: Callable[[], str] = sys.stdin.readline,
+    tty: bool | None = None,
+) -> list[str]:
+    """A small REPL: each line you type is added to the conversation and the model continues it.
+
+    The conversation starts as `prompt`; the model sees its last block_size tokens. An empty line
+    lets the model go on; /reset starts over; /quit or end of input (Ctrl-D) leaves. Every reply
+    ends with a newline. On a terminal (tty: stdin is one) each line is asked for with `> ` on
+    stderr; from piped input, which nobody sees typed, replies are separated by a line of dashes
+    instead, as num_samples separates samples.
+    """
+    tty = sys.stdin.isatty() if tty is None else tty
+    history, texts = unescape(cfg.prompt), []
+    while True:
+        if tty:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = read_line()
+        command = line.strip()
+        if not line or command == "/quit":
+            if tty and not line:
+                print(file=sys.stderr)  # after Ctrl-D: the shell's prompt on a line of its own
+            return texts
+        if command == "/reset":
+            history = unescape(cfg.prompt)
+            continue
+        turn = history + (line if line.endswith("\n") else line + "\n")
+        try:
+            encode_prompts(tokenizer, [turn])  # refused before anything of this turn is written
+        except UserError as e:  # e.g. a character outside the vocabulary: say so, keep the session
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        if texts and not tty:
+            write(SEPARATOR)
+        out = generate_text(
+            model,
+            tokenizer,
+            turn,
+            cfg.max_new_tokens,
+            generator=generator,
+            on_text=lambda _, piece: write(piece),
+            **text_options(cfg),
+        )
+        history = turn
+        if not out.endswith("\n"):
+            out += "\n"
+            write("\n")
+        history += out
+        texts.append(out)

@@ -1,0 +1,301 @@
+"""Token-level generation: sample_next, prefill, decode_step, one generate() loop, beam search.
+
+`generate(..., use_cache=False)` recomputes the whole context every step: it is the reference the
+cached path is tested against. Both paths see exactly the same context (`Context` below), so they
+stay token-for-token identical.
+
+Rows of a batch may have different lengths: they are left padded, and `GPT.forward` gets each
+row's padding so that a row never attends to it and its positions start after it. Each row is
+computed as if it were alone.
+
+Past the context window: when a row outgrows block_size, it keeps its last block_size // 2
+tokens, which are run through the model again (a fresh prefill), and generation continues. A
+prompt longer than block_size is cropped to its last block_size tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+
+from gpt.model.kv_cache import KVCache
+from gpt.model.transformer import GPT
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """logits (B, V) -> next tokens (B,). temperature 0 is greedy (argmax).
+
+    The filters apply in this order to the tempered distribution: top_k, top_p, then min_p (drop
+    tokens less likely than min_p times the most likely one).
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = F.softmax(sorted_logits, dim=-1)
+        # Drop a token when the tokens ranked above it already hold top_p of the mass: the most
+        # likely token always stays.
+        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    if min_p is not None and min_p > 0:
+        probs = probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Make tokens already in a row (seen (B, V), bool) less likely, as in CTRL: a positive logit
+    is divided by the penalty and a negative one multiplied, so a penalty > 1 always lowers it."""
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+# ----------------------------------------------------------------------------- model steps
+
+
+def prefill(
+    model: GPT, idx: torch.Tensor, kv_cache: KVCache | None, pad: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Run the whole context idx (B, T) through the model; logits of its last position (B, V)."""
+    if kv_cache is not None:
+        kv_cache.reset()
+    return model(idx, kv_cache=kv_cache, pad=pad)[:, -1, :]
+
+
+def decode_step(
+    model: GPT, token: torch.Tensor, kv_cache: KVCache, pad: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Logits (B, V) after one new token (B, 1), the rest of the context being in the cache."""
+    return model(token, kv_cache=kv_cache, pad=pad)[:, -1, :]
+
+
+@cache
+def compiled_decode_step(backend: str = "inductor") -> Callable[..., torch.Tensor]:
+    """decode_step under torch.compile, built once per process. Every call has the same shapes
+    (one token, the whole preallocated cache, a tensor position), so it compiles once."""
+    return torch.compile(decode_step, backend=backend, fullgraph=True, dynamic=False)
+
+
+class Context:
+    """What the model sees of each row, left padded, and the KV cache that mirrors it.
+
+    Created with the prompts; `append(tokens)` adds one token per row and returns the logits for
+    the next one. The uncached path recomputes everything (the reference); the cached path runs
+    only the new token, except after the window slid, when the cache is refilled.
+    """
+
+    def __init__(
+        self,
+        model: GPT,
+        idx: torch.Tensor,
+        lengths: list[int] | None,
+        max_new_tokens: int,
+        use_cache: bool = True,
+        compile: bool | str = False,
+    ) -> None:
+        self.model = model
+        self.block = model.config.block_size
+        self.lengths = [idx.size(1)] * idx.size(0) if lengths is None else list(lengths)
+        self.tokens = idx
+        self.crop(keep=self.block)
+        self.cache = None
+        if use_cache:
+            param = next(model.parameters())
+            max_len = min(self.block, self.tokens.size(1) + max_new_tokens)
+            self.cache = KVCache.for_model(
+                model.config, idx.size(0), max_len, device=param.device, dtype=param.dtype
+            )
+        self.step = decode_step
+        if compile:
+            self.step = compiled_decode_step("inductor" if compile is True else compile)
+        self.logits = prefill(model, self.tokens, self.cache, self.pad)  # (B, V)
+
+    def crop(self, keep: int) -> None:
+        """Rows longer than block_size keep their last `keep` tokens; the others stay whole."""
+        self.lengths = [n if n <= self.block else keep for n in self.lengths]
+        width = max(self.lengths)
+        self.tokens = self.tokens[:, -width:]  # (B, width)
+        pad = [width - n for n in self.lengths]
+        # None when no row is padded: plain causal attention, as in training.
+        self.pad = torch.tensor(pad, device=self.tokens.device) if any(pad) else None
+
+    def append(self, token: torch.Tensor) -> torch.Tensor:
+        """token (B,) -> logits (B, V) for the position after it."""
+        self.tokens = torch.cat([self.tokens, token[:, None]], dim=1)  # (B, T+1)
+        self.lengths = [n + 1 for n in self.lengths]
+        if max(self.lengths) > self.block:
+            self.crop(keep=self.block // 2)
+            self.logits = prefill(self.model, self.tokens, self.cache, self.pad)
+        elif self.cache is None:
+            self.logits = prefill(self.model, self.tokens, None, self.pad)
+        else:
+            self.logits = self.step(self.model, token[:, None], self.cache, self.pad)
+        return self.logits
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Row i becomes a copy of row rows[i] (beam search)."""
+        self.tokens = self.tokens[rows]
+        self.lengths = [self.lengths[i] for i in rows.tolist()]
+        if self.pad is not None:
+            self.pad = self.pad[rows]
+        if self.cache is not None:
+            self.cache.reorder(rows)
+        self.logits = self.logits[rows]
+
+
+# ----------------------------------------------------------------------------- loops
+
+
+@torch.inference_mode()
+def generate(
+    model: GPT,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+    vocab_size: int | None = None,
+    lengths: list[int] | None = None,
+    eot_token: int | None = None,
+    compile: bool | str = False,
+) -> Iterator[torch.Tensor]:
+    """Yield up to max_new_tokens new tokens, one (B,) tensor per step, continuing prompts idx (B, T).
+
+    temperature, top_k, top_p, min_p: see sample_next. repetition_penalty: see
+    apply_repetition_penalty; it counts the prompt and every new token of the row.
+    lengths: real tokens of each row when idx is left padded (None: every row is T long).
+    vocab_size: sample only ids below it, for a model whose embedding was padded past its
+    tokenizer's vocabulary (the padding rows belong to no token).
+    eot_token: a row that samples it is finished and repeats it; generation stops early once
+    every row is finished.
+    compile: run the decode step through torch.compile (True, or the name of a backend).
+    """
+    ctx = Context(model, idx, lengths, max_new_tokens, use_cache, compile)
+    logits = ctx.logits
+    seen = None  # (B, V): which tokens each row holds (prompt after cropping, then each new one)
+    if repetition_penalty != 1.0:
+        B, T = ctx.tokens.shape
+        real = (
+            torch.arange(T, device=idx.device)[None, :]
+            >= torch.tensor([T - n for n in ctx.lengths], device=idx.device)[:, None]
+        )  # (B, T): False on left padding
+        counts = torch.zeros(B, logits.size(-1), dtype=torch.long, device=idx.device)
+        seen = counts.scatter_add_(1, ctx.tokens, real.long()) > 0
+    done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+    for step in range(max_new_tokens):
+        if seen is not None:
+            logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+        token = sample_next(logits[:, :vocab_size], temperature, top_k, top_p, min_p, generator)  # (B,)
+        if eot_token is not None:
+            token = token.masked_fill(done, eot_token)
+            done |= token == eot_token
+        yield token
+        if step == max_new_tokens - 1 or (eot_token is not None and bool(done.all())):
+            break
+        if seen is not None:
+            seen.scatter_(1, token[:, None], True)
+        logits = ctx.append(token)
+
+
+def sequence_logprob(model: GPT, prompt: list[int], continuation: list[int]) -> float:
+    """log P(continuation | prompt) under the model (uncached; prompt + continuation <= block_size)."""
+    idx = torch.tensor([prompt + continuation], device=next(model.parameters()).device)
+    with torch.inference_mode():
+        logprobs = F.log_softmax(model(idx)[0, :-1].float(), dim=-1)  # (T-1, V)
+    targets = idx[0, 1:]
+    return float(logprobs[torch.arange(len(targets), device=idx.device), targets][len(prompt) - 1 :].sum())
+
+
+@torch.inference_mode()
+def beam_search(
+    model: GPT,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    num_beams: int,
+    *,
+    length_penalty: float = 1.0,
+    eot_token: int | None = None,
+    use_cache: bool = True,
+    vocab_size: int | None = None,
+    compile: bool | str = False,
+) -> list[int]:
+    """The most likely continuation of one prompt idx (1, T) that beam search finds.
+
+    Keeps the num_beams most likely partial continuations (sum of token log-probabilities). A beam
+    that emits eot_token is finished; finished beams and, at the end, the surviving ones are
+    ranked by score / (generated tokens ** length_penalty): a length_penalty above 0 favours
+    longer continuations, 0 compares raw log-probabilities. Deterministic: no sampling.
+    """
+    K = num_beams
+    ctx = Context(model, idx.expand(K, -1), None, max_new_tokens, use_cache, compile)
+    logits = ctx.logits
+    # Every beam starts as the prompt; only the first is alive, so the first step's top K are K
+    # different tokens, not K copies of the best one.
+    scores = torch.full((K,), float("-inf"), device=idx.device)
+    scores[0] = 0.0
+    generated = torch.zeros(K, 0, dtype=torch.long, device=idx.device)  # (K, steps)
+    finished: list[tuple[float, list[int]]] = []  # (normalized score, tokens without eot)
+
+    def normalized(score: float, n: int) -> float:
+        return score / n**length_penalty
+
+    for step in range(1, max_new_tokens + 1):
+        logprobs = F.log_softmax(logits[:, :vocab_size].float(), dim=-1)  # (K, V)
+        V = logprobs.size(-1)
+        candidates = (scores[:, None] + logprobs).view(-1)  # (K * V,)
+        top_scores, top_ids = candidates.topk(min(2 * K, candidates.numel()))
+        rows, tokens, new_scores = [], [], []
+        for score, flat in zip(top_scores.tolist(), top_ids.tolist(), strict=True):
+            row, token = divmod(flat, V)
+            if score == float("-inf"):
+                break
+            if token == eot_token:
+                finished.append((normalized(score, step), generated[row].tolist()))
+                continue
+            rows.append(row)
+            tokens.append(token)
+            new_scores.append(score)
+            if len(rows) == K:
+                break
+        if not rows:  # every candidate ended (a vocabulary of little more than end-of-text)
+            break
+        if len(rows) < K:  # fewer live candidates than beams (tiny vocabulary): keep the best twice
+            rows += rows[:1] * (K - len(rows))
+            tokens += tokens[:1] * (K - len(tokens))
+            new_scores += [float("-inf")] * (K - len(new_scores))
+        rows_t = torch.tensor(rows, device=idx.device)
+        token_t = torch.tensor(tokens, device=idx.device)
+        scores = torch.tensor(new_scores, device=idx.device)
+        generated = torch.cat([generated[rows_t], token_t[:, None]], dim=1)
+        best_alive = normalized(float(scores.max()), step)
+        worst_kept = sorted(s for s, _ in finished)[-K] if len(finished) >= K else float("-inf")
+        if step == max_new_tokens or best_alive < worst_kept:
+            break
+        ctx.reorder(rows_t)
+        logits = ctx.append(token_t)
+
+    n = generated.size(1)
+    alive = [(normalized(s, n), generated[i].tolist()) for i, s in enumerate(scores.tolist())]
+    return max(finished + alive, key=lambda c: c[0])[1]

@@ -1,0 +1,158 @@
+"""Export a checkpoint as a Hugging Face directory that transformers loads with
+AutoModelForCausalLM.from_pretrained(DIR).
+
+python -m gpt.export ckpt=runs/2026-11-21/14-06-53 out=exported/           # format chosen from the model
+python -m gpt.export ckpt=path/to/last.ckpt out=exported/ format=llama dtype=bfloat16
+
+GPT-2 format for learned positions + LayerNorm + GELU + biases, Llama format for RoPE + RMSNorm +
+SwiGLU; anything else stops with one line naming the option in the way. Weights go to
+model.safetensors (a tied head once), plus GPT-2's tokenizer files when the tokenizer is r50k_base.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from gpt.errors import UserError, exit_on_user_error
+from gpt.interop.hf import TOKENIZER_FILE, check_format, hf_config, hf_format, to_hf_state_dict
+from gpt.model.transformer import GPT
+from gpt.runs.checkpoint import describe_checkpoint, find_checkpoint, load_model
+from gpt.tokenizer import CharTokenizer, TiktokenTokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+EOT = "<|endoftext|>"
+
+
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in for each byte in vocab.json and merges.txt: printable Latin-1
+    bytes stand for themselves, the others (controls, space, ...) are shifted to 256 and up."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    table, shifted = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + shifted)
+            shifted += 1
+    return table
+
+
+def bpe_merge_of(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
+    """The merge that creates `token`: byte-pair encode it with only the merges ranked before it;
+    what is left is the two parts its own merge joins."""
+    limit = ranks[token]
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 2:
+        best, best_rank = None, limit
+        for i in range(len(parts) - 1):
+            rank = ranks.get(parts[i] + parts[i + 1])
+            if rank is not None and rank < best_rank:
+                best, best_rank = i, rank
+        if best is None:
+            break
+        parts[best : best + 2] = [parts[best] + parts[best + 1]]
+    if len(parts) != 2:
+        raise ValueError(f"token {token!r} is not the product of one BPE merge")
+    return parts[0], parts[1]
+
+
+def write_gpt2_tokenizer(tokenizer: TiktokenTokenizer, out: Path, max_length: int) -> None:
+    """vocab.json, merges.txt and tokenizer_config.json of GPT-2's BPE, built from tiktoken's ranks
+    (r50k_base's ranks are GPT-2's token ids; its split pattern is GPT-2's)."""
+    enc = tokenizer.enc
+    ranks = {enc.decode_single_token_bytes(i): i for i in range(enc.eot_token)}
+    to_char = byte_to_unicode()
+    show = lambda b: "".join(to_char[x] for x in b)
+    vocab = {show(token): rank for token, rank in ranks.items()} | {EOT: enc.eot_token}
+    merges = [bpe_merge_of(token, ranks) for token in sorted(ranks, key=ranks.get) if len(token) > 1]
+    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    lines = ["#version: 0.2", *(f"{show(a)} {show(b)}" for a, b in merges)]
+    (out / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    config = {
+        "tokenizer_class": "GPT2Tokenizer",
+        "model_max_length": max_length,
+        "add_prefix_space": False,
+        "bos_token": EOT,
+        "eos_token": EOT,
+        "unk_token": EOT,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+def export(
+    model: GPT,
+    tokenizer: CharTokenizer | TiktokenTokenizer,
+    out: str | Path,
+    fmt: str = "auto",
+    dtype: torch.dtype = torch.float32,
+) -> tuple[str, list[str]]:
+    """Write the Hugging Face directory; returns the format used and notes for the user."""
+    fmt = hf_format(model.config, fmt)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save_file
+
+    weights = {k: v.to(dtype) for k, v in to_hf_state_dict(model, fmt).items()}
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    config = hf_config(model.config, fmt, tokenizer.eot_token) | {"dtype": str(dtype).removeprefix("torch.")}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    (out / TOKENIZER_FILE).write_text(json.dumps(tokenizer.to_dict()))
+    notes = []
+    if isinstance(tokenizer, TiktokenTokenizer) and tokenizer.name == "r50k_base":
+        write_gpt2_tokenizer(tokenizer, out, model.config.block_size)
+    else:
+        name = "a character vocabulary" if isinstance(tokenizer, CharTokenizer) else tokenizer.name
+        notes.append(
+            f"no Hugging Face tokenizer files written: {name} is only exported for r50k_base; "
+            f"{TOKENIZER_FILE} describes it for this trainer's load_model"
+        )
+    return fmt, notes
+
+
+def parse_args(argv: list[str], allowed: dict[str, str | None]) -> dict[str, str | None]:
+    """key=value arguments (no Hydra in gpt/); `allowed` maps each key to its default."""
+    args = dict(allowed)
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or key not in allowed:
+            raise UserError(f"unexpected argument {arg!r}; use key=value with keys {', '.join(allowed)}")
+        args[key] = None if value in ("", "null") else value
+    return args
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(
+        sys.argv[1:] if argv is None else argv,
+        {"ckpt": None, "out": None, "format": "auto", "dtype": "float32", "runs_dir": "runs"},
+    )
+    if not args["out"]:
+        raise UserError("say where to write the export: python -m gpt.export ckpt=RUN_OR_CKPT out=DIR")
+    out = Path(args["out"]).expanduser()
+    existing = next(p for p in (out, *out.parents) if p.exists())  # what mkdir would build on
+    if not existing.is_dir():
+        raise UserError(f"out={out}: {existing} is a file; pass a folder to write the export into")
+    check_format(args["format"])
+    if args["dtype"] not in DTYPES:
+        raise UserError(f"dtype={args['dtype']} is not one of {', '.join(DTYPES)}")
+    path = find_checkpoint(args["ckpt"], args["runs_dir"])
+    print(f"checkpoint: {describe_checkpoint(path)}", file=sys.stderr)
+    model, tokenizer = load_model(path)
+    hf_format(model.config, args["format"])  # refuse before anything is written
+    fmt, notes = export(model, tokenizer, out, args["format"], DTYPES[args["dtype"]])
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    n = model.num_params(exclude_positions=False) / 1e6
+    print(f"wrote {fmt} format ({n:.2f}M parameters, {args['dtype']}) to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,268 @@
+"""A decoder-only transformer in plain PyTorch.
+
+Pre-norm blocks (norm -> attention -> residual, norm -> FFN -> residual), causal self-attention
+through F.scaled_dot_product_attention, SwiGLU or GELU FFN, learned / sinusoidal / rotary
+positions, final norm and an LM head optionally tied to the token embedding. Parameter names
+follow GPT-2 (wte, wpe, h, ln_1, attn.c_attn, attn.c_proj, ln_2, mlp, ln_f, lm_head).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gpt.config import ModelConfig
+from gpt.model.kv_cache import KVCache
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
+def sinusoidal_table(n_pos: int, dim: int) -> torch.Tensor:
+    """The fixed position table of "Attention Is All You Need": (n_pos, dim)."""
+    pos = torch.arange(n_pos, dtype=torch.float32)[:, None]
+    inv_freq = torch.exp(-math.log(10000.0) * torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    table = torch.zeros(n_pos, dim)
+    table[:, 0::2] = torch.sin(pos * inv_freq)
+    table[:, 1::2] = torch.cos(pos * inv_freq[: dim // 2])
+    return table
+
+
+def rope_tables(n_pos: int, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin for rotary embeddings, each (n_pos, head_dim // 2)."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(n_pos, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (first half, second half) of the head dim.
+
+    x: (B, nh, T, hs); cos/sin: (T, hs/2), or (B, 1, T, hs/2) when each row has its own positions.
+    """
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.type_as(x)
+
+
+def attention_mask(slots: torch.Tensor, n_keys: int, pad: torch.Tensor | None) -> torch.Tensor:
+    """Which of n_keys key slots each query at `slots` (T,) may see: (B or 1, 1, T, n_keys), bool.
+
+    Causal by slot, and blind to each row's left padding (pad (B,)). A padding query still sees
+    itself, so its row of the softmax is never empty (that would give NaN, and NaN keys and
+    values written to the cache would poison later queries even at zero weight).
+    """
+    keys = torch.arange(n_keys, device=slots.device)[None, :]  # (1, n_keys)
+    queries = slots[:, None]  # (T, 1)
+    mask = keys <= queries  # (T, n_keys)
+    if pad is not None:
+        mask = mask & ((keys >= pad[:, None, None]) | (keys == queries))  # (B, T, n_keys)
+    return mask.view(-1, 1, *mask.shape[-2:])  # (B or 1, 1, T, n_keys)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.head_dim = config.head_dim
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        kv_cache: KVCache | None = None,
+        mask: torch.Tensor | None = None,
+        slots: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x (B, T, C). mask: which keys each query sees, (B or 1, 1, T, keys), None for plain causal
+        attention. With a kv_cache, the new keys and values are written at cache `slots` (T,) and
+        the queries attend over the whole preallocated cache, so shapes never change."""
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v, slots)  # (B, nh, max_len, hs)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=mask is None and T > 1,
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+# ----------------------------------------------------------------------------- feed-forward
+
+
+class SwiGLU(nn.Module):
+    """silu(x W_gate) * (x W_up), projected back: the FFN of PaLM and Llama."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 2 * config.hidden_dim, bias=config.bias)  # gate and up, fused
+        self.c_proj = nn.Linear(config.hidden_dim, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.c_fc(x).chunk(2, dim=-1)
+        return self.dropout(self.c_proj(F.silu(gate) * up))
+
+
+class GeluMLP(nn.Module):
+    """The GPT-2 MLP: Linear -> GELU (tanh approximation) -> Linear."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.hidden_dim, bias=config.bias)
+        self.c_proj = nn.Linear(config.hidden_dim, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+# ----------------------------------------------------------------------------- block
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.ln_1 = make_norm(config)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = make_norm(config)
+        self.mlp = SwiGLU(config) if config.ffn == "swiglu" else GeluMLP(config)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        kv_cache: KVCache | None = None,
+        mask: torch.Tensor | None = None,
+        slots: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, kv_cache, mask, slots)
+        return x + self.mlp(self.ln_2(x))
+
+
+# ----------------------------------------------------------------------------- GPT
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        if config.vocab_size is None:
+            raise ValueError("ModelConfig.vocab_size must be set (from the tokenizer) before building a GPT")
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        if config.pos_emb == "learned":
+            self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        elif config.pos_emb == "sinusoidal":
+            # Derived from the config, so not saved in the state dict.
+            self.register_buffer("wpe", sinusoidal_table(config.block_size, config.n_embd), persistent=False)
+        else:
+            cos, sin = rope_tables(config.block_size, config.head_dim, config.rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.ln_f = make_norm(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Every init rule in one place (GPT-2's): N(0, 0.02) for weights and embeddings, zero
+        biases, unit norms, and N(0, 0.02 / sqrt(2 * n_layer)) for the projections that write into
+        the residual stream, so its variance does not grow with depth."""
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+                module.reset_parameters()
+        for block in self.h:
+            for proj in (block.attn.c_proj, block.mlp.c_proj):
+                nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+
+    def num_params(self, exclude_positions: bool = True) -> int:
+        """Parameter count, shared (tied) weights counted once; by default without learned positions."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_positions and self.config.pos_emb == "learned":
+            n -= self.wpe.weight.numel()
+        return n
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        pad: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """idx: (B, T) token ids -> logits (B, T, vocab_size).
+
+        With a kv_cache, idx holds the tokens after the `kv_cache.pos` already cached ones; the
+        cache is advanced by T when the forward is done. pad (B,): how many leading positions of
+        each row are left padding (counted from the start of the cache, or of idx without one).
+        Padding is never attended to and each row's positions start after its padding, so a row
+        computes what it would alone. Training calls model(idx): plain causal attention.
+        """
+        B, T = idx.shape
+        block = self.config.block_size
+        slots = torch.arange(T, device=idx.device)  # (T,) where these tokens sit in the sequence
+        if kv_cache is not None:
+            # A tensor offset, not a Python int, so a compiled decode step serves every position.
+            slots = slots + kv_cache.pos
+        if not torch.compiler.is_compiling():  # reading the cache position would be a graph break
+            end = T if kv_cache is None else int(kv_cache.pos) + T
+            if end > block:
+                raise ValueError(f"sequence length {end} exceeds block_size {block}")
+            if kv_cache is not None and end > kv_cache.max_len:
+                raise ValueError(f"sequence length {end} exceeds the KV cache length {kv_cache.max_len}")
+
+        positions = slots if pad is None else (slots[None, :] - pad[:, None]).clamp(min=0)  # (T,) | (B, T)
+        x = self.wte(idx)  # (B, T, C)
+        rope = None
+        if self.config.pos_emb == "learned":
+            x = x + self.wpe(positions)
+        elif self.config.pos_emb == "sinusoidal":
+            x = x + self.wpe[positions].to(x.dtype)
+        else:
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (T, hs/2) | (B, T, hs/2)
+            if pad is not None:
+                cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hs/2): the same for every head
+            rope = (cos, sin)
+        mask = None
+        if kv_cache is not None or pad is not None:
+            n_keys = T if kv_cache is None else kv_cache.max_len
+            mask = attention_mask(slots, n_keys, pad)
+        x = self.drop(x)
+        for block in self.h:
+            x = block(x, rope, kv_cache, mask, slots)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        return self.lm_head(self.ln_f(x))  # (B, T, vocab_size)

@@ -1,0 +1,1 @@
+"""Reading what training left behind: checkpoints, logged metrics, and the comparison of runs."""

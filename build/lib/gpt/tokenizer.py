@@ -1,0 +1,176 @@
+"""Tokenizers behind one small protocol, described by plain data saved with every checkpoint.
+
+`CharTokenizer` maps each character of a corpus to an id; `TiktokenTokenizer` wraps any tiktoken
+encoding by name. `tokenizer_from_dict(tok.to_dict())` rebuilds exactly the same tokenizer.
+"""
+
+from __future__ import annotations
+
+import codecs
+from typing import Any, Protocol
+
+import tiktoken
+import tiktoken.load
+
+from gpt.errors import UserError
+
+# tiktoken's "gpt2" encoding is r50k_base (same ranks, same split pattern) but is loaded from two
+# other files; one name keeps offline caches and checkpoints simple.
+TIKTOKEN_ALIASES = {"gpt2": "r50k_base"}
+
+
+# Seconds a vocabulary download may wait to connect or for its next bytes. tiktoken downloads a
+# vocabulary missing from its cache with requests.get and no timeout, which on a network that drops
+# packets waits forever; get_encoding swaps in a download with a timeout (tiktoken.load.read_file,
+# which tiktoken >= 0.7 has).
+DOWNLOAD_TIMEOUT = 20.0
+_tiktoken_read_file = tiktoken.load.read_file
+
+
+def _read_file(blobpath: str) -> bytes:
+    if not blobpath.startswith(("http://", "https://")):
+        return _tiktoken_read_file(blobpath)
+    import requests  # as in tiktoken: needed only when a vocabulary is downloaded
+
+    resp = requests.get(blobpath, timeout=DOWNLOAD_TIMEOUT)
+    resp.raise_for_status()
+    return resp.content
+
+
+def get_encoding(name: str) -> tiktoken.Encoding:
+    """tiktoken.get_encoding: from the cache (TIKTOKEN_CACHE_DIR) or downloaded, with a timeout."""
+    tiktoken.load.read_file = _read_file
+    try:
+        return tiktoken.get_encoding(name)
+    finally:
+        tiktoken.load.read_file = _tiktoken_read_file
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+    eot_token: int | None
+
+    def encode(self, text: str) -> list[int]: ...
+    def decode(self, ids: list[int]) -> str: ...
+    def decode_bytes(self, ids: list[int]) -> bytes: ...
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+class CharTokenizer:
+    """One id per character, in sorted order of the characters of the corpus."""
+
+    eot_token = None
+
+    def __init__(self, chars: str) -> None:
+        if len(set(chars)) != len(chars):
+            raise ValueError("CharTokenizer vocabulary has repeated characters")
+        self.chars = chars
+        self.stoi = {c: i for i, c in enumerate(chars)}
+        self.vocab_size = len(chars)
+
+    @classmethod
+    def from_text(cls, text: str) -> CharTokenizer:
+        return cls("".join(sorted(set(text))))
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self.stoi[c] for c in text]
+        except KeyError as e:
+            c = e.args[0]
+            raise UserError(
+                f"character {c!r} (U+{ord(c):04X}) is not in this model's {self.vocab_size}-character "
+                "vocabulary; remove it from the prompt"
+            ) from None
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+    def decode_bytes(self, ids: list[int]) -> bytes:
+        return self.decode(ids).encode("utf-8")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "char", "chars": self.chars}
+
+
+class TiktokenTokenizer:
+    """A tiktoken BPE encoding by name (r50k_base / gpt2, p50k_base, cl100k_base, o200k_base, ...)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = TIKTOKEN_ALIASES.get(name, name)
+        if self.name not in tiktoken.list_encoding_names():
+            raise UserError(
+                f"unknown tokenizer {name!r}; use 'char' or a tiktoken encoding: "
+                + ", ".join(sorted(tiktoken.list_encoding_names()))
+            )
+        try:
+            self.enc = get_encoding(self.name)
+        except Exception as e:  # network or cache failures surface as many exception types
+            raise UserError(
+                f"could not load tiktoken encoding {self.name!r} ({type(e).__name__}); offline, set "
+                "TIKTOKEN_CACHE_DIR to a folder that holds its cached file"
+            ) from e
+        self.vocab_size = self.enc.n_vocab
+        self.eot_token = self.enc.eot_token
+
+    @classmethod
+    def from_encoding(cls, enc: tiktoken.Encoding) -> TiktokenTokenizer:
+        """Wrap an Encoding built in code (tests build one with more than 65,536 tokens).
+
+        Its to_dict() names the encoding, which only rebuilds it if tiktoken knows that name.
+        """
+        tok = cls.__new__(cls)
+        tok.name, tok.enc = enc.name, enc
+        tok.vocab_size, tok.eot_token = enc.n_vocab, enc.eot_token
+        return tok
+
+    def encode(self, text: str) -> list[int]:
+        # Special-token text such as "<|endoftext|>" in a corpus is ordinary text, not a control token.
+        return self.enc.encode_ordinary(text)
+
+    def encode_batch(self, texts: list[str], num_threads: int = 8) -> list[list[int]]:
+        return self.enc.encode_ordinary_batch(texts, num_threads=num_threads)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.enc.decode(ids)
+
+    def decode_bytes(self, ids: list[int]) -> bytes:
+        return self.enc.decode_bytes(ids)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "tiktoken", "name": self.name}
+
+
+def get_tokenizer(name: str, text: str | None = None) -> CharTokenizer | TiktokenTokenizer:
+    """'char' (built from `text`) or a tiktoken encoding name."""
+    if name == "char":
+        if text is None:
+            raise ValueError("a character tokenizer is built from its corpus: pass text")
+        return CharTokenizer.from_text(text)
+    return TiktokenTokenizer(name)
+
+
+def tokenizer_from_dict(d: dict[str, Any]) -> CharTokenizer | TiktokenTokenizer:
+    kind = d.get("kind")
+    if kind == "char":
+        return CharTokenizer(d["chars"])
+    if kind == "tiktoken":
+        return TiktokenTokenizer(d["name"])
+    raise UserError(f"unknown tokenizer description {d!r}; the checkpoint or meta.json is not ours")
+
+
+class StreamDecoder:
+    """Turns token ids into text as they arrive without splitting a UTF-8 character.
+
+    BPE tokens are byte sequences and one character may span two tokens; bytes are held back
+    until they complete a character.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, ids: list[int]) -> str:
+        return self._utf8.decode(self.tokenizer.decode_bytes(ids))
+
+    def flush(self) -> str:
+        return self._utf8.decode(b"", final=True)

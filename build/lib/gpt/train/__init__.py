@@ -1,0 +1,2 @@
+"""Training with Lightning: the LightningModule, optimizers and schedules, callbacks, checkpoints, run
+dirs, and the checks made before fitting."""

@@ -1,0 +1,103 @@
+"""Checkpoints written by training: every N steps and the final step, on an exception, and atomically
+(complete or absent)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_warn
+
+from gpt.errors import NonFiniteError
+from gpt.train.rundir import atomic_write
+
+
+class PeriodicCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, which also saves (its top-k file and last.ckpt) after the final
+    step, so that `every_n_train_steps: 250` with max_steps=300 ends with last.ckpt and
+    step-300.ckpt at step 300, not 250.
+
+    Lightning saves `last` when training ends only if it never saved it in that process. The final
+    save is made where the periodic ones are, after the optimizer step of step max_steps (before
+    the final validation, and before a SIGTERM that arrives during the last step stops the run),
+    or when training ends normally short of max_steps (max_epochs, max_time, early stopping). A
+    run stopped by an exception or SIGTERM before its last step reaches neither. Meant for a
+    checkpoint monitored on `step` or not at all: one on a validation metric keeps Lightning's own
+    timing.
+    """
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if 0 < trainer.max_steps <= trainer.global_step:
+            self.save_now(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.save_now(trainer)
+        super().on_train_end(trainer, pl_module)
+
+    def save_now(self, trainer: L.Trainer) -> None:
+        """Save as a periodic save would, unless this step is saved already (or Lightning would not
+        save now: sanity check, fast_dev_run, not fitting)."""
+        if self._should_skip_saving_checkpoint(trainer):
+            return
+        candidates = self._monitor_candidates(trainer)
+        self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)
+
+
+class CheckpointOnException(L.Callback):
+    """Save <dirpath>/on_exception.ckpt when training stops on an exception or SIGTERM; remove it
+    when a later run of the same dir finishes normally.
+
+    Lightning's OnExceptionCheckpoint does the same, but its presence also makes Trainer.fit treat
+    ckpt_path=None as "last": a fresh run then warns, and a run whose last.ckpt train.py skipped as
+    unreadable would load it anyway. train.py chooses what to resume from itself.
+    """
+
+    def __init__(self, dirpath: str, filename: str = "on_exception") -> None:
+        self.path = Path(dirpath) / f"{filename}.ckpt"
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        if isinstance(exception, NonFiniteError):
+            return  # resuming from the step that went wrong would only repeat it
+        try:
+            trainer.save_checkpoint(self.path)
+        except (OSError, NonFiniteError) as e:  # a full disk, say: let the first error be reported
+            rank_zero_warn(f"could not save {self.path}: {e}")
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Lightning calls teardown only when fit ends normally, not after an exception.
+        trainer.strategy.remove_checkpoint(self.path)
+
+
+def _saved_step(path: str) -> int | None:
+    """The optimizer step a checkpoint was saved at (its tensors are mapped, not read), or None for
+    a checkpoint that is not one file (a sharded directory)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"]
+    except (OSError, RuntimeError, KeyError):
+        return None
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, with the temporary file beside the checkpoint.
+
+    Lightning's own save goes through an fsspec transaction, which for local paths writes the
+    temporary file into the system temp dir and moves it into place. When that is another
+    filesystem than the run dir (a node-local /tmp and a shared run dir, as on most clusters), the
+    move is a copy, and a kill during it leaves a truncated checkpoint under its final name. Here
+    the rename is always within one directory, and so atomic. Remote URLs keep Lightning's path.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_write(Path(path), lambda f: torch.save(checkpoint, f))

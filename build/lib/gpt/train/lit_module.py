@@ -1,0 +1,179 @@
+"""GPTLitModule: the training "system" around the network: loss, metrics, optimizer, schedule."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import asdict
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric, SumMetric
+
+from gpt.config import ModelConfig, OptimConfig
+from gpt.errors import NonFiniteError
+from gpt.model.transformer import GPT
+from gpt.tokenizer import tokenizer_from_dict
+from gpt.train.optim import build_optimizer, build_scheduler
+
+
+def token_byte_lengths(tokenizer: dict[str, Any], vocab_size: int) -> torch.Tensor:
+    """UTF-8 bytes of each token id (0 for padding ids), to turn nats per token into bits per byte."""
+    tok = tokenizer_from_dict(tokenizer)
+    lengths = [len(tok.decode_bytes([i])) for i in range(tok.vocab_size)]
+    return torch.tensor(lengths + [0] * (vocab_size - tok.vocab_size), dtype=torch.float32)
+
+
+def get_rng_state() -> dict[str, Any]:
+    """Every random stream training draws from, as plain data (loads with weights_only=True)."""
+    np_state = np.random.get_state(legacy=False)
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": "MT19937",
+            "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+            "has_gauss": n["has_gauss"],
+            "gauss": n["gauss"],
+        }
+    )
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class GPTLitModule(L.LightningModule):
+    """Hyperparameters are saved as plain dicts (model, optim, tokenizer), so a checkpoint loads with
+    torch.load(weights_only=True) and gpt.checkpoint rebuilds the model without Lightning."""
+
+    def __init__(self, model: dict[str, Any], optim: dict[str, Any], tokenizer: dict[str, Any]) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model_config = ModelConfig(**model)
+        self.optim_config = OptimConfig(**optim)
+        self.model = GPT(self.model_config)
+        self.register_buffer(
+            "token_bytes", token_byte_lengths(tokenizer, self.model_config.vocab_size), persistent=False
+        )
+        self.train_loss = MeanMetric()  # over the micro-batches (and ranks) of one optimizer step
+        # Validation sums, reduced over ranks by torchmetrics: loss = nats / tokens, bpb from bytes.
+        self.val_nats = SumMetric()
+        self.val_tokens = SumMetric()
+        self.val_bytes = SumMetric()
+        self.tokens_seen = 0  # training tokens over all ranks, restored on resume
+        self._n_params = self.model.num_params()
+        self._batch_shape = (0, 0)  # (B, T) of the last batch, for flops_per_batch
+
+    @classmethod
+    def from_configs(cls, model: ModelConfig, optim: OptimConfig, tokenizer: dict[str, Any]) -> GPTLitModule:
+        return cls(asdict(model), asdict(optim), tokenizer)
+
+    @property
+    def flops_per_batch(self) -> float:
+        """FLOPs of the last batch on this device (read by the Throughput callback for MFU).
+
+        The usual estimate (Kaplan et al. 2020; PaLM appendix B): 6 N per token for the weight
+        matmuls forward and backward plus 12 L T C for attention scores and values, and a third of
+        both without a backward pass (validation).
+        """
+        c = self.model_config
+        per_token = 6 * self._n_params + 12 * c.n_layer * c.n_embd * self._batch_shape[1]
+        if not self.training:
+            per_token /= 3
+        return per_token * self._batch_shape[0] * self._batch_shape[1]
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx)
+
+    def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        self._batch_shape = tuple(x.shape)
+        logits = self.model(x)  # (B, T, V)
+        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.loss(batch)
+        self.train_loss.update(loss.detach())
+        self.tokens_seen += batch[1].numel() * self.trainer.world_size
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Once per optimizer step, after accumulation (and unscaling under 16-mixed), before clipping.
+        step = self.global_step
+        if (step + 1) % self.trainer.log_every_n_steps == 0:
+            loss = self.train_loss.compute()  # mean over this step's micro-batches and ranks
+            grads = [p.grad for p in self.parameters() if p.grad is not None]
+            metrics = {
+                "train/loss": loss.item(),
+                "train/grad_norm": torch.nn.utils.get_total_norm(grads).item(),
+                "train/tokens": float(self.tokens_seen),
+            }
+            # Straight to the loggers: Lightning writes self.log values after the step's checkpoint
+            # callbacks, so a kill between the two would lose this step from the log for good.
+            for logger in self.loggers:
+                logger.log_metrics(metrics, step=step)
+            self.log("loss", loss, prog_bar=True, logger=False)
+        self.train_loss.reset()
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        targets = batch[1]
+        self.val_nats.update(self.loss(batch) * targets.numel())
+        self.val_tokens.update(targets.numel())
+        self.val_bytes.update(self.token_bytes[targets].sum())
+
+    def on_validation_epoch_end(self) -> None:
+        nats, tokens, n_bytes = self.val_nats.compute(), self.val_tokens.compute(), self.val_bytes.compute()
+        for metric in (self.val_nats, self.val_tokens, self.val_bytes):
+            metric.reset()
+        loss = nats / tokens
+        bpb = nats / (math.log(2) * n_bytes)
+        # compute() already reduced over ranks; sync_dist only states that the value is global.
+        self.log_dict(
+            {"val/loss": loss, "val/ppl": torch.exp(loss), "val/bpb": bpb}, prog_bar=True, sync_dist=True
+        )
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = build_optimizer(self.model, self.optim_config)
+        total = (
+            self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        )
+        scheduler = build_scheduler(optimizer, self.optim_config, int(total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # No checkpoint (last, best, periodic) ever holds a non-finite model. The NonFiniteGuard
+        # callback stops before one exists; this catches runs without it.
+        bad = [name for name, p in self.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise NonFiniteError(
+                f"the weights are non-finite at step {self.global_step} ({bad[0]} and {len(bad) - 1} more); "
+                "refusing to save them. Resume from an earlier checkpoint with a lower optim.lr"
+            )
+        # Lightning saves weights, optimizer, schedule and loop progress, not random streams: with
+        # these and the data position (GPTDataModule.state_dict) a resumed run is bit-identical.
+        checkpoint["rng"] = get_rng_state()
+        checkpoint["tokens_seen"] = self.tokens_seen
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "rng" in checkpoint:
+            set_rng_state(checkpoint["rng"])
+        self.tokens_seen = checkpoint.get("tokens_seen", 0)

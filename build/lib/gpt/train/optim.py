@@ -1,0 +1,233 @@
+"""Parameter groups, optimizers, and learning-rate schedules as pure functions of the step."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from gpt.config import OptimConfig
+from gpt.train import precision
+
+NS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices (linear weights, embeddings); never biases or norm gains (1-D tensors).
+
+    Tied weights appear once: parameters() yields each tensor a single time.
+    """
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def muon_split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(hidden matrices for Muon, everything else): Muon is for the 2-D weights inside the blocks;
+    embeddings, the LM head, norms and biases stay with AdamW (Jordan et al., 2024)."""
+    hidden = {id(p) for name, p in model.named_parameters() if name.startswith("h.") and p.dim() == 2}
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [p for p in params if id(p) in hidden], [p for p in params if id(p) not in hidden]
+
+
+def newton_schulz(
+    g: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float, dtype: torch.dtype
+) -> torch.Tensor:
+    """Approximately orthogonalize the 2-D `g` (U S V^T -> about U V^T) by a quintic Newton-Schulz
+    iteration computed in `dtype`; the result has that dtype and g's shape.
+
+    The same operations as torch.optim.Muon's, which always computes in bf16: with
+    dtype=torch.bfloat16 the result is bit for bit torch's.
+    """
+    a, b, c = coefficients
+    x = g.to(dtype, copy=True)  # a copy: the normalization below must not scale g in place
+    tall = g.size(0) > g.size(1)
+    if tall:
+        x = x.T  # iterate on the (short, wide) side with the smaller Gram matrix
+    x.div_(x.norm().clamp(min=eps))  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        gram = x @ x.T
+        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)  # b*A + c*A@A
+        x = torch.addmm(x, poly, x, beta=a)  # a*X + (b*A + c*A@A) @ X
+    return x.T if tall else x
+
+
+def muon_lr_ratio(adjust_lr_fn: str | None, shape: torch.Size) -> float:
+    """Muon's per-matrix learning-rate multiplier, as torch.optim.Muon's adjust_lr_fn defines it."""
+    rows, cols = shape[:2]
+    if adjust_lr_fn == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(rows, cols))
+    return math.sqrt(max(1, rows / cols))  # "original" (Keller Jordan's), the default
+
+
+class Muon(torch.optim.Optimizer):
+    """torch.optim.Muon with its Newton-Schulz iteration in `ns_dtype` instead of always bf16.
+
+    torch's Muon casts to bf16 inside a module-level function its step calls, with no argument or
+    method to override, so a subclass would have to replace the whole step anyway. This class is
+    that step: same hyperparameters, defaults, param-group keys and state ("momentum_buffer"), so
+    either optimizer loads the other's state_dict (checkpoints written with torch.optim.Muon
+    resume here), and with ns_dtype=torch.bfloat16 its updates are bit for bit torch's.
+
+    ns_dtype is not saved in the state_dict: it is a property of the device the run is on, so a
+    run resumed on another machine uses what that machine computes fast.
+    """
+
+    def __init__(
+        self,
+        params,  # noqa: ANN001 (torch's ParamsT)
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_coefficients: tuple[float, float, float] = (3.4445, -4.7750, 2.0315),
+        eps: float = 1e-7,
+        ns_steps: int = 5,
+        adjust_lr_fn: str | None = None,
+        ns_dtype: torch.dtype = torch.bfloat16,
+    ):
+        if adjust_lr_fn not in (None, "original", "match_rms_adamw"):
+            raise ValueError(f"adjust_lr_fn={adjust_lr_fn!r}: use None, 'original' or 'match_rms_adamw'")
+        defaults = dict(
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            nesterov=nesterov,
+            ns_coefficients=ns_coefficients,
+            eps=eps,
+            ns_steps=ns_steps,
+            adjust_lr_fn=adjust_lr_fn,
+        )
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.dim() != 2:
+                    raise ValueError(f"Muon takes 2-D parameters only, got one of shape {tuple(p.shape)}")
+        self.ns_dtype = ns_dtype
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001 (torch's signature)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, momentum = float(group["lr"]), group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - momentum)
+                update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
+                ortho = newton_schulz(
+                    update, group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype
+                )
+                p.mul_(1 - lr * group["weight_decay"])  # decoupled weight decay, at the unadjusted lr
+                p.add_(ortho, alpha=-(lr * muon_lr_ratio(group["adjust_lr_fn"], p.shape)))
+        return loss
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """Muon for the hidden matrices and AdamW for the rest, stepped as one optimizer.
+
+    Lightning's automatic optimization (accumulation, clipping, precision plugins) drives a single
+    optimizer; this wrapper gives it one. Its param_groups are the inner optimizers' own group
+    dicts, so a scheduler that sets a group's lr sets it where the step reads it.
+    """
+
+    def __init__(
+        self, muon_params: list, adamw_groups: list[dict], muon: dict[str, Any], adamw: dict[str, Any]
+    ):
+        self.muon = Muon(muon_params, **muon)
+        self.adamw = torch.optim.AdamW(adamw_groups, **adamw)
+        super().__init__([p for g in self.adamw.param_groups for p in g["params"]] + list(muon_params), {})
+        self.param_groups = self.muon.param_groups + self.adamw.param_groups
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001 (torch's signature)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.muon.step()
+        self.adamw.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.muon.zero_grad(set_to_none)
+        self.adamw.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.muon.load_state_dict(state_dict["muon"])
+        self.adamw.load_state_dict(state_dict["adamw"])
+        self.param_groups = self.muon.param_groups + self.adamw.param_groups
+
+
+def resolve_ns_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """optim.muon_ns_dtype as a dtype. auto: bf16 where `device` computes it fast, else fp32 (a CPU
+    that emulates bf16 runs Muon's Newton-Schulz tens of times slower in bf16 than in fp32)."""
+    if requested == "auto":
+        return torch.bfloat16 if precision.bf16_speed(device.type).fast else torch.float32
+    return NS_DTYPES[requested]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """Called from configure_optimizers, after Lightning moved the model to its device: "auto"
+    dtypes are resolved for the device the parameters are on."""
+    fused = all(p.is_cuda for p in model.parameters()) or None
+    adamw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(param_groups(model, cfg.weight_decay), **adamw)
+    hidden, rest = muon_split(model)
+    ns_dtype = resolve_ns_dtype(cfg.muon_ns_dtype, hidden[0].device if hidden else torch.device("cpu"))
+    muon = dict(lr=cfg.muon_lr, momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay, ns_dtype=ns_dtype)
+    # The rest (embeddings, head, norms, biases) is not decayed under Muon, as in its reference runs.
+    return MuonWithAdamW(hidden, [{"params": rest, "weight_decay": 0.0}], muon, adamw)
+
+
+def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
+    """Multiplier of every group's lr at optimizer step `step` (0-based).
+
+    Linear warmup from 1/warmup to 1, then
+    - cosine: cosine decay to min_lr_ratio at the horizon (decay_steps or total_steps), flat after;
+    - wsd: warmup-stable-decay: 1 until the last decay_fraction of the horizon, then linear to
+      min_lr_ratio;
+    - constant: 1.
+    """
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    horizon = cfg.decay_steps or total_steps
+    if cfg.schedule == "wsd":
+        decay_start = max(cfg.warmup_steps, horizon - round(cfg.decay_fraction * horizon))
+        if step < decay_start:
+            return 1.0
+        progress = min(1.0, (step - decay_start) / max(1, horizon - decay_start))
+        return 1.0 - (1.0 - cfg.min_lr_ratio) * progress
+    if horizon <= cfg.warmup_steps:
+        return 1.0
+    progress = min(1.0, (step - cfg.warmup_steps) / (horizon - cfg.warmup_steps))
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    # A closure (not a partial or a lambda object with state) keeps the scheduler's state_dict plain.
+    def factor(step: int) -> float:
+        return lr_factor(step, cfg, total_steps)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
