@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -16,7 +18,7 @@ from gpt.config import SamplingConfig, sampling_config
 from gpt.errors import NonFiniteError
 from gpt.generate.text import generate_text
 from gpt.runs.checkpoint import newest_checkpoint
-from gpt.train.checkpointing import _saved_step
+from gpt.train.checkpointing import saved_step
 
 log = logging.getLogger(__name__)
 
@@ -149,10 +151,13 @@ class SampleText(L.Callback):
         every_n_steps: int = 500,
         prompt: str = "\n",
         max_new_tokens: int = 200,
-        sampling: SamplingConfig | None = None,
+        sampling: SamplingConfig | Mapping[str, Any] | None = None,
         seed: int = 0,
     ) -> None:
         self.every_n_steps, self.prompt, self.max_new_tokens = every_n_steps, prompt, max_new_tokens
+        # From conf/ a plain mapping (no _target_ for a dataclass), checked like generate.py's keys.
+        if isinstance(sampling, Mapping):
+            sampling = sampling_config(None, **sampling)
         self.sampling, self.seed = sampling_config(sampling), seed
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
@@ -248,7 +253,7 @@ class RunReport(L.Callback):
         if final is not None and self._last_validation_step is not None:
             scores.append(f"final {self.monitor} {float(final):.4f} at step {self._last_validation_step}")
         if best is not None and best.best_model_score is not None:
-            best_step = _saved_step(best.best_model_path)
+            best_step = saved_step(best.best_model_path)
             at = f" at step {best_step}" if best_step is not None else ""
             scores.append(f"best {float(best.best_model_score):.4f}{at}")
         if scores:

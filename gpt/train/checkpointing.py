@@ -78,7 +78,7 @@ class CheckpointOnException(L.Callback):
         trainer.strategy.remove_checkpoint(self.path)
 
 
-def _saved_step(path: str) -> int | None:
+def saved_step(path: str) -> int | None:
     """The optimizer step a checkpoint was saved at (its tensors are mapped, not read), or None for
     a checkpoint that is not one file (a sharded directory)."""
     try:
