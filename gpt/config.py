@@ -287,13 +287,13 @@ class CompareConfig:
     out: str = "compare.png"
 
     def __post_init__(self) -> None:
-        runs = [self.runs] if isinstance(self.runs, str) else self.runs
+        runs = [] if self.runs is None else [self.runs] if isinstance(self.runs, str) else self.runs
         _check(
             isinstance(runs, list) and all(isinstance(r, (str, int, float)) for r in runs),
             f"runs={self.runs!r}: give run dirs or globs as a list, runs=[DIR,...], or one glob string",
         )
-        # A run named by a number (runs=[0,1] inside a sweep folder) is a folder name too.
-        self.runs = [_home(str(r)) for r in runs]
+        # A run named by a number (runs=[0,1] inside a sweep folder) is a folder name too; `runs=` is none.
+        self.runs = [_home(str(r)) for r in runs if str(r)]
         _check(bool(self.runs), "say which runs to compare: python compare.py runs=[DIR,...]")
         self.out = _home(self.out)
         _check(bool(self.out), "out= is empty; name the plot file, such as out=compare.png")

@@ -124,6 +124,8 @@ def test_compare_takes_a_folder_of_runs_and_writes_the_plot(sweep, tmp_path, cap
         (["runs=nothing-*"], "nothing-* matches no run dir"),
         ([], "say which runs to compare: python compare.py runs=[DIR,...]"),
         (["runs=[]"], "say which runs to compare: python compare.py runs=[DIR,...]"),
+        (["runs="], "say which runs to compare: python compare.py runs=[DIR,...]"),
+        (["runs=null"], "say which runs to compare: python compare.py runs=[DIR,...]"),
         (["runs=[.]"], ". holds no run"),
         (["runs=[a]", "outt=p.png"], "Key 'outt' not in 'CompareConfig'"),
         (["runs=[a]", "out="], "out= is empty; name the plot file, such as out=compare.png"),
