@@ -1,6 +1,6 @@
 """Tokenize a corpus into the cache once, before training: the same presets and overrides as train.py.
 
-python prepare.py data=shakespeare                    # or: python -m gpt.prepare data=shakespeare
+python prepare.py data=shakespeare
 python prepare.py data=text data.path=notes/ data.tokenizer=char
 """
 

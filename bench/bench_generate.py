@@ -1,7 +1,7 @@
 """Generation speed: tokens/s cached vs uncached and batch 1 vs 8, and process start to first token.
 
 python bench/bench_generate.py                       # table on stdout, JSON in bench/results/
-python bench/bench_generate.py --out /tmp/gen.json --repeats 5 --compile
+python bench/bench_generate.py out=/tmp/gen.json repeats=5 compile=true    # knobs: conf/bench/generate.yaml
 
 Needs no training: it saves random-weight checkpoints of the `small` preset (the decoding runs)
 and the `nano` preset (start to first token, through a real `python generate.py` subprocess) in
@@ -10,7 +10,6 @@ the plain format train.py writes. Speed does not depend on what the weights lear
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -18,17 +17,20 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
+import hydra
 import torch
-import yaml
+from omegaconf import DictConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from machine import describe, summary  # noqa: E402
+from model_presets import model_preset  # noqa: E402
 
-from gpt.config import ModelConfig  # noqa: E402
+from gpt.errors import exit_on_user_error  # noqa: E402
 from gpt.generate.tokens import generate  # noqa: E402
 from gpt.model.transformer import GPT  # noqa: E402
 from gpt.runs.checkpoint import load_model, save_weights_checkpoint  # noqa: E402
@@ -39,19 +41,13 @@ SHAKESPEARE_CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrs
 PROMPT = "ROMEO:\nBut, soft"  # 16 characters = 16 tokens
 
 
-def preset(name: str) -> dict:
-    cfg = yaml.safe_load((ROOT / "conf" / "model" / f"{name}.yaml").read_text())
-    cfg.pop("defaults", None)
-    return cfg
-
-
 def random_checkpoint(name: str, folder: Path) -> Path:
     """A checkpoint of the `name` preset with random weights (seeded), made once and reused."""
     path = folder / f"{name}-random.ckpt"
     if not path.is_file():
         tokenizer = CharTokenizer(SHAKESPEARE_CHARS)
         torch.manual_seed(0)
-        model = GPT(ModelConfig(**preset(name), vocab_size=tokenizer.vocab_size))
+        model = GPT(replace(model_preset(name), vocab_size=tokenizer.vocab_size))
         save_weights_checkpoint(model, tokenizer, path)
     return path
 
@@ -90,20 +86,15 @@ def time_to_first_token(ckpt: Path, repeats: int) -> list[float]:
     return times
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "generate.json"))
-    parser.add_argument("--ckpt-dir", default=str(ROOT / "bench" / "results"))
-    parser.add_argument("--new-tokens", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd decode step")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    args = parser.parse_args()
+@hydra.main(version_base="1.3", config_path="../conf", config_name="bench/generate")
+@exit_on_user_error
+def main(args: DictConfig) -> None:
+    results = ROOT / "bench" / "results"
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    small_ckpt = random_checkpoint("small", Path(args.ckpt_dir))
-    nano_ckpt = random_checkpoint("nano", Path(args.ckpt_dir))
+    small_ckpt = random_checkpoint("small", Path(args.ckpt_dir or results))
+    nano_ckpt = random_checkpoint("nano", Path(args.ckpt_dir or results))
     model, tokenizer = load_model(small_ckpt)
     prompt_ids = tokenizer.encode(PROMPT)
     n = args.new_tokens
@@ -164,11 +155,11 @@ def main() -> None:
     print(f"batch 8 / batch 1 (cached, tokens/s): {result['batch8_over_batch1']:.1f}x")
     first = result["first_token_seconds_nano"]
     print(f"start to first token, model=nano: best {first['best']:.2f} s, median {first['median']:.2f} s")
-    out = Path(args.out)
+    out = Path(args.out or results / "generate.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)()

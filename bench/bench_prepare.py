@@ -1,20 +1,19 @@
 """Benchmark the prepare step: a generated corpus of >= 200 MB, GPT-2's BPE (r50k_base).
 
 python bench/bench_prepare.py                       # 200 MB, all cores, verify every document
-python bench/bench_prepare.py --mb 50 --workers 1 --verify 500
+python bench/bench_prepare.py mb=50 workers=1 verify=500     # knobs: conf/bench/prepare.yaml
 
 The corpus is built in a temporary folder (removed at the end) from Tiny Shakespeare's lines,
 shuffled into documents of 1-16 KB (shorter than data.doc_chars, so never cut): half as one .txt
 file per document in nested folders, half as .jsonl files of many documents. It is prepared in a
 child process, so that the peak memory measured (the child's maximum resident set) is the prepare
-step's alone. Then every document's tokens (or --verify N of them) are checked against a direct
+step's alone. Then every document's tokens (or verify=N of them) are checked against a direct
 encode of that document, and every document must appear exactly once across train and val.
-Prints a summary; writes JSON to --out.
+Prints a summary; writes JSON to `out`.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -26,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tiktoken
@@ -38,6 +38,10 @@ from machine import describe, summary  # noqa: E402
 from gpt.config import DataConfig  # noqa: E402
 from gpt.data.prepare import Prepared, prepare  # noqa: E402
 from gpt.data.sources import data_root, find_shakespeare  # noqa: E402
+from gpt.errors import exit_on_user_error  # noqa: E402
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 
 def digest(text: str) -> bytes:
@@ -115,19 +119,7 @@ def verify(prepared: Prepared, docs: dict[bytes, int], sample: int | None, seed:
     return len(chosen)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mb", type=float, default=200, help="corpus size in MB (10^6 bytes)")
-    parser.add_argument("--workers", type=int, default=None, help="tokenizer threads (default: one per core)")
-    parser.add_argument("--verify", type=int, default=None, help="check N random documents (default: all)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "prepare.json"))
-    parser.add_argument("--child", nargs=2, metavar=("CORPUS", "CACHE"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        child(*args.child, args.workers)
-        return
-
+def main(args: DictConfig) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-prepare-"))
     try:
         t0 = time.perf_counter()
@@ -138,9 +130,12 @@ def main() -> None:
             f"in {time.perf_counter() - t0:.1f} s"
         )
 
-        cmd = [sys.executable, __file__, "--child", str(tmp / "corpus"), str(tmp / "cache")]
-        if args.workers:
-            cmd += ["--workers", str(args.workers)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            *map(str, (tmp / "corpus", tmp / "cache", args.workers or 0)),
+        ]
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
         peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB on Linux
         result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -176,7 +171,7 @@ def main() -> None:
             f"{checked:,} documents equal a direct encode; {report['mb_per_cpu_s']} MB per CPU-second; "
             f"on {summary(report['machine'])}"
         )
-        out = Path(args.out)
+        out = Path(args.out or ROOT / "bench" / "results" / "prepare.json")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {out}")
@@ -185,4 +180,10 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--child"]:  # the measured process: without Hydra in its memory, as before
+        child(sys.argv[2], sys.argv[3], int(sys.argv[4]) or None)
+    else:
+        import hydra
+
+        config = dict(version_base="1.3", config_path="../conf", config_name="bench/prepare")
+        exit_on_user_error(hydra.main(**config)(exit_on_user_error(main)))()

@@ -6,43 +6,43 @@ per-step NaN check, minus checkpoint files and loggers) and a plain PyTorch loop
 check. Rounds alternate between the two so that drift in machine speed hits both. Prints a table
 and writes JSON.
 
-    python bench/bench_train.py                         # nano and small on this device
-    python bench/bench_train.py --presets medium --precision bf16-mixed --peak-flops 989e12   # a GPU
+    python bench/bench_train.py                         # nano and small on a CPU, up to large on a GPU
+    python bench/bench_train.py presets=[medium] precision=bf16-mixed peak_flops=989e12   # a GPU
+
+The knobs are in conf/bench/train.yaml; the models are conf/model/<preset>.yaml.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
+from types import SimpleNamespace
 
+import hydra
 import lightning as L
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from machine import describe, summary  # noqa: E402
+from model_presets import check_presets, model_preset  # noqa: E402
 
 from gpt.config import ModelConfig, OptimConfig  # noqa: E402
+from gpt.errors import exit_on_user_error
 from gpt.model.transformer import GPT
 from gpt.train.callbacks import NonFiniteGuard
 from gpt.train.lit_module import GPTLitModule
 from gpt.train.optim import build_optimizer, build_scheduler
 from gpt.train.precision import resolve_precision
 
-PRESETS = {  # conf/model/*.yaml, with the vocabulary each is usually trained with
-    "nano": (dict(n_layer=4, n_head=4, n_embd=128, block_size=64), 65, 16),
-    "small": (dict(n_layer=6, n_head=6, n_embd=384, block_size=256), 65, 16),
-    "medium": (dict(n_layer=12, n_head=12, n_embd=768, block_size=1024), 50257, 8),
-    "large": (dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024), 50257, 4),
-}
 CHAR_TOKENIZER = {"kind": "char", "chars": "".join(chr(32 + i) for i in range(65))}
 BPE_TOKENIZER = {"kind": "tiktoken", "name": "r50k_base"}
 
@@ -112,10 +112,25 @@ def plain_loop(
     return [b - a for a, b in zip(times, times[1:], strict=False)]
 
 
-def bench_preset(name: str, args: argparse.Namespace, device: torch.device) -> dict:
-    shape, vocab, batch_size = PRESETS[name]
-    batch_size = args.batch_size or batch_size
-    model_cfg = ModelConfig(**shape, vocab_size=vocab)
+def presets(cfg: DictConfig, cuda: bool) -> list[str]:
+    """The presets to time, checked against conf/model/ before any is timed."""
+    names = cfg.presets if cfg.presets is not None else cfg.gpu_presets if cuda else cfg.cpu_presets
+    names = [names] if isinstance(names, str) else list(names)
+    check_presets(names)
+    return names
+
+
+def timed_model(name: str, cfg: DictConfig) -> tuple[ModelConfig, int]:
+    """The preset's model with the vocabulary it is timed with, and its batch size."""
+    vocab = cfg.vocab_sizes.get(name, cfg.vocab_sizes.default)
+    batch_size = cfg.batch_size or cfg.batch_sizes.get(name, cfg.batch_sizes.default)
+    return replace(model_preset(name), vocab_size=vocab), batch_size
+
+
+def bench_preset(
+    name: str, model_cfg: ModelConfig, batch_size: int, args: SimpleNamespace, device: torch.device
+) -> dict:
+    vocab = model_cfg.vocab_size
     optim_cfg = OptimConfig(warmup_steps=10)
     tokenizer = CHAR_TOKENIZER if vocab == 65 else BPE_TOKENIZER
     steps = args.warmup + args.steps
@@ -157,29 +172,21 @@ def bench_preset(name: str, args: argparse.Namespace, device: torch.device) -> d
     return row
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--presets", default=None, help="comma-separated (default: nano,small on CPU; all on GPU)")
-    p.add_argument("--steps", type=int, default=20, help="timed steps per round and loop")
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument(
-        "--precision", default=None, help="32-true or bf16-mixed (default: what trainer.precision=auto picks)"
-    )
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--peak-flops", type=float, default=None, help="one device's peak FLOP/s, for MFU")
-    p.add_argument("--out", default="bench/results/train.json")
-    args = p.parse_args()
+@hydra.main(version_base="1.3", config_path="../conf", config_name="bench/train")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    args.accelerator = "gpu" if cuda else "cpu"
-    args.precision = args.precision or resolve_precision("auto", args.accelerator, width=768)[0]
+    accelerator = "gpu" if cuda else "cpu"
+    precision = cfg.precision or resolve_precision("auto", accelerator, width=768)[0]
+    args = SimpleNamespace(
+        **OmegaConf.to_container(cfg) | {"accelerator": accelerator, "precision": precision}
+    )
     if cuda:
         torch.set_float32_matmul_precision("high")
-    presets = (args.presets or ("nano,small,medium,large" if cuda else "nano,small")).split(",")
+    models = [(name, *timed_model(name, cfg)) for name in presets(cfg, cuda)]  # all checked first
 
-    rows = [bench_preset(name, args, device) for name in presets]
+    rows = [bench_preset(name, model_cfg, batch_size, args, device) for name, model_cfg, batch_size in models]
     machine = describe()
     result = {
         "benchmark": "train",
@@ -212,4 +219,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)()

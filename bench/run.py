@@ -1,18 +1,24 @@
 """Run every benchmark, one after the other, and print a summary; JSON goes to bench/results/.
 
     python bench/run.py                 # train (Lightning vs plain), generate, prepare
-    python bench/run.py --only train    # one of them
+    python bench/run.py only=[train]    # some of them (conf/bench/run.yaml)
 
 Each benchmark runs in its own process, so none inherits another's threads, caches or memory.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gpt.errors import ConfigError, exit_on_user_error  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
@@ -29,18 +35,26 @@ def summary(name: str, result: dict) -> list[str]:
     return [f"{name:<8} {json.dumps({k: v for k, v in result.items() if not isinstance(v, (list, dict))})}"]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=sorted(SCRIPTS), action="append", help="run only these (repeatable)")
-    args = p.parse_args()
+def chosen(only: str | list[str] | None) -> list[str]:
+    names = list(SCRIPTS) if only is None else [only] if isinstance(only, str) else list(only)
+    unknown = [name for name in names if name not in SCRIPTS]
+    if unknown:
+        raise ConfigError(f"only={unknown[0]} is no benchmark; choose from {', '.join(SCRIPTS)}")
+    return names
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="bench/run")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
     lines = []
-    for name in args.only or list(SCRIPTS):
+    for name in chosen(cfg.only):
         out = RESULTS / f"{name}.json"
         print(f"\n=== {name}", flush=True)
-        subprocess.run([sys.executable, str(BENCH / SCRIPTS[name]), "--out", str(out)], check=True)
+        quoted = "'" + str(out).replace("'", "\\'") + "'"  # any path, as Hydra reads it back
+        subprocess.run([sys.executable, str(BENCH / SCRIPTS[name]), f"out={quoted}"], check=True)
         lines += summary(name, json.loads(out.read_text()))
     print("\n=== summary\n" + "\n".join(lines))
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)()

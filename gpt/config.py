@@ -279,3 +279,52 @@ class GenerateConfig(SamplingConfig):
             "interactive=true reads what you type from stdin; drop prompt=- and prompt_file",
         )
         _one_of("dtype", self.dtype, ("float32", "bfloat16", "float16"))
+
+
+# The commands export.py and compare.py (conf/export.yaml, conf/compare.yaml).
+
+EXPORT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class ExportConfig:
+    # A checkpoint file, a run dir, a Hugging Face dir, or None for the newest run under runs_dir.
+    ckpt: str | None = None
+    runs_dir: str = "runs"
+    # The folder to write the Hugging Face directory into (required).
+    out: str | None = None
+    # auto, gpt2 or llama; auto: whichever expresses the model (gpt.interop.hf checks the name).
+    format: str = "auto"
+    # The dtype of the exported weights.
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        # `ckpt=` and `out=` (empty) are null, as before the keys were Hydra's. ckpt and runs_dir get
+        # their `~` expanded in gpt.runs.checkpoint.find_checkpoint.
+        self.ckpt = self.ckpt or None
+        self.out = _home(self.out) or None
+        _check(
+            self.out is not None, "say where to write the export: python export.py ckpt=RUN_OR_CKPT out=DIR"
+        )
+        _check(self.dtype in EXPORT_DTYPES, f"dtype={self.dtype} is not one of {', '.join(EXPORT_DTYPES)}")
+
+
+@dataclass
+class CompareConfig:
+    # Run dirs, folders of runs (a sweep, a day of runs) and globs: a list (runs=[a,b]) or one string
+    # (runs='runs/2026-11-21/*'); Any, because OmegaConf types no "list or string".
+    runs: Any = field(default_factory=list)
+    # Where the loss plot is written (.png, .pdf or .svg).
+    out: str = "compare.png"
+
+    def __post_init__(self) -> None:
+        runs = [] if self.runs is None else [self.runs] if isinstance(self.runs, str) else self.runs
+        _check(
+            isinstance(runs, list) and all(isinstance(r, (str, int, float)) for r in runs),
+            f"runs={self.runs!r}: give run dirs or globs as a list, runs=[DIR,...], or one glob string",
+        )
+        # A run named by a number (runs=[0,1] inside a sweep folder) is a folder name too; `runs=` is none.
+        self.runs = [_home(str(r)) for r in runs if str(r)]
+        _check(bool(self.runs), "say which runs to compare: python compare.py runs=[DIR,...]")
+        self.out = _home(self.out)
+        _check(bool(self.out), "out= is empty; name the plot file, such as out=compare.png")

@@ -1,6 +1,9 @@
-"""`python -m gpt.export` (temporary shim during the move)."""
+"""python -m gpt.export is deprecated and goes in the next release; use python export.py"""
 
-from gpt.interop.export import main
+import runpy
+import sys
+from pathlib import Path
 
 if __name__ == "__main__":
-    main()
+    print(f"note: {__doc__}", file=sys.stderr)
+    runpy.run_path(str(Path(__file__).resolve().parents[1] / "export.py"), run_name="__main__")

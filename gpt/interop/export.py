@@ -1,8 +1,8 @@
 """Export a checkpoint as a Hugging Face directory that transformers loads with
 AutoModelForCausalLM.from_pretrained(DIR).
 
-python -m gpt.export ckpt=runs/2026-11-21/14-06-53 out=exported/           # format chosen from the model
-python -m gpt.export ckpt=path/to/last.ckpt out=exported/ format=llama dtype=bfloat16
+python export.py ckpt=runs/2026-11-21/14-06-53 out=exported/           # format chosen from the model
+python export.py ckpt=path/to/last.ckpt out=exported/ format=llama dtype=bfloat16
 
 GPT-2 format for learned positions + LayerNorm + GELU + biases, Llama format for RoPE + RMSNorm +
 SwiGLU; anything else stops with one line naming the option in the way. Weights go to
@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from gpt.errors import UserError, exit_on_user_error
+from gpt.config import ExportConfig
+from gpt.errors import UserError
 from gpt.interop.hf import TOKENIZER_FILE, check_format, hf_config, hf_format, to_hf_state_dict
 from gpt.model.transformer import GPT
 from gpt.runs.checkpoint import describe_checkpoint, find_checkpoint, load_model
@@ -117,42 +118,19 @@ def export(
     return fmt, notes
 
 
-def parse_args(argv: list[str], allowed: dict[str, str | None]) -> dict[str, str | None]:
-    """key=value arguments (no Hydra in gpt/); `allowed` maps each key to its default."""
-    args = dict(allowed)
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep or key not in allowed:
-            raise UserError(f"unexpected argument {arg!r}; use key=value with keys {', '.join(allowed)}")
-        args[key] = None if value in ("", "null") else value
-    return args
-
-
-@exit_on_user_error
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(
-        sys.argv[1:] if argv is None else argv,
-        {"ckpt": None, "out": None, "format": "auto", "dtype": "float32", "runs_dir": "runs"},
-    )
-    if not args["out"]:
-        raise UserError("say where to write the export: python -m gpt.export ckpt=RUN_OR_CKPT out=DIR")
-    out = Path(args["out"]).expanduser()
+def export_checkpoint(cfg: ExportConfig) -> None:
+    """export.py: check the arguments, load the checkpoint, write the export and say what was written."""
+    out = Path(cfg.out)
     existing = next(p for p in (out, *out.parents) if p.exists())  # what mkdir would build on
     if not existing.is_dir():
         raise UserError(f"out={out}: {existing} is a file; pass a folder to write the export into")
-    check_format(args["format"])
-    if args["dtype"] not in DTYPES:
-        raise UserError(f"dtype={args['dtype']} is not one of {', '.join(DTYPES)}")
-    path = find_checkpoint(args["ckpt"], args["runs_dir"])
+    check_format(cfg.format)
+    path = find_checkpoint(cfg.ckpt, cfg.runs_dir)
     print(f"checkpoint: {describe_checkpoint(path)}", file=sys.stderr)
     model, tokenizer = load_model(path)
-    hf_format(model.config, args["format"])  # refuse before anything is written
-    fmt, notes = export(model, tokenizer, out, args["format"], DTYPES[args["dtype"]])
+    hf_format(model.config, cfg.format)  # refuse before anything is written
+    fmt, notes = export(model, tokenizer, out, cfg.format, DTYPES[cfg.dtype])
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     n = model.num_params(exclude_positions=False) / 1e6
-    print(f"wrote {fmt} format ({n:.2f}M parameters, {args['dtype']}) to {out}")
-
-
-if __name__ == "__main__":
-    main()
+    print(f"wrote {fmt} format ({n:.2f}M parameters, {cfg.dtype}) to {out}")

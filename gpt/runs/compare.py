@@ -1,7 +1,7 @@
 """Compare training runs from their own run dirs: a table and a loss plot, no wandb account needed.
 
-python -m gpt.compare runs/2026-11-21/*                 # shell globs, or quoted ones
-python -m gpt.compare 'runs/multirun/2026-11-21/10-00-00' --out sweep.png   # a folder of runs
+python compare.py runs='runs/2026-11-21/*'                      # a glob (compare expands it)
+python compare.py runs=[runs/multirun/2026-11-21/10-00-00] out=sweep.png   # a folder of runs
 
 The table has the config values that differ between the runs, then parameters, steps, tokens seen,
 best validation loss and its perplexity, tokens/s and training wall time. The plot shows train and
@@ -10,11 +10,9 @@ validation loss against tokens seen.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import glob
 import math
-import os
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -24,8 +22,8 @@ from typing import Any
 import torch
 import yaml
 
-from gpt.config import ModelConfig
-from gpt.errors import UserError, exit_on_user_error
+from gpt.config import CompareConfig, ModelConfig
+from gpt.errors import UserError
 from gpt.model.transformer import GPT
 from gpt.runs.checkpoint import newest_checkpoint, read_checkpoint
 from gpt.runs.metrics import read_metrics
@@ -282,43 +280,26 @@ def check_out(out: Path) -> None:
 
     formats = FigureCanvasBase.get_supported_filetypes()
     if out.suffix and out.suffix[1:].lower() not in formats:
-        raise UserError(f"--out {out}: cannot write a {out.suffix} plot; name a .png, .pdf or .svg file")
+        raise UserError(f"out={out}: cannot write a {out.suffix} plot; name a .png, .pdf or .svg file")
     if out.is_dir():
-        raise UserError(f"--out {out} is a folder; name a file such as {out / 'compare.png'}")
+        raise UserError(f"out={out} is a folder; name a file such as {out / 'compare.png'}")
     folder = out.parent
     while not folder.exists():
         folder = folder.parent
     if not folder.is_dir():
-        raise UserError(f"--out {out}: {folder} is a file, not a folder; pick another path for the plot")
+        raise UserError(f"out={out}: {folder} is a file, not a folder; pick another path for the plot")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line and exit 2, like every user error here
-        raise UserError(f"{message}; usage: python -m gpt.compare RUN_DIR... [--out plot.png]")
-
-
-@exit_on_user_error
-def main(argv: list[str] | None = None) -> None:
-    parser = _Parser(prog="python -m gpt.compare", description=__doc__.splitlines()[0])
-    # expanduser: a quoted glob ('~/runs/*') or --out=~/plot.png reaches us with its `~`.
-    parser.add_argument(
-        "runs", nargs="+", type=os.path.expanduser, help="run dirs, globs, or folders of runs"
-    )
-    parser.add_argument(
-        "--out", default="compare.png", type=os.path.expanduser, help="where to write the loss plot (PNG)"
-    )
-    args = parser.parse_args(argv)
-    check_out(Path(args.out))
-    runs = [read_run(p) for p in expand(args.runs)]
+def compare_runs(cfg: CompareConfig) -> None:
+    """compare.py: the table on stdout and the loss plot in cfg.out, whose path is checked first."""
+    out = Path(cfg.out)
+    check_out(out)
+    runs = [read_run(p) for p in expand(cfg.runs)]
     for run, name in zip(runs, short_names([r.path for r in runs]), strict=True):
         run.label = name
     print(render(table(runs)))
     try:
-        plot(runs, Path(args.out))
+        plot(runs, out)
     except OSError as e:  # no permission, a full disk
-        raise UserError(f"could not write the plot to {args.out} ({e}); pass another --out") from None
-    print(f"\nplot: {args.out}", file=sys.stderr)
-
-
-if __name__ == "__main__":
-    main()
+        raise UserError(f"could not write the plot to {cfg.out} ({e}); pass another out=") from None
+    print(f"\nplot: {cfg.out}", file=sys.stderr)

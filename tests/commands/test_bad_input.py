@@ -220,38 +220,40 @@ CASES = {
         env=OFFLINE,
     ),
     # export: an earlier export is in {export}
-    "export-without-out": command("-m", "gpt.export", "ckpt={rope}", message="say where to write the export"),
+    "export-without-out": command("export.py", "ckpt={rope}", message="say where to write the export"),
     "export-unknown-format": command(
-        *("-m", "gpt.export", "ckpt={rope}", "out={export}", "format=onnx"),
+        *("export.py", "ckpt={rope}", "out={export}", "format=onnx"),
         message="unknown export format 'onnx'",
     ),
     "export-missing-checkpoint": command(
-        *("-m", "gpt.export", "ckpt={inputs}/missing.ckpt", "out={export}"),
+        *("export.py", "ckpt={inputs}/missing.ckpt", "out={export}"),
         message="missing.ckpt does not exist",
     ),
     "export-model-without-hf-equivalent": command(
-        *("-m", "gpt.export", "ckpt={run}", "out={export}"), message="norm=rmsnorm cannot be exported in gpt2"
+        *("export.py", "ckpt={run}", "out={export}"), message="norm=rmsnorm cannot be exported in gpt2"
     ),
     "export-checkpoint-of-another-vocabulary": command(
-        *("-m", "gpt.export", "ckpt={inputs}/other-vocabulary.ckpt", "out={export}"),
+        *("export.py", "ckpt={inputs}/other-vocabulary.ckpt", "out={export}"),
         message="its tokenizer has 100 tokens but its model only vocab_size=58",
     ),
     "export-out-is-a-file": command(
-        *("-m", "gpt.export", "ckpt={rope}", "out={inputs}/empty.txt"),
+        *("export.py", "ckpt={rope}", "out={inputs}/empty.txt"),
         message="empty.txt is a file; pass a folder",
     ),
     # compare: an earlier plot is in {plots}
-    "compare-no-runs": command("-m", "gpt.compare", message="the following arguments are required: runs"),
-    "compare-missing-run": command("-m", "gpt.compare", "{inputs}/missing", message="missing does not exist"),
+    "compare-no-runs": command(
+        "compare.py", message="say which runs to compare: python compare.py runs=[DIR,...]"
+    ),
+    "compare-missing-run": command("compare.py", "runs=[{inputs}/missing]", message="missing does not exist"),
     "compare-plot-format": command(
-        *("-m", "gpt.compare", "{run}", "--out", "{plots}/compare.txt"), message="cannot write a .txt plot"
+        *("compare.py", "runs=[{run}]", "out={plots}/compare.txt"), message="cannot write a .txt plot"
     ),
     "compare-corrupt-checkpoint": command(
-        *("-m", "gpt.compare", "{broken}/checkpoint", "--out", "{plots}/compare.png"),
+        *("compare.py", "runs=[{broken}/checkpoint]", "out={plots}/compare.png"),
         message="last.ckpt is not a checkpoint (not the zip archive torch.save writes",
     ),
     "compare-corrupt-log": command(
-        *("-m", "gpt.compare", "{broken}/log", "--out", "{plots}/compare.png"), message="csv/ is not readable"
+        *("compare.py", "runs=[{broken}/log]", "out={plots}/compare.png"), message="csv/ is not readable"
     ),
 }
 

@@ -177,8 +177,8 @@ def test_interactive_on_a_terminal_prompts_and_ends_its_line(ckpt, capsys):
 def test_benchmark_writes_its_json(tmp_path):
     out = tmp_path / "generate.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "bench_generate.py"), "--new-tokens", "8", "--repeats", "1"]
-        + ["--out", str(out), "--ckpt-dir", str(tmp_path)],
+        [sys.executable, str(ROOT / "bench" / "bench_generate.py"), "new_tokens=8", "repeats=1"]
+        + [f"out={out}", f"ckpt_dir={tmp_path}"],
         capture_output=True,
         text=True,
         timeout=600,

@@ -9,24 +9,24 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt.config import GenerateConfig
+from gpt.config import ExportConfig, GenerateConfig
 from gpt.errors import UserError
 from gpt.generate.command import sample
 from gpt.generate.tokens import generate
-from gpt.interop.export import bpe_merge_of, export, write_gpt2_tokenizer
-from gpt.interop.export import main as export_main
+from gpt.interop.export import bpe_merge_of, export, export_checkpoint, write_gpt2_tokenizer
 from gpt.interop.hf import hf_format
 from gpt.interop.load import init_from_pretrained, load_hf_model
 from gpt.runs.checkpoint import load_model
 from gpt.tokenizer import CharTokenizer, TiktokenTokenizer
 from tests.conftest import run_script, tiny_config, tiny_model
-from tests.runs.test_compare import assert_one_line_exit
+from tests.runs.test_compare import assert_one_line_exit, command
 
 transformers = pytest.importorskip("transformers")
 
 ATOL = 1e-4
 GPT2_SHAPE = dict(pos_emb="learned", norm="layernorm", ffn="gelu", bias=True)
 LLAMA_SHAPE = dict(pos_emb="rope", norm="rmsnorm", ffn="swiglu", bias=False, rope_base=500.0)
+export_main = command("export", ExportConfig, export_checkpoint)  # export.py, in this process
 CHARS = CharTokenizer("".join(chr(c) for c in range(40, 90)))  # 50 characters: tiny_config's vocab
 
 
@@ -275,8 +275,12 @@ def test_cli_refuses_mismatched_init_from_and_generates_from_hf_dir(tmp_path, ti
     [
         (["ckpt=a", "out=b", "format=onnx"], "unknown export format 'onnx'; use format=auto, gpt2 or llama"),
         (["ckpt=nope.ckpt", "out=b"], "checkpoint nope.ckpt does not exist"),
-        (["ckpt=a", "outdir=b"], "unexpected argument 'outdir=b'"),
-        (["ckpt=a"], "say where to write the export"),
+        (["ckpt=", "out=b"], "no checkpoint under runs/; train one"),  # empty: the newest run
+        (["ckpt=a", "outdir=b"], "Could not override 'outdir': Key 'outdir' not in 'ExportConfig'"),
+        (["ckpt=a"], "say where to write the export: python export.py ckpt=RUN_OR_CKPT out=DIR"),
+        (["ckpt=a", "out="], "say where to write the export"),
+        (["ckpt=a", "out=null"], "say where to write the export"),
+        (["ckpt=a", "out=b", "dtype=float64"], "dtype=float64 is not one of float32, bfloat16, float16"),
     ],
 )
 def test_export_cli_errors_are_one_line(tmp_path, monkeypatch, capsys, args, message):

@@ -1,4 +1,4 @@
-"""gpt.compare on three real short runs (one Hydra sweep), checked against the runs' own logs."""
+"""compare.py on three real short runs (one Hydra sweep), checked against the runs' own logs."""
 
 from __future__ import annotations
 
@@ -8,11 +8,33 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
+from gpt.config import CompareConfig
+from gpt.errors import exit_on_user_error
 from gpt.runs.checkpoint import load_model
-from gpt.runs.compare import main, tokens_axis, wall_seconds
+from gpt.runs.compare import compare_runs, tokens_axis, wall_seconds
 from gpt.runs.metrics import read_metrics
-from tests.conftest import run_script
+from tests.conftest import ROOT, run_script
+
+
+def command(config: str, schema: type, run: Callable[[object], None]) -> Callable[[list[str]], None]:
+    """What the root script <config>.py does with these overrides, in this process: compose
+    conf/<config>.yaml over its schema, validate (OmegaConf.to_object), run; user errors exit 2."""
+
+    @exit_on_user_error
+    def main(overrides: list[str]) -> None:
+        ConfigStore.instance().store(name="_schema", node=schema)  # as the root script does
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose(config, overrides=overrides)
+        run(OmegaConf.to_object(cfg))
+
+    return main
+
+
+main = command("compare", CompareConfig, compare_runs)
 
 SWEEP = [
     "-m",
@@ -65,7 +87,7 @@ def count(text: str) -> float:
 
 
 def test_compare_table_matches_the_runs_logs(sweep, tmp_path, capsys):
-    main([str(sweep / "*"), "--out", str(tmp_path / "plot.png")])  # a quoted glob, expanded by compare
+    main([f"runs={sweep}/*", f"out={tmp_path}/plot.png"])  # one glob string, expanded by compare
     rows = parse_table(capsys.readouterr().out)
     assert [r["run"] for r in rows] == ["0", "1", "2"]
     assert list(rows[0])[:2] == ["run", "model.n_layer"]  # the one config value that differs
@@ -90,7 +112,7 @@ def test_compare_table_matches_the_runs_logs(sweep, tmp_path, capsys):
 
 
 def test_compare_takes_a_folder_of_runs_and_writes_the_plot(sweep, tmp_path, capsys):
-    main([str(sweep), "--out", str(tmp_path / "sub" / "p.png")])
+    main([f"runs=[{sweep}]", f"out={tmp_path}/sub/p.png"])
     assert len(parse_table(capsys.readouterr().out)) == 3
     assert (tmp_path / "sub" / "p.png").is_file()
 
@@ -98,10 +120,16 @@ def test_compare_takes_a_folder_of_runs_and_writes_the_plot(sweep, tmp_path, cap
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["missing-run"], "missing-run does not exist"),
-        (["nothing-*"], "nothing-* matches no run dir"),
-        ([], "the following arguments are required: runs"),
-        (["."], ". holds no run"),
+        (["runs=[missing-run]"], "missing-run does not exist"),
+        (["runs=nothing-*"], "nothing-* matches no run dir"),
+        ([], "say which runs to compare: python compare.py runs=[DIR,...]"),
+        (["runs=[]"], "say which runs to compare: python compare.py runs=[DIR,...]"),
+        (["runs="], "say which runs to compare: python compare.py runs=[DIR,...]"),
+        (["runs=null"], "say which runs to compare: python compare.py runs=[DIR,...]"),
+        (["runs=[.]"], ". holds no run"),
+        (["runs=[a]", "outt=p.png"], "Key 'outt' not in 'CompareConfig'"),
+        (["runs=[a]", "out="], "out= is empty; name the plot file, such as out=compare.png"),
+        (["runs=[[a]]"], "runs=[['a']]: give run dirs or globs as a list"),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, monkeypatch, capsys, args, message):
@@ -152,20 +180,28 @@ def test_broken_run_files_are_one_line(tmp_path, capsys, file, content, message)
     (run / "csv" / "version_0" / "metrics.csv").write_text("step,train/loss\n0,4.2\n")
     (run / file).parent.mkdir(parents=True, exist_ok=True)
     (run / file).write_text(content)
-    assert_one_line_exit(main, [str(run), "--out", str(tmp_path / "plot.png")], message, capsys)
+    assert_one_line_exit(main, [f"runs=[{run}]", f"out={tmp_path}/plot.png"], message, capsys)
     assert not (tmp_path / "plot.png").exists()
 
 
 @pytest.mark.parametrize(
     "out, message",
     [
-        ("plot.txt", "--out plot.txt: cannot write a .txt plot; name a .png, .pdf or .svg file"),
-        ("notes/plot.png", "--out notes/plot.png: notes is a file, not a folder"),
-        ("plots", "--out plots is a folder; name a file such as plots/compare.png"),
+        ("plot.txt", "out=plot.txt: cannot write a .txt plot; name a .png, .pdf or .svg file"),
+        ("notes/plot.png", "out=notes/plot.png: notes is a file, not a folder"),
+        ("plots", "out=plots is a folder; name a file such as plots/compare.png"),
     ],
 )
 def test_plot_path_is_checked_before_the_runs_are_read(tmp_path, monkeypatch, capsys, out, message):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "notes").write_text("a file")
     (tmp_path / "plots").mkdir()
-    assert_one_line_exit(main, ["missing-run", "--out", out], message, capsys)
+    assert_one_line_exit(main, ["runs=[missing-run]", f"out={out}"], message, capsys)
+
+
+def test_runs_are_a_list_or_one_glob_string_with_home_expanded(monkeypatch):
+    monkeypatch.setenv("HOME", "/home/me")
+    assert CompareConfig(runs="~/runs/*", out="~/p.png") == CompareConfig(
+        ["/home/me/runs/*"], "/home/me/p.png"
+    )
+    assert CompareConfig(runs=["a", 0, 1]).runs == ["a", "0", "1"]  # a sweep's run dirs are numbers

@@ -1,0 +1,96 @@
+"""The benchmarks' configs (conf/bench/), and the models bench_train.py times: the presets of
+conf/model/, as train.py composes them. Nothing is timed here."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from gpt.config import ModelConfig
+from gpt.errors import ConfigError
+from tests.conftest import ROOT
+
+CONF = ROOT / "conf"
+BENCH_KEYS = {
+    "train": {"presets", "cpu_presets", "gpu_presets", "vocab_sizes", "batch_sizes", "batch_size", "steps"}
+    | {"warmup", "rounds", "precision", "compile", "peak_flops", "out"},
+    "generate": {"out", "ckpt_dir", "new_tokens", "repeats", "compile", "threads"},
+    "prepare": {"mb", "workers", "verify", "seed", "out"},
+    "run": {"only"},
+}
+
+
+@pytest.fixture(scope="module")
+def bench_train():
+    """bench/bench_train.py as a module (its folder on sys.path, as when it runs)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_train", ROOT / "bench" / "bench_train.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+
+
+def compose_bench(name: str, *overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(f"bench/{name}", overrides=list(overrides), return_hydra_config=True)
+
+
+@pytest.mark.parametrize("name", sorted(BENCH_KEYS))
+def test_bench_configs_compose_with_their_keys_at_the_top(name):
+    cfg = compose_bench(name)
+    assert set(cfg) - {"hydra"} == BENCH_KEYS[name]
+    assert cfg.hydra.output_subdir is None and cfg.hydra.run.dir == "."  # no run folder
+
+
+@pytest.mark.parametrize("name", sorted(BENCH_KEYS))
+def test_every_bench_knob_has_a_comment(name):
+    lines = (CONF / "bench" / f"{name}.yaml").read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line.split(":")[0] in BENCH_KEYS[name]:
+            assert lines[i - 1].startswith("#"), f"{name}.yaml: no comment above {line!r}"
+
+
+def test_bench_train_times_the_presets_of_conf_model(bench_train):
+    assert not hasattr(bench_train, "PRESETS")  # restated shapes are gone
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("bench/train")
+        assert bench_train.presets(cfg, cuda=False) == ["nano", "small"]
+        assert bench_train.presets(cfg, cuda=True) == ["nano", "small", "medium", "large"]
+        for name in ("nano", "small", "medium", "large", "gpt2"):
+            preset = yaml.safe_load((CONF / "model" / f"{name}.yaml").read_text())
+            preset.pop("defaults")
+            model, _ = bench_train.timed_model(name, cfg)
+            assert isinstance(model, ModelConfig)
+            assert {k: getattr(model, k) for k in preset} == preset
+        # The models, vocabularies and batches timed before the presets were read from conf/model/.
+        before = {
+            "nano": (dict(n_layer=4, n_head=4, n_embd=128, block_size=64), 65, 16),
+            "small": (dict(n_layer=6, n_head=6, n_embd=384, block_size=256), 65, 16),
+            "medium": (dict(n_layer=12, n_head=12, n_embd=768, block_size=1024), 50257, 8),
+            "large": (dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024), 50257, 4),
+        }
+        for name, (shape, vocab, batch_size) in before.items():
+            assert bench_train.timed_model(name, cfg) == (ModelConfig(**shape, vocab_size=vocab), batch_size)
+        assert bench_train.timed_model("nano", compose("bench/train", ["batch_size=3"]))[1] == 3
+        assert bench_train.presets(compose("bench/train", ["presets=[gpt2,large]"]), cuda=False) == [
+            "gpt2",
+            "large",
+        ]
+        with pytest.raises(ConfigError, match="there is no model=tiny; choose presets from gpt2, .*nano"):
+            bench_train.presets(compose("bench/train", ["presets=[nano,tiny]"]), cuda=False)
+
+
+def test_bench_train_reads_every_preset_name_from_conf_model(bench_train):
+    names = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("bench/train", [f"presets=[{','.join(names)}]"])
+        assert bench_train.presets(cfg, cuda=False) == names
+        assert OmegaConf.to_container(cfg.presets) == names
