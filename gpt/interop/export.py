@@ -1,8 +1,7 @@
 """Export a checkpoint as a Hugging Face directory that transformers loads with
 AutoModelForCausalLM.from_pretrained(DIR).
 
-python export.py ckpt=runs/2026-11-21/14-06-53 out=exported/           # format chosen from the model
-python export.py ckpt=path/to/last.ckpt out=exported/ format=llama dtype=bfloat16
+The command that finds and loads the checkpoint is export.py at the repository root.
 
 GPT-2 format for learned positions + LayerNorm + GELU + biases, Llama format for RoPE + RMSNorm +
 SwiGLU; anything else stops with one line naming the option in the way. Weights go to
@@ -12,16 +11,12 @@ model.safetensors (a tied head once), plus GPT-2's tokenizer files when the toke
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-from gpt.config import ExportConfig
-from gpt.errors import UserError
-from gpt.interop.hf import TOKENIZER_FILE, check_format, hf_config, hf_format, to_hf_state_dict
+from gpt.interop.hf import TOKENIZER_FILE, hf_config, hf_format, to_hf_state_dict
 from gpt.model.transformer import GPT
-from gpt.runs.checkpoint import describe_checkpoint, find_checkpoint, load_model
 from gpt.tokenizer import CharTokenizer, TiktokenTokenizer, Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -116,21 +111,3 @@ def export(
             f"{TOKENIZER_FILE} describes it for this trainer's load_model"
         )
     return fmt, notes
-
-
-def export_checkpoint(cfg: ExportConfig) -> None:
-    """export.py: check the arguments, load the checkpoint, write the export and say what was written."""
-    out = Path(cfg.out)
-    existing = next(p for p in (out, *out.parents) if p.exists())  # what mkdir would build on
-    if not existing.is_dir():
-        raise UserError(f"out={out}: {existing} is a file; pass a folder to write the export into")
-    check_format(cfg.format)
-    path = find_checkpoint(cfg.ckpt, cfg.runs_dir)
-    print(f"checkpoint: {describe_checkpoint(path)}", file=sys.stderr)
-    model, tokenizer = load_model(path)
-    hf_format(model.config, cfg.format)  # refuse before anything is written
-    fmt, notes = export(model, tokenizer, out, cfg.format, DTYPES[cfg.dtype])
-    for note in notes:
-        print(f"note: {note}", file=sys.stderr)
-    n = model.num_params(exclude_positions=False) / 1e6
-    print(f"wrote {fmt} format ({n:.2f}M parameters, {cfg.dtype}) to {out}")

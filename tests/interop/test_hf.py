@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from export import export_checkpoint
 from gpt.config import ExportConfig, GenerateConfig
 from gpt.errors import UserError
 from gpt.generate.command import sample
 from gpt.generate.tokens import generate
-from gpt.interop.export import bpe_merge_of, export, export_checkpoint, write_gpt2_tokenizer
+from gpt.interop.export import bpe_merge_of, export, write_gpt2_tokenizer
 from gpt.interop.hf import hf_format
 from gpt.interop.load import init_from_pretrained, load_hf_model
 from gpt.runs.checkpoint import load_model
