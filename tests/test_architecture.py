@@ -1,0 +1,88 @@
+"""The layering of docs/architecture.md, checked on the source: imports point one way, the library
+imports no Hydra, and the inference side imports no Lightning."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# Lowest first: a module may import its own layer and the layers before it, never one after it.
+LAYERS = ["base", "model", "data", "interop", "runs", "generate", "train"]
+BASE = {"errors", "config", "tokenizer"}
+# The public API re-exports from the layers; the `python -m gpt.X` shims only run a root script.
+EXEMPT = {"gpt", "gpt.prepare", "gpt.export", "gpt.compare"}
+NO_LIGHTNING = {"model", "generate", "interop", "runs"}  # generate.py and load_model start fast
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for path in sorted((ROOT / "gpt").rglob("*.py")):
+        found[".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")] = path
+    return found
+
+
+def layer(module: str) -> str:
+    part = module.split(".")[1]
+    return "base" if part in BASE else part
+
+
+def imports(path: Path) -> list[str]:
+    """Every module imported anywhere in the file, function bodies included."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            # `from gpt.train import precision` (a package) imports the module gpt.train.precision
+            package = (ROOT / node.module.replace(".", "/")).is_dir()
+            found += [f"{node.module}.{a.name}" if package else node.module for a in node.names]
+    return found
+
+
+def upward(name: str, path: Path) -> list[str]:
+    mine = LAYERS.index(layer(name))
+    return [
+        m for m in imports(path) if m.startswith("gpt.") and m not in EXEMPT and LAYERS.index(layer(m)) > mine
+    ]
+
+
+ALL = modules()
+LIBRARY = {name: path for name, path in ALL.items() if name not in EXEMPT}
+
+
+def test_every_module_is_in_a_layer():
+    assert {layer(name) for name in LIBRARY} == set(LAYERS)
+
+
+def test_imports_point_down():
+    wrong = {name: upward(name, path) for name, path in LIBRARY.items() if upward(name, path)}
+    assert not wrong, f"imports of a higher layer: {wrong}"
+
+
+def test_an_upward_import_is_seen(tmp_path):
+    path = tmp_path / "kv_cache.py"
+    path.write_text("from gpt import config\n\ndef f():\n    from gpt.train import optim\n")
+    assert upward("gpt.model.kv_cache", path) == ["gpt.train.optim"]
+
+
+def roots(path: Path) -> set[str]:
+    return {m.split(".")[0] for m in imports(path)}
+
+
+def test_library_imports_no_hydra():
+    wrong = [name for name, path in ALL.items() if roots(path) & {"hydra", "omegaconf"}]
+    assert not wrong, f"Hydra belongs to the root scripts, not {wrong}"
+
+
+def test_inference_side_imports_no_lightning():
+    lightning = {"lightning", "pytorch_lightning", "torchmetrics"}
+    wrong = [n for n, path in LIBRARY.items() if layer(n) in NO_LIGHTNING and roots(path) & lightning]
+    assert not wrong, f"these must start without Lightning: {wrong}"
+
+
+def test_each_module_says_its_idea_first():
+    docs = {
+        name: ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) for name, path in ALL.items()
+    }
+    assert not [name for name, doc in docs.items() if not (doc and doc.strip())]
