@@ -17,11 +17,7 @@ from gpt.data.prepare import prepare
 from gpt.data.sources import SHAKESPEARE_SHA256, download, find_shakespeare, sha256_file
 from gpt.errors import UserError
 from gpt.tokenizer import CharTokenizer, TiktokenTokenizer
-from tests.conftest import run_script
-
-
-def text_cfg(path, tmp_path, **kw) -> DataConfig:
-    return DataConfig(source="text", path=str(path), cache_dir=str(tmp_path / "cache"), **kw)
+from tests.helpers import run_script, text_cfg
 
 
 def r50k() -> TiktokenTokenizer:

@@ -3,9 +3,7 @@ import torch
 
 from gpt.generate.text import TextStream, generate_text, held_back
 from gpt.tokenizer import CharTokenizer, TiktokenTokenizer
-from tests.conftest import tiny_model
-
-CHARS = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+from tests.helpers import CHARS, tiny_model
 
 
 @pytest.fixture(scope="module")
