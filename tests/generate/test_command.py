@@ -1,4 +1,4 @@
-"""The generate.py command: in-process through gpt.generate_cli.sample, and as a subprocess for
+"""The generate.py command: in-process through gpt.generate.command.sample, and as a subprocess for
 stdin, interactive mode and one-line errors."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What `python train.py` prints (gpt/console.py, gpt.callbacks.RunReport): each line once, on the
+"""What `python train.py` prints (gpt/train/console.py, gpt.train.callbacks.RunReport): each line once, on the
 console and in train.log; no known-false warnings; a summary that matches the CSV log."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 from gpt.runs.metrics import read_metrics
 from tests.helpers import assert_ok, run_script, train_args, write_corpus
 
-# A piece of each warning gpt/console.py and gpt/wandb_logger.py silence.
+# A piece of each warning gpt/train/console.py and gpt/train/wandb_logger.py silence.
 SILENCED = (
     "try installing [litlogger]",  # Lightning's advertisement, logged at every Trainer creation
     "`isinstance(treespec, LeafSpec)` is deprecated",  # torch, about Lightning's use of _pytree
