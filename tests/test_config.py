@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import train  # registers the schemas
@@ -12,13 +11,7 @@ from gpt.errors import ConfigError
 from gpt.model.transformer import GPT
 from gpt.runs.checkpoint import find_checkpoint
 from gpt.train.checks import check_trainer_args
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
-
-
-def compose_train(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("train", overrides=list(overrides), return_hydra_config=True)
+from tests.helpers import CONF, compose_train
 
 
 def group_options(group: str) -> list[str]:

@@ -20,12 +20,11 @@ import torch
 
 from gpt.config import DataConfig
 from gpt.data.prepare import prepare
+from gpt.errors import EXIT_USER_ERROR
 from gpt.interop.export import export
 from gpt.runs.checkpoint import save_weights_checkpoint
 from gpt.tokenizer import CharTokenizer
-from tests.conftest import SHAKESPEARE, run_script, tiny_model
-
-EXIT_USER_ERROR = 2
+from tests.helpers import run_script, tiny_model, write_corpus
 
 
 @dataclass(frozen=True)
@@ -39,22 +38,17 @@ class Case:
 # past its error would resume it (and change its files).
 TRAIN = (
     "train.py",
+    "experiment=tiny",
     "data=text",
     "data.path={corpus}",
-    "data.tokenizer=char",
     "data.cache_dir={cache}",
-    "model=nano",
-    "model.n_layer=2",
     "model.n_embd=32",
-    "model.block_size=32",
     "data.batch_size=4",
     "data.val_windows=8",
     "trainer.max_steps=4",
     "trainer.val_check_interval=4",
-    "trainer.log_every_n_steps=1",
     "optim.warmup_steps=1",
     "~callbacks.progress_bar",
-    "callbacks.samples.every_n_steps=0",
     "hydra.run.dir={run}",
 )
 GENERATE = ("generate.py", "ckpt={run}", "max_new_tokens=5")
@@ -269,13 +263,10 @@ def free_port() -> int:
 def work(tmp_path_factory) -> dict[str, str]:
     """A folder with one finished tiny run and everything the cases read; returns the paths the
     cases' {placeholders} stand for. Commands run in it (cwd), so a stray output shows up too."""
-    if not SHAKESPEARE.is_file():
-        pytest.skip(f"{SHAKESPEARE} not found; set GPT_DATA_DIR")
     root = tmp_path_factory.mktemp("bad-input")
     paths = {name: str(root / name) for name in ("run", "cache", "inputs", "export", "plots", "broken")}
-    paths["corpus"] = str(root / "corpus.txt")
-    corpus = Path(paths["corpus"])
-    corpus.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:40_000], encoding="utf-8")
+    corpus = write_corpus(root / "corpus.txt")
+    paths["corpus"] = str(corpus)
     fill = lambda args: [a.format(**paths) for a in args]  # noqa: E731
 
     proc = run_script(*fill(TRAIN), cwd=root)

@@ -10,42 +10,14 @@ import torch
 from gpt.runs.checkpoint import load_model
 from gpt.runs.metrics import read_metrics
 from gpt.train.loggers import wandb_fields
-from tests.commands.test_train import assert_same_weights
-from tests.conftest import run_script
-
-FAST = [
-    "model=nano",
-    "model.block_size=32",
-    "data.batch_size=8",
-    "data.val_windows=32",
-    "trainer.max_steps=12",
-    "trainer.val_check_interval=6",
-    "trainer.log_every_n_steps=2",
-    "optim.warmup_steps=2",
-    "trainer.precision=32-true",  # the same on every machine (auto picks by the CPU's bf16 speed)
-]
-
-
-def train_args(corpus: Path, *extra: str) -> list[str]:
-    return ["train.py", "data=text", f"data.path={corpus}", "data.tokenizer=char", *FAST, *extra]
-
-
-def assert_ok(proc) -> None:
-    assert proc.returncode == 0, (
-        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
-    )
-
-
-def last_line(text: str) -> str:
-    return text.strip().splitlines()[-1]
+from tests.helpers import assert_ok, assert_same_weights, last_line, run_script, train_args, write_corpus
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """One short training run in a fresh working directory; returns that directory."""
     work = tmp_path_factory.mktemp("work")
-    src = Path(__import__("os").environ["GPT_DATA_DIR"]) / "tinyshakespeare.txt"
-    (work / "corpus.txt").write_text(src.read_text()[:40_000])
+    write_corpus(work / "corpus.txt")
     # Periodic checkpoints every 5 steps of 12: the final step is not one of them.
     proc = run_script(*train_args(work / "corpus.txt", "callbacks.last.every_n_train_steps=5"), cwd=work)
     assert_ok(proc)
@@ -166,7 +138,7 @@ def test_unknown_key_is_one_line_and_nonzero(tmp_path):
 
 
 def test_generate_without_any_run_says_how_to_get_one(tmp_path):
-    # The other bad inputs of every command: tests/test_bad_input.py.
+    # The other bad inputs of every command: tests/commands/test_bad_input.py.
     proc = run_script("generate.py", cwd=tmp_path)
     assert proc.returncode == 2 and "no checkpoint under runs/" in last_line(proc.stderr)
 

@@ -1,70 +1,33 @@
-"""The training system: DDP == one process, accumulation, seeds, optimizers, schedules, compile
-and sweeps. Kills, preemption and NaNs: test_faults.py."""
+"""The training system: DDP == one process, accumulation, seeds, optimizers, compile and sweeps,
+as train.py runs them (a subprocess, or train.build in this process). Kills, preemption and NaNs:
+test_faults.py. The pieces on their own: tests/train/."""
 
 from __future__ import annotations
-
-import os
-import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from gpt.config import OptimConfig
-from gpt.errors import ConfigError, UserError
 from gpt.runs.metrics import read_metrics
-from gpt.train.checks import accumulation_steps, check_devices
-from gpt.train.loggers import run_label, wandb_fields
-from gpt.train.optim import MuonWithAdamW, build_optimizer, lr_factor, muon_split
-from gpt.train.resume import python_command, resolve_resume, resume_command
-from tests.conftest import ROOT, run_script, tiny_model
-
-BASE = [
-    "data=text",
-    "data.tokenizer=char",
-    "model=nano",
-    "model.block_size=32",
-    "model.n_layer=2",
-    "model.dropout=0.1",  # dropout draws from the global RNG: resume must restore it
-    "data.val_windows=16",
-    "optim.warmup_steps=2",
-    "trainer.log_every_n_steps=1",
-    "callbacks.samples.every_n_steps=0",
-    "~callbacks.progress_bar",
-    # fp32 on every machine: auto would pick bf16 on CPUs that compute it natively, and the
-    # equivalence tests compare runs within fp32 tolerances.
-    "trainer.precision=32-true",
-]
-
-
-def train_cmd(corpus: Path, run_dir: Path, *extra: str) -> list[str]:
-    flags = [e for e in extra if e.startswith("-") and "=" not in e]  # -m goes before the overrides
-    overrides = [e for e in extra if e not in flags]
-    return ["train.py", *flags, *BASE, f"data.path={corpus}", f"hydra.run.dir={run_dir}", *overrides]
-
-
-def ok(proc) -> None:
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-
-
-def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    return {int(r["step"]): r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
-
-
-def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
+from gpt.train.optim import MuonWithAdamW, lr_factor
+from tests.helpers import (
+    assert_ok,
+    assert_same_weights,
+    build_in_process,
+    final_state,
+    fit,
+    losses,
+    run_script,
+    train_cmd,
+)
 
 
 def test_ddp_two_processes_match_one_process(tiny_corpus, tmp_path):
     common = ["trainer.max_steps=10", "model.dropout=0.0", "trainer.accelerator=cpu"]
-    ok(run_script(*train_cmd(tiny_corpus, tmp_path / "one", *common, "data.batch_size=8"), cwd=tmp_path))
-    ok(
+    assert_ok(
+        run_script(*train_cmd(tiny_corpus, tmp_path / "one", *common, "data.batch_size=8"), cwd=tmp_path)
+    )
+    assert_ok(
         run_script(
             *train_cmd(
                 tiny_corpus,
@@ -97,7 +60,7 @@ def test_sweep_makes_one_run_per_value(tiny_corpus, tmp_path):
         ),
         cwd=tmp_path,
     )
-    ok(proc)
+    assert_ok(proc)
     lrs = [
         torch.load(tmp_path / "sweep" / str(i) / "checkpoints" / "last.ckpt", weights_only=True)[
             "hyper_parameters"
@@ -115,7 +78,7 @@ def test_sweep_on_two_devices_with_ddp_spawn(tiny_corpus, tmp_path):
     )
     assert refused.returncode == 2 and "trainer.strategy=ddp_spawn" in refused.stderr.strip().splitlines()[-1]
     # strategy=auto (the default) spawns the ranks of each job
-    ok(
+    assert_ok(
         run_script(
             *train_cmd(tiny_corpus, tmp_path / "x", *sweep, *devices),
             cwd=tmp_path,
@@ -130,7 +93,7 @@ def test_sweep_on_two_devices_with_ddp_spawn(tiny_corpus, tmp_path):
 
 
 def test_compile_runs_and_checkpoints_load_without_it(tiny_corpus, tmp_path):
-    ok(
+    assert_ok(
         run_script(
             *train_cmd(tiny_corpus, tmp_path / "run", "compile=true", "trainer.max_steps=3"), cwd=tmp_path
         )
@@ -144,32 +107,6 @@ def test_compile_runs_and_checkpoints_load_without_it(tiny_corpus, tmp_path):
 
 
 # ----------------------------------------------------------------------------- in-process pieces
-
-
-def build_in_process(corpus: Path, run_dir: Path, *overrides: str):
-    """train.build in this process, as @hydra.main would call it: (trainer, module, datamodule)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    import train
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[*BASE, f"data.path={corpus}", *overrides], return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(run_dir)
-        cfg.data.cache_dir = str(run_dir.parent / "cache")
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]  # as @hydra.main hands it to train.py
-    return train.build(cfg)
-
-
-def fit(corpus: Path, run_dir: Path, *overrides: str):
-    """train.build + fit in this process (seconds, not a subprocess): returns the module."""
-    trainer, module, datamodule = build_in_process(corpus, run_dir, *overrides)
-    trainer.fit(module, datamodule=datamodule)
-    return module
 
 
 def test_accumulation_equals_one_big_batch(tiny_corpus, tmp_path):
@@ -198,106 +135,6 @@ def test_muon_trains_hidden_matrices_and_adamw_the_rest(tiny_corpus, tmp_path):
     assert optimizer.muon.param_groups[0]["lr"] == pytest.approx(
         0.03 * lr_factor(8, OptimConfig(**module.hparams["optim"]), 8)
     )
-
-
-def test_muon_state_round_trip():
-    model = tiny_model()
-    opt = build_optimizer(model, OptimConfig(name="muon"))
-    model(torch.randint(50, (2, 8))).sum().backward()
-    opt.step()
-    again = build_optimizer(model, OptimConfig(name="muon"))
-    again.load_state_dict(opt.state_dict())
-    hidden, rest = muon_split(model)
-    assert len(hidden) == 4 * 2  # attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj in each of 2 blocks
-    assert {id(p) for p in rest} == {
-        id(p) for n, p in model.named_parameters() if not n.startswith("h.") or p.dim() < 2
-    }
-    p = hidden[0]
-    torch.testing.assert_close(again.muon.state[p]["momentum_buffer"], opt.muon.state[p]["momentum_buffer"])
-
-
-def test_wsd_schedule_values():
-    cfg = OptimConfig(lr=1.0, warmup_steps=10, schedule="wsd", decay_fraction=0.2, min_lr_ratio=0.0)
-    assert lr_factor(5, cfg, 100) == pytest.approx(0.6)
-    assert lr_factor(50, cfg, 100) == 1.0 and lr_factor(79, cfg, 100) == 1.0
-    assert lr_factor(90, cfg, 100) == pytest.approx(0.5)
-    assert lr_factor(100, cfg, 100) == pytest.approx(0.0)
-
-
-def test_resolve_resume(tmp_path, monkeypatch):
-    assert resolve_resume(None, tmp_path) is None
-    with pytest.raises(UserError, match="ckpt_path=last but"):
-        resolve_resume("last", tmp_path)
-    with pytest.raises(UserError, match="does not exist"):
-        resolve_resume(str(tmp_path / "nope.ckpt"), tmp_path)
-    (tmp_path / "checkpoints").mkdir()
-    torch.save({"global_step": 10}, tmp_path / "checkpoints" / "step-10.ckpt")
-    time.sleep(0.01)
-    torch.save({"global_step": 20}, tmp_path / "checkpoints" / "last.ckpt")
-    assert resolve_resume(None, tmp_path).endswith("last.ckpt")
-    assert resolve_resume("last", tmp_path).endswith("last.ckpt")
-    monkeypatch.setenv("HOME", str(tmp_path))
-    assert resolve_resume("~/checkpoints/step-10.ckpt", "elsewhere") == str(
-        tmp_path / "checkpoints" / "step-10.ckpt"
-    )
-    # a newer but truncated file (a kill mid-write outside Lightning's atomic save) is skipped
-    good = (tmp_path / "checkpoints" / "last.ckpt").read_bytes()
-    time.sleep(0.01)
-    (tmp_path / "checkpoints" / "step-30.ckpt").write_bytes(good[: len(good) // 2])
-    with pytest.warns(UserWarning, match="skipping unreadable checkpoint .*step-30.ckpt"):
-        assert resolve_resume(None, tmp_path).endswith("last.ckpt")
-    # a checkpoint carrying a pickled object is refused
-    time.sleep(0.01)
-    torch.save({"payload": Path("x")}, tmp_path / "checkpoints" / "evil.ckpt")
-    with pytest.raises(UserError, match="evil.ckpt is not a checkpoint \\(it holds Python objects"):
-        resolve_resume(str(tmp_path / "checkpoints" / "evil.ckpt"), tmp_path)
-
-
-def test_more_devices_than_the_machine_has_are_refused(monkeypatch):
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})  # two CPU cores
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    for accelerator, devices in (("cpu", 2), ("auto", 1), ("auto", "auto"), ("cpu", -1)):
-        check_devices(accelerator, devices)
-    with pytest.raises(ConfigError, match="trainer.devices=3 on CPU but this process may use 2 CPU core"):
-        check_devices("auto", 3)
-    with pytest.raises(ConfigError, match="trainer.accelerator=gpu but torch finds no CUDA GPU"):
-        check_devices("gpu", 1)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a machine with four GPUs
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
-    for accelerator, devices in (("gpu", 4), ("auto", 4), ("cpu", 2), ("gpu", [0, 3])):
-        check_devices(accelerator, devices)
-    with pytest.raises(ConfigError, match=r"trainer.devices=8 but this machine has 4 CUDA GPU\(s\)"):
-        check_devices("auto", 8)
-
-
-def test_resume_command_names_the_run_dir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    py = python_command()
-    typed = ["train.py", "model=small", 'prompt="a b"']
-    assert (
-        resume_command(typed, tmp_path / "runs/d/t")
-        == f"""{py} train.py model=small 'prompt="a b"' hydra.run.dir=runs/d/t"""
-    )
-    given = ["train.py", "hydra.run.dir=runs/mine"]
-    assert resume_command(given, tmp_path / "runs/mine") == f"{py} train.py hydra.run.dir=runs/mine"
-    assert resume_command(["train.py"], "/else where") == f"""{py} train.py 'hydra.run.dir="/else where"'"""
-    # one job of a sweep: that job's overrides, without -m
-    sweep = ["train.py", "-m", "optim.lr=1e-3,3e-3"]
-    assert resume_command(sweep, tmp_path / "runs/multirun/d/t/1", ["optim.lr=3e-3"]) == (
-        f"{py} train.py optim.lr=3e-3 hydra.run.dir=runs/multirun/d/t/1"
-    )
-
-
-def test_accumulation_steps_and_wandb_fields():
-    assert accumulation_steps(8192, 4, 256, 2) == 4
-    with pytest.raises(ConfigError, match="= 2048; pick a multiple"):
-        accumulation_steps(3000, 4, 256, 2)
-    fields = wandb_fields(["model=small", "optim.lr=3e-4", "seed=2", "hydra.run.dir=x"], "/tmp/run")
-    assert fields["name"] == "model=small,optim.lr=3e-4,seed=2"
-    assert fields["group"] == "model=small,optim.lr=3e-4"
-    assert fields["tags"] == ["model=small", "optim.lr=3e-4", "seed=2"]
-    assert fields["id"] == wandb_fields([], "/tmp/run")["id"] != wandb_fields([], "/tmp/other")["id"]
-    assert run_label([]) == "defaults"
 
 
 def test_same_seed_same_run_other_seed_other_run(tiny_corpus, tmp_path):

@@ -15,7 +15,7 @@ from gpt.data.datamodule import (
     val_offsets,
 )
 from gpt.errors import UserError
-from tests.data.test_prepare import split_tokens, text_cfg
+from tests.helpers import split_tokens, text_cfg
 
 
 def test_windows_are_shifted_by_one(tiny_corpus, tmp_path):

@@ -1,4 +1,5 @@
-"""The prepare step: sources, documents and separators, splits, shards, dtypes, the cache, errors."""
+"""The prepare step: documents and separators, splits, shards, dtypes, the cache, errors. Finding and
+downloading Tiny Shakespeare: test_sources.py; cutting text into parts: test_encode.py."""
 
 from __future__ import annotations
 
@@ -14,24 +15,13 @@ import tiktoken
 from gpt.config import DataConfig
 from gpt.data.encode import CHAR_SEPARATOR, cut
 from gpt.data.prepare import prepare
-from gpt.data.sources import SHAKESPEARE_SHA256, download, find_shakespeare, sha256_file
 from gpt.errors import UserError
 from gpt.tokenizer import CharTokenizer, TiktokenTokenizer
-from tests.conftest import run_script
-
-
-def text_cfg(path, tmp_path, **kw) -> DataConfig:
-    return DataConfig(source="text", path=str(path), cache_dir=str(tmp_path / "cache"), **kw)
+from tests.helpers import run_script, split_tokens, text_cfg
 
 
 def r50k() -> TiktokenTokenizer:
     return TiktokenTokenizer("r50k_base")
-
-
-def split_tokens(prepared, split: str) -> np.ndarray:
-    """The whole split, read from its shards."""
-    parts = [np.fromfile(p, dtype=prepared.meta["dtype"]) for p in prepared.shard_paths(split)]
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=prepared.meta["dtype"])
 
 
 def segments(ids: np.ndarray, sep: list[int]) -> list[list[int]]:
@@ -53,16 +43,6 @@ def all_segments(prepared, sep: list[int]) -> list[list[int]]:
 
 
 # ----------------------------------------------------------------------------- documents and splits
-
-
-def test_cut_keeps_the_text_and_cuts_at_line_breaks():
-    text = "".join(f"line {i} of a paragraph\n" + ("\n" if i % 7 == 0 else "") for i in range(2000))
-    parts = list(cut([text[:10_000], text[10_000:]], 1000))
-    assert "".join(parts) == text
-    assert all(len(p) <= 1000 for p in parts)
-    assert all(p.endswith("\n") for p in parts)
-    assert sum(p.endswith("\n\n") for p in parts[:-1]) >= len(parts) // 2  # blank lines preferred
-    assert list(cut(["x" * 2500], 1000)) == ["x" * 1000, "x" * 1000, "x" * 500]  # no line break: hard cut
 
 
 def test_small_char_corpus_is_split_by_tokens(tiny_corpus, tmp_path):
@@ -356,31 +336,6 @@ def test_missing_path_and_empty_folder_are_one_clear_line(tmp_path):
     with pytest.raises(UserError) as excinfo:
         prepare(text_cfg(tmp_path / "empty", tmp_path))
     assert_one_line(excinfo, "no files under")
-
-
-# ----------------------------------------------------------------------------- Tiny Shakespeare
-
-
-def test_shakespeare_found_in_data_root(shakespeare_text, tmp_path):
-    root = os.environ["GPT_DATA_DIR"]
-    assert find_shakespeare(type(tmp_path)(root)).read_text() == shakespeare_text
-
-
-def test_shakespeare_offline_and_missing_says_where_to_put_it(tmp_path, monkeypatch):
-    monkeypatch.setattr("gpt.data.sources.SHAKESPEARE_URL", "http://127.0.0.1:9/unreachable")
-    with pytest.raises(UserError, match="put tinyshakespeare.txt there or set GPT_DATA_DIR"):
-        find_shakespeare(tmp_path / "root")
-
-
-def test_download_checks_sha256(shakespeare_text, tmp_path):
-    src = tmp_path / "src.txt"
-    src.write_text(shakespeare_text, encoding="utf-8")
-    dest = download(src.as_uri(), tmp_path / "root" / "tinyshakespeare.txt", SHAKESPEARE_SHA256)
-    assert sha256_file(dest) == SHAKESPEARE_SHA256
-    with pytest.raises(UserError, match="expected 0000"):
-        download(src.as_uri(), tmp_path / "other.txt", "0000")
-    assert not (tmp_path / "other.txt").exists()
-    assert list((tmp_path).glob("*.part")) == []
 
 
 # ----------------------------------------------------------------------------- the command line

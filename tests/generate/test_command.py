@@ -1,4 +1,4 @@
-"""The generate.py command: in-process through gpt.generate_cli.sample, and as a subprocess for
+"""The generate.py command: in-process through gpt.generate.command.sample, and as a subprocess for
 stdin, interactive mode and one-line errors."""
 
 from __future__ import annotations
@@ -18,9 +18,7 @@ from gpt.generate.command import SEPARATOR, interactive, resolve_device, sample
 from gpt.generate.text import generate_text
 from gpt.runs.checkpoint import load_model, save_weights_checkpoint
 from gpt.tokenizer import CharTokenizer
-from tests.conftest import ROOT, tiny_model
-
-CHARS = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+from tests.helpers import CHARS, ROOT, tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,7 @@ from gpt.config import SamplingConfig
 from gpt.errors import ConfigError
 from gpt.generate.text import TextStream, generate_text, held_back
 from gpt.tokenizer import CharTokenizer, TiktokenTokenizer
-from tests.conftest import tiny_model
-
-CHARS = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+from tests.helpers import CHARS, tiny_model
 
 
 @pytest.fixture(scope="module")

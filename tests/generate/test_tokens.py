@@ -12,7 +12,7 @@ from gpt.generate.tokens import (
     sample_next,
 )
 from gpt.model.transformer import GPT
-from tests.conftest import tiny_config, tiny_model
+from tests.helpers import tiny_config, tiny_model
 
 POS_EMBS = ["learned", "sinusoidal", "rope"]
 

@@ -19,8 +19,7 @@ from gpt.interop.hf import hf_format
 from gpt.interop.load import init_from_pretrained, load_hf_model
 from gpt.runs.checkpoint import load_model
 from gpt.tokenizer import CharTokenizer, TiktokenTokenizer
-from tests.conftest import run_script, tiny_config, tiny_model
-from tests.runs.test_compare import assert_one_line_exit, command
+from tests.helpers import assert_one_line_exit, command, run_script, tiny_config, tiny_model
 
 transformers = pytest.importorskip("transformers")
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from gpt.config import ModelConfig
 from gpt.model.kv_cache import KVCache
 from gpt.model.transformer import GPT, apply_rope, rope_tables, sinusoidal_table
-from tests.conftest import tiny_config, tiny_model
+from tests.helpers import tiny_config, tiny_model
 
 VARIANTS = [
     dict(pos_emb="learned"),

@@ -15,9 +15,7 @@ from gpt.interop.export import export
 from gpt.interop.hf import TOKENIZER_FILE
 from gpt.runs.checkpoint import check_resumable, describe_checkpoint, load_model, save_weights_checkpoint
 from gpt.tokenizer import CharTokenizer, TiktokenTokenizer
-from tests.conftest import tiny_model
-
-CHARS = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+from tests.helpers import CHARS, tiny_model
 
 
 @pytest.fixture

@@ -4,74 +4,40 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
 
 from gpt.config import CompareConfig
-from gpt.errors import exit_on_user_error
 from gpt.runs.checkpoint import load_model
 from gpt.runs.compare import compare_runs, tokens_axis, wall_seconds
 from gpt.runs.metrics import read_metrics
-from tests.conftest import ROOT, run_script
-
-
-def command(config: str, schema: type, run: Callable[[object], None]) -> Callable[[list[str]], None]:
-    """What the root script <config>.py does with these overrides, in this process: compose
-    conf/<config>.yaml over its schema, validate (OmegaConf.to_object), run; user errors exit 2."""
-
-    @exit_on_user_error
-    def main(overrides: list[str]) -> None:
-        ConfigStore.instance().store(name="_schema", node=schema)  # as the root script does
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            cfg = compose(config, overrides=overrides)
-        run(OmegaConf.to_object(cfg))
-
-    return main
-
+from tests.helpers import assert_one_line_exit, command, run_script, write_corpus
 
 main = command("compare", CompareConfig, compare_runs)
 
 SWEEP = [
     "-m",
     "model.n_layer=1,2,3",  # three runs whose configs differ in one value
+    "experiment=tiny",
     "data=text",
-    "data.tokenizer=char",
-    "model=nano",
-    "model.block_size=32",
-    "data.batch_size=8",
     "data.val_windows=8",
     "trainer.max_steps=6",
     "trainer.val_check_interval=3",
-    "trainer.log_every_n_steps=1",
     "optim.warmup_steps=1",
-    "callbacks.samples.every_n_steps=0",
     "~callbacks.progress_bar",
 ]
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory, shakespeare_text_module) -> Path:
+def sweep(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("compare")
-    (work / "corpus.txt").write_text(shakespeare_text_module[:40_000])
+    write_corpus(work / "corpus.txt")
     proc = run_script(
         "train.py", *SWEEP, f"data.path={work / 'corpus.txt'}", f"hydra.sweep.dir={work / 'sweep'}", cwd=work
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return work / "sweep"
-
-
-@pytest.fixture(scope="module")
-def shakespeare_text_module() -> str:
-    from tests.conftest import SHAKESPEARE
-
-    if not SHAKESPEARE.is_file():
-        pytest.skip(f"{SHAKESPEARE} not found; set GPT_DATA_DIR")
-    return SHAKESPEARE.read_text(encoding="utf-8")
 
 
 def parse_table(out: str) -> list[dict[str, str]]:
@@ -135,15 +101,6 @@ def test_compare_takes_a_folder_of_runs_and_writes_the_plot(sweep, tmp_path, cap
 def test_bad_input_is_one_line(tmp_path, monkeypatch, capsys, args, message):
     monkeypatch.chdir(tmp_path)
     assert_one_line_exit(main, args, message, capsys)
-
-
-def assert_one_line_exit(entry: Callable[[list[str]], None], args: list[str], message: str, capsys) -> None:
-    """A user error: exit code 2 and one line on stderr that contains `message`."""
-    with pytest.raises(SystemExit) as exit_:
-        entry(args)
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and message in err[0], err
 
 
 def test_wall_time_adds_up_resumed_segments():

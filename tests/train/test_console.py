@@ -1,4 +1,4 @@
-"""What `python train.py` prints (gpt/console.py, gpt.callbacks.RunReport): each line once, on the
+"""What `python train.py` prints (gpt/train/console.py, gpt.train.callbacks.RunReport): each line once, on the
 console and in train.log; no known-false warnings; a summary that matches the CSV log."""
 
 from __future__ import annotations
@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 
 from gpt.runs.metrics import read_metrics
-from tests.commands.test_e2e import assert_ok, train_args
-from tests.conftest import SHAKESPEARE, run_script
+from tests.helpers import assert_ok, run_script, train_args, write_corpus
 
-# A piece of each warning gpt/console.py and gpt/wandb_logger.py silence.
+# A piece of each warning gpt/train/console.py and gpt/train/wandb_logger.py silence.
 SILENCED = (
     "try installing [litlogger]",  # Lightning's advertisement, logged at every Trainer creation
     "`isinstance(treespec, LeafSpec)` is deprecated",  # torch, about Lightning's use of _pytree
@@ -38,10 +37,8 @@ def log_messages(train_log: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def fresh_and_resumed(tmp_path_factory) -> tuple[Path, list]:
     """A 6-step run with wandb (offline) and the same command again to 12 steps: (run dir, [procs])."""
-    if not SHAKESPEARE.is_file():
-        pytest.skip(f"{SHAKESPEARE} not found; set GPT_DATA_DIR")
     work = tmp_path_factory.mktemp("console")
-    (work / "corpus.txt").write_text(SHAKESPEARE.read_text()[:40_000])
+    write_corpus(work / "corpus.txt")
     run, procs = work / "run", []
     for steps in (6, 12):
         args = train_args(

@@ -18,8 +18,7 @@ from gpt.train.optim import (
     param_groups,
 )
 from gpt.train.precision import Bf16Speed
-from tests.conftest import tiny_model
-from tests.test_config import compose_train
+from tests.helpers import compose_train, tiny_model
 
 NS = dict(coefficients=(3.4445, -4.7750, 2.0315), steps=5, eps=1e-7)
 needs_torch_muon = pytest.mark.skipif(
@@ -205,3 +204,27 @@ def test_muon_resumes_from_a_state_dict_written_with_torch_muon():
     resumed.muon.step()
     for p, e in zip(hidden, expected, strict=True):
         assert torch.equal(p, e)
+
+
+def test_wsd_schedule_values():
+    cfg = OptimConfig(lr=1.0, warmup_steps=10, schedule="wsd", decay_fraction=0.2, min_lr_ratio=0.0)
+    assert lr_factor(5, cfg, 100) == pytest.approx(0.6)
+    assert lr_factor(50, cfg, 100) == 1.0 and lr_factor(79, cfg, 100) == 1.0
+    assert lr_factor(90, cfg, 100) == pytest.approx(0.5)
+    assert lr_factor(100, cfg, 100) == pytest.approx(0.0)
+
+
+def test_muon_state_round_trip():
+    model = tiny_model()
+    opt = build_optimizer(model, OptimConfig(name="muon"))
+    model(torch.randint(50, (2, 8))).sum().backward()
+    opt.step()
+    again = build_optimizer(model, OptimConfig(name="muon"))
+    again.load_state_dict(opt.state_dict())
+    hidden, rest = muon_split(model)
+    assert len(hidden) == 4 * 2  # attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj in each of 2 blocks
+    assert {id(p) for p in rest} == {
+        id(p) for n, p in model.named_parameters() if not n.startswith("h.") or p.dim() < 2
+    }
+    p = hidden[0]
+    torch.testing.assert_close(again.muon.state[p]["momentum_buffer"], opt.muon.state[p]["momentum_buffer"])

@@ -1,0 +1,212 @@
+"""Plain functions and constants the tests share (fixtures are in conftest.py). Test modules import
+from here, never from each other.
+
+Importing this module points the library at what ../shared provides (the corpus, the tiktoken
+cache) unless the caller chose otherwise: conftest.py imports it before any test runs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gpt.config import DataConfig, ModelConfig
+from gpt.data.sources import SHAKESPEARE_FILE
+from gpt.errors import EXIT_USER_ERROR
+from gpt.model.transformer import GPT
+from gpt.runs.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+SHARED = ROOT.parent / "shared"
+
+if (SHARED / "data" / SHAKESPEARE_FILE).is_file():
+    os.environ.setdefault("GPT_DATA_DIR", str(SHARED / "data"))
+if (SHARED / "tiktoken-cache").is_dir():
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken-cache"))
+os.environ.setdefault("WANDB_MODE", "offline")
+
+SHAKESPEARE = Path(os.environ.get("GPT_DATA_DIR", "data")) / SHAKESPEARE_FILE
+# The characters of Tiny Shakespeare: the vocabulary of the tests' character models.
+CHARS = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+# ----------------------------------------------------------------------------- models
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    """The 2-layer, 32-wide model most tests need."""
+    base = dict(n_layer=2, n_head=4, n_embd=32, block_size=32, vocab_size=50)
+    return ModelConfig(**(base | overrides))
+
+
+def tiny_model(seed: int = 0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(tiny_config(**overrides)).eval()
+
+
+def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def write_corpus(path: Path) -> Path:
+    """40,000 characters of Tiny Shakespeare at `path`: enough for a few training steps and a
+    validation split. Skips the test where the corpus is missing."""
+    if not SHAKESPEARE.is_file():
+        pytest.skip(f"{SHAKESPEARE} not found; set GPT_DATA_DIR")
+    path.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:40_000], encoding="utf-8")
+    return path
+
+
+def split_tokens(prepared, split: str) -> np.ndarray:
+    """The whole split, read from its shards."""
+    parts = [np.fromfile(p, dtype=prepared.meta["dtype"]) for p in prepared.shard_paths(split)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=prepared.meta["dtype"])
+
+
+def text_cfg(path: str | Path, tmp_path: Path, **kw) -> DataConfig:
+    """data=text on `path`, cached under tmp_path/cache."""
+    return DataConfig(source="text", path=str(path), cache_dir=str(tmp_path / "cache"), **kw)
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def run_script(
+    *args: str,
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    unset: tuple[str, ...] = (),
+    timeout: float = 300,
+):
+    """Run train.py / generate.py (or `-c code`) in a subprocess, as a user would."""
+    cmd = [sys.executable, *(str(ROOT / a) if a.endswith(".py") else a for a in args)]
+    full_env = os.environ | {"PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"} | (env or {})
+    for name in unset:
+        full_env.pop(name, None)
+    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_ok(proc) -> None:
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    )
+
+
+def last_line(text: str) -> str:
+    return text.strip().splitlines()[-1]
+
+
+def assert_one_line_exit(entry: Callable[[list[str]], None], args: list[str], message: str, capsys) -> None:
+    """A user error: exit code 2 and one line on stderr that contains `message`."""
+    with pytest.raises(SystemExit) as exit_:
+        entry(args)
+    assert exit_.value.code == EXIT_USER_ERROR
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def compose_train(*overrides: str):
+    """train.py's config as Hydra composes it, with the hydra node."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=True)
+
+
+def command(config: str, schema: type, run: Callable[[object], None]) -> Callable[[list[str]], None]:
+    """What the root script <config>.py does with these overrides, in this process: compose
+    conf/<config>.yaml over its schema, validate (OmegaConf.to_object), run; user errors exit 2."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    from gpt.errors import exit_on_user_error
+
+    @exit_on_user_error
+    def main(overrides: list[str]) -> None:
+        ConfigStore.instance().store(name="_schema", node=schema)  # as the root script does
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose(config, overrides=overrides)
+        run(OmegaConf.to_object(cfg))
+
+    return main
+
+
+# ----------------------------------------------------------------------------- training runs
+
+# conf/experiment/tiny.yaml plus what the training-system tests (tests/commands/test_train.py,
+# test_faults.py) vary: dropout, so that a resume must restore the global RNG, and batches of 16.
+BASE = [
+    "experiment=tiny",
+    "data=text",
+    "model.dropout=0.1",  # dropout draws from the global RNG: resume must restore it
+    "data.batch_size=16",
+    "~callbacks.progress_bar",
+]
+# conf/experiment/tiny.yaml plus what the runs a user would type vary (tests/commands/test_e2e.py,
+# tests/train/test_console.py): nano's 4 layers, two validations and the progress bar.
+FAST = [
+    "experiment=tiny",
+    "data=text",
+    "model.n_layer=4",
+    "data.val_windows=32",
+    "trainer.val_check_interval=6",
+    "trainer.log_every_n_steps=2",
+]
+
+
+def train_cmd(corpus: Path, run_dir: Path, *extra: str) -> list[str]:
+    """train.py with BASE on `corpus` in `run_dir`; flags such as -m go before the overrides."""
+    flags = [e for e in extra if e.startswith("-") and "=" not in e]
+    overrides = [e for e in extra if e not in flags]
+    return ["train.py", *flags, *BASE, f"data.path={corpus}", f"hydra.run.dir={run_dir}", *overrides]
+
+
+def train_args(corpus: Path, *extra: str) -> list[str]:
+    """train.py with FAST on `corpus`, in the default run dir."""
+    return ["train.py", *FAST, f"data.path={corpus}", *extra]
+
+
+def build_in_process(corpus: Path, run_dir: Path, *overrides: str):
+    """train.build with BASE in this process, as @hydra.main would call it: (trainer, module,
+    datamodule)."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    import train
+
+    cfg = compose_train(*BASE, f"data.path={corpus}", *overrides)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+        cfg.data.cache_dir = str(run_dir.parent / "cache")
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]  # as @hydra.main hands it to train.py
+    return train.build(cfg)
+
+
+def fit(corpus: Path, run_dir: Path, *overrides: str):
+    """train.build + fit in this process (seconds, not a subprocess): returns the module."""
+    trainer, module, datamodule = build_in_process(corpus, run_dir, *overrides)
+    trainer.fit(module, datamodule=datamodule)
+    return module
+
+
+def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {int(r["step"]): r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}

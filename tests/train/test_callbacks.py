@@ -1,0 +1,155 @@
+"""The callbacks Lightning does not ship, called as Lightning calls them: ValidateOnLastStep,
+NonFiniteGuard, SampleText and RunReport. Throughput in a real run: tests/commands/test_train.py."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from gpt.errors import NonFiniteError
+from gpt.generate.text import generate_text
+from gpt.tokenizer import CharTokenizer
+from gpt.train.callbacks import NonFiniteGuard, RunReport, SampleText, ValidateOnLastStep
+from tests.helpers import CHARS, tiny_model
+
+
+def test_validate_on_last_step_asks_to_stop_at_max_steps_only():
+    callback = ValidateOnLastStep()
+    for max_steps, step, stops in ((5, 4, False), (5, 5, True), (-1, 10**6, False)):
+        trainer = SimpleNamespace(max_steps=max_steps, global_step=step, should_stop=False)
+        callback.on_train_batch_end(trainer)
+        assert trainer.should_stop is stops, (max_steps, step)
+
+
+def test_nonfinite_guard_refuses_an_unknown_action():
+    with pytest.raises(ValueError, match=r"callbacks.nonfinite.action='ignore': use stop or skip"):
+        NonFiniteGuard(action="ignore")
+
+
+def test_guard_skips_at_most_max_skips_steps_in_a_row(tmp_path):
+    """Called as Lightning calls it: a step whose gradient is NaN is skipped (its gradients
+    dropped) up to max_skips times in a row, then training stops; a finite step resets the count."""
+    layer = torch.nn.Linear(2, 2)
+    trainer = SimpleNamespace(
+        precision_plugin=SimpleNamespace(scaler=None),
+        strategy=SimpleNamespace(reduce_boolean_decision=lambda decision, all: decision),
+        global_step=7,
+        default_root_dir=str(tmp_path),
+    )
+    module = SimpleNamespace(parameters=layer.parameters, device=torch.device("cpu"))
+    guard = NonFiniteGuard(action="skip", max_skips=2)
+
+    def step(grad: float) -> None:
+        for p in layer.parameters():
+            p.grad = torch.full_like(p, grad)
+        guard.on_before_backward(trainer, module, torch.tensor(1.0))
+        guard.on_before_optimizer_step(trainer, module, None)
+
+    step(float("nan"))
+    assert all(p.grad is None for p in layer.parameters())  # the update is skipped
+    step(float("nan"))
+    step(1.0)  # a finite step: grads kept, count reset
+    assert all(p.grad is not None for p in layer.parameters())
+    step(float("nan"))
+    step(float("inf"))
+    with pytest.raises(NonFiniteError, match="non-finite gradient at step 7 after 2 skipped steps in a row"):
+        step(float("nan"))
+
+
+def test_guard_stops_before_the_update_naming_the_step_and_the_last_good_checkpoint(tmp_path):
+    layer = torch.nn.Linear(2, 2)
+    trainer = SimpleNamespace(
+        precision_plugin=SimpleNamespace(scaler=None),
+        strategy=SimpleNamespace(reduce_boolean_decision=lambda decision, all: decision),
+        global_step=7,
+        default_root_dir=str(tmp_path),
+    )
+    module = SimpleNamespace(parameters=layer.parameters, device=torch.device("cpu"))
+    guard = NonFiniteGuard()
+    for p in layer.parameters():
+        p.grad = torch.ones_like(p)
+    guard.on_before_backward(trainer, module, torch.tensor(float("nan")))
+    with pytest.raises(NonFiniteError) as info:
+        guard.on_before_optimizer_step(trainer, module, None)
+    assert str(info.value).startswith(
+        "non-finite loss at step 7; training stopped before updating the weights. "
+        "No checkpoint was saved yet. Try a lower optim.lr"
+    )
+    (tmp_path / "checkpoints").mkdir()
+    torch.save({"global_step": 5}, tmp_path / "checkpoints" / "step-5.ckpt")
+    for p in layer.parameters():
+        p.grad = torch.full_like(p, float("inf"))
+    guard.on_before_backward(trainer, module, torch.tensor(1.0))
+    with pytest.raises(
+        NonFiniteError, match=r"non-finite gradient at step 7; .* Last good checkpoint: .*step-5"
+    ):
+        guard.on_before_optimizer_step(trainer, module, None)
+
+
+@pytest.fixture
+def char_module():
+    """What SampleText reads of a GPTLitModule: its model (in training mode) and tokenizer."""
+    tok = CharTokenizer(CHARS)
+    model = tiny_model(vocab_size=tok.vocab_size, init_std=0.5).train()
+    return SimpleNamespace(model=model, tokenizer=tok), tok
+
+
+def test_sample_text_is_generate_text_with_its_own_seed_and_leaves_training_as_it_was(char_module):
+    module, tok = char_module
+    callback = SampleText(prompt="ROMEO:", max_new_tokens=12)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    text = callback.sample(module)
+    assert torch.equal(torch.get_rng_state(), before)  # dropout's stream untouched
+    assert module.model.training
+    module.model.eval()
+    expected = generate_text(module.model, tok, "ROMEO:", 12, seed=0, temperature=0.8, top_k=200)
+    assert text == "ROMEO:" + expected and len(expected) == 12
+    assert callback.sample(module) == text  # the same text at every call: one seed
+
+
+def test_sample_text_is_written_every_n_optimizer_steps(char_module, tmp_path):
+    module, _ = char_module
+    callback = SampleText(every_n_steps=2, prompt="A", max_new_tokens=5)
+    trainer = SimpleNamespace(
+        global_step=0,
+        fit_loop=SimpleNamespace(_should_accumulate=lambda: False),
+        is_global_zero=True,
+        default_root_dir=str(tmp_path),
+        loggers=[],
+    )
+    for step in range(5):
+        trainer.global_step = step
+        callback.on_train_batch_end(trainer, module)
+    text = (tmp_path / "samples.txt").read_text()
+    sample = callback.sample(module)
+    assert text == f"=== step 2\n{sample}\n=== step 4\n{sample}\n"
+
+
+def test_run_report_summary_reads_the_checkpoint_callbacks(tmp_path):
+    torch.save({"global_step": 6}, tmp_path / "best-step=6.ckpt")
+    best = SimpleNamespace(
+        monitor="val/loss",
+        best_model_score=torch.tensor(1.23456),
+        best_model_path=str(tmp_path / "best-step=6.ckpt"),
+    )
+    last = SimpleNamespace(monitor="step", last_model_path=str(tmp_path / "last.ckpt"))
+    trainer = SimpleNamespace(
+        global_step=12, checkpoint_callbacks=[best, last], callback_metrics={"val/loss": torch.tensor(1.5)}
+    )
+    report = RunReport()
+    report.on_fit_start(trainer, None)
+    trainer.global_step = 4  # resumed at step 4
+    report.on_train_start(trainer, None)
+    trainer.global_step = 12
+    report._last_validation_step = 12
+    lines = report.summary(trainer, SimpleNamespace(tokens_seen=8 * 32 * 8))
+    assert lines[0].startswith("training finished at step 12: 8 steps (resumed at step 4) in ")
+    assert lines[0].endswith(" s, 2,048 training tokens")
+    assert lines[1:] == [
+        "final val/loss 1.5000 at step 12, best 1.2346 at step 6",
+        f"last checkpoint: {tmp_path / 'last.ckpt'}",
+        f"best checkpoint: {tmp_path / 'best-step=6.ckpt'}",
+    ]
