@@ -146,8 +146,8 @@ def plan(command: DocCommand) -> tuple[str, str]:
         return "skip", "a benchmark: minutes on a quiet machine (run it yourself)"
     if script is None:
         return "skip", "not a command of this repository"
-    if "$STDLIB" in text:
-        return "slow", "tokenizes the 12.5 MB standard library"
+    if "$STDLIB" in text or command.setup:
+        return "slow", "the worked example on the standard library: minutes of tokenizing and training"
     if " -m " in f" {text} " and script.group(1) == "train.py":
         return "slow", "a sweep: several training runs"
     if devices and int(devices.group(1)) > 1:
