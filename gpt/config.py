@@ -38,23 +38,36 @@ def _home(path: str | None) -> str | None:
 
 @dataclass
 class ModelConfig:
+    # Transformer blocks.
     n_layer: int = 4
+    # Attention heads; must divide n_embd.
     n_head: int = 4
+    # Width of the residual stream.
     n_embd: int = 128
+    # Context length in tokens: the longest sequence the model attends to.
     block_size: int = 256
     # None until the tokenizer is known: train.py fills it from the prepared data.
     vocab_size: int | None = None
+    # learned, sinusoidal (fixed) or rope (rotary, applied to queries and keys).
     pos_emb: str = "learned"
+    # rmsnorm or layernorm: pre-norm in every block, and a final norm.
     norm: str = "rmsnorm"
+    # swiglu, or gelu (GPT-2's MLP).
     ffn: str = "swiglu"
     # FFN hidden width; None = 4*n_embd for gelu, 8/3*n_embd rounded up to a multiple of 64 for swiglu
     # (the same parameter count as the 4x GELU MLP).
     ffn_hidden: int | None = None
+    # Biases in the linear layers and LayerNorm.
     bias: bool = False
+    # On embeddings, attention weights and residual branches.
     dropout: float = 0.0
+    # The LM head shares the token embedding's weights.
     tie_embeddings: bool = True
+    # Epsilon of the norms.
     norm_eps: float = 1e-5
+    # RoPE frequency base.
     rope_base: float = 10000.0
+    # Std of the normal init; projections into the residual stream get init_std / sqrt(2 n_layer).
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
@@ -106,13 +119,17 @@ class DataConfig:
     # "shakespeare" finds/downloads Tiny Shakespeare; "text" reads `path` (a file or a directory);
     # "hf" reads a Hugging Face dataset (`path`: a Hub name or a folder from save_to_disk).
     source: str = "shakespeare"
+    # text: a file or a folder; hf: a dataset name on the Hub or a folder from save_to_disk.
     path: str | None = None
     # Which files of a folder are read, and which of those are skipped (globs on the relative path).
     include: list[str] = field(default_factory=lambda: list(DEFAULT_INCLUDE))
+    # e.g. 'data.exclude=[drafts/*,*.log.md]'
     exclude: list[str] = field(default_factory=list)
     # The field holding the text in .jsonl lines and dataset rows.
     text_field: str = "text"
+    # hf: the dataset's configuration name.
     hf_config: str | None = None
+    # hf: the dataset split read.
     hf_split: str = "train"
     # "char" builds a character vocabulary from the corpus; anything else is a tiktoken encoding name.
     tokenizer: str = "char"
@@ -123,6 +140,7 @@ class DataConfig:
     cache_dir: str = "data/cache"
     # Expected share of documents held out for validation, drawn with split_seed.
     val_fraction: float = 0.1
+    # Seeds which documents (parts) are held out for validation.
     split_seed: int = 0
     # Documents longer than this many characters are cut at a line break into parts, which are split
     # and tokenized separately (a single-file corpus such as Tiny Shakespeare still gets a val split).
@@ -131,7 +149,9 @@ class DataConfig:
     shard_tokens: int = 1 << 27
     # Tokenizer threads while preparing; None = one per CPU core.
     prepare_workers: int | None = None
+    # Windows per batch, per device.
     batch_size: int = 16
+    # DataLoader worker processes (each maps the shards once).
     num_workers: int = 0
     # "random": windows at uniformly random offsets; "sequential": back-to-back windows, in order,
     # every token once per epoch.
@@ -167,19 +187,29 @@ class DataConfig:
 class OptimConfig:
     # adamw: AdamW everywhere. muon: Muon for the blocks' 2-D weights, AdamW (lr) for the rest.
     name: str = "adamw"
+    # Peak learning rate (of AdamW's parameters under muon).
     lr: float = 1e-3
+    # AdamW's decay, applied to matrices and embeddings only (never biases or norms).
     weight_decay: float = 0.1
+    # AdamW's first-moment decay.
     beta1: float = 0.9
+    # AdamW's second-moment decay.
     beta2: float = 0.95
+    # AdamW's epsilon.
     eps: float = 1e-8
+    # Linear warmup from lr / warmup_steps to lr.
     warmup_steps: int = 100
+    # After warmup: cosine (down to lr * min_lr_ratio), wsd (warmup-stable-decay) or constant.
     schedule: str = "cosine"
     # The cosine decays to lr * min_lr_ratio at decay_steps (None: at trainer.max_steps).
     min_lr_ratio: float = 0.1
+    # Step at which the decay reaches its floor; None = trainer.max_steps.
     decay_steps: int | None = None
     # wsd: the share of the horizon spent decaying (after a stable phase at lr).
     decay_fraction: float = 0.2
+    # muon: Muon's peak learning rate.
     muon_lr: float = 0.02
+    # muon: Muon's momentum.
     muon_momentum: float = 0.95
     # The dtype of Muon's Newton-Schulz iteration. auto: bfloat16 where the parameters' device
     # computes it fast (GPUs from Ampere on, CPUs with AVX-512 BF16 or AMX), else float32.
@@ -205,13 +235,15 @@ class OptimConfig:
 class SamplingConfig:
     """How the next token is drawn: generate.py's keys, generate_text's keywords, SampleText's."""
 
-    # 0 = greedy (argmax).
+    # 0 is greedy (argmax); higher is more random.
     temperature: float = 0.8
+    # Sample among the k most likely tokens (None: all).
     top_k: int | None = 200
+    # Nucleus sampling: the smallest set of tokens holding this much probability, in (0, 1].
     top_p: float | None = None
-    # Drop tokens less likely than min_p times the most likely one.
+    # Drop tokens less likely than min_p times the most likely one, in [0, 1].
     min_p: float | None = None
-    # > 1 makes tokens already in the row less likely (CTRL); 1 = off.
+    # > 1 makes tokens already in the context less likely (CTRL); 1 = off.
     repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
@@ -240,25 +272,35 @@ class GenerateConfig(SamplingConfig):
     # The sampling settings (temperature, top_k, ...) are SamplingConfig's, as top-level keys.
     # A checkpoint file, a run dir, or None for the newest run under runs_dir.
     ckpt: str | None = None
+    # Where the newest run is looked for when ckpt is None.
     runs_dir: str = "runs"
     # The text to continue; "-" reads it from stdin.
     prompt: str = "\n"
     # A file of prompts, one per line, or .jsonl with a "prompt" field per line; replaces `prompt`.
     prompt_file: str | None = None
+    # Tokens to generate per row (>= 1).
     max_new_tokens: int = 500
     # Generation of a row ends where the first of these strings starts (or at end-of-text).
     stop: list[str] = field(default_factory=list)
     # > 1: beam search (deterministic; the sampling knobs are ignored).
     num_beams: int = 1
+    # Beam search ranks by log-probability / length ** length_penalty.
     length_penalty: float = 1.0
+    # Seeds a torch.Generator for this command only.
     seed: int = 1337
+    # Continuations per prompt, separated by a line of dashes.
     num_samples: int = 1
     # Rows (prompts x num_samples) generated together.
     batch_size: int = 8
+    # A REPL: each line typed is added to the conversation, and the model continues it.
     interactive: bool = False
+    # KV cache; False recomputes the whole context every token (the reference path).
     use_cache: bool = True
+    # torch.compile the decode step (for GPUs; compiling takes ~30 s on a CPU).
     compile: bool = False
+    # auto: cuda when available, else cpu; or a torch device such as cuda:1.
     device: str = "auto"
+    # float32, bfloat16 or float16 (the last two for GPUs).
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
