@@ -1,6 +1,6 @@
 """Token shards -> training batches: windows, seeded resumable samplers, and the LightningDataModule.
 
-The shards come from `gpt.prepare.prepare` (the data module's prepare_data() calls it). A split's
+The shards come from `gpt.data.prepare.prepare` (the data module's prepare_data() calls it). A split's
 shards are read as one token stream: a window may span the boundary between two shards, so every
 offset of the split is a window start and the sequential mode covers every token.
 """

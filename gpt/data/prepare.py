@@ -1,6 +1,6 @@
 """Corpus -> token shards + meta.json, streamed, in parallel, cached.
 
-`prepare(cfg)` is the one prepare step: `python -m gpt.prepare data=...` and the data module's
+`prepare(cfg)` is the one prepare step: `python prepare.py data=...` and the data module's
 `prepare_data()` both call it. It
 
 1. finds the sources: Tiny Shakespeare, a file, a folder (recursive, include/exclude globs), or a
@@ -25,9 +25,8 @@
    sources (path, size, mtime), the tokenizer and every setting that changes the output; a second
    run with the same fingerprint returns at once.
 
-The command line, `python -m gpt.prepare data=...`, is the Hydra entry point `prepare.py` at the
-repository root (next to train.py, composing the same conf/data presets): this module only hands
-over to it, so that nothing in gpt/ imports Hydra.
+The command line is `prepare.py` at the repository root, next to train.py: it composes the same
+conf/data presets and calls `prepare`.
 """
 
 from __future__ import annotations

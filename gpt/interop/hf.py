@@ -33,7 +33,7 @@ GPT2_VOCAB = 50257  # r50k_base: GPT-2's BPE
 _CONV1D = re.compile(r"h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
 # Buffers some GPT-2 checkpoints carry (the causal mask), not weights.
 _GPT2_BUFFERS = re.compile(r"\.attn\.(bias|masked_bias)$")
-FORMATS = ("auto", "gpt2", "llama")  # of gpt.export; auto picks gpt2 or llama from the config
+FORMATS = ("auto", "gpt2", "llama")  # of export.py; auto picks gpt2 or llama from the config
 
 
 def is_hf_dir(path: str | Path) -> bool:

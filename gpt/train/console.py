@@ -23,7 +23,7 @@ KNOWN_FALSE_WARNINGS = (
     (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),
     # Printed on every resume because Lightning only knows loaders with state_dict/load_state_dict.
     # False here: GPTDataModule saves and restores its sampler's position itself and a resumed run
-    # is bit-identical to an uninterrupted one (tests/test_faults.py).
+    # is bit-identical to an uninterrupted one (tests/commands/test_faults.py).
     (UserWarning, r"You're resuming from a checkpoint that ended before the epoch ended and your dataloader"),
 )
 

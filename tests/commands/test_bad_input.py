@@ -187,15 +187,15 @@ CASES = {
     ),
     # On a GPU machine the message names its GPUs, else it says there are none.
     "generate-more-devices-than-exist": generate("device=cuda:99", message="device=cuda:99 but"),
-    # prepare, by both of its names
+    # prepare (the deprecated `python -m gpt.prepare`: tests/commands/test_deprecated.py)
     "prepare-unknown-key": command(
-        "-m", "gpt.prepare", "data.tokenizr=char", message="Key 'tokenizr' not in 'DataConfig'"
+        "prepare.py", "data.tokenizr=char", message="Key 'tokenizr' not in 'DataConfig'"
     ),
     "prepare-unknown-data-preset": command(
-        "-m", "gpt.prepare", "data=wikitext", message="there is no data=wikitext; choose one of hf,"
+        "prepare.py", "data=wikitext", message="there is no data=wikitext; choose one of hf,"
     ),
     "prepare-text-without-path": command(
-        "-m", "gpt.prepare", "data=text", "data.cache_dir={cache}", message="data=text needs a corpus"
+        "prepare.py", "data=text", "data.cache_dir={cache}", message="data=text needs a corpus"
     ),
     "prepare-empty-corpus": command(
         *("prepare.py", "data=text", "data.path={inputs}/empty.txt", "data.tokenizer=char"),
@@ -308,7 +308,7 @@ def work(tmp_path_factory) -> dict[str, str]:
     return paths
 
 
-# train.py holds <run dir>/train.lock while it runs and writes its pid there (gpt.rundir.RunLock):
+# train.py holds <run dir>/train.lock while it runs and writes its pid there (gpt.train.rundir.RunLock):
 # the file must stay, but naming the last process that held the lock is what it is for.
 LOCK = "run/train.lock"
 

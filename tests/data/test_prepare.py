@@ -342,7 +342,7 @@ def test_missing_path_and_empty_folder_are_one_clear_line(tmp_path):
 
 
 def test_command_line_prepares_once_then_hits_the_cache(tiny_corpus, tmp_path):
-    args = ["-m", "gpt.prepare", "data=text", f"data.path={tiny_corpus}", "data.tokenizer=char"]
+    args = ["prepare.py", "data=text", f"data.path={tiny_corpus}", "data.tokenizer=char"]
     args.append(f"data.cache_dir={tmp_path / 'cache'}")
     first = run_script(*args, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
@@ -357,7 +357,7 @@ def test_command_line_expands_a_quoted_tilde(tiny_corpus, tmp_path):
     """Hydra reads `~` only in quotes, and no shell expands it after `data.path=`: the config does."""
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    args = ["-m", "gpt.prepare", "data=text", 'data.path="~/corpus.txt"', "data.tokenizer=char"]
+    args = ["prepare.py", "data=text", 'data.path="~/corpus.txt"', "data.tokenizer=char"]
     proc = run_script(*args, 'data.cache_dir="~/cache"', cwd=elsewhere, env={"HOME": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr
     assert f"prepared {tmp_path / 'cache'}" in proc.stdout

@@ -1,4 +1,4 @@
-"""Faults injected into a real train.py process by tests/test_faults.py.
+"""Faults injected into a real train.py process by tests/commands/test_faults.py.
 
 Python imports `sitecustomize` at start-up from the path; the tests put this folder on PYTHONPATH
 and choose a fault with environment variables. Without them nothing is patched or even imported.

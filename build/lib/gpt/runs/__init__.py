@@ -1,1 +1,0 @@
-"""Reading what training left behind: checkpoints, logged metrics, and the comparison of runs."""
