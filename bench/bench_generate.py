@@ -1,7 +1,7 @@
 """Generation speed: tokens/s cached vs uncached and batch 1 vs 8, and process start to first token.
 
 python bench/bench_generate.py                       # table on stdout, JSON in bench/results/
-python bench/bench_generate.py out=/tmp/gen.json repeats=5 compile=true    # knobs: conf/bench/generate.yaml
+python bench/bench_generate.py out=/tmp/gen.json repeats=5 compile=true    # knobs: conf/bench_generate.yaml
 
 Needs no training: it saves random-weight checkpoints of the `small` preset (the decoding runs)
 and the `nano` preset (start to first token, through a real `python generate.py` subprocess) in
@@ -86,7 +86,7 @@ def time_to_first_token(ckpt: Path, repeats: int) -> list[float]:
     return times
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="bench/generate")
+@hydra.main(version_base="1.3", config_path="../conf", config_name="bench_generate")
 @exit_on_user_error
 def main(args: DictConfig) -> None:
     results = ROOT / "bench" / "results"

@@ -1,7 +1,7 @@
 """Benchmark the prepare step: a generated corpus of >= 200 MB, GPT-2's BPE (r50k_base).
 
 python bench/bench_prepare.py                       # 200 MB, all cores, verify every document
-python bench/bench_prepare.py mb=50 workers=1 verify=500     # knobs: conf/bench/prepare.yaml
+python bench/bench_prepare.py mb=50 workers=1 verify=500     # knobs: conf/bench_prepare.yaml
 
 The corpus is built in a temporary folder (removed at the end) from Tiny Shakespeare's lines,
 shuffled into documents of 1-16 KB (shorter than data.doc_chars, so never cut): half as one .txt
@@ -185,5 +185,5 @@ if __name__ == "__main__":
     else:
         import hydra
 
-        config = dict(version_base="1.3", config_path="../conf", config_name="bench/prepare")
+        config = dict(version_base="1.3", config_path="../conf", config_name="bench_prepare")
         exit_on_user_error(hydra.main(**config)(exit_on_user_error(main)))()

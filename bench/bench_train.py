@@ -9,7 +9,7 @@ and writes JSON.
     python bench/bench_train.py                         # nano and small on a CPU, up to large on a GPU
     python bench/bench_train.py presets=[medium] precision=bf16-mixed peak_flops=989e12   # a GPU
 
-The knobs are in conf/bench/train.yaml; the models are conf/model/<preset>.yaml.
+The knobs are in conf/bench_train.yaml; the models are conf/model/<preset>.yaml.
 """
 
 from __future__ import annotations
@@ -134,6 +134,8 @@ def bench_preset(
     optim_cfg = OptimConfig(warmup_steps=10)
     tokenizer = CHAR_TOKENIZER if vocab == 65 else BPE_TOKENIZER
     steps = args.warmup + args.steps
+    # As train.py's trainer.precision=auto decides for this model (bf16 on a CPU only from 256 wide).
+    precision = args.precision or resolve_precision("auto", args.accelerator, width=model_cfg.n_embd)[0]
     per_loop: dict[str, list[float]] = {"lightning": [], "plain": []}
     for _ in range(args.rounds):
         for loop in ("plain", "lightning"):
@@ -143,12 +145,12 @@ def bench_preset(
                 module = GPTLitModule(asdict(model_cfg), asdict(optim_cfg), tokenizer)
                 if args.compile:
                     module.model.compile()
-                dts = lightning_loop(module, loader, steps, args.accelerator, args.precision)
+                dts = lightning_loop(module, loader, steps, args.accelerator, precision)
             else:
                 model = GPT(model_cfg).to(device)
                 if args.compile:
                     model.compile()
-                dts = plain_loop(model, optim_cfg, loader, steps, device, args.precision)
+                dts = plain_loop(model, optim_cfg, loader, steps, device, precision)
             per_loop[loop] += dts[args.warmup - 1 :]  # drop warm-up (and compilation) steps
     tokens = batch_size * model_cfg.block_size
     step = {k: statistics.median(v) for k, v in per_loop.items()}
@@ -160,6 +162,7 @@ def bench_preset(
         "preset": name,
         "params": n_params,
         "batch": f"{batch_size}x{model_cfg.block_size}",
+        "precision": precision,
         "step_ms_lightning": 1000 * step["lightning"],
         "step_ms_plain": 1000 * step["plain"],
         "overhead_pct": 100 * (step["lightning"] / step["plain"] - 1),
@@ -172,16 +175,13 @@ def bench_preset(
     return row
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="bench/train")
+@hydra.main(version_base="1.3", config_path="../conf", config_name="bench_train")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     accelerator = "gpu" if cuda else "cpu"
-    precision = cfg.precision or resolve_precision("auto", accelerator, width=768)[0]
-    args = SimpleNamespace(
-        **OmegaConf.to_container(cfg) | {"accelerator": accelerator, "precision": precision}
-    )
+    args = SimpleNamespace(**OmegaConf.to_container(cfg) | {"accelerator": accelerator})
     if cuda:
         torch.set_float32_matmul_precision("high")
     models = [(name, *timed_model(name, cfg)) for name in presets(cfg, cuda)]  # all checked first
@@ -193,23 +193,23 @@ def main(cfg: DictConfig) -> None:
         "machine": machine,
         "torch": torch.__version__,
         "lightning": L.__version__,
-        "precision": args.precision,
+        "precision": args.precision or "auto",
         "compile": args.compile,
         "date": time.strftime("%Y-%m-%d"),
         "rows": rows,
     }
     print(
-        f"\ntraining speed on {summary(machine)}\n(torch {torch.__version__}, {args.precision}, "
-        f"compile={args.compile})"
+        f"\ntraining speed on {summary(machine)}\n"
+        f"(torch {torch.__version__}, precision {args.precision or 'auto'}, compile={args.compile})"
     )
     header = (
-        f"{'preset':<8}{'params':>12}{'batch':>10}{'lightning ms':>14}{'plain ms':>10}"
+        f"{'preset':<8}{'params':>12}{'batch':>10}{'precision':>12}{'lightning ms':>14}{'plain ms':>10}"
         f"{'overhead':>10}{'tokens/s':>11}{'TFLOP/s':>9}"
     )
     print(header + ("   MFU" if args.peak_flops else ""))
     for r in rows:
         line = (
-            f"{r['preset']:<8}{r['params']:>12,}{r['batch']:>10}{r['step_ms_lightning']:>14.1f}"
+            f"{r['preset']:<8}{r['params']:>12,}{r['batch']:>10}{r['precision']:>12}{r['step_ms_lightning']:>14.1f}"
             f"{r['step_ms_plain']:>10.1f}{r['overhead_pct']:>+9.1f}%{r['tokens_per_s']:>11,.0f}{r['tflops_per_s']:>9.3f}"
         )
         print(line + (f"{r['mfu_pct']:>6.1f}%" if "mfu_pct" in r else ""))

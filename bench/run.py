@@ -1,7 +1,7 @@
 """Run every benchmark, one after the other, and print a summary; JSON goes to bench/results/.
 
     python bench/run.py                 # train (Lightning vs plain), generate, prepare
-    python bench/run.py only=[train]    # some of them (conf/bench/run.yaml)
+    python bench/run.py only=[train]    # some of them (conf/bench_run.yaml)
 
 Each benchmark runs in its own process, so none inherits another's threads, caches or memory.
 """
@@ -43,7 +43,7 @@ def chosen(only: str | list[str] | None) -> list[str]:
     return names
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="bench/run")
+@hydra.main(version_base="1.3", config_path="../conf", config_name="bench_run")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     lines = []

@@ -1,4 +1,4 @@
-"""The benchmarks' configs (conf/bench/), and the models bench_train.py times: the presets of
+"""The benchmarks' configs (conf/bench_*.yaml), and the models bench_train.py times: the presets of
 conf/model/, as train.py composes them. Nothing is timed here."""
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def bench_train():
 
 def compose_bench(name: str, *overrides: str):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(f"bench/{name}", overrides=list(overrides), return_hydra_config=True)
+        return compose(f"bench_{name}", overrides=list(overrides), return_hydra_config=True)
 
 
 @pytest.mark.parametrize("name", sorted(BENCH_KEYS))
@@ -61,7 +61,7 @@ def test_every_bench_knob_has_a_comment(name):
 def test_bench_train_times_the_presets_of_conf_model(bench_train):
     assert not hasattr(bench_train, "PRESETS")  # restated shapes are gone
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("bench/train")
+        cfg = compose("bench_train")
         assert bench_train.presets(cfg, cuda=False) == ["nano", "small"]
         assert bench_train.presets(cfg, cuda=True) == ["nano", "small", "medium", "large"]
         for name in ("nano", "small", "medium", "large", "gpt2"):
@@ -79,18 +79,18 @@ def test_bench_train_times_the_presets_of_conf_model(bench_train):
         }
         for name, (shape, vocab, batch_size) in before.items():
             assert bench_train.timed_model(name, cfg) == (ModelConfig(**shape, vocab_size=vocab), batch_size)
-        assert bench_train.timed_model("nano", compose("bench/train", ["batch_size=3"]))[1] == 3
-        assert bench_train.presets(compose("bench/train", ["presets=[gpt2,large]"]), cuda=False) == [
+        assert bench_train.timed_model("nano", compose("bench_train", ["batch_size=3"]))[1] == 3
+        assert bench_train.presets(compose("bench_train", ["presets=[gpt2,large]"]), cuda=False) == [
             "gpt2",
             "large",
         ]
         with pytest.raises(ConfigError, match="there is no model=tiny; choose presets from gpt2, .*nano"):
-            bench_train.presets(compose("bench/train", ["presets=[nano,tiny]"]), cuda=False)
+            bench_train.presets(compose("bench_train", ["presets=[nano,tiny]"]), cuda=False)
 
 
 def test_bench_train_reads_every_preset_name_from_conf_model(bench_train):
     names = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("bench/train", [f"presets=[{','.join(names)}]"])
+        cfg = compose("bench_train", [f"presets=[{','.join(names)}]"])
         assert bench_train.presets(cfg, cuda=False) == names
         assert OmegaConf.to_container(cfg.presets) == names
