@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from gpt.config import ModelConfig
 from gpt.errors import ConfigError
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 CONF = ROOT / "conf"
 BENCH_KEYS = {

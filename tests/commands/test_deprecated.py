@@ -12,7 +12,7 @@ import pytest
 from compare import new_argv
 from gpt.runs.checkpoint import save_weights_checkpoint
 from gpt.tokenizer import CharTokenizer
-from tests.conftest import run_script, tiny_model
+from tests.helpers import run_script, tiny_model
 
 
 def deprecation_lines(stderr: str) -> list[str]:
