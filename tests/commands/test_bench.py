@@ -52,7 +52,7 @@ def test_bench_configs_compose_with_their_keys_at_the_top(name):
 
 @pytest.mark.parametrize("name", sorted(BENCH_KEYS))
 def test_every_bench_knob_has_a_comment(name):
-    lines = (CONF / "bench" / f"{name}.yaml").read_text().splitlines()
+    lines = (CONF / f"bench_{name}.yaml").read_text().splitlines()
     for i, line in enumerate(lines):
         if line.split(":")[0] in BENCH_KEYS[name]:
             assert lines[i - 1].startswith("#"), f"{name}.yaml: no comment above {line!r}"
