@@ -28,9 +28,8 @@ def test_nonfinite_guard_refuses_an_unknown_action():
         NonFiniteGuard(action="ignore")
 
 
-def test_guard_skips_at_most_max_skips_steps_in_a_row(tmp_path):
-    """Called as Lightning calls it: a step whose gradient is NaN is skipped (its gradients
-    dropped) up to max_skips times in a row, then training stops; a finite step resets the count."""
+def guarded_step(tmp_path):
+    """A one-layer module and the parts of a Trainer that NonFiniteGuard reads, at step 7."""
     layer = torch.nn.Linear(2, 2)
     trainer = SimpleNamespace(
         precision_plugin=SimpleNamespace(scaler=None),
@@ -38,7 +37,13 @@ def test_guard_skips_at_most_max_skips_steps_in_a_row(tmp_path):
         global_step=7,
         default_root_dir=str(tmp_path),
     )
-    module = SimpleNamespace(parameters=layer.parameters, device=torch.device("cpu"))
+    return layer, trainer, SimpleNamespace(parameters=layer.parameters, device=torch.device("cpu"))
+
+
+def test_guard_skips_at_most_max_skips_steps_in_a_row(tmp_path):
+    """Called as Lightning calls it: a step whose gradient is NaN is skipped (its gradients
+    dropped) up to max_skips times in a row, then training stops; a finite step resets the count."""
+    layer, trainer, module = guarded_step(tmp_path)
     guard = NonFiniteGuard(action="skip", max_skips=2)
 
     def step(grad: float) -> None:
@@ -59,14 +64,7 @@ def test_guard_skips_at_most_max_skips_steps_in_a_row(tmp_path):
 
 
 def test_guard_stops_before_the_update_naming_the_step_and_the_last_good_checkpoint(tmp_path):
-    layer = torch.nn.Linear(2, 2)
-    trainer = SimpleNamespace(
-        precision_plugin=SimpleNamespace(scaler=None),
-        strategy=SimpleNamespace(reduce_boolean_decision=lambda decision, all: decision),
-        global_step=7,
-        default_root_dir=str(tmp_path),
-    )
-    module = SimpleNamespace(parameters=layer.parameters, device=torch.device("cpu"))
+    layer, trainer, module = guarded_step(tmp_path)
     guard = NonFiniteGuard()
     for p in layer.parameters():
         p.grad = torch.ones_like(p)
