@@ -10,12 +10,13 @@ import sys
 from pathlib import Path
 
 import hydra
+import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from gpt.config import ExportConfig
 from gpt.errors import UserError, exit_on_user_error
-from gpt.interop.export import DTYPES, export
+from gpt.interop.export import export
 from gpt.interop.hf import check_format, hf_format
 from gpt.runs.checkpoint import describe_checkpoint, find_checkpoint, load_model
 
@@ -33,7 +34,7 @@ def export_checkpoint(cfg: ExportConfig) -> None:
     print(f"checkpoint: {describe_checkpoint(path)}", file=sys.stderr)
     model, tokenizer = load_model(path)
     hf_format(model.config, cfg.format)  # refuse before anything is written
-    fmt, notes = export(model, tokenizer, out, cfg.format, DTYPES[cfg.dtype])
+    fmt, notes = export(model, tokenizer, out, cfg.format, getattr(torch, cfg.dtype))  # EXPORT_DTYPES
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     n = model.num_params(exclude_positions=False) / 1e6

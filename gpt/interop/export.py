@@ -19,7 +19,6 @@ from gpt.interop.hf import TOKENIZER_FILE, hf_config, hf_format, to_hf_state_dic
 from gpt.model.transformer import GPT
 from gpt.tokenizer import CharTokenizer, TiktokenTokenizer, Tokenizer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EOT = "<|endoftext|>"
 
 
