@@ -156,9 +156,9 @@ class SampleText(L.Callback):
     ) -> None:
         self.every_n_steps, self.prompt, self.max_new_tokens = every_n_steps, prompt, max_new_tokens
         # From conf/ a plain mapping (no _target_ for a dataclass), checked like generate.py's keys.
-        if isinstance(sampling, Mapping):
-            sampling = sampling_config(None, **sampling)
-        self.sampling, self.seed = sampling_config(sampling), seed
+        mapping = isinstance(sampling, Mapping)
+        self.sampling = sampling_config(None, **sampling) if mapping else sampling_config(sampling)
+        self.seed = seed
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
         step = trainer.global_step

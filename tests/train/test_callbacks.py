@@ -7,12 +7,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 
+import train  # noqa: F401  (registers the config schemas)
+from gpt.config import SamplingConfig
 from gpt.errors import NonFiniteError
 from gpt.generate.text import generate_text
 from gpt.tokenizer import CharTokenizer
 from gpt.train.callbacks import NonFiniteGuard, RunReport, SampleText, ValidateOnLastStep
-from tests.helpers import CHARS, tiny_model
+from tests.helpers import CHARS, compose_train, tiny_model
 
 
 def test_validate_on_last_step_asks_to_stop_at_max_steps_only():
@@ -151,3 +155,13 @@ def test_run_report_summary_reads_the_checkpoint_callbacks(tmp_path):
         f"last checkpoint: {tmp_path / 'last.ckpt'}",
         f"best checkpoint: {tmp_path / 'best-step=6.ckpt'}",
     ]
+
+
+def test_sample_settings_come_from_conf_and_are_checked():
+    """callbacks.samples.sampling in conf/ reaches SampleText as a SamplingConfig, validated."""
+    cfg = compose_train("callbacks.samples.sampling.temperature=0.3", "+callbacks.samples.sampling.min_p=0.1")
+    callback = instantiate(cfg.callbacks.samples)
+    assert callback.sampling == SamplingConfig(temperature=0.3, top_k=200, min_p=0.1)
+    assert instantiate(compose_train().callbacks.samples).sampling == SamplingConfig()
+    with pytest.raises(InstantiationException, match="temperature=-1 must be >= 0"):
+        instantiate(compose_train("callbacks.samples.sampling.temperature=-1").callbacks.samples)
