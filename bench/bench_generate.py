@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from machine import describe, summary  # noqa: E402
 from model_presets import model_preset  # noqa: E402
 
-from gpt.errors import exit_on_user_error  # noqa: E402
+from gpt.errors import ConfigError, exit_on_user_error  # noqa: E402
 from gpt.generate.tokens import generate  # noqa: E402
 from gpt.model.transformer import GPT  # noqa: E402
 from gpt.runs.checkpoint import load_model, save_weights_checkpoint  # noqa: E402
@@ -90,6 +90,11 @@ def time_to_first_token(ckpt: Path, repeats: int) -> list[float]:
 @exit_on_user_error
 def main(args: DictConfig) -> None:
     results = ROOT / "bench" / "results"
+    if min(args.new_tokens, args.repeats) < 1 or (args.threads is not None and args.threads < 1):
+        raise ConfigError(
+            f"new_tokens={args.new_tokens}, repeats={args.repeats}, threads={args.threads}: "
+            "each must be >= 1 (threads may be null)"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -38,7 +38,7 @@ from machine import describe, summary  # noqa: E402
 from gpt.config import DataConfig  # noqa: E402
 from gpt.data.prepare import Prepared, prepare  # noqa: E402
 from gpt.data.sources import data_root, find_shakespeare  # noqa: E402
-from gpt.errors import exit_on_user_error  # noqa: E402
+from gpt.errors import ConfigError, exit_on_user_error  # noqa: E402
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -120,6 +120,11 @@ def verify(prepared: Prepared, docs: dict[bytes, int], sample: int | None, seed:
 
 
 def main(args: DictConfig) -> None:
+    if not args.mb > 0 or (args.workers is not None and args.workers < 1) or (args.verify or 0) < 0:
+        raise ConfigError(
+            f"mb={args.mb}, workers={args.workers}, verify={args.verify}: "
+            "mb must be > 0, workers >= 1 (or null), verify >= 0 (or null)"
+        )
     tmp = Path(tempfile.mkdtemp(prefix="bench-prepare-"))
     try:
         t0 = time.perf_counter()
@@ -185,5 +190,5 @@ if __name__ == "__main__":
     else:
         import hydra
 
-        config = dict(version_base="1.3", config_path="../conf", config_name="bench_prepare")
-        exit_on_user_error(hydra.main(**config)(exit_on_user_error(main)))()
+        command = hydra.main(version_base="1.3", config_path="../conf", config_name="bench_prepare")
+        exit_on_user_error(command(exit_on_user_error(main)))()

@@ -36,7 +36,7 @@ from machine import describe, summary  # noqa: E402
 from model_presets import check_presets, model_preset  # noqa: E402
 
 from gpt.config import ModelConfig, OptimConfig  # noqa: E402
-from gpt.errors import exit_on_user_error
+from gpt.errors import ConfigError, exit_on_user_error
 from gpt.model.transformer import GPT
 from gpt.train.callbacks import NonFiniteGuard
 from gpt.train.lit_module import GPTLitModule
@@ -182,6 +182,10 @@ def main(cfg: DictConfig) -> None:
     device = torch.device("cuda" if cuda else "cpu")
     accelerator = "gpu" if cuda else "cpu"
     args = SimpleNamespace(**OmegaConf.to_container(cfg) | {"accelerator": accelerator})
+    if min(args.steps, args.warmup, args.rounds) < 1:  # the first timed step follows a warm-up step
+        raise ConfigError(
+            f"steps={args.steps}, warmup={args.warmup}, rounds={args.rounds}: each must be >= 1"
+        )
     if cuda:
         torch.set_float32_matmul_precision("high")
     models = [(name, *timed_model(name, cfg)) for name in presets(cfg, cuda)]  # all checked first

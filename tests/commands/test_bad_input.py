@@ -249,6 +249,10 @@ CASES = {
     "compare-corrupt-log": command(
         *("compare.py", "runs=[{broken}/log]", "out={plots}/compare.png"), message="csv/ is not readable"
     ),
+    # the benchmarks: refused before anything is generated or timed
+    "bench-train-no-warmup": command("bench/bench_train.py", "warmup=0", message="each must be >= 1"),
+    "bench-generate-no-repeats": command("bench/bench_generate.py", "repeats=0", message="each must be >= 1"),
+    "bench-prepare-negative-size": command("bench/bench_prepare.py", "mb=-1", message="mb must be > 0"),
 }
 
 
