@@ -59,20 +59,27 @@ class Tokenizer(Protocol):
 
 
 class CharTokenizer:
-    """One id per character, in sorted order of the characters of the corpus."""
+    """One id per character, in sorted order of the characters of the corpus.
 
-    eot_token = None
+    With `eot`, one more id, len(chars), is an end-of-text token that no text encodes to and that
+    decodes to nothing: paired data ends each completion with it, so generation knows where to stop.
+    """
 
-    def __init__(self, chars: str) -> None:
+    def __init__(self, chars: str, eot: bool = False) -> None:
         if len(set(chars)) != len(chars):
             raise ValueError("CharTokenizer vocabulary has repeated characters")
         self.chars = chars
         self.stoi = {c: i for i, c in enumerate(chars)}
-        self.vocab_size = len(chars)
+        self.eot_token: int | None = len(chars) if eot else None
+        self.vocab_size = len(chars) + eot
 
     @classmethod
-    def from_text(cls, text: str) -> CharTokenizer:
-        return cls("".join(sorted(set(text))))
+    def from_text(cls, text: str, eot: bool = False) -> CharTokenizer:
+        return cls("".join(sorted(set(text))), eot)
+
+    def with_eot(self) -> CharTokenizer:
+        """The same characters, with an end-of-text token (itself if it has one)."""
+        return self if self.eot_token is not None else CharTokenizer(self.chars, eot=True)
 
     def encode(self, text: str) -> list[int]:
         try:
@@ -85,13 +92,14 @@ class CharTokenizer:
             ) from None
 
     def decode(self, ids: list[int]) -> str:
-        return "".join(self.chars[i] for i in ids)
+        return "".join(self.chars[i] for i in ids if i != self.eot_token)
 
     def decode_bytes(self, ids: list[int]) -> bytes:
         return self.decode(ids).encode("utf-8")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": "char", "chars": self.chars}
+        # "eot" only when set, so the description of a tokenizer without one is what it always was.
+        return {"kind": "char", "chars": self.chars} | ({"eot": True} if self.eot_token is not None else {})
 
 
 class TiktokenTokenizer:
@@ -140,7 +148,7 @@ def get_tokenizer(name: str, text: str | None = None) -> Tokenizer:
 def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
     kind = d.get("kind")
     if kind == "char":
-        return CharTokenizer(d["chars"])
+        return CharTokenizer(d["chars"], eot=bool(d.get("eot", False)))
     if kind == "tiktoken":
         return TiktokenTokenizer(d["name"])
     raise UserError(f"unknown tokenizer description {d!r}; the checkpoint or meta.json is not ours")

@@ -99,3 +99,13 @@ def test_download_on_a_network_that_never_answers_fails_after_the_timeout(tmp_pa
             TiktokenTokenizer("cl100k_base")
         assert time.monotonic() - start < 10
     assert tiktoken.load.read_file is gpt.tokenizer._tiktoken_read_file  # tiktoken's own again
+
+
+def test_char_tokenizer_end_of_text_is_one_more_id_that_decodes_to_nothing():
+    tok = CharTokenizer.from_text("ba", eot=True)
+    assert (tok.vocab_size, tok.eot_token) == (3, 2)
+    assert tok.decode([0, 2, 1]) == "ab" and tok.decode_bytes([2]) == b""
+    assert tokenizer_from_dict(tok.to_dict()).eot_token == 2
+    # Without one, the description is what it always was, so old checkpoints compare equal.
+    assert CharTokenizer("ab").to_dict() == {"kind": "char", "chars": "ab"}
+    assert CharTokenizer("ab").with_eot().to_dict() == tok.to_dict()
