@@ -110,14 +110,19 @@ ARCHITECTURE = (
 
 # What a folder is searched for (paths relative to the folder, fnmatch-style: `*` crosses `/`).
 DEFAULT_INCLUDE = ("*.txt", "*.md", "*.jsonl", "*.txt.gz", "*.md.gz", "*.jsonl.gz")
-SOURCES = ("shakespeare", "text", "hf")
+SOURCES = ("shakespeare", "text", "hf", "pairs")
+# The fields of paired rows (gpt.data.pairs), which data.fields can map to a file's own names.
+PAIR_FIELDS = (
+    "prompt", "completion", "instruction", "input", "output", "source", "target", "messages", "role", "content",
+)  # fmt: skip
 SAMPLINGS = ("random", "sequential")
 
 
 @dataclass
 class DataConfig:
     # "shakespeare" finds/downloads Tiny Shakespeare; "text" reads `path` (a file or a directory);
-    # "hf" reads a Hugging Face dataset (`path`: a Hub name or a folder from save_to_disk).
+    # "hf" reads a Hugging Face dataset (`path`: a Hub name or a folder from save_to_disk);
+    # "pairs" reads prompt -> completion rows from .jsonl files at `path` (see docs/finetuning.md).
     source: str = "shakespeare"
     # text: a file or a folder; hf: a dataset name on the Hub or a folder from save_to_disk.
     path: str | None = None
@@ -156,6 +161,17 @@ class DataConfig:
     # "random": windows at uniformly random offsets; "sequential": back-to-back windows, in order,
     # every token once per epoch.
     sampling: str = "random"
+    # pairs: how a row becomes text: none, plain (prompt, line break, completion), alpaca, chatml,
+    # or a format string over {prompt} such as 'Q: {prompt}\nA: '. Saved with the checkpoint.
+    template: str = "plain"
+    # pairs: the file's field names, by ours (prompt, completion, instruction, input, output, source,
+    # target, messages, role, content), e.g. 'data.fields={prompt: question, completion: answer}'.
+    fields: dict[str, str] = field(default_factory=dict)
+    # pairs: the loss covers only the completions (the targets on prompt tokens are ignored).
+    mask_prompt: bool = True
+    # pairs: several examples share a row of block_size tokens, each attending only to itself;
+    # false: one example per row, padded.
+    packing: bool = True
     # Windows per validation pass (fixed and evenly spaced, so every validation sees the same windows).
     # None: 512, or 64 on a CPU with a vocabulary of over 4,096 tokens (where each window scores
     # block_size x vocab_size logits: 512 windows of model=small with GPT-2's BPE take minutes).
@@ -164,7 +180,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         self.path, self.root, self.cache_dir = _home(self.path), _home(self.root), _home(self.cache_dir)
         _one_of("data.source", self.source, SOURCES)
-        if self.source in ("text", "hf"):
+        if self.source in ("text", "hf", "pairs"):
             _check(bool(self.path), f"data={self.source} needs a corpus: pass data.path=...")
         _check(0.0 < self.val_fraction < 1.0, f"data.val_fraction={self.val_fraction} must be in (0, 1)")
         _check(self.doc_chars >= 256, f"data.doc_chars={self.doc_chars} must be >= 256")
@@ -173,6 +189,8 @@ class DataConfig:
             self.prepare_workers is None or self.prepare_workers >= 1,
             f"data.prepare_workers={self.prepare_workers} must be >= 1 (or null)",
         )
+        unknown = sorted(set(self.fields) - set(PAIR_FIELDS))
+        _check(not unknown, f"data.fields maps {', '.join(unknown)}, which are not among {', '.join(PAIR_FIELDS)}")
         _check(bool(self.include), "data.include is empty: give at least one glob such as '*.txt'")
         _check(self.batch_size >= 1, f"data.batch_size={self.batch_size} must be >= 1")
         _check(self.num_workers >= 0, f"data.num_workers={self.num_workers} must be >= 0")

@@ -1,0 +1,262 @@
+"""Paired data: JSONL rows of prompt -> completion, in the conventions users already have, joined by
+a prompt template into one stream of text segments, each marked as trained on or not.
+
+Row formats (the field names can be mapped with data.fields):
+- TRL:          {"prompt": ..., "completion": ...}
+- Alpaca/litgpt: {"instruction": ..., "input": ... (optional), "output": ...}
+- translation:  {"source": ..., "target": ...}
+- chat:         {"messages": [{"role": "system" | "user" | "assistant", "content": ...}, ...]}:
+                the loss is on the assistant turns.
+
+Each completion (each assistant turn) is followed by the tokenizer's end-of-text token, trained on,
+so that a fine-tuned model says where its answer ends. A template is saved with the checkpoint
+(`data_format`), so generation formats a prompt the way the model was trained.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gpt.config import PAIR_FIELDS, DataConfig
+from gpt.data.sources import jsonl_rows
+from gpt.errors import ConfigError, UserError
+from gpt.tokenizer import Tokenizer
+
+# ----------------------------------------------------------------------------- templates
+
+
+@dataclass(frozen=True)
+class Template:
+    """How the parts of a row become text.
+
+    prompt: a single-turn prompt, a format string over {prompt} (and, for Alpaca rows, {instruction}
+    and {input}); prompt_with_input: the same for Alpaca rows with a non-empty input (None: `prompt`);
+    turn: a chat turn that is not the assistant's, over {role} and {content}; reply: the text before
+    each assistant turn (not trained on).
+    """
+
+    prompt: str
+    prompt_with_input: str | None = None
+    turn: str = "{content}\n"
+    reply: str = ""
+
+    def render_prompt(self, fields: dict[str, str]) -> str:
+        fmt = self.prompt_with_input if fields.get("input") and self.prompt_with_input else self.prompt
+        return fmt.format_map(fields)
+
+
+ALPACA_HEAD = (
+    "Below is an instruction that describes a task{paired}. "
+    "Write a response that appropriately completes the request.\n\n### Instruction:\n{{instruction}}\n\n"
+)
+TEMPLATES = {
+    # The prompt as it is, the completion right after it.
+    "none": Template(prompt="{prompt}", turn="{content}"),
+    # The prompt, a line break, the completion.
+    "plain": Template(prompt="{prompt}\n"),
+    # Stanford Alpaca's prompt (also litgpt's "alpaca" style).
+    "alpaca": Template(
+        prompt=ALPACA_HEAD.format(paired="") + "### Response:\n",
+        prompt_with_input=ALPACA_HEAD.format(paired=", paired with an input that provides further context")
+        + "### Input:\n{input}\n\n### Response:\n",
+        turn="### Instruction:\n{content}\n\n",
+        reply="### Response:\n",
+    ),
+    # ChatML; the end-of-text token closes each assistant turn.
+    "chatml": Template(
+        prompt="<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n",
+        turn="<|im_start|>{role}\n{content}<|im_end|>\n",
+        reply="<|im_start|>assistant\n",
+    ),
+}
+PROMPT_KEYS = {"prompt", "instruction", "input"}
+
+
+def unescape(text: str) -> str:
+    r"""`\n` and `\t` typed in a format string on the command line, where a shell and Hydra keep them
+    as two characters, are a line break and a tab."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def get_template(spec: str) -> Template:
+    """A named template (none, plain, alpaca, chatml) or a format string over {prompt} such as
+    'Q: {prompt}\\nA: ' ({instruction} and {input} too, for Alpaca rows)."""
+    if spec in TEMPLATES:
+        return TEMPLATES[spec]
+    fmt = unescape(spec)
+    try:
+        keys = {name for _, name, _, _ in string.Formatter().parse(fmt) if name is not None}
+    except ValueError as e:
+        raise ConfigError(f"template {spec!r} is not a format string ({e}); write {{ as {{{{") from None
+    if not keys & {"prompt", "instruction"} or keys - PROMPT_KEYS:
+        raise ConfigError(
+            f"template {spec!r} is neither one of {', '.join(TEMPLATES)} nor a format string over "
+            "{prompt} (with {instruction} and {input} for Alpaca rows), such as 'Q: {prompt}\\nA: '"
+        )
+    return Template(prompt=fmt, turn=fmt.replace("{prompt}", "{content}").replace("{instruction}", "{content}"))
+
+
+# ----------------------------------------------------------------------------- the checkpoint's record
+
+
+def data_format(cfg: DataConfig) -> dict[str, Any]:
+    """What a checkpoint keeps of how its prompts were written: the template's strings (not only its
+    name, so that a later change to a named template does not change old models), plain data."""
+    return {"template": cfg.template, **asdict(get_template(cfg.template))}
+
+
+def template_of(fmt: dict[str, Any]) -> Template:
+    return Template(**{k: fmt[k] for k in ("prompt", "prompt_with_input", "turn", "reply")})
+
+
+def format_prompt(fmt: dict[str, Any] | Template, prompt: str) -> str:
+    """A user's prompt as the model saw prompts in training (`fmt`: a checkpoint's data_format)."""
+    template = fmt if isinstance(fmt, Template) else template_of(fmt)
+    return template.render_prompt({"prompt": prompt, "instruction": prompt, "input": ""})
+
+
+# ----------------------------------------------------------------------------- rows -> examples
+
+
+@dataclass(frozen=True)
+class Example:
+    """One row as text segments in order, each (text, trained on); `where` is FILE:LINE.
+
+    Adjacent segments with the same flag are merged, so a chat of one user turn and one assistant
+    turn is the same example as the prompt/completion row with the same texts.
+    """
+
+    segments: tuple[tuple[str, bool], ...]
+    where: str
+
+    @property
+    def prompt(self) -> str:
+        """Everything before the last trained segment: what generation is given."""
+        last = max(i for i, (_, trained) in enumerate(self.segments) if trained)
+        return "".join(text for text, _ in self.segments[:last])
+
+    @property
+    def completion(self) -> str:
+        """The last trained segment: the reference an evaluation compares generations with."""
+        return next(text for text, trained in reversed(self.segments) if trained)
+
+
+def _merge(segments: list[tuple[str, bool]]) -> tuple[tuple[str, bool], ...]:
+    merged: list[tuple[str, bool]] = []
+    for text, trained in segments:
+        if merged and merged[-1][1] == trained:
+            merged[-1] = (merged[-1][0] + text, trained)
+        elif text or trained:  # an empty prompt part is dropped; an empty completion still gets its eot
+            merged.append((text, trained))
+    return tuple(merged)
+
+
+def field_names(cfg: DataConfig) -> dict[str, str]:
+    """The file's name for each of our fields (data.fields maps ours to yours)."""
+    return {name: cfg.fields.get(name, name) for name in PAIR_FIELDS}
+
+
+def row_example(row: Any, names: dict[str, str], template: Template, where: str) -> Example:
+    """One JSON row -> its segments; a row of no known format, or with a non-string field, is refused."""
+
+    def text(key: str, optional: bool = False) -> str:
+        value = row.get(names[key], "" if optional else None)
+        if not isinstance(value, str):
+            what = "is missing" if value is None else f"is {type(value).__name__}, not a string"
+            raise UserError(
+                f"{where}: field {names[key]!r} {what}; fix the row or map the field with data.fields"
+            )
+        return value
+
+    if not isinstance(row, dict):
+        raise UserError(
+            f"{where} is not a JSON object; each line must be one, such as "
+            '{"prompt": "...", "completion": "..."}'
+        )
+    if names["messages"] in row:
+        return Example(_merge(chat_segments(row[names["messages"]], names, template, where)), where)
+    if names["instruction"] in row and names["output"] in row:
+        instruction, extra = text("instruction"), text("input", optional=True)
+        prompt = instruction + (f"\n\n{extra}" if extra else "")
+        fields, completion = {"prompt": prompt, "instruction": instruction, "input": extra}, text("output")
+    elif names["prompt"] in row and names["completion"] in row:
+        prompt, completion = text("prompt"), text("completion")
+        fields = {"prompt": prompt, "instruction": prompt, "input": ""}
+    elif names["source"] in row and names["target"] in row:
+        prompt, completion = text("source"), text("target")
+        fields = {"prompt": prompt, "instruction": prompt, "input": ""}
+    else:
+        raise UserError(
+            f"{where} has none of the paired formats' fields (prompt/completion, instruction/output, "
+            f"source/target, messages; it has {', '.join(map(repr, row)) or 'none'}); map yours with "
+            "data.fields, e.g. 'data.fields={prompt: question, completion: answer}'"
+        )
+    return Example(_merge([(template.render_prompt(fields), False), (completion, True)]), where)
+
+
+def chat_segments(
+    messages: Any, names: dict[str, str], template: Template, where: str
+) -> list[tuple[str, bool]]:
+    if not isinstance(messages, list) or not messages:
+        raise UserError(f"{where}: {names['messages']!r} is not a non-empty list of turns")
+    segments = []
+    for i, turn in enumerate(messages):
+        role = turn.get(names["role"]) if isinstance(turn, dict) else None
+        content = turn.get(names["content"]) if isinstance(turn, dict) else None
+        if not isinstance(role, str) or not isinstance(content, str):
+            raise UserError(
+                f"{where}: turn {i} needs string fields {names['role']!r} and {names['content']!r}; "
+                "map yours with data.fields (role: ..., content: ...)"
+            )
+        if role == "assistant":
+            segments += [(template.reply, False), (content, True)]
+        else:
+            segments.append((template.turn.format(role=role, content=content), False))
+    if not any(trained for _, trained in segments):
+        raise UserError(f"{where} has no assistant turn, so nothing to learn; every chat needs one")
+    return segments
+
+
+def pair_files(cfg: DataConfig, files: list[Path]) -> list[Path]:
+    """The .jsonl (.jsonl.gz) files among `files`; anything else is refused, by name."""
+    for path in files:
+        if not path.name.removesuffix(".gz").endswith(".jsonl"):
+            raise UserError(
+                f"{path} is not a .jsonl file; paired data is JSON lines (.jsonl or .jsonl.gz), "
+                "one example per line"
+            )
+    return files
+
+
+def read_examples(cfg: DataConfig, files: list[Path]) -> Iterator[Example]:
+    """Every row of the files, in order, as an Example."""
+    names, template = field_names(cfg), get_template(cfg.template)
+    for path in pair_files(cfg, files):
+        for lineno, row in jsonl_rows(path):
+            yield row_example(row, names, template, f"{path}:{lineno}")
+
+
+# ----------------------------------------------------------------------------- examples -> tokens
+
+
+def encode_example(example: Example, tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, completion) of one example: token ids (int64), and for each token whether it belongs to
+    a trained segment (each of which is followed by the end-of-text token, which belongs to it too)."""
+    if tokenizer.eot_token is None:
+        raise UserError("paired data needs a tokenizer with an end-of-text token; this one has none")
+    ids: list[int] = []
+    completion: list[bool] = []
+    for text, trained in example.segments:
+        try:
+            piece = tokenizer.encode(text) + ([tokenizer.eot_token] if trained else [])
+        except UserError as e:  # a character outside a character vocabulary
+            raise UserError(f"{example.where}: {e}") from None
+        ids += piece
+        completion += [trained] * len(piece)
+    return np.asarray(ids, dtype=np.int64), np.asarray(completion, dtype=bool)
