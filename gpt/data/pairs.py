@@ -234,9 +234,10 @@ def pair_files(cfg: DataConfig, files: list[Path]) -> list[Path]:
     return files
 
 
-def read_examples(cfg: DataConfig, files: list[Path]) -> Iterator[Example]:
-    """Every row of the files, in order, as an Example."""
-    names, template = field_names(cfg), get_template(cfg.template)
+def read_examples(cfg: DataConfig, files: list[Path], template: Template | None = None) -> Iterator[Example]:
+    """Every row of the files, in order, as an Example; `template` (a checkpoint's, when evaluating
+    it) replaces cfg.template."""
+    names, template = field_names(cfg), template or get_template(cfg.template)
     for path in pair_files(cfg, files):
         for lineno, row in jsonl_rows(path):
             yield row_example(row, names, template, f"{path}:{lineno}")
