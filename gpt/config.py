@@ -69,6 +69,8 @@ class ModelConfig:
     rope_base: float = 10000.0
     # Std of the normal init; projections into the residual stream get init_std / sqrt(2 n_layer).
     init_std: float = 0.02
+    # Prefix LM: the prompt (each example's, or generation's) attends both ways; the rest is causal.
+    prefix_lm: bool = False
 
     def __post_init__(self) -> None:
         for name in ("n_layer", "n_head", "n_embd", "block_size"):
@@ -296,6 +298,9 @@ class GenerateConfig(SamplingConfig):
     prompt: str = "\n"
     # A file of prompts, one per line, or .jsonl with a "prompt" field per line; replaces `prompt`.
     prompt_file: str | None = None
+    # How each prompt is written: null = as in the checkpoint's training pairs (if it has them);
+    # none = as typed; or a template (plain, alpaca, chatml) or format string such as 'Q: {prompt}\nA: '.
+    template: str | None = None
     # Tokens to generate per row (>= 1).
     max_new_tokens: int = 500
     # Generation of a row ends where the first of these strings starts (or at end-of-text).

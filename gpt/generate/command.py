@@ -1,5 +1,9 @@
 """The generate.py command: read prompts, load the checkpoint, stream or print continuations,
-or keep a conversation going in interactive mode. Imports no Lightning and no Hydra."""
+or keep a conversation going in interactive mode. Imports no Lightning and no Hydra.
+
+A checkpoint trained on prompt -> completion pairs remembers its prompt template (data_format):
+each prompt is written with it, as in training, unless `template` says otherwise; the model then
+ends its completion with the end-of-text token, where generation stops."""
 
 from __future__ import annotations
 
@@ -8,14 +12,16 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from gpt.config import GenerateConfig
+from gpt.data.pairs import Template, format_prompt, get_template, template_of
 from gpt.errors import UserError
 from gpt.generate.text import encode_prompts, generate_text
 from gpt.model.transformer import GPT
-from gpt.runs.checkpoint import describe_checkpoint, find_checkpoint, load_model
+from gpt.runs.checkpoint import describe_checkpoint, find_checkpoint, load_run
 from gpt.tokenizer import Tokenizer
 
 SEPARATOR = "---------------\n"
@@ -89,6 +95,20 @@ def read_prompts(cfg: GenerateConfig) -> list[str]:
     return [unescape(cfg.prompt)]
 
 
+def prompt_template(spec: str | None, data_format: dict[str, Any] | None) -> Template | None:
+    """The template prompts are written with (None: as typed), said in one line on stderr.
+
+    spec: GenerateConfig.template (None: the checkpoint's data_format, if it has one)."""
+    if spec is None and data_format is None:
+        return None
+    template = get_template(spec) if spec is not None else template_of(data_format)
+    if template.prompt == "{prompt}":  # "none": the prompt as it is
+        return None
+    which = f"{spec!r}" if spec is not None else f"the checkpoint's ({data_format.get('template')!r})"
+    print(f"template: {which} writes each prompt; template=none leaves them as typed", file=sys.stderr)
+    return template
+
+
 def warn_if_cropped(tokenizer: Tokenizer, prompts: list[str], block: int) -> None:
     for i, row in enumerate(encode_prompts(tokenizer, prompts)):
         if len(row) > block:
@@ -128,12 +148,18 @@ def sample(cfg: GenerateConfig, write: Callable[[str], object] = write_stdout) -
     dashes, and return the generated texts. A batch of one row is streamed as it is decoded."""
     device = resolve_device(cfg.device)
     prompts = [] if cfg.interactive else read_prompts(cfg)  # a bad prompt file fails before loading
+    if cfg.template is not None:
+        get_template(cfg.template)  # a bad template too
     path = find_checkpoint(cfg.ckpt, cfg.runs_dir)
     print(f"checkpoint: {describe_checkpoint(path)}", file=sys.stderr)  # stdout: generated text only
-    model, tokenizer = load_model(path, device=device, dtype=getattr(torch, cfg.dtype))
+    run = load_run(path, device=device, dtype=getattr(torch, cfg.dtype))
+    model, tokenizer = run.model, run.tokenizer
+    template = prompt_template(cfg.template, run.data_format)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     if cfg.interactive:
-        return interactive(model, tokenizer, cfg, generator, write)
+        return interactive(model, tokenizer, cfg, generator, write, template=template)
+    if template is not None:
+        prompts = [format_prompt(template, p) for p in prompts]
     warn_if_cropped(tokenizer, prompts, model.config.block_size)
     rows = [p for p in prompts for _ in range(cfg.num_samples)]
     texts: list[str] = []
@@ -161,10 +187,12 @@ def interactive(
     write: Callable[[str], object] = write_stdout,
     read_line: Callable[[], str] = sys.stdin.readline,
     tty: bool | None = None,
+    template: Template | None = None,
 ) -> list[str]:
     """A small REPL: each line you type is added to the conversation and the model continues it.
 
-    The conversation starts as `prompt`; the model sees its last block_size tokens. An empty line
+    The conversation starts as `prompt`; each line is added as typed, or written with `template`
+    (a fine-tuned model's prompt format); the model sees its last block_size tokens. An empty line
     lets the model go on; /reset starts over; /quit or end of input (Ctrl-D) leaves. Every reply
     ends with a newline. On a terminal (tty: stdin is one) each line is asked for with `> ` on
     stderr; from piped input, which nobody sees typed, replies are separated by a line of dashes
@@ -184,7 +212,10 @@ def interactive(
         if command == "/reset":
             history = unescape(cfg.prompt)
             continue
-        turn = history + (line if line.endswith("\n") else line + "\n")
+        if template is not None:
+            turn = history + format_prompt(template, line.removesuffix("\n"))
+        else:
+            turn = history + (line if line.endswith("\n") else line + "\n")
         try:
             encode_prompts(tokenizer, [turn])  # refused before anything of this turn is written
         except UserError as e:  # e.g. a character outside the vocabulary: say so, keep the session

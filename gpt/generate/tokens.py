@@ -11,6 +11,11 @@ computed as if it were alone.
 Past the context window: when a row outgrows block_size, it keeps its last block_size // 2
 tokens, which are run through the model again (a fresh prefill), and generation continues. A
 prompt longer than block_size is cropped to its last block_size tokens.
+
+A prefix LM (model.config.prefix_lm) sees the prompt as it was trained to: each row's prompt
+tokens (after cropping) attend to each other both ways, and every generated token is causal.
+After a slide the prefix is what is left of the prompt in the window (nothing once the prompt has
+slid out), so the generated tokens never become prefix and the cached and uncached paths agree.
 """
 
 from __future__ import annotations
@@ -73,12 +78,17 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
 
 
 def prefill(
-    model: GPT, idx: torch.Tensor, kv_cache: KVCache | None, pad: torch.Tensor | None = None
+    model: GPT,
+    idx: torch.Tensor,
+    kv_cache: KVCache | None,
+    pad: torch.Tensor | None = None,
+    prefix: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Run the whole context idx (B, T) through the model; logits of its last position (B, V)."""
+    """Run the whole context idx (B, T) through the model; logits of its last position (B, V).
+    prefix (B, T), bool: a prefix LM's prompt tokens."""
     if kv_cache is not None:
         kv_cache.reset()
-    return model(idx, kv_cache=kv_cache, pad=pad)[:, -1, :]
+    return model(idx, kv_cache=kv_cache, pad=pad, prefix=prefix)[:, -1, :]
 
 
 def decode_step(
@@ -100,7 +110,8 @@ class Context:
 
     Created with the prompts; `append(tokens)` adds one token per row and returns the logits for
     the next one. The uncached path recomputes everything (the reference); the cached path runs
-    only the new token, except after the window slid, when the cache is refilled.
+    only the new token, except after the window slid, when the cache is refilled. Every row holds
+    as many generated tokens (`generated`) at its right end; what is before them is the prompt.
     """
 
     def __init__(
@@ -116,6 +127,7 @@ class Context:
         self.block = model.config.block_size
         self.lengths = [idx.size(1)] * idx.size(0) if lengths is None else list(lengths)
         self.tokens = idx
+        self.generated = 0
         self.crop(keep=self.block)
         self.cache = None
         if use_cache:
@@ -127,7 +139,7 @@ class Context:
         self.step = decode_step
         if compile:
             self.step = compiled_decode_step("inductor" if compile is True else compile)
-        self.logits = prefill(model, self.tokens, self.cache, self.pad)  # (B, V)
+        self.logits = prefill(model, self.tokens, self.cache, self.pad, self.prefix())  # (B, V)
 
     def crop(self, keep: int) -> None:
         """Rows longer than block_size keep their last `keep` tokens; the others stay whole."""
@@ -138,15 +150,28 @@ class Context:
         # None when no row is padded: plain causal attention, as in training.
         self.pad = torch.tensor(pad, device=self.tokens.device) if any(pad) else None
 
+    def prefix(self) -> torch.Tensor | None:
+        """For a prefix LM, which tokens are prompt (B, width), bool: each row's real tokens before
+        the generated ones; None for a causal model, or when no prompt token is left."""
+        width = self.tokens.size(1)
+        if not self.model.config.prefix_lm or self.generated >= width:
+            return None
+        slots = torch.arange(width, device=self.tokens.device)[None, :]  # (1, width)
+        prompt = slots < width - self.generated  # (1, width)
+        if self.pad is not None:
+            prompt = prompt & (slots >= self.pad[:, None])  # (B, width): not the left padding
+        return prompt.expand(self.tokens.size(0), -1)  # (B, width)
+
     def append(self, token: torch.Tensor) -> torch.Tensor:
         """token (B,) -> logits (B, V) for the position after it."""
         self.tokens = torch.cat([self.tokens, token[:, None]], dim=1)  # (B, T+1)
         self.lengths = [n + 1 for n in self.lengths]
+        self.generated += 1
         if max(self.lengths) > self.block:
             self.crop(keep=self.block // 2)
-            self.logits = prefill(self.model, self.tokens, self.cache, self.pad)
+            self.logits = prefill(self.model, self.tokens, self.cache, self.pad, self.prefix())
         elif self.cache is None:
-            self.logits = prefill(self.model, self.tokens, None, self.pad)
+            self.logits = prefill(self.model, self.tokens, None, self.pad, self.prefix())
         else:
             self.logits = self.step(self.model, token[:, None], self.cache, self.pad)
         return self.logits

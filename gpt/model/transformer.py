@@ -4,6 +4,18 @@ Pre-norm blocks (norm -> attention -> residual, norm -> FFN -> residual), causal
 through F.scaled_dot_product_attention, SwiGLU or GELU FFN, learned / sinusoidal / rotary
 positions, final norm and an LM head optionally tied to the token embedding. Parameter names
 follow GPT-2 (wte, wpe, h, ln_1, attn.c_attn, attn.c_proj, ln_2, mlp, ln_f, lm_head).
+
+Attention masks. Plain causal attention (training on text) passes no mask: `is_causal=True` keeps
+SDPA on its flash kernel. Everything else (left padding, the KV cache, packed rows of several
+examples, a prefix LM's bidirectional prompt) is one dense boolean mask (B or 1, 1, T, keys) given
+to F.scaled_dot_product_attention. On CUDA the flash kernel refuses any mask, but the
+memory-efficient kernel takes an arbitrary one (SDPA turns it into an additive bias, aligned as the
+kernel needs), so a masked batch runs on memory-efficient attention, never on the math kernel that
+materializes the scores; tests/model checks this on a GPU in bf16. FlexAttention (a block mask that
+skips fully masked tiles) would be faster for rows of many short examples, but it is only fast
+under torch.compile, needs a block mask built per batch, and its API still moves between torch
+releases; the dense mask costs B*T*T bytes, works the same on CPU, CUDA and MPS, eager or
+compiled, on every torch this project supports, and keeps this file plain PyTorch.
 """
 
 from __future__ import annotations
@@ -53,16 +65,30 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.type_as(x)
 
 
-def attention_mask(slots: torch.Tensor, n_keys: int, pad: torch.Tensor | None) -> torch.Tensor:
+def attention_mask(
+    slots: torch.Tensor,
+    n_keys: int,
+    pad: torch.Tensor | None = None,
+    segments: torch.Tensor | None = None,
+    prefix: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Which of n_keys key slots each query at `slots` (T,) may see: (B or 1, 1, T, n_keys), bool.
 
-    Causal by slot, and blind to each row's left padding (pad (B,)). A padding query still sees
-    itself, so its row of the softmax is never empty (that would give NaN, and NaN keys and
-    values written to the cache would poison later queries even at zero weight).
+    Causal by slot. prefix (B, T), bool: prefix queries also see the prefix keys after them (a
+    prefix LM's prompt); the queries must be the first T slots, as in a prefill, and later slots
+    are no prefix. segments (B, T) (packed rows, no cache: the keys are the queries): a query sees
+    only keys of its own segment. pad (B,): blind to each row's left padding. A query always sees
+    itself, so its row of the softmax is never empty (that would give NaN, and NaN keys and values
+    written to the cache would poison later queries even at zero weight).
     """
     keys = torch.arange(n_keys, device=slots.device)[None, :]  # (1, n_keys)
     queries = slots[:, None]  # (T, 1)
     mask = keys <= queries  # (T, n_keys)
+    if prefix is not None:
+        key_prefix = F.pad(prefix, (0, n_keys - prefix.size(1)))  # (B, n_keys)
+        mask = mask | (prefix[:, :, None] & key_prefix[:, None, :])  # (B, T, n_keys)
+    if segments is not None:
+        mask = mask & (segments[:, :, None] == segments[:, None, :])  # (B, T, T)
     if pad is not None:
         mask = mask & ((keys >= pad[:, None, None]) | (keys == queries))  # (B, T, n_keys)
     return mask.view(-1, 1, *mask.shape[-2:])  # (B or 1, 1, T, n_keys)
@@ -222,6 +248,9 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         kv_cache: KVCache | None = None,
         pad: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
+        prefix: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """idx: (B, T) token ids -> logits (B, T, vocab_size).
 
@@ -229,9 +258,21 @@ class GPT(nn.Module):
         cache is advanced by T when the forward is done. pad (B,): how many leading positions of
         each row are left padding (counted from the start of the cache, or of idx without one).
         Padding is never attended to and each row's positions start after its padding, so a row
-        computes what it would alone. Training calls model(idx): plain causal attention.
+        computes what it would alone. Training on text calls model(idx): plain causal attention.
+
+        Packed rows (training on examples): positions (B, T), each token's position within its
+        own example, and segments (B, T), which example of the row it belongs to (padding -1): a
+        token attends only to the tokens before it in its own segment, so each example computes
+        what it would alone. prefix (B, T), bool, is used only when config.prefix_lm (so a batch
+        can be passed as it comes): prefix tokens also attend to the later prefix tokens of their
+        segment (a bidirectional prompt). With a kv_cache the prefix must come whole in the first
+        forward (the prefill): later forwards cannot change what cached tokens saw.
         """
         B, T = idx.shape
+        if not self.config.prefix_lm:
+            prefix = None
+        if segments is not None and (positions is None or kv_cache is not None):
+            raise ValueError("segments (packed rows) need positions and cannot be used with a kv_cache")
         block = self.config.block_size
         slots = torch.arange(T, device=idx.device)  # (T,) where these tokens sit in the sequence
         if kv_cache is not None:
@@ -243,8 +284,11 @@ class GPT(nn.Module):
                 raise ValueError(f"sequence length {end} exceeds block_size {block}")
             if kv_cache is not None and end > kv_cache.max_len:
                 raise ValueError(f"sequence length {end} exceeds the KV cache length {kv_cache.max_len}")
+            if kv_cache is not None and prefix is not None and end != T:
+                raise ValueError("a prefix must be run in the first forward of a KV cache (the prefill)")
 
-        positions = slots if pad is None else (slots[None, :] - pad[:, None]).clamp(min=0)  # (T,) | (B, T)
+        if positions is None:  # (T,), or (B, T) when each row starts after its padding
+            positions = slots if pad is None else (slots[None, :] - pad[:, None]).clamp(min=0)
         x = self.wte(idx)  # (B, T, C)
         rope = None
         if self.config.pos_emb == "learned":
@@ -253,13 +297,13 @@ class GPT(nn.Module):
             x = x + self.wpe[positions].to(x.dtype)
         else:
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (T, hs/2) | (B, T, hs/2)
-            if pad is not None:
+            if positions.dim() == 2:
                 cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hs/2): the same for every head
             rope = (cos, sin)
-        mask = None
-        if kv_cache is not None or pad is not None:
+        mask = None  # plain causal attention: SDPA's is_causal fast path
+        if kv_cache is not None or pad is not None or segments is not None or prefix is not None:
             n_keys = T if kv_cache is None else kv_cache.max_len
-            mask = attention_mask(slots, n_keys, pad)
+            mask = attention_mask(slots, n_keys, pad, segments, prefix)
         x = self.drop(x)
         for block in self.h:
             x = block(x, rope, kv_cache, mask, slots)

@@ -1,7 +1,8 @@
 """Checkpoints, in one place: find, open, check and describe them; load a model without Lightning.
 
 A checkpoint is plain data (torch.load(weights_only=True)): `hyper_parameters` holds the model
-config and the tokenizer description as dicts, `state_dict` the weights under "model.". A
+config and the tokenizer description as dicts (and, for a model trained on prompt -> completion
+pairs, its `data_format`: how prompts were written), `state_dict` the weights under "model.". A
 directory with a config.json is a Hugging Face checkpoint (GPT-2 or Llama, see gpt.interop).
 """
 
@@ -10,13 +11,14 @@ from __future__ import annotations
 import pickle
 import warnings
 import zipfile
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from gpt.config import ARCHITECTURE, ModelConfig, OptimConfig
+from gpt.data.pairs import template_of
 from gpt.errors import UserError, first_line
 from gpt.interop.hf import is_hf_dir
 from gpt.interop.load import load_hf_dir
@@ -149,6 +151,19 @@ def check_vocabulary(path: Path, config: ModelConfig, tokenizer: Tokenizer) -> N
         )
 
 
+@dataclass
+class LoadedRun:
+    """What a checkpoint holds for inference."""
+
+    model: GPT
+    tokenizer: Tokenizer
+    # How its training prompts were written (gpt.data.pairs.data_format; format a prompt with
+    # gpt.data.pairs.format_prompt); None for a model trained on text, and for Hugging Face dirs.
+    data_format: dict[str, Any] | None
+    # The file (or Hugging Face dir) loaded.
+    path: Path
+
+
 def load_model(
     path: str | Path | None = None,
     device: str | torch.device = "cpu",
@@ -156,11 +171,22 @@ def load_model(
     runs_dir: str | Path = "runs",
 ) -> tuple[GPT, Tokenizer]:
     """The model (in eval mode) and tokenizer of a checkpoint; see find_checkpoint for `path`."""
+    run = load_run(path, device, dtype, runs_dir)
+    return run.model, run.tokenizer
+
+
+def load_run(
+    path: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    runs_dir: str | Path = "runs",
+) -> LoadedRun:
+    """load_model's model and tokenizer, with the checkpoint's data_format and path."""
     ckpt_path = find_checkpoint(path, runs_dir)
     if ckpt_path.is_dir():
         model, tokenizer = load_hf_dir(ckpt_path)
         check_vocabulary(ckpt_path, model.config, tokenizer)
-        return model.to(device=device, dtype=dtype), tokenizer
+        return LoadedRun(model.to(device=device, dtype=dtype), tokenizer, None, ckpt_path)
     ckpt = read_checkpoint(ckpt_path)
     try:
         hparams = ckpt["hyper_parameters"]
@@ -169,6 +195,12 @@ def load_model(
         state_dict = clean_state_dict(ckpt["state_dict"])
     except (KeyError, TypeError) as e:
         raise not_a_checkpoint(ckpt_path, f"it has no {e}") from None
+    data_format = hparams.get("data_format")
+    if data_format is not None:
+        try:
+            template_of(data_format)
+        except (KeyError, TypeError):
+            raise not_a_checkpoint(ckpt_path, "its data_format is not a prompt template's") from None
     check_vocabulary(ckpt_path, config, tokenizer)
     model = GPT(config)
     try:
@@ -178,7 +210,7 @@ def load_model(
             f"{ckpt_path}: its weights do not match its model config ({first_line(e, limit=200)}); "
             f"the file was edited or damaged, {PASS_ANOTHER}"
         ) from None
-    return model.to(device=device, dtype=dtype).eval(), tokenizer
+    return LoadedRun(model.to(device=device, dtype=dtype).eval(), tokenizer, data_format, ckpt_path)
 
 
 def check_resumable(path: str | Path, config: ModelConfig, tokenizer: Tokenizer) -> None:
@@ -222,16 +254,18 @@ def save_weights_checkpoint(
     tokenizer: Tokenizer,
     path: str | Path,
     optim: dict[str, Any] | None = None,
+    data_format: dict[str, Any] | None = None,
 ) -> Path:
     """Save a model in the plain format train.py's checkpoints have (hyper_parameters with the model,
-    optim and tokenizer dicts; weights under "model."), weights only: for models made outside a
-    training run (random weights for benchmarks and tests, imported weights)."""
+    optim and tokenizer dicts and the data_format; weights under "model."), weights only: for models
+    made outside a training run (random weights for benchmarks and tests, imported weights)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     hparams = {
         "model": asdict(model.config),
         "optim": optim or asdict(OptimConfig()),
         "tokenizer": tokenizer.to_dict(),
+        "data_format": data_format,
     }
     state_dict = {f"model.{k}": v.detach().cpu() for k, v in model.state_dict().items()}
     torch.save({"hyper_parameters": hparams, "state_dict": state_dict}, path)

@@ -1,4 +1,14 @@
-"""GPTLitModule: the training "system" around the network: loss, metrics, optimizer, schedule."""
+"""GPTLitModule: the training "system" around the network: loss, metrics, optimizer, schedule.
+
+Two kinds of batch. Text: a tuple (x, y) of (B, T) windows, the loss the mean over every token.
+Examples (prompt -> completion pairs): a dict of (B, T) tensors "idx", "targets" (IGNORE = no
+loss: prompt tokens, padding), "positions", "segments" (several examples packed into a row, padding
+-1), "prefix" (the prompt tokens, for a prefix LM), and "step_tokens" (B,): the counted targets of
+the whole optimizer step, over its micro-batches and ranks. Each micro-batch's loss is its summed
+cross-entropy scaled so that, after Lightning divides by accumulate_grad_batches and DDP averages
+over ranks, the step's gradient is that of the mean over the step's completion tokens: a token
+weighs the same whichever micro-batch or rank it falls in.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +28,10 @@ from gpt.errors import NonFiniteError
 from gpt.model.transformer import GPT
 from gpt.tokenizer import Tokenizer, tokenizer_from_dict
 from gpt.train.optim import build_optimizer, build_scheduler
+
+# The target of a token that carries no loss (F.cross_entropy's default ignore_index).
+IGNORE = -100
+Batch = tuple[torch.Tensor, torch.Tensor] | dict[str, torch.Tensor]
 
 
 def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int) -> torch.Tensor:
@@ -63,9 +77,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
 class GPTLitModule(L.LightningModule):
     """Hyperparameters are saved as plain dicts (model, optim, tokenizer), so a checkpoint loads with
     torch.load(weights_only=True) and gpt.runs.checkpoint rebuilds the model without Lightning. The
-    tokenizer dict is that stored form; the module keeps the tokenizer itself as `tokenizer`."""
+    tokenizer dict is that stored form; the module keeps the tokenizer itself as `tokenizer`.
+    data_format: how the training prompts were written (gpt.data.pairs.data_format), so that
+    generation formats a prompt the same way; None for text."""
 
-    def __init__(self, model: dict[str, Any], optim: dict[str, Any], tokenizer: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        model: dict[str, Any],
+        optim: dict[str, Any],
+        tokenizer: dict[str, Any],
+        data_format: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model_config = ModelConfig(**model)
@@ -81,12 +103,21 @@ class GPTLitModule(L.LightningModule):
         self.val_tokens = SumMetric()
         self.val_bytes = SumMetric()
         self.tokens_seen = 0  # training tokens over all ranks, restored on resume
+        # Example batches: this rank's non-padding tokens since the last optimizer step, a tensor
+        # (no device sync per micro-batch), summed over ranks into tokens_seen once per step.
+        self._pending_tokens: torch.Tensor | None = None
         self._n_params = self.model.num_params()
         self._batch_shape = (0, 0)  # (B, T) of the last batch, for flops_per_batch
 
     @classmethod
-    def from_configs(cls, model: ModelConfig, optim: OptimConfig, tokenizer: Tokenizer) -> GPTLitModule:
-        return cls(asdict(model), asdict(optim), tokenizer.to_dict())
+    def from_configs(
+        cls,
+        model: ModelConfig,
+        optim: OptimConfig,
+        tokenizer: Tokenizer,
+        data_format: dict[str, Any] | None = None,
+    ) -> GPTLitModule:
+        return cls(asdict(model), asdict(optim), tokenizer.to_dict(), data_format)
 
     @property
     def flops_per_batch(self) -> float:
@@ -106,19 +137,55 @@ class GPTLitModule(L.LightningModule):
         return self.model(idx)
 
     def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """A text batch's mean cross-entropy."""
         x, y = batch
         self._batch_shape = tuple(x.shape)
         logits = self.model(x)  # (B, T, V)
         return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.loss(batch)
+    def summed_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """An example batch's cross-entropy summed over its counted targets (fp32), in nats."""
+        x = batch["idx"]
+        self._batch_shape = tuple(x.shape)
+        logits = self.model(
+            x, positions=batch["positions"], segments=batch["segments"], prefix=batch["prefix"]
+        )  # (B, T, V)
+        return F.cross_entropy(
+            logits.flatten(0, 1).float(), batch["targets"].flatten(), ignore_index=IGNORE, reduction="sum"
+        )
+
+    def step_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """An example micro-batch's share of the step's mean over its counted targets, scaled up by
+        world_size * accumulate_grad_batches, which Lightning's and DDP's averaging divide out."""
+        scale = self.trainer.world_size * self.trainer.accumulate_grad_batches
+        step_tokens = batch["step_tokens"][0].clamp(min=1)  # a step with no target: loss 0, not NaN
+        return self.summed_loss(batch) * scale / step_tokens
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        if isinstance(batch, dict):
+            loss = self.step_loss(batch)
+            tokens = (batch["segments"] >= 0).sum()
+            self._pending_tokens = tokens if self._pending_tokens is None else self._pending_tokens + tokens
+        else:
+            loss = self.loss(batch)
+            self.tokens_seen += batch[1].numel() * self.trainer.world_size
+        # The mean over the step's micro-batches and ranks: for examples, the mean over the step's
+        # counted targets (the scale above times the number of means cancels).
         self.train_loss.update(loss.detach())
-        self.tokens_seen += batch[1].numel() * self.trainer.world_size
         return loss
+
+    def count_pending_tokens(self) -> None:
+        """Add the example tokens of this step, over all ranks, to tokens_seen."""
+        if self._pending_tokens is None:
+            return
+        tokens, self._pending_tokens = self._pending_tokens, None
+        if self.trainer.world_size > 1:
+            tokens = self.trainer.strategy.reduce(tokens, reduce_op="sum")
+        self.tokens_seen += int(tokens)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Once per optimizer step, after accumulation (and unscaling under 16-mixed), before clipping.
+        self.count_pending_tokens()
         step = self.global_step
         if (step + 1) % self.trainer.log_every_n_steps == 0:
             loss = self.train_loss.compute()  # mean over this step's micro-batches and ranks
@@ -135,7 +202,14 @@ class GPTLitModule(L.LightningModule):
             self.log("loss", loss, prog_bar=True, logger=False)
         self.train_loss.reset()
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        if isinstance(batch, dict):  # only the counted targets: their nats, their number, their bytes
+            targets = batch["targets"]
+            counted = targets != IGNORE  # (B, T)
+            self.val_nats.update(self.summed_loss(batch))
+            self.val_tokens.update(counted.sum())
+            self.val_bytes.update((self.token_bytes[targets.clamp(min=0)] * counted).sum())
+            return
         targets = batch[1]
         self.val_nats.update(self.loss(batch) * targets.numel())
         self.val_tokens.update(targets.numel())

@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt.config import GenerateConfig
+from gpt.config import DataConfig, GenerateConfig
+from gpt.data.pairs import data_format, get_template
 from gpt.errors import ConfigError, UserError
 from gpt.generate.command import SEPARATOR, interactive, resolve_device, sample
 from gpt.generate.text import generate_text
-from gpt.runs.checkpoint import load_model, save_weights_checkpoint
+from gpt.runs.checkpoint import load_model, load_run, save_weights_checkpoint
 from gpt.tokenizer import CharTokenizer
 from tests.helpers import CHARS, ROOT, tiny_model
 
@@ -191,6 +192,60 @@ def test_benchmark_writes_its_json(tmp_path):
     assert result["cached_equals_uncached_tokens"] is True
     assert result["setup"]["prompt_tokens"] == 16 and result["first_token_seconds_nano"]["median"] > 0
     assert "cached / uncached" in proc.stdout
+
+
+# ----------------------------------------------------------------------------- prompt templates
+
+QA = "Q: {prompt}\\nA: "  # as typed on a command line: a backslash and an n
+
+
+@pytest.fixture(scope="module")
+def pairs_ckpt(tmp_path_factory) -> Path:
+    """A (random) model as fine-tuning on pairs saves it: an end-of-text token and a data_format."""
+    tok = CharTokenizer(CHARS, eot=True)
+    model = tiny_model(vocab_size=tok.vocab_size, init_std=0.5)
+    fmt = data_format(DataConfig(source="pairs", path="train.jsonl", template=QA))
+    return save_weights_checkpoint(
+        model, tok, tmp_path_factory.mktemp("pairs") / "last.ckpt", data_format=fmt
+    )
+
+
+def test_the_checkpoints_template_writes_the_prompt_and_none_turns_it_off(pairs_ckpt, tmp_path):
+    assert load_run(pairs_ckpt).data_format["prompt"] == "Q: {prompt}\nA: "
+    args = (f"ckpt={pairs_ckpt}", "prompt=hello", "max_new_tokens=12", "temperature=0")
+    proc = generate_py(*args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    formatted = "Q: hello\nA: "
+    assert proc.stdout == formatted + alone(pairs_ckpt, formatted, 12, temperature=0) + "\n"
+    assert "template: the checkpoint's" in proc.stderr
+    proc = generate_py(*args, "template=none", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "hello" + alone(pairs_ckpt, "hello", 12, temperature=0) + "\n"
+    assert "template" not in proc.stderr
+
+
+def test_a_template_given_replaces_the_checkpoints_and_a_bad_one_is_refused(pairs_ckpt, ckpt, capsys):
+    out, texts = run(pairs_ckpt, prompt="hi", template="plain", max_new_tokens=8, temperature=0)
+    assert out == "hi\n" + alone(pairs_ckpt, "hi\n", 8, temperature=0) + "\n"
+    assert "template: 'plain' writes each prompt" in capsys.readouterr().err
+    out, _ = run(ckpt, prompt="hi", template="Say {prompt}:", max_new_tokens=8, temperature=0)
+    assert out.startswith("Say hi:")  # a checkpoint trained on text takes one too
+    capsys.readouterr()
+    run(ckpt, prompt="hi", max_new_tokens=8, temperature=0)
+    assert "template" not in capsys.readouterr().err  # and has none of its own
+    with pytest.raises(ConfigError, match="template 'Q: {question}' is neither one of"):
+        run(pairs_ckpt, template="Q: {question}")
+
+
+def test_interactive_writes_each_line_with_the_template(pairs_ckpt):
+    model, tok = load_model(pairs_ckpt)
+    cfg = GenerateConfig(ckpt=str(pairs_ckpt), interactive=True, max_new_tokens=8, temperature=0, prompt="")
+    typed = iter(["hi\n", ""])
+    out: list[str] = []
+    template = get_template(QA)
+    interactive(model, tok, cfg, torch.Generator(), out.append, lambda: next(typed), False, template)
+    first = alone(pairs_ckpt, "Q: hi\nA: ", 8, temperature=0)
+    assert "".join(out) == first + ("" if first.endswith("\n") else "\n")
 
 
 def test_devices_this_machine_lacks_are_refused_before_loading(monkeypatch):

@@ -48,7 +48,7 @@ class TableModel(nn.Module):
         self.config = ModelConfig(n_layer=1, n_head=1, n_embd=1, block_size=block_size, vocab_size=len(table))
         self.table = nn.Parameter(table.float())
 
-    def forward(self, idx, kv_cache=None, pad=None):
+    def forward(self, idx, kv_cache=None, pad=None, prefix=None):
         if kv_cache is not None:
             kv_cache.advance(idx.size(1))
         return self.table[idx]  # (B, T, V)
@@ -154,6 +154,82 @@ def test_repetition_penalty_ignores_left_padding():
     assert out.tolist() == [[0, 1, 0], [0, 1, 0]]
 
 
+# ----------------------------------------------------------------------------- prefix LM
+
+
+@pytest.mark.parametrize("pos_emb", POS_EMBS)
+@pytest.mark.parametrize("prompt_len", [1, 7, 20])
+def test_prefix_lm_cached_logits_and_tokens_equal_uncached(pos_emb, prompt_len):
+    """The prompt is bidirectional in the prefill, the new tokens causal; 40 tokens on a 32-token
+    block: the window slides (and the prompt slides out) on both paths alike."""
+    model = tiny_model(pos_emb=pos_emb, prefix_lm=True)
+    idx = torch.randint(50, (2, prompt_len), generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        cached = Context(model, idx, None, 40, use_cache=True)
+        reference = Context(model, idx, None, 40, use_cache=False)
+        for _ in range(40):
+            torch.testing.assert_close(cached.logits, reference.logits, rtol=0, atol=1e-5)
+            token = reference.logits.argmax(-1)
+            cached.append(token)
+            reference.append(token)
+    if prompt_len == 20:  # and the greedy tokens of a model whose continuations vary
+        lively = lively_model(pos_emb=pos_emb, prefix_lm=True)
+        out = greedy(lively, idx, 40)
+        assert torch.equal(out, greedy(lively, idx, 40, use_cache=False))
+        assert len(set(out[0].tolist())) > 5
+
+
+@pytest.mark.parametrize("pos_emb", POS_EMBS)
+def test_prefix_lm_sees_the_whole_prompt_both_ways(pos_emb):
+    model = tiny_model(pos_emb=pos_emb, prefix_lm=True)
+    prompt = torch.randint(50, (1, 9), generator=torch.Generator().manual_seed(7))
+    with torch.inference_mode():
+        first = Context(model, prompt, None, 5).logits
+        both_ways = model(prompt, prefix=torch.ones_like(prompt, dtype=torch.bool))[:, -1]
+        causal = model(prompt)[:, -1]
+    torch.testing.assert_close(first, both_ways, rtol=0, atol=1e-6)
+    assert not torch.allclose(first, causal)
+
+
+def test_prefix_lm_prefix_is_what_is_left_of_the_prompt_after_a_slide():
+    model = tiny_model(prefix_lm=True)  # block 32: a slide keeps 16 tokens
+    idx, lengths = left_pad([[1] * 10, [2] * 4])
+    ctx = Context(model, idx, lengths, 40, use_cache=False)
+    expected = [[True] * 10, [False] * 6 + [True] * 4]
+    assert ctx.prefix().tolist() == expected
+    for _ in range(22):  # row 0 holds 32 tokens, 22 of them generated
+        ctx.append(torch.tensor([3, 3]))
+    assert ctx.prefix().tolist() == [e + [False] * 22 for e in expected]
+    ctx.append(torch.tensor([3, 3]))  # row 0 slides to its last 16 tokens, all generated; row 1 stays
+    assert ctx.lengths == [16, 27]
+    assert ctx.prefix().tolist() == [[False] * 27, [True] * 4 + [False] * 23]
+    for _ in range(6):  # row 1 slides too: no prompt left anywhere
+        ctx.append(torch.tensor([3, 3]))
+    assert ctx.lengths == [22, 16] and ctx.prefix() is None
+    causal = Context(tiny_model(), idx, lengths, 40, use_cache=False)
+    assert causal.prefix() is None
+
+
+@pytest.mark.parametrize("pos_emb", POS_EMBS)
+def test_prefix_lm_batched_rows_equal_one_at_a_time(pos_emb):
+    model = lively_model(pos_emb=pos_emb, prefix_lm=True)
+    g = torch.Generator().manual_seed(8)
+    rows = [torch.randint(50, (n,), generator=g).tolist() for n in (3, 17, 1, 30)]
+    idx, lengths = left_pad(rows)
+    for use_cache in (True, False):
+        batched = greedy(model, idx, 40, lengths=lengths, use_cache=use_cache)
+        for row, ids in zip(batched, rows, strict=True):
+            assert torch.equal(row, greedy(model, torch.tensor([ids]), 40)[0])
+
+
+def test_prefix_lm_beam_search_cached_equals_uncached():
+    model = lively_model(prefix_lm=True)
+    idx = torch.randint(50, (1, 6), generator=torch.Generator().manual_seed(9))
+    cached = beam_search(model, idx, 30, num_beams=3)  # the window slides
+    assert cached == beam_search(model, idx, 30, num_beams=3, use_cache=False)
+    assert beam_search(model, idx, 30, num_beams=1) == greedy(model, idx, 30)[0].tolist()
+
+
 # ----------------------------------------------------------------------------- sampling
 
 
@@ -223,8 +299,8 @@ def test_end_of_text_finishes_rows_and_stops_generation():
 class PaddingWins(GPT):
     """A model whose padding ids (>= 50) would win every step if they could be sampled."""
 
-    def forward(self, idx, kv_cache=None, pad=None):
-        logits = super().forward(idx, kv_cache, pad)
+    def forward(self, idx, kv_cache=None, pad=None, prefix=None):
+        logits = super().forward(idx, kv_cache, pad, prefix=prefix)
         logits[..., 50:] = 1e4
         return logits
 

@@ -13,9 +13,15 @@ import torch
 from gpt.errors import UserError
 from gpt.interop.export import export
 from gpt.interop.hf import TOKENIZER_FILE
-from gpt.runs.checkpoint import check_resumable, describe_checkpoint, load_model, save_weights_checkpoint
+from gpt.runs.checkpoint import (
+    check_resumable,
+    describe_checkpoint,
+    load_model,
+    load_run,
+    save_weights_checkpoint,
+)
 from gpt.tokenizer import CharTokenizer, TiktokenTokenizer
-from tests.helpers import CHARS, tiny_model
+from tests.helpers import CHARS, assert_same_weights, tiny_model
 
 
 @pytest.fixture
@@ -89,3 +95,27 @@ def test_hugging_face_dir_whose_tokenizer_is_not_the_models(tmp_path):
     (tmp_path / "hf" / TOKENIZER_FILE).write_text(json.dumps(CharTokenizer(CHARS + "éèê").to_dict()))
     with pytest.raises(UserError, match=f"its tokenizer has {len(CHARS) + 3} tokens but its model only"):
         load_model(tmp_path / "hf")
+
+
+def test_load_run_gives_the_data_format_a_checkpoint_was_trained_with(ckpt, tmp_path):
+    run = load_run(ckpt)
+    assert run.data_format is None and run.path == ckpt  # trained on text
+    fmt = {
+        "template": "plain",
+        "prompt": "{prompt}\n",
+        "prompt_with_input": None,
+        "turn": "{content}\n",
+        "reply": "",
+    }
+    model, tok = load_model(ckpt)
+    paired = save_weights_checkpoint(model, tok, tmp_path / "pairs.ckpt", data_format=fmt)
+    run = load_run(paired)
+    assert run.data_format == fmt and run.tokenizer.to_dict() == tok.to_dict()
+    assert_same_weights(run.model.state_dict(), model.state_dict())
+    older = edited(ckpt, lambda data: data["hyper_parameters"].pop("data_format"))  # saved before it existed
+    assert load_run(older).data_format is None
+    broken = edited(ckpt, lambda data: data["hyper_parameters"].update(data_format={"template": "plain"}))
+    with pytest.raises(UserError, match="its data_format is not a prompt template's"):
+        load_run(broken)
+    export(tiny_model(pos_emb="rope", vocab_size=tok.vocab_size), tok, tmp_path / "hf")
+    assert load_run(tmp_path / "hf").data_format is None
