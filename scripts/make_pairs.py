@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import random
+import sys
 from pathlib import Path
 
 ONES = (
@@ -91,7 +92,8 @@ def main() -> None:
     try:
         splits = numbers(args) if args.task == "numbers" else dialogue(args)
     except ValueError as e:
-        parser.error(str(e))  # one line, exit 2
+        print(f"make_pairs.py: {e}", file=sys.stderr)  # one line, exit 2, nothing written
+        sys.exit(2)
     out = Path(args.out or f"data/{args.task}")
     out.mkdir(parents=True, exist_ok=True)
     for name, pairs in splits.items():
