@@ -17,12 +17,12 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from gpt.config import DataConfig, DecodeConfig, SamplingConfig, sampling_config
-from gpt.data.pairs import Template, get_template, read_examples, template_of
+from gpt.data.pairs import PreparedPairs, Template, get_template, read_examples, template_of
 from gpt.data.sources import find_files
 from gpt.errors import NonFiniteError, UserError
 from gpt.evaluate.command import write_jsonl
 from gpt.evaluate.decode import evaluate
-from gpt.evaluate.examples import EvalExample, encode_examples
+from gpt.evaluate.examples import EvalExample, encode_examples, example_from_tokens
 from gpt.generate.text import generate_text
 from gpt.runs.checkpoint import newest_checkpoint
 from gpt.train.checkpointing import saved_step
@@ -206,13 +206,14 @@ class SampleText(L.Callback):
 
 
 def held_out_examples(datamodule: L.LightningDataModule | None) -> list[EvalExample] | None:
-    """The run's held-out validation examples, when it trains on pairs; None otherwise.
-
-    To be wired to the pairs datamodule, whose prepared data holds each val example as token ids and
-    a completion mask: gpt.evaluate.examples.example_from_tokens(ids, mask, tokenizer, where) turns
-    one into an EvalExample. Until then there are none: callbacks.evaluate needs a `path`.
-    """
-    return None
+    """The run's held-out validation examples, when it trains on pairs; None otherwise."""
+    prepared = getattr(datamodule, "prepared", None)
+    if not isinstance(prepared, PreparedPairs):
+        return None
+    tokenizer, val = prepared.tokenizer(), prepared.examples("val")
+    return [
+        example_from_tokens(*val[i], tokenizer, f"val example {int(val.index[i]) + 1}") for i in range(len(val))
+    ]
 
 
 class EvaluateGenerations(L.Callback):
