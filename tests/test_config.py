@@ -47,7 +47,7 @@ def test_preset_sizes(preset, vocab, low, high):
 
 @pytest.mark.parametrize("data", group_options("data"))
 def test_data_presets_validate(data):
-    extra = ["data.path=some/dir"] if data == "text" else []
+    extra = ["data.path=some/dir"] if data in ("text", "pairs") else []
     _, data_cfg, _ = train.to_dataclasses(compose_train(f"data={data}", *extra))
     assert isinstance(data_cfg, DataConfig)
 

@@ -152,20 +152,21 @@ def read_text_file(path: Path, progress: Callable[[int], None]) -> Iterator[str]
                 return
 
 
-def read_jsonl_file(path: Path, field: str, progress: Callable[[int], None]) -> Iterator[str]:
-    """One document per non-blank line: the string in `field` of the line's JSON object."""
+def jsonl_rows(path: Path, progress: Callable[[int], None] | None = None) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed JSON) of each non-blank line of a .jsonl or .jsonl.gz file; a line that
+    is not JSON or not UTF-8, or a broken gzip stream, ends in one line naming the file and line."""
     stream, raw = open_binary(path)
     done = 0
     with stream, raw:
         try:
             for lineno, line in enumerate(stream, 1):
-                if lineno % 1024 == 0:
+                if progress is not None and lineno % 1024 == 0:
                     progress(raw.tell() - done)
                     done = raw.tell()
                 if not line.strip():
                     continue
                 try:
-                    obj = json.loads(line)
+                    yield lineno, json.loads(line)
                 except UnicodeDecodeError:
                     raise UserError(f"{path}:{lineno} is not UTF-8 text; convert the file to UTF-8") from None
                 except ValueError as e:
@@ -173,16 +174,22 @@ def read_jsonl_file(path: Path, field: str, progress: Callable[[int], None]) -> 
                         f"{path}:{lineno} is not JSON ({e.args[0].split(':')[0]}); each line of a .jsonl "
                         "file must be one JSON object"
                     ) from None
-                text = obj.get(field) if isinstance(obj, dict) else None
-                if not isinstance(text, str):
-                    raise UserError(
-                        f"{path}:{lineno} has no string field {field!r}; set data.text_field to the field "
-                        "that holds the text"
-                    )
-                yield _check_text(path, text, f":{lineno}")
         except (OSError, EOFError, zlib.error) as e:
             raise _bad_gzip(path, e) from None
-        progress(raw.tell() - done)
+        if progress is not None:
+            progress(raw.tell() - done)
+
+
+def read_jsonl_file(path: Path, field: str, progress: Callable[[int], None]) -> Iterator[str]:
+    """One document per non-blank line: the string in `field` of the line's JSON object."""
+    for lineno, obj in jsonl_rows(path, progress):
+        text = obj.get(field) if isinstance(obj, dict) else None
+        if not isinstance(text, str):
+            raise UserError(
+                f"{path}:{lineno} has no string field {field!r}; set data.text_field to the field "
+                "that holds the text"
+            )
+        yield _check_text(path, text, f":{lineno}")
 
 
 def hf_dataset(cfg: DataConfig) -> Iterable[dict[str, Any]]:

@@ -1,0 +1,481 @@
+"""Paired data: JSONL rows of prompt -> completion, in the conventions users already have, joined by
+a prompt template into one stream of text segments, each marked as trained on or not.
+
+Row formats (the field names can be mapped with data.fields):
+- TRL:          {"prompt": ..., "completion": ...}
+- Alpaca/litgpt: {"instruction": ..., "input": ... (optional), "output": ...}
+- translation:  {"source": ..., "target": ...}
+- chat:         {"messages": [{"role": "system" | "user" | "assistant", "content": ...}, ...]}:
+                the loss is on the assistant turns.
+
+Each completion (each assistant turn) is followed by the tokenizer's end-of-text token, trained on,
+so that a fine-tuned model says where its answer ends. A template is saved with the checkpoint
+(`data_format`), so generation formats a prompt the way the model was trained.
+
+`prepare_pairs(cfg)` reads every row, tokenizes each example, splits train/val by example and caches
+the result under cfg.cache_dir, the way `gpt.data.prepare.prepare` caches a text corpus; packing the
+examples into batches is gpt/data/pairs_datamodule.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import string
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gpt.config import PAIR_FIELDS, DataConfig
+from gpt.data.encode import token_dtype
+from gpt.data.prepare import cache_name, fingerprint
+from gpt.data.sources import find_files, jsonl_rows
+from gpt.errors import ConfigError, UserError
+from gpt.tokenizer import CharTokenizer, Tokenizer, get_tokenizer, tokenizer_from_dict
+
+# ----------------------------------------------------------------------------- templates
+
+
+@dataclass(frozen=True)
+class Template:
+    """How the parts of a row become text.
+
+    prompt: a single-turn prompt, a format string over {prompt} (and, for Alpaca rows, {instruction}
+    and {input}); prompt_with_input: the same for Alpaca rows with a non-empty input (None: `prompt`);
+    turn: a chat turn that is not the assistant's, over {role} and {content}; reply: the text before
+    each assistant turn (not trained on).
+    """
+
+    prompt: str
+    prompt_with_input: str | None = None
+    turn: str = "{content}\n"
+    reply: str = ""
+
+    def render_prompt(self, fields: dict[str, str]) -> str:
+        fmt = self.prompt_with_input if fields.get("input") and self.prompt_with_input else self.prompt
+        return fmt.format_map(fields)
+
+
+ALPACA_HEAD = (
+    "Below is an instruction that describes a task{paired}. "
+    "Write a response that appropriately completes the request.\n\n### Instruction:\n{{instruction}}\n\n"
+)
+TEMPLATES = {
+    # The prompt as it is, the completion right after it.
+    "none": Template(prompt="{prompt}", turn="{content}"),
+    # The prompt, a line break, the completion.
+    "plain": Template(prompt="{prompt}\n"),
+    # Stanford Alpaca's prompt (also litgpt's "alpaca" style).
+    "alpaca": Template(
+        prompt=ALPACA_HEAD.format(paired="") + "### Response:\n",
+        prompt_with_input=ALPACA_HEAD.format(paired=", paired with an input that provides further context")
+        + "### Input:\n{input}\n\n### Response:\n",
+        turn="### Instruction:\n{content}\n\n",
+        reply="### Response:\n",
+    ),
+    # ChatML; the end-of-text token closes each assistant turn.
+    "chatml": Template(
+        prompt="<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n",
+        turn="<|im_start|>{role}\n{content}<|im_end|>\n",
+        reply="<|im_start|>assistant\n",
+    ),
+}
+PROMPT_KEYS = {"prompt", "instruction", "input"}
+
+
+def unescape(text: str) -> str:
+    r"""`\n` and `\t` typed in a format string on the command line, where a shell and Hydra keep them
+    as two characters, are a line break and a tab."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def get_template(spec: str) -> Template:
+    """A named template (none, plain, alpaca, chatml) or a format string over {prompt} such as
+    'Q: {prompt}\\nA: ' ({instruction} and {input} too, for Alpaca rows)."""
+    if spec in TEMPLATES:
+        return TEMPLATES[spec]
+    fmt = unescape(spec)
+    try:
+        keys = {name for _, name, _, _ in string.Formatter().parse(fmt) if name is not None}
+    except ValueError as e:
+        raise ConfigError(f"template {spec!r} is not a format string ({e}); write {{ as {{{{") from None
+    if not keys & {"prompt", "instruction"} or keys - PROMPT_KEYS:
+        raise ConfigError(
+            f"template {spec!r} is neither one of {', '.join(TEMPLATES)} nor a format string over "
+            "{prompt} (with {instruction} and {input} for Alpaca rows), such as 'Q: {prompt}\\nA: '"
+        )
+    return Template(
+        prompt=fmt, turn=fmt.replace("{prompt}", "{content}").replace("{instruction}", "{content}")
+    )
+
+
+# ----------------------------------------------------------------------------- the checkpoint's record
+
+
+def data_format(cfg: DataConfig) -> dict[str, Any]:
+    """What a checkpoint keeps of how its prompts were written: the template's strings (not only its
+    name, so that a later change to a named template does not change old models), plain data."""
+    return {"template": cfg.template, **asdict(get_template(cfg.template))}
+
+
+def template_of(fmt: dict[str, Any]) -> Template:
+    return Template(**{k: fmt[k] for k in ("prompt", "prompt_with_input", "turn", "reply")})
+
+
+def format_prompt(fmt: dict[str, Any] | Template, prompt: str) -> str:
+    """A user's prompt as the model saw prompts in training (`fmt`: a checkpoint's data_format)."""
+    template = fmt if isinstance(fmt, Template) else template_of(fmt)
+    return template.render_prompt({"prompt": prompt, "instruction": prompt, "input": ""})
+
+
+# ----------------------------------------------------------------------------- rows -> examples
+
+
+@dataclass(frozen=True)
+class Example:
+    """One row as text segments in order, each (text, trained on); `where` is FILE:LINE.
+
+    Adjacent segments with the same flag are merged, so a chat of one user turn and one assistant
+    turn is the same example as the prompt/completion row with the same texts.
+    """
+
+    segments: tuple[tuple[str, bool], ...]
+    where: str
+
+    @property
+    def prompt(self) -> str:
+        """Everything before the last trained segment: what generation is given."""
+        last = max(i for i, (_, trained) in enumerate(self.segments) if trained)
+        return "".join(text for text, _ in self.segments[:last])
+
+    @property
+    def completion(self) -> str:
+        """The last trained segment: the reference an evaluation compares generations with."""
+        return next(text for text, trained in reversed(self.segments) if trained)
+
+
+def _merge(segments: list[tuple[str, bool]]) -> tuple[tuple[str, bool], ...]:
+    merged: list[tuple[str, bool]] = []
+    for text, trained in segments:
+        if merged and merged[-1][1] == trained:
+            merged[-1] = (merged[-1][0] + text, trained)
+        elif text or trained:  # an empty prompt part is dropped; an empty completion still gets its eot
+            merged.append((text, trained))
+    return tuple(merged)
+
+
+def field_names(cfg: DataConfig) -> dict[str, str]:
+    """The file's name for each of our fields (data.fields maps ours to yours)."""
+    return {name: cfg.fields.get(name, name) for name in PAIR_FIELDS}
+
+
+def row_example(row: Any, names: dict[str, str], template: Template, where: str) -> Example:
+    """One JSON row -> its segments; a row of no known format, or with a non-string field, is refused."""
+
+    def text(key: str, optional: bool = False) -> str:
+        value = row.get(names[key])
+        if value is None and optional:  # absent or null: Alpaca rows without an input
+            return ""
+        if not isinstance(value, str):
+            kind = "null" if value is None else type(value).__name__
+            what = "is missing" if names[key] not in row else f"is {kind}, not a string"
+            raise UserError(
+                f"{where}: field {names[key]!r} {what}; fix the row or map the field with data.fields"
+            )
+        return value
+
+    if not isinstance(row, dict):
+        raise UserError(
+            f"{where} is not a JSON object; each line must be one, such as "
+            '{"prompt": "...", "completion": "..."}'
+        )
+    if names["messages"] in row:
+        return Example(_merge(chat_segments(row[names["messages"]], names, template, where)), where)
+    if names["instruction"] in row and names["output"] in row:
+        instruction, extra = text("instruction"), text("input", optional=True)
+        prompt = instruction + (f"\n\n{extra}" if extra else "")
+        fields, completion = {"prompt": prompt, "instruction": instruction, "input": extra}, text("output")
+    elif names["prompt"] in row and names["completion"] in row:
+        prompt, completion = text("prompt"), text("completion")
+        fields = {"prompt": prompt, "instruction": prompt, "input": ""}
+    elif names["source"] in row and names["target"] in row:
+        prompt, completion = text("source"), text("target")
+        fields = {"prompt": prompt, "instruction": prompt, "input": ""}
+    else:
+        raise UserError(
+            f"{where} has none of the paired formats' fields (prompt/completion, instruction/output, "
+            f"source/target, messages; it has {', '.join(map(repr, row)) or 'none'}); map yours with "
+            "data.fields, e.g. 'data.fields={prompt: question, completion: answer}'"
+        )
+    return Example(_merge([(template.render_prompt(fields), False), (completion, True)]), where)
+
+
+def chat_segments(
+    messages: Any, names: dict[str, str], template: Template, where: str
+) -> list[tuple[str, bool]]:
+    if not isinstance(messages, list) or not messages:
+        raise UserError(f"{where}: {names['messages']!r} is not a non-empty list of turns")
+    segments = []
+    for i, turn in enumerate(messages):
+        role = turn.get(names["role"]) if isinstance(turn, dict) else None
+        content = turn.get(names["content"]) if isinstance(turn, dict) else None
+        if not isinstance(role, str) or not isinstance(content, str):
+            raise UserError(
+                f"{where}: turn {i} needs string fields {names['role']!r} and {names['content']!r}; "
+                "map yours with data.fields (role: ..., content: ...)"
+            )
+        if role == "assistant":
+            segments += [(template.reply, False), (content, True)]
+        else:
+            segments.append((template.turn.format(role=role, content=content), False))
+    if not any(trained for _, trained in segments):
+        raise UserError(f"{where} has no assistant turn, so nothing to learn; every chat needs one")
+    return segments
+
+
+def pair_files(cfg: DataConfig, files: list[Path]) -> list[Path]:
+    """The .jsonl (.jsonl.gz) files among `files`; anything else is refused, by name."""
+    for path in files:
+        if not path.name.removesuffix(".gz").endswith(".jsonl"):
+            raise UserError(
+                f"{path} is not a .jsonl file; paired data is JSON lines (.jsonl or .jsonl.gz), "
+                "one example per line"
+            )
+    return files
+
+
+def read_examples(cfg: DataConfig, files: list[Path], template: Template | None = None) -> Iterator[Example]:
+    """Every row of the files, in order, as an Example; `template` (a checkpoint's, when evaluating
+    it) replaces cfg.template."""
+    names, template = field_names(cfg), template or get_template(cfg.template)
+    for path in pair_files(cfg, files):
+        for lineno, row in jsonl_rows(path):
+            yield row_example(row, names, template, f"{path}:{lineno}")
+
+
+# ----------------------------------------------------------------------------- examples -> tokens
+
+
+def encode_example(example: Example, tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, completion) of one example: token ids (int64), and for each token whether it belongs to
+    a trained segment (each of which is followed by the end-of-text token, which belongs to it too)."""
+    if tokenizer.eot_token is None:
+        raise UserError("paired data needs a tokenizer with an end-of-text token; this one has none")
+    ids: list[int] = []
+    completion: list[bool] = []
+    for text, trained in example.segments:
+        try:
+            piece = tokenizer.encode(text) + ([tokenizer.eot_token] if trained else [])
+        except UserError as e:  # a character outside a character vocabulary
+            raise UserError(f"{example.where}: {e}") from None
+        ids += piece
+        completion += [trained] * len(piece)
+    return np.asarray(ids, dtype=np.int64), np.asarray(completion, dtype=bool)
+
+
+# ----------------------------------------------------------------------------- the cached prepare step
+
+# Bumped whenever what prepare_pairs writes changes, so that older cache folders are not read.
+PAIRS_FORMAT = 1
+SPLITS = ("train", "val")
+ARRAYS = ("ids", "completion", "offsets", "index")
+
+
+@dataclass(frozen=True)
+class TokenizedExamples:
+    """One split's examples, stored flat: example i is ids[offsets[i]:offsets[i + 1]] with each token's
+    completion flag (encode_example's), and index[i] its position among all the rows read."""
+
+    ids: np.ndarray
+    completion: np.ndarray
+    offsets: np.ndarray
+    index: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        lo, hi = self.offsets[i], self.offsets[i + 1]
+        return self.ids[lo:hi], self.completion[lo:hi]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def targets(self, block_size: int, mask_prompt: bool) -> np.ndarray:
+        """How many targets with a loss each example has once cut to block_size + 1 tokens: every
+        token after its first, or with mask_prompt only those of a completion."""
+        kept = np.minimum(self.lengths, block_size + 1)
+        if not mask_prompt:
+            return kept - 1
+        trained = np.concatenate([[0], np.cumsum(self.completion, dtype=np.int64)])
+        return trained[self.offsets[:-1] + kept] - trained[self.offsets[:-1] + 1]
+
+
+@dataclass(frozen=True)
+class PreparedPairs:
+    """Tokenized examples on disk: `{split}-{ids,completion,offsets,index}.npy` and meta.json in `dir`."""
+
+    dir: Path
+    meta: dict[str, Any]
+    # True when this call tokenized the examples, False when they were found in the cache.
+    fresh: bool = False
+
+    def tokenizer(self) -> Tokenizer:
+        return tokenizer_from_dict(self.meta["tokenizer"])
+
+    @property
+    def data_format(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the prompt template (see data_format())."""
+        return self.meta["data_format"]
+
+    def examples(self, split: str) -> TokenizedExamples:
+        return TokenizedExamples(
+            **{name: np.load(self.dir / f"{split}-{name}.npy", mmap_mode="r") for name in ARRAYS}
+        )
+
+    def n_examples(self, split: str) -> int:
+        return self.meta[f"{split}_examples"]
+
+    def n_tokens(self, split: str) -> int:
+        return self.meta[f"{split}_tokens"]
+
+    def n_truncated(self, block_size: int, split: str = "train") -> int:
+        """Examples longer than a row holds (block_size + 1 tokens), which are cut to fit it."""
+        return int((self.examples(split).lengths > block_size + 1).sum())
+
+    def check_fits(self, block_size: int) -> None:
+        """Each split needs an example with a completion token among its first block_size + 1 tokens
+        (longer examples are cut): otherwise there is nothing to train on or to validate."""
+        if block_size < 2:
+            raise UserError(f"model.block_size={block_size} is too small for paired data; use at least 2")
+        for split in SPLITS:
+            if not self.examples(split).targets(block_size, mask_prompt=True).any():
+                raise UserError(
+                    f"no example of the {split} split has a completion token among its first "
+                    f"block_size+1 = {block_size + 1} tokens, so there is nothing to learn; use a larger "
+                    "model.block_size or shorter prompts"
+                )
+
+
+def pairs_fingerprint(cfg: DataConfig, files: list[Path], tok_key: dict[str, Any]) -> str:
+    """prepare's fingerprint (the files' path, size and mtime, the tokenizer, the split settings) and
+    what else changes the tokens: the template's strings, the field names, the format version."""
+    key = {
+        "text": fingerprint(cfg, files, tok_key),
+        "pairs": PAIRS_FORMAT,
+        "template": data_format(cfg),
+        "fields": field_names(cfg),
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def split_by_example(n: int, cfg: DataConfig) -> np.ndarray:
+    """Which of n examples are held out: round(n * val_fraction) of them, at least one and at most
+    n - 1, drawn with split_seed."""
+    if n < 2:
+        raise UserError(
+            f"data.path {cfg.path} holds {n} example{'' if n == 1 else 's'}; paired data needs at least "
+            "2, one to train on and one to validate with"
+        )
+    n_val = min(max(1, round(n * cfg.val_fraction)), n - 1)
+    is_val = np.zeros(n, dtype=bool)
+    is_val[np.random.default_rng(cfg.split_seed).choice(n, n_val, replace=False)] = True
+    return is_val
+
+
+def prepare_pairs(cfg: DataConfig, tokenizer: Tokenizer | None = None, verbose: bool = True) -> PreparedPairs:
+    """Read, tokenize and split cfg's paired data into cfg.cache_dir, or return the cached result.
+
+    `tokenizer` (a checkpoint's, when fine-tuning it) replaces cfg.tokenizer; a character tokenizer
+    without an end-of-text token gets one. A bad row stops everything with one line naming its file
+    and line, before anything is written.
+    """
+    files = find_files(cfg)
+    if isinstance(tokenizer, CharTokenizer):
+        tokenizer = tokenizer.with_eot()
+    if tokenizer is None and cfg.tokenizer != "char":
+        tokenizer = get_tokenizer(cfg.tokenizer)
+    # No tokenizer yet: a character vocabulary, built below from the rows (which the fingerprint covers).
+    tok_key = (
+        (tokenizer.to_dict() | {"n_vocab": tokenizer.vocab_size})
+        if tokenizer is not None
+        else {"kind": "char"}
+    )
+    tok_name = getattr(tokenizer, "name", "char")
+    name = f"{cache_name(cfg, files, tok_name)}-pairs-{pairs_fingerprint(cfg, files, tok_key)}"
+    out = Path(cfg.cache_dir) / name
+    if (out / "meta.json").is_file():
+        return PreparedPairs(out, json.loads((out / "meta.json").read_text()))
+
+    t0 = time.perf_counter()
+    examples = list(read_examples(cfg, files))
+    is_val = split_by_example(len(examples), cfg)
+    if tokenizer is None:
+        chars = set().union(*(text for example in examples for text, _ in example.segments))
+        tokenizer = CharTokenizer.from_text("".join(chars), eot=True)
+    encoded = [encode_example(example, tokenizer) for example in examples]
+    meta = {
+        "format": PAIRS_FORMAT,
+        "sources": len(files),
+        "first_source": str(files[0]),
+        "tokenizer": tokenizer.to_dict(),
+        "vocab_size": tokenizer.vocab_size,
+        "dtype": token_dtype(tokenizer.vocab_size),
+        "data_format": data_format(cfg),
+        "examples": len(examples),
+        "data": asdict(cfg),
+    }
+    write_atomically(out, lambda folder: write_examples(folder, encoded, is_val, meta))
+    meta = json.loads((out / "meta.json").read_text())
+    if verbose:
+        print(
+            f"prepared {meta['examples']:,} examples ({meta['train_examples']:,} train, "
+            f"{meta['val_examples']:,} val; {meta['train_tokens'] + meta['val_tokens']:,} tokens, "
+            f"{meta['vocab_size']:,}-token vocabulary) in {time.perf_counter() - t0:.1f}s into {out}"
+        )
+    return PreparedPairs(out, meta, fresh=True)
+
+
+def write_examples(
+    folder: Path, encoded: list[tuple[np.ndarray, np.ndarray]], is_val: np.ndarray, meta: dict[str, Any]
+) -> dict[str, Any]:
+    """Each split's arrays into `folder`; returns `meta` with the split's counts added."""
+    meta = dict(meta)
+    for split, members in (("train", np.flatnonzero(~is_val)), ("val", np.flatnonzero(is_val))):
+        lengths = np.array([len(encoded[i][0]) for i in members], dtype=np.int64)
+        arrays = {
+            "ids": np.concatenate([encoded[i][0] for i in members]).astype(meta["dtype"]),
+            "completion": np.concatenate([encoded[i][1] for i in members]),
+            "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+            "index": members.astype(np.int64),
+        }
+        for name, array in arrays.items():
+            np.save(folder / f"{split}-{name}.npy", array)
+        meta |= {f"{split}_examples": len(members), f"{split}_tokens": int(lengths.sum())}
+    return meta
+
+
+def write_atomically(out: Path, write: Callable[[Path], dict[str, Any]]) -> None:
+    """`write(folder)` fills a temporary folder next to `out` and returns its meta.json content; the
+    folder becomes `out` only once complete, so an interrupted write never leaves a folder that a
+    later run would trust (a killed process leaves a `.tmp-` folder, which nothing reads)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".tmp-"))
+    try:
+        (tmp / "meta.json").write_text(json.dumps(write(tmp), indent=2))
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            # Another process prepared the same data first: theirs is equally good.
+            if not (out / "meta.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
