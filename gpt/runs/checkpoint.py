@@ -149,6 +149,20 @@ def check_vocabulary(path: Path, config: ModelConfig, tokenizer: Tokenizer) -> N
         )
 
 
+def checkpoint_model(
+    ckpt: dict[str, Any], path: Path, fix: str = PASS_ANOTHER
+) -> tuple[ModelConfig, Tokenizer]:
+    """The model config and tokenizer that a checkpoint (as read_checkpoint returns it) describes."""
+    try:
+        hparams = ckpt["hyper_parameters"]
+        config = ModelConfig(**hparams["model"])
+        tokenizer = tokenizer_from_dict(hparams["tokenizer"])
+    except (KeyError, TypeError) as e:
+        raise not_a_checkpoint(path, f"it has no {e}", fix) from None
+    check_vocabulary(path, config, tokenizer)
+    return config, tokenizer
+
+
 def load_model(
     path: str | Path | None = None,
     device: str | torch.device = "cpu",
@@ -162,14 +176,11 @@ def load_model(
         check_vocabulary(ckpt_path, model.config, tokenizer)
         return model.to(device=device, dtype=dtype), tokenizer
     ckpt = read_checkpoint(ckpt_path)
+    config, tokenizer = checkpoint_model(ckpt, ckpt_path)
     try:
-        hparams = ckpt["hyper_parameters"]
-        config = ModelConfig(**hparams["model"])
-        tokenizer = tokenizer_from_dict(hparams["tokenizer"])
         state_dict = clean_state_dict(ckpt["state_dict"])
     except (KeyError, TypeError) as e:
         raise not_a_checkpoint(ckpt_path, f"it has no {e}") from None
-    check_vocabulary(ckpt_path, config, tokenizer)
     model = GPT(config)
     try:
         model.load_state_dict(state_dict, strict=True)
