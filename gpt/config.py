@@ -113,7 +113,8 @@ DEFAULT_INCLUDE = ("*.txt", "*.md", "*.jsonl", "*.txt.gz", "*.md.gz", "*.jsonl.g
 SOURCES = ("shakespeare", "text", "hf", "pairs")
 # The fields of paired rows (gpt.data.pairs), which data.fields can map to a file's own names.
 PAIR_FIELDS = (
-    "prompt", "completion", "instruction", "input", "output", "source", "target", "messages", "role", "content",
+    "prompt", "completion", "instruction", "input", "output", "source", "target",
+    "messages", "role", "content",
 )  # fmt: skip
 SAMPLINGS = ("random", "sequential")
 
@@ -190,7 +191,10 @@ class DataConfig:
             f"data.prepare_workers={self.prepare_workers} must be >= 1 (or null)",
         )
         unknown = sorted(set(self.fields) - set(PAIR_FIELDS))
-        _check(not unknown, f"data.fields maps {', '.join(unknown)}, which are not among {', '.join(PAIR_FIELDS)}")
+        _check(
+            not unknown,
+            f"data.fields maps {', '.join(unknown)}, which are not among {', '.join(PAIR_FIELDS)}",
+        )
         _check(bool(self.include), "data.include is empty: give at least one glob such as '*.txt'")
         _check(self.batch_size >= 1, f"data.batch_size={self.batch_size} must be >= 1")
         _check(self.num_workers >= 0, f"data.num_workers={self.num_workers} must be >= 0")

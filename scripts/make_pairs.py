@@ -24,11 +24,11 @@ import random
 import sys
 from pathlib import Path
 
-ONES = (
+ONES = (  # noqa: SIM905
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
     "sixteen seventeen eighteen nineteen"
 ).split()
-TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()  # noqa: SIM905
 SCALES = ((10**9, "billion"), (10**6, "million"), (1000, "thousand"))
 
 
@@ -73,7 +73,7 @@ def dialogue(args: argparse.Namespace) -> dict[str, list[dict[str, str]]]:
     speeches = [s.strip("\n") for s in path.read_text(encoding="utf-8").split("\n\n") if s.strip()]
     held_out = int(len(speeches) * 0.9)
     split: dict[str, list[dict[str, str]]] = {"test": [], "train": []}
-    for i, (said, answer) in enumerate(zip(speeches, speeches[1:])):
+    for i, (said, answer) in enumerate(zip(speeches, speeches[1:], strict=False)):
         if len(said) + len(answer) + 1 <= args.max_chars:
             split["test" if i >= held_out else "train"].append({"prompt": said, "completion": answer})
     return split

@@ -212,7 +212,8 @@ def held_out_examples(datamodule: L.LightningDataModule | None) -> list[EvalExam
         return None
     tokenizer, val = prepared.tokenizer(), prepared.examples("val")
     return [
-        example_from_tokens(*val[i], tokenizer, f"val example {int(val.index[i]) + 1}") for i in range(len(val))
+        example_from_tokens(*val[i], tokenizer, f"val example {int(val.index[i]) + 1}")
+        for i in range(len(val))
     ]
 
 
