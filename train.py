@@ -28,6 +28,7 @@ from gpt.errors import EXIT_PREEMPTED, ConfigError, exit_on_user_error
 from gpt.runs.checkpoint import check_resumable
 from gpt.tokenizer import Tokenizer
 from gpt.train.checks import accumulation_steps, check_devices, check_trainer_args, enable_tf32, val_windows
+from gpt.train.init_from import InitSource, overridden_keys, resolve_init
 from gpt.train.loggers import choose_wandb_mode, wandb_fields
 from gpt.train.precision import device_type, resolve_precision
 from gpt.train.resume import resolve_resume, resume_command
@@ -80,16 +81,24 @@ def choose_precision(cfg: DictConfig, width: int, notes: list[str]) -> None:
 
 def check(
     cfg: DictConfig, ckpt_path: str | None, notes: list[str]
-) -> tuple[ModelConfig, DataConfig, OptimConfig, Prepared, Tokenizer]:
-    """Validate everything that needs no Lightning: configs, devices, the data (prepared on first
-    use, cached on disk) against the model, and the checkpoint to resume against both. The
-    decisions made on the way (precision, validation windows) are added to `notes`, to be logged
-    once the start has succeeded: a failed start leaves an existing run dir's train.log as it was."""
+) -> tuple[ModelConfig, DataConfig, OptimConfig, Prepared, Tokenizer, InitSource | None]:
+    """Validate everything that needs no Lightning: configs, devices, the checkpoint to start from
+    (init_from), the data (prepared on first use, cached on disk) against the model, and the
+    checkpoint to resume against both. The decisions made on the way (precision, validation
+    windows) are added to `notes`, to be logged once the start has succeeded: a failed start leaves
+    an existing run dir's train.log as it was."""
     model_cfg, data_cfg, optim_cfg = to_dataclasses(cfg)
     check_trainer_args(OmegaConf.to_container(cfg.trainer, resolve=True))
     check_devices(cfg.trainer.accelerator, cfg.trainer.devices)
+    init = None
+    if cfg.init_from:
+        # The model config and tokenizer come from the checkpoint; a resumed run takes them from
+        # its own checkpoint, which it continues instead.
+        overridden = overridden_keys(HydraConfig.get().overrides.task)
+        init = resolve_init(ckpt_path or cfg.init_from, model_cfg, data_cfg.tokenizer, overridden)
+        model_cfg = init.model_config
     choose_precision(cfg, model_cfg.n_embd, notes)
-    prepared = prepare(data_cfg)
+    prepared = prepare(data_cfg, tokenizer=init.tokenizer if init else None)
     prepared.check_fits(model_cfg.block_size)
     tokenizer = prepared.tokenizer()
     model_cfg = replace(model_cfg, vocab_size=vocab_size(model_cfg.vocab_size, tokenizer.vocab_size))
@@ -100,15 +109,14 @@ def check(
     notes += [line] if line else []
     if ckpt_path:  # another model or vocabulary: refused before anything is written to the run dir
         check_resumable(ckpt_path, model_cfg, tokenizer)
-    return model_cfg, data_cfg, optim_cfg, prepared, tokenizer
+    return model_cfg, data_cfg, optim_cfg, prepared, tokenizer, init
 
 
 def build(
     cfg: DictConfig, ckpt_path: str | None = None, notes: list[str] | None = None
 ) -> tuple[L.Trainer, GPTLitModule, GPTDataModule]:
-    model_cfg, data_cfg, optim_cfg, prepared, tokenizer = check(
-        cfg, ckpt_path, [] if notes is None else notes
-    )
+    notes = [] if notes is None else notes
+    model_cfg, data_cfg, optim_cfg, prepared, tokenizer, init = check(cfg, ckpt_path, notes)
     import lightning as L
     from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 
@@ -123,6 +131,9 @@ def build(
     enable_tf32()
     datamodule = GPTDataModule(data_cfg, block_size=model_cfg.block_size, seed=cfg.seed, prepared=prepared)
     module = GPTLitModule.from_configs(model_cfg, optim_cfg, tokenizer)
+    if init and not ckpt_path:  # a resumed run continues from its own weights instead
+        init.load_into(module.model)
+        notes += init.notes()
     if cfg.compile:
         module.model.compile()  # in place: parameter names, and so checkpoints, are unchanged
 
@@ -206,12 +217,6 @@ def fit(cfg: DictConfig, run_dir: str, run_config: dict[str, str], rank_zero: bo
     # Only now: the CSV logger makes its csv/version_N/ on the first write.
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    if cfg.init_from and not ckpt_path:  # a resumed run continues from its own weights instead
-        from gpt.interop.load import init_from_pretrained
-
-        source = init_from_pretrained(module.model, cfg.init_from, module.tokenizer)
-        if trainer.is_global_zero:
-            log.info(f"initialized from {source}")
     if trainer.is_global_zero:
         for note in notes:
             log.log(logging.WARNING if note.startswith("warning:") else logging.INFO, note)

@@ -115,7 +115,8 @@ DEFAULT_INCLUDE = ("*.txt", "*.md", "*.jsonl", "*.txt.gz", "*.md.gz", "*.jsonl.g
 SOURCES = ("shakespeare", "text", "hf", "pairs")
 # The fields of paired rows (gpt.data.pairs), which data.fields can map to a file's own names.
 PAIR_FIELDS = (
-    "prompt", "completion", "instruction", "input", "output", "source", "target", "messages", "role", "content",
+    "prompt", "completion", "instruction", "input", "output", "source", "target",
+    "messages", "role", "content",
 )  # fmt: skip
 SAMPLINGS = ("random", "sequential")
 
@@ -192,7 +193,10 @@ class DataConfig:
             f"data.prepare_workers={self.prepare_workers} must be >= 1 (or null)",
         )
         unknown = sorted(set(self.fields) - set(PAIR_FIELDS))
-        _check(not unknown, f"data.fields maps {', '.join(unknown)}, which are not among {', '.join(PAIR_FIELDS)}")
+        _check(
+            not unknown,
+            f"data.fields maps {', '.join(unknown)}, which are not among {', '.join(PAIR_FIELDS)}",
+        )
         _check(bool(self.include), "data.include is empty: give at least one glob such as '*.txt'")
         _check(self.batch_size >= 1, f"data.batch_size={self.batch_size} must be >= 1")
         _check(self.num_workers >= 0, f"data.num_workers={self.num_workers} must be >= 0")
@@ -393,3 +397,83 @@ class CompareConfig:
         _check(bool(self.runs), "say which runs to compare: python compare.py runs=[DIR,...]")
         self.out = _home(self.out)
         _check(bool(self.out), "out= is empty; name the plot file, such as out=compare.png")
+
+
+# Evaluation by generation on prompt -> completion pairs: evaluate.py (conf/evaluate.yaml) and the
+# training callback callbacks.evaluate (gpt.evaluate, docs/evaluation.md).
+
+EVAL_METHODS = ("greedy", "beam", "sampled")
+# data.template=checkpoint: the prompt template saved with the checkpoint (plain when it has none).
+FROM_CHECKPOINT = "checkpoint"
+
+
+@dataclass
+class DecodeConfig(SamplingConfig):
+    """How an evaluation generates: which methods, and their settings. The sampling settings
+    (temperature, top_k, ...) are SamplingConfig's and apply to the `sampled` method only."""
+
+    # Decoding methods to compare, each scored on its own: greedy, beam (beam search), sampled.
+    methods: list[str] = field(default_factory=lambda: ["greedy"])
+    # Tokens generated per example at most (generation also stops at end-of-text). None: the longest
+    # reference's tokens plus a margin (a quarter of it, at least 8), at most the model's block_size.
+    max_new_tokens: int | None = None
+    # Examples generated together by greedy and sampled (beam search takes one example at a time).
+    batch_size: int = 16
+    # beam: beams kept.
+    num_beams: int = 4
+    # beam: finished beams are ranked by log-probability / length ** length_penalty.
+    length_penalty: float = 1.0
+    # sampled: seeds its torch.Generator, so that the same settings sample the same outputs.
+    seed: int = 1337
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        methods = [self.methods] if isinstance(self.methods, str) else list(self.methods)
+        unknown = [m for m in methods if m not in EVAL_METHODS]
+        _check(
+            not unknown,
+            f"methods: {', '.join(map(repr, unknown))} is not a decoding method; choose among "
+            f"{', '.join(EVAL_METHODS)}, e.g. methods=[greedy,beam]",
+        )
+        _check(bool(methods), f"methods=[] is empty; choose among {', '.join(EVAL_METHODS)}")
+        self.methods = list(dict.fromkeys(methods))  # each once, in the order given
+        _check(
+            self.max_new_tokens is None or self.max_new_tokens >= 1,
+            f"max_new_tokens={self.max_new_tokens} must be >= 1 (or null: fitted to the references)",
+        )
+        _check(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
+        _check(self.num_beams >= 1, f"num_beams={self.num_beams} must be >= 1")
+
+
+@dataclass
+class EvaluateConfig(DecodeConfig):
+    """evaluate.py's keys: the decoding settings (methods, num_beams, temperature, ...) are
+    DecodeConfig's, as top-level keys."""
+
+    # A checkpoint file, a run dir, a Hugging Face dir, or None for the newest run under runs_dir.
+    ckpt: str | None = None
+    # Where the newest run is looked for when ckpt is None.
+    runs_dir: str = "runs"
+    # The pairs to evaluate on (data.path, a .jsonl file or a folder of them; data.fields). data.template:
+    # `checkpoint` (the default) formats prompts as the checkpoint was trained, or name one.
+    data: DataConfig = field(default_factory=DataConfig)
+    # Evaluate the first `limit` examples only; None: all.
+    limit: int | None = None
+    # The folder the outputs are written to (one JSONL line per example, the metrics as JSON);
+    # None: <run dir>/evals/ beside the checkpoint.
+    out: str | None = None
+    # auto: cuda when available, else cpu; or a torch device such as cuda:1.
+    device: str = "auto"
+    # float32, bfloat16 or float16 (the last two for GPUs).
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.ckpt, self.out = self.ckpt or None, _home(self.out) or None
+        _check(
+            self.data.source == "pairs",
+            f"data={self.data.source}: evaluate reads prompt -> completion pairs; use the default "
+            "data=pairs with data.path=FILE.jsonl",
+        )
+        _check(self.limit is None or self.limit >= 1, f"limit={self.limit} must be >= 1 (or null: all)")
+        _one_of("dtype", self.dtype, ("float32", "bfloat16", "float16"))

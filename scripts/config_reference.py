@@ -315,8 +315,10 @@ class Reference:
             others = [(p, v) for p, v in preset_values.get(key, []) if not same(v, default)]
             if others:
                 cell += " (" + ", ".join(f"`{p}`: {show(v)}" for p, v in others) + ")"
-            kind = self.types.get(cls.__name__, {}).get(f.name, "")
-            meaning = prose(self.comments.get(cls.__name__, {}).get(f.name, ""))
+            # An inherited field (GenerateConfig's temperature) is written in its base class.
+            owner = next((c.__name__ for c in cls.__mro__ if f.name in self.types.get(c.__name__, {})), "")
+            kind = self.types.get(owner, {}).get(f.name, "")
+            meaning = prose(self.comments.get(owner, {}).get(f.name, ""))
             rows.append([f"`{key}`", f"`{kind}`".replace("|", "\\|"), cell, meaning])
         return rows
 
@@ -441,7 +443,7 @@ class Reference:
     def render(self) -> str:
         out = [BEGIN, ""]
         out += ["## Commands", ""]
-        order = ["train.py", "generate.py", "prepare.py", "export.py", "compare.py"]
+        order = ["train.py", "generate.py", "evaluate.py", "prepare.py", "export.py", "compare.py"]
         rank = {name: i for i, name in enumerate(order)}
         for command in sorted(self.commands, key=lambda c: (rank.get(c.script, len(order)), c.script)):
             out += self.command_section(command)

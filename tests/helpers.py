@@ -179,9 +179,9 @@ def train_args(corpus: Path, *extra: str) -> list[str]:
     return ["train.py", *FAST, f"data.path={corpus}", *extra]
 
 
-def build_in_process(corpus: Path, run_dir: Path, *overrides: str):
+def build_in_process(corpus: Path, run_dir: Path, *overrides: str, ckpt_path: str | None = None):
     """train.build with BASE in this process, as @hydra.main would call it: (trainer, module,
-    datamodule)."""
+    datamodule). `ckpt_path`: the checkpoint train.fit would resume from."""
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
@@ -194,7 +194,7 @@ def build_in_process(corpus: Path, run_dir: Path, *overrides: str):
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]  # as @hydra.main hands it to train.py
-    return train.build(cfg)
+    return train.build(cfg, ckpt_path)
 
 
 def fit(corpus: Path, run_dir: Path, *overrides: str):

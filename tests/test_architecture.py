@@ -8,11 +8,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # Lowest first: a module may import its own layer and the layers before it, never one after it.
-LAYERS = ["base", "model", "data", "interop", "runs", "generate", "train"]
+LAYERS = ["base", "model", "data", "interop", "runs", "generate", "evaluate", "train"]
 BASE = {"errors", "config", "tokenizer"}
 # The public API re-exports from the layers; the `python -m gpt.X` shims only run a root script.
 EXEMPT = {"gpt", "gpt.prepare", "gpt.export", "gpt.compare"}
-NO_LIGHTNING = {"model", "generate", "interop", "runs"}  # generate.py and load_model start fast
+# generate.py, evaluate.py and load_model start fast
+NO_LIGHTNING = {"model", "generate", "interop", "runs", "evaluate"}
 
 
 def modules() -> dict[str, Path]:

@@ -93,19 +93,47 @@ def char_vocabulary(parts: Iterable[Part]) -> CharTokenizer:
     return CharTokenizer("".join(sorted(chars)))
 
 
+def check_characters(
+    cfg: DataConfig, files: list[Path], tok: CharTokenizer, progress: Callable[[int], None]
+) -> None:
+    """The first pass of a corpus tokenized with a given character vocabulary (the one of a model
+    being fine-tuned) instead of its own: every character must be in it. File by file, so that the
+    error names the file."""
+    known = set(tok.chars)
+    if not set(CHAR_SEPARATOR) <= known:
+        raise UserError(
+            f"the {len(tok.chars)}-character vocabulary of the model being fine-tuned has no "
+            f"{CHAR_SEPARATOR[0]!r}, which separates documents; start from a character model that has it"
+        )
+    sources = [(str(p), [p]) for p in files] if files else [(f"the dataset {cfg.path}", [])]
+    for where, group in sources:
+        for pieces in read_documents(cfg, group, progress):
+            for text in pieces:
+                if not set(text) <= known:
+                    c = next(c for c in text if c not in known)
+                    raise UserError(
+                        f"{where} holds {c!r} (U+{ord(c):04X}), a character not in the "
+                        f"{len(tok.chars)}-character vocabulary of the model being fine-tuned; remove "
+                        "or replace it in the corpus, or leave the file out with data.exclude"
+                    )
+
+
 def make_encoder(tok: Tokenizer, dtype: str) -> Callable[[list[str]], list[np.ndarray]]:
     if isinstance(tok, CharTokenizer):
-        # Characters sort by code point, so an id is the character's rank among the vocabulary's.
+        # A character's id from its rank among the vocabulary's code points, sorted (a vocabulary
+        # built from a corpus is sorted; one given, a checkpoint's, need not be).
         code_points = np.array([ord(c) for c in tok.chars], dtype=np.uint32)
+        order = np.argsort(code_points)
+        sorted_points = code_points[order]
 
         def encode_chars(texts: list[str]) -> list[np.ndarray]:
             out = []
             for text in texts:
                 cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-                ids = np.searchsorted(code_points, cps)
-                if ids.size and (ids.max() >= len(code_points) or (code_points[ids] != cps).any()):
+                ranks = np.searchsorted(sorted_points, cps)
+                if ranks.size and (ranks.max() >= len(code_points) or (sorted_points[ranks] != cps).any()):
                     raise UserError("the corpus changed while it was being prepared; run the prepare again")
-                out.append(ids.astype(dtype))
+                out.append(order[ranks].astype(dtype))
             return out
 
         return encode_chars

@@ -11,12 +11,22 @@ Row formats (the field names can be mapped with data.fields):
 Each completion (each assistant turn) is followed by the tokenizer's end-of-text token, trained on,
 so that a fine-tuned model says where its answer ends. A template is saved with the checkpoint
 (`data_format`), so generation formats a prompt the way the model was trained.
+
+`prepare_pairs(cfg)` reads every row, tokenizes each example, splits train/val by example and caches
+the result under cfg.cache_dir, the way `gpt.data.prepare.prepare` caches a text corpus; packing the
+examples into batches is gpt/data/pairs_datamodule.py.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
 import string
-from collections.abc import Iterator
+import tempfile
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,9 +34,11 @@ from typing import Any
 import numpy as np
 
 from gpt.config import PAIR_FIELDS, DataConfig
-from gpt.data.sources import jsonl_rows
+from gpt.data.encode import token_dtype
+from gpt.data.prepare import cache_name, fingerprint
+from gpt.data.sources import find_files, jsonl_rows
 from gpt.errors import ConfigError, UserError
-from gpt.tokenizer import Tokenizer
+from gpt.tokenizer import CharTokenizer, Tokenizer, get_tokenizer, tokenizer_from_dict
 
 # ----------------------------------------------------------------------------- templates
 
@@ -99,7 +111,9 @@ def get_template(spec: str) -> Template:
             f"template {spec!r} is neither one of {', '.join(TEMPLATES)} nor a format string over "
             "{prompt} (with {instruction} and {input} for Alpaca rows), such as 'Q: {prompt}\\nA: '"
         )
-    return Template(prompt=fmt, turn=fmt.replace("{prompt}", "{content}").replace("{instruction}", "{content}"))
+    return Template(
+        prompt=fmt, turn=fmt.replace("{prompt}", "{content}").replace("{instruction}", "{content}")
+    )
 
 
 # ----------------------------------------------------------------------------- the checkpoint's record
@@ -166,9 +180,12 @@ def row_example(row: Any, names: dict[str, str], template: Template, where: str)
     """One JSON row -> its segments; a row of no known format, or with a non-string field, is refused."""
 
     def text(key: str, optional: bool = False) -> str:
-        value = row.get(names[key], "" if optional else None)
+        value = row.get(names[key])
+        if value is None and optional:  # absent or null: Alpaca rows without an input
+            return ""
         if not isinstance(value, str):
-            what = "is missing" if value is None else f"is {type(value).__name__}, not a string"
+            kind = "null" if value is None else type(value).__name__
+            what = "is missing" if names[key] not in row else f"is {kind}, not a string"
             raise UserError(
                 f"{where}: field {names[key]!r} {what}; fix the row or map the field with data.fields"
             )
@@ -261,3 +278,204 @@ def encode_example(example: Example, tokenizer: Tokenizer) -> tuple[np.ndarray, 
         ids += piece
         completion += [trained] * len(piece)
     return np.asarray(ids, dtype=np.int64), np.asarray(completion, dtype=bool)
+
+
+# ----------------------------------------------------------------------------- the cached prepare step
+
+# Bumped whenever what prepare_pairs writes changes, so that older cache folders are not read.
+PAIRS_FORMAT = 1
+SPLITS = ("train", "val")
+ARRAYS = ("ids", "completion", "offsets", "index")
+
+
+@dataclass(frozen=True)
+class TokenizedExamples:
+    """One split's examples, stored flat: example i is ids[offsets[i]:offsets[i + 1]] with each token's
+    completion flag (encode_example's), and index[i] its position among all the rows read."""
+
+    ids: np.ndarray
+    completion: np.ndarray
+    offsets: np.ndarray
+    index: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        lo, hi = self.offsets[i], self.offsets[i + 1]
+        return self.ids[lo:hi], self.completion[lo:hi]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def targets(self, block_size: int, mask_prompt: bool) -> np.ndarray:
+        """How many targets with a loss each example has once cut to block_size + 1 tokens: every
+        token after its first, or with mask_prompt only those of a completion."""
+        kept = np.minimum(self.lengths, block_size + 1)
+        if not mask_prompt:
+            return kept - 1
+        trained = np.concatenate([[0], np.cumsum(self.completion, dtype=np.int64)])
+        return trained[self.offsets[:-1] + kept] - trained[self.offsets[:-1] + 1]
+
+
+@dataclass(frozen=True)
+class PreparedPairs:
+    """Tokenized examples on disk: `{split}-{ids,completion,offsets,index}.npy` and meta.json in `dir`."""
+
+    dir: Path
+    meta: dict[str, Any]
+    # True when this call tokenized the examples, False when they were found in the cache.
+    fresh: bool = False
+
+    def tokenizer(self) -> Tokenizer:
+        return tokenizer_from_dict(self.meta["tokenizer"])
+
+    @property
+    def data_format(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the prompt template (see data_format())."""
+        return self.meta["data_format"]
+
+    def examples(self, split: str) -> TokenizedExamples:
+        return TokenizedExamples(
+            **{name: np.load(self.dir / f"{split}-{name}.npy", mmap_mode="r") for name in ARRAYS}
+        )
+
+    def n_examples(self, split: str) -> int:
+        return self.meta[f"{split}_examples"]
+
+    def n_tokens(self, split: str) -> int:
+        return self.meta[f"{split}_tokens"]
+
+    def n_truncated(self, block_size: int, split: str = "train") -> int:
+        """Examples longer than a row holds (block_size + 1 tokens), which are cut to fit it."""
+        return int((self.examples(split).lengths > block_size + 1).sum())
+
+    def check_fits(self, block_size: int) -> None:
+        """Each split needs an example with a completion token among its first block_size + 1 tokens
+        (longer examples are cut): otherwise there is nothing to train on or to validate."""
+        if block_size < 2:
+            raise UserError(f"model.block_size={block_size} is too small for paired data; use at least 2")
+        for split in SPLITS:
+            if not self.examples(split).targets(block_size, mask_prompt=True).any():
+                raise UserError(
+                    f"no example of the {split} split has a completion token among its first "
+                    f"block_size+1 = {block_size + 1} tokens, so there is nothing to learn; use a larger "
+                    "model.block_size or shorter prompts"
+                )
+
+
+def pairs_fingerprint(cfg: DataConfig, files: list[Path], tok_key: dict[str, Any]) -> str:
+    """prepare's fingerprint (the files' path, size and mtime, the tokenizer, the split settings) and
+    what else changes the tokens: the template's strings, the field names, the format version."""
+    key = {
+        "text": fingerprint(cfg, files, tok_key),
+        "pairs": PAIRS_FORMAT,
+        "template": data_format(cfg),
+        "fields": field_names(cfg),
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def split_by_example(n: int, cfg: DataConfig) -> np.ndarray:
+    """Which of n examples are held out: round(n * val_fraction) of them, at least one and at most
+    n - 1, drawn with split_seed."""
+    if n < 2:
+        raise UserError(
+            f"data.path {cfg.path} holds {n} example{'' if n == 1 else 's'}; paired data needs at least "
+            "2, one to train on and one to validate with"
+        )
+    n_val = min(max(1, round(n * cfg.val_fraction)), n - 1)
+    is_val = np.zeros(n, dtype=bool)
+    is_val[np.random.default_rng(cfg.split_seed).choice(n, n_val, replace=False)] = True
+    return is_val
+
+
+def prepare_pairs(cfg: DataConfig, tokenizer: Tokenizer | None = None, verbose: bool = True) -> PreparedPairs:
+    """Read, tokenize and split cfg's paired data into cfg.cache_dir, or return the cached result.
+
+    `tokenizer` (a checkpoint's, when fine-tuning it) replaces cfg.tokenizer; a character tokenizer
+    without an end-of-text token gets one. A bad row stops everything with one line naming its file
+    and line, before anything is written.
+    """
+    files = find_files(cfg)
+    if isinstance(tokenizer, CharTokenizer):
+        tokenizer = tokenizer.with_eot()
+    if tokenizer is None and cfg.tokenizer != "char":
+        tokenizer = get_tokenizer(cfg.tokenizer)
+    # No tokenizer yet: a character vocabulary, built below from the rows (which the fingerprint covers).
+    tok_key = (
+        (tokenizer.to_dict() | {"n_vocab": tokenizer.vocab_size})
+        if tokenizer is not None
+        else {"kind": "char"}
+    )
+    tok_name = getattr(tokenizer, "name", "char")
+    name = f"{cache_name(cfg, files, tok_name)}-pairs-{pairs_fingerprint(cfg, files, tok_key)}"
+    out = Path(cfg.cache_dir) / name
+    if (out / "meta.json").is_file():
+        return PreparedPairs(out, json.loads((out / "meta.json").read_text()))
+
+    t0 = time.perf_counter()
+    examples = list(read_examples(cfg, files))
+    is_val = split_by_example(len(examples), cfg)
+    if tokenizer is None:
+        chars = set().union(*(text for example in examples for text, _ in example.segments))
+        tokenizer = CharTokenizer.from_text("".join(chars), eot=True)
+    encoded = [encode_example(example, tokenizer) for example in examples]
+    meta = {
+        "format": PAIRS_FORMAT,
+        "sources": len(files),
+        "first_source": str(files[0]),
+        "tokenizer": tokenizer.to_dict(),
+        "vocab_size": tokenizer.vocab_size,
+        "dtype": token_dtype(tokenizer.vocab_size),
+        "data_format": data_format(cfg),
+        "examples": len(examples),
+        "data": asdict(cfg),
+    }
+    write_atomically(out, lambda folder: write_examples(folder, encoded, is_val, meta))
+    meta = json.loads((out / "meta.json").read_text())
+    if verbose:
+        print(
+            f"prepared {meta['examples']:,} examples ({meta['train_examples']:,} train, "
+            f"{meta['val_examples']:,} val; {meta['train_tokens'] + meta['val_tokens']:,} tokens, "
+            f"{meta['vocab_size']:,}-token vocabulary) in {time.perf_counter() - t0:.1f}s into {out}"
+        )
+    return PreparedPairs(out, meta, fresh=True)
+
+
+def write_examples(
+    folder: Path, encoded: list[tuple[np.ndarray, np.ndarray]], is_val: np.ndarray, meta: dict[str, Any]
+) -> dict[str, Any]:
+    """Each split's arrays into `folder`; returns `meta` with the split's counts added."""
+    meta = dict(meta)
+    for split, members in (("train", np.flatnonzero(~is_val)), ("val", np.flatnonzero(is_val))):
+        lengths = np.array([len(encoded[i][0]) for i in members], dtype=np.int64)
+        arrays = {
+            "ids": np.concatenate([encoded[i][0] for i in members]).astype(meta["dtype"]),
+            "completion": np.concatenate([encoded[i][1] for i in members]),
+            "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+            "index": members.astype(np.int64),
+        }
+        for name, array in arrays.items():
+            np.save(folder / f"{split}-{name}.npy", array)
+        meta |= {f"{split}_examples": len(members), f"{split}_tokens": int(lengths.sum())}
+    return meta
+
+
+def write_atomically(out: Path, write: Callable[[Path], dict[str, Any]]) -> None:
+    """`write(folder)` fills a temporary folder next to `out` and returns its meta.json content; the
+    folder becomes `out` only once complete, so an interrupted write never leaves a folder that a
+    later run would trust (a killed process leaves a `.tmp-` folder, which nothing reads)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".tmp-"))
+    try:
+        (tmp / "meta.json").write_text(json.dumps(write(tmp), indent=2))
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            # Another process prepared the same data first: theirs is equally good.
+            if not (out / "meta.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

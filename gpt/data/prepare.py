@@ -8,7 +8,8 @@
    one document each; any of the files may be gzip-compressed (`.gz`);
 2. cuts documents longer than `doc_chars` at a line break into parts (a big file is read and
    tokenized piece by piece, and a one-file corpus gets a validation split); a character
-   vocabulary is read from the corpus first, in a separate streamed pass;
+   vocabulary is read from the corpus first, in a separate streamed pass (or, given one, the
+   corpus is checked against it);
 3. tokenizes parts in batches on a pool of threads (tiktoken releases the GIL), in order, with
    memory bounded by the batches in flight, never by the corpus;
 4. sends parts to val at random (a `split_seed`-ed stream of draws, one per part, so the split
@@ -49,6 +50,7 @@ from gpt.data.encode import (
     CHAR_SEPARATOR,
     PartCounter,
     char_vocabulary,
+    check_characters,
     encode_parts,
     iter_parts,
     make_encoder,
@@ -57,7 +59,7 @@ from gpt.data.encode import (
 from gpt.data.shards import ShardWriter, Splitter
 from gpt.data.sources import find_files
 from gpt.errors import UserError
-from gpt.tokenizer import CharTokenizer, TiktokenTokenizer, Tokenizer, get_tokenizer, tokenizer_from_dict
+from gpt.tokenizer import CharTokenizer, Tokenizer, get_tokenizer, tokenizer_from_dict
 
 FORMAT_VERSION = 3
 
@@ -139,27 +141,32 @@ class Meter:
         self.bar.close()
 
 
-def prepare(cfg: DataConfig, tokenizer: TiktokenTokenizer | None = None, verbose: bool = True) -> Prepared:
+def prepare(cfg: DataConfig, tokenizer: Tokenizer | None = None, verbose: bool = True) -> Prepared:
     """Tokenize the corpus into cfg.cache_dir, or return the cached result.
 
-    `tokenizer` overrides cfg.tokenizer with a BPE tokenizer built in code (tests use it).
+    `tokenizer` is used instead of cfg.tokenizer: the tokenizer of a model being fine-tuned (a
+    character vocabulary then must hold every character of the corpus), or a BPE tokenizer built
+    in code (tests use it).
     """
     files = [] if cfg.source == "hf" else find_files(cfg)
     tok: Tokenizer | None = tokenizer
     if tok is None and cfg.tokenizer != "char":
         tok = get_tokenizer(cfg.tokenizer)  # a character vocabulary is built below, from the corpus
     tok_key = {"kind": "char"} if tok is None else tok.to_dict() | {"n_vocab": tok.vocab_size}
-    tok_name = "char" if tok is None else tok.name
+    tok_name = "char" if tok is None or isinstance(tok, CharTokenizer) else tok.name
     out = Path(cfg.cache_dir) / f"{cache_name(cfg, files, tok_name)}-{fingerprint(cfg, files, tok_key)}"
     if (out / "meta.json").is_file():
         return Prepared(out, json.loads((out / "meta.json").read_text()))
 
     total = sum(p.stat().st_size for p in files) or None
     t0 = time.perf_counter()
-    if tok is None:
+    if tok is None or isinstance(tok, CharTokenizer):
         meter = Meter(total, "characters", verbose)
         try:
-            tok = char_vocabulary(iter_parts(cfg, files, meter.read))
+            if tok is None:
+                tok = char_vocabulary(iter_parts(cfg, files, meter.read))
+            else:
+                check_characters(cfg, files, tok, meter.read)
         finally:
             meter.close()
     out.parent.mkdir(parents=True, exist_ok=True)

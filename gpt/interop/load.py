@@ -1,5 +1,5 @@
-"""Hugging Face checkpoint directories and hub names -> our GPT: load one for inference, or initialize a
-training run from one."""
+"""Hugging Face checkpoint directories and hub names -> our GPT: load one for inference, or read one to
+start a training run from (init_from=, decided in gpt.train.init_from)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from typing import Any
 
 import torch
 
-from gpt.config import ARCHITECTURE
+from gpt.config import ModelConfig
 from gpt.errors import UserError
 from gpt.interop.hf import GPT2_VOCAB, TOKENIZER_FILE, from_hf_state_dict, is_hf_dir, model_config_from_hf
 from gpt.model.transformer import GPT
-from gpt.tokenizer import Tokenizer, tokenizer_from_dict
+from gpt.tokenizer import tokenizer_from_dict
 
 # init_from=NAME downloads these from the hub.
 HUB_MODELS = {
@@ -58,12 +58,16 @@ def read_hf_config(path: Path) -> dict[str, Any]:
         raise UserError(f"{path}/config.json is not readable JSON ({e})") from None
 
 
-def load_hf_model(path: str | Path) -> GPT:
-    """Our GPT (eval mode, float32) with the weights of a GPT-2 or Llama checkpoint directory."""
-    path = Path(path)
+def read_hf_state_dict(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """A GPT-2 or Llama checkpoint directory's model config and weights, under our names."""
     hf = read_hf_config(path)
     config = model_config_from_hf(hf)
-    state_dict = from_hf_state_dict(read_hf_weights(path), config, hf["model_type"])
+    return config, from_hf_state_dict(read_hf_weights(path), config, hf["model_type"])
+
+
+def load_hf_model(path: str | Path) -> GPT:
+    """Our GPT (eval mode, float32) with the weights of a GPT-2 or Llama checkpoint directory."""
+    config, state_dict = read_hf_state_dict(Path(path))
     model = GPT(config)
     model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)
     return model.eval()
@@ -117,50 +121,3 @@ def resolve_init_from(source: str) -> Path:
             f"could not download {HUB_MODELS[source]} from the Hugging Face hub ({type(e).__name__}); "
             "check the network, or pass a local checkpoint directory as init_from=DIR"
         ) from None
-
-
-def init_from_pretrained(model: GPT, source: str, tokenizer: Tokenizer) -> Path:
-    """Load a checkpoint directory's weights into `model` (before training); returns the directory.
-
-    Refuses, in one line, a model config or a data tokenizer that disagrees with the checkpoint.
-    """
-    path = resolve_init_from(source)
-    hf = read_hf_config(path)
-    theirs, ours = model_config_from_hf(hf), model.config
-    wanted, ours_tokenizer = hf_tokenizer_description(path), tokenizer.to_dict()
-    if ours_tokenizer != wanted:
-        got = ours_tokenizer.get("name", ours_tokenizer.get("kind"))
-        need = wanted.get("name", wanted.get("kind"))
-        raise UserError(
-            f"data.tokenizer={got} but init_from={source} was trained with {need}; "
-            f"set data.tokenizer={need} (data=shakespeare uses r50k_base)"
-        )
-    # block_size and ffn_hidden are compared below: a shorter context keeps the first positions,
-    # and the FFN width is compared as resolved (ffn_hidden=None is a width too). dropout and
-    # init_std only matter to training.
-    shape = [name for name in ARCHITECTURE if name not in ("block_size", "ffn_hidden")]
-    fields = [*shape, *(("rope_base",) if ours.pos_emb == "rope" else ())]
-    for name in fields:
-        mine, want = getattr(ours, name), getattr(theirs, name)
-        if mine != want:
-            raise UserError(
-                f"model.{name}={mine} but init_from={source} has {name}={want}; "
-                "set the model to the checkpoint's shape (model=gpt2, gpt2-medium, ...)"
-            )
-    if ours.hidden_dim != theirs.hidden_dim:
-        raise UserError(
-            f"model.ffn_hidden={ours.hidden_dim} but init_from={source} has {theirs.hidden_dim}; "
-            f"set model.ffn_hidden={theirs.hidden_dim}"
-        )
-    if abs(ours.norm_eps - theirs.norm_eps) > 1e-12:
-        raise UserError(f"model.norm_eps={ours.norm_eps} but init_from={source} has {theirs.norm_eps}")
-    if ours.block_size > theirs.block_size:
-        raise UserError(
-            f"model.block_size={ours.block_size} exceeds init_from={source}'s {theirs.block_size} positions; "
-            f"set model.block_size<={theirs.block_size}"
-        )
-    state_dict = from_hf_state_dict(read_hf_weights(path), theirs, hf["model_type"])
-    if "wpe.weight" in state_dict:
-        state_dict["wpe.weight"] = state_dict["wpe.weight"][: ours.block_size]
-    model.load_state_dict(state_dict, strict=True)
-    return path

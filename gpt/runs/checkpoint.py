@@ -151,6 +151,32 @@ def check_vocabulary(path: Path, config: ModelConfig, tokenizer: Tokenizer) -> N
         )
 
 
+def checkpoint_model(
+    ckpt: dict[str, Any], path: Path, fix: str = PASS_ANOTHER
+) -> tuple[ModelConfig, Tokenizer]:
+    """The model config and tokenizer that a checkpoint (as read_checkpoint returns it) describes."""
+    try:
+        hparams = ckpt["hyper_parameters"]
+        config = ModelConfig(**hparams["model"])
+        tokenizer = tokenizer_from_dict(hparams["tokenizer"])
+    except (KeyError, TypeError) as e:
+        raise not_a_checkpoint(path, f"it has no {e}", fix) from None
+    check_vocabulary(path, config, tokenizer)
+    return config, tokenizer
+
+
+def checkpoint_data_format(ckpt: dict[str, Any], path: Path) -> dict[str, Any] | None:
+    """How a checkpoint's training prompts were written (gpt.data.pairs.data_format), checked; None
+    for a model trained on text (or saved before checkpoints kept it)."""
+    data_format = (ckpt.get("hyper_parameters") or {}).get("data_format")
+    if data_format is not None:
+        try:
+            template_of(data_format)
+        except (KeyError, TypeError):
+            raise not_a_checkpoint(path, "its data_format is not a prompt template's") from None
+    return data_format
+
+
 @dataclass
 class LoadedRun:
     """What a checkpoint holds for inference."""
@@ -188,20 +214,12 @@ def load_run(
         check_vocabulary(ckpt_path, model.config, tokenizer)
         return LoadedRun(model.to(device=device, dtype=dtype), tokenizer, None, ckpt_path)
     ckpt = read_checkpoint(ckpt_path)
+    config, tokenizer = checkpoint_model(ckpt, ckpt_path)
     try:
-        hparams = ckpt["hyper_parameters"]
-        config = ModelConfig(**hparams["model"])
-        tokenizer = tokenizer_from_dict(hparams["tokenizer"])
         state_dict = clean_state_dict(ckpt["state_dict"])
     except (KeyError, TypeError) as e:
         raise not_a_checkpoint(ckpt_path, f"it has no {e}") from None
-    data_format = hparams.get("data_format")
-    if data_format is not None:
-        try:
-            template_of(data_format)
-        except (KeyError, TypeError):
-            raise not_a_checkpoint(ckpt_path, "its data_format is not a prompt template's") from None
-    check_vocabulary(ckpt_path, config, tokenizer)
+    data_format = checkpoint_data_format(ckpt, ckpt_path)
     model = GPT(config)
     try:
         model.load_state_dict(state_dict, strict=True)

@@ -1,21 +1,28 @@
 """Callbacks Lightning does not ship: validate on the last step, stop on non-finite values, throughput,
-text samples, the run report."""
+text samples, evaluation by generation, the run report."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Mapping
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
-from gpt.config import SamplingConfig, sampling_config
-from gpt.errors import NonFiniteError
+from gpt.config import DataConfig, DecodeConfig, SamplingConfig, sampling_config
+from gpt.data.pairs import PreparedPairs, Template, get_template, read_examples, template_of
+from gpt.data.sources import find_files
+from gpt.errors import NonFiniteError, UserError
+from gpt.evaluate.command import write_jsonl
+from gpt.evaluate.decode import evaluate
+from gpt.evaluate.examples import EvalExample, encode_examples, example_from_tokens
 from gpt.generate.text import generate_text
 from gpt.runs.checkpoint import newest_checkpoint
 from gpt.train.checkpointing import saved_step
@@ -196,6 +203,141 @@ class SampleText(L.Callback):
         for logger in trainer.loggers:
             if hasattr(logger, "log_text"):
                 logger.log_text(key="samples", columns=["step", "text"], data=[[step, text]], step=step)
+
+
+def held_out_examples(datamodule: L.LightningDataModule | None) -> list[EvalExample] | None:
+    """The run's held-out validation examples, when it trains on pairs; None otherwise."""
+    prepared = getattr(datamodule, "prepared", None)
+    if not isinstance(prepared, PreparedPairs):
+        return None
+    tokenizer, val = prepared.tokenizer(), prepared.examples("val")
+    return [
+        example_from_tokens(*val[i], tokenizer, f"val example {int(val.index[i]) + 1}")
+        for i in range(len(val))
+    ]
+
+
+class EvaluateGenerations(L.Callback):
+    """Every N optimizer steps and when training ends, generate completions of `limit` prompt ->
+    completion pairs with each decoding method and log their scores (gpt.evaluate) as
+    eval/<method>/<metric> to every logger; each example's outputs go to
+    <run dir>/evals/step-N.jsonl.
+
+    The examples: the pairs file `path` (read with `template` and `fields`, by default the training
+    data's), else the run's held-out val examples when it trains on pairs; with neither, it says so
+    once and does nothing. every_n_steps None (or 0) turns it off.
+
+    Rank zero generates, alone, while the other ranks wait at a barrier: under DDP each rank holds
+    the whole model. Under FSDP no rank does (generating would wait forever for the others' shards),
+    so there it says so once and does nothing.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int | None = None,
+        path: str | None = None,
+        limit: int | None = 64,
+        template: str | None = None,
+        fields: Mapping[str, str] | None = None,
+        decoding: DecodeConfig | Mapping[str, Any] | None = None,
+    ) -> None:
+        if every_n_steps is not None and every_n_steps < 0:
+            raise ValueError(f"callbacks.evaluate.every_n_steps={every_n_steps} must be >= 1 (or null: off)")
+        if limit is not None and limit < 1:
+            raise ValueError(f"callbacks.evaluate.limit={limit} must be >= 1 (or null: all)")
+        self.every_n_steps, self.path, self.limit = every_n_steps or None, path or None, limit
+        if self.every_n_steps and self.path and not Path(self.path).expanduser().exists():
+            # Before training starts: its rows are read (with the training data's template) at fit start.
+            raise UserError(
+                f"callbacks.evaluate.path={self.path} does not exist; pass a .jsonl file of prompt -> "
+                "completion pairs"
+            )
+        self.template, self.fields = template, dict(fields) if fields is not None else None
+        # From conf/ a plain mapping, checked as evaluate.py's keys are.
+        mapping = isinstance(decoding, Mapping)
+        self.decoding = DecodeConfig(**decoding) if mapping else decoding or DecodeConfig()
+        self.examples: list[EvalExample] = []
+        self._last_step: int | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.examples, self._last_step = [], None
+        if self.every_n_steps is None:
+            return
+        if isinstance(trainer.strategy, FSDPStrategy):
+            _report("callbacks.evaluate: off under FSDP, where no rank holds the whole model to generate")
+            return
+        # Every rank reads them, so that a bad file stops every rank alike.
+        examples = self.read(trainer, pl_module)
+        if examples is None:
+            _report(
+                "callbacks.evaluate: no examples to evaluate (callbacks.evaluate.path is null and the "
+                "training data has no held-out pairs); evaluation is off"
+            )
+            return
+        self.examples = examples
+        where = self.path or "the held-out val examples"
+        _report(
+            f"callbacks.evaluate: {len(examples)} examples of {where}, every {self.every_n_steps} steps "
+            f"and at the end, {', '.join(self.decoding.methods)}"
+        )
+
+    def data_config(self, trainer: L.Trainer) -> DataConfig | None:
+        """The training data's config, when it is pairs."""
+        cfg = getattr(trainer.datamodule, "cfg", None)
+        return cfg if isinstance(cfg, DataConfig) and cfg.source == "pairs" else None
+
+    def prompt_template(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Template:
+        """`template`, else the module's saved data_format, else the training data's, else plain."""
+        if self.template:
+            return get_template(self.template)
+        fmt = getattr(pl_module, "hparams", {}).get("data_format")
+        if isinstance(fmt, Mapping):
+            return template_of(dict(fmt))
+        data = self.data_config(trainer)
+        return get_template(data.template if data is not None else "plain")
+
+    def read(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[EvalExample] | None:
+        if self.path is None:
+            examples = held_out_examples(trainer.datamodule)
+            return None if examples is None else examples[: self.limit]
+        data = self.data_config(trainer)
+        fields = self.fields if self.fields is not None else (data.fields if data is not None else {})
+        cfg = DataConfig(source="pairs", path=self.path, fields=fields)
+        rows = read_examples(cfg, find_files(cfg), self.prompt_template(trainer, pl_module))
+        return encode_examples(islice(rows, self.limit), pl_module.tokenizer)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+        step = trainer.global_step
+        if (
+            not self.examples
+            or step == 0
+            or step % self.every_n_steps
+            or trainer.fit_loop._should_accumulate()
+        ):
+            return
+        self.run(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.examples and trainer.global_step != self._last_step:
+            self.run(trainer, pl_module)
+
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        step = self._last_step = trainer.global_step
+        if trainer.is_global_zero:
+            metrics, records = evaluate(pl_module.model, pl_module.tokenizer, self.examples, self.decoding)
+            flat = {f"eval/{m}/{k}": value for m, scores in metrics.items() for k, value in scores.items()}
+            # Straight to the loggers, as lit_module logs train/ metrics: at this step, on every logger.
+            for logger in trainer.loggers:
+                logger.log_metrics(flat, step=step)
+            write_jsonl(Path(trainer.default_root_dir) / "evals" / f"step-{step}.jsonl", records)
+            _report(
+                f"evaluation at step {step}: "
+                + "; ".join(
+                    f"{m} " + ", ".join(f"{name} {value:.2f}" for name, value in scores.items())
+                    for m, scores in metrics.items()
+                )
+            )
+        trainer.strategy.barrier("callbacks.evaluate")
 
 
 class RunReport(L.Callback):

@@ -23,7 +23,7 @@ from gpt.data.prepare import prepare
 from gpt.errors import EXIT_USER_ERROR
 from gpt.interop.export import export
 from gpt.runs.checkpoint import save_weights_checkpoint
-from gpt.tokenizer import CharTokenizer
+from gpt.tokenizer import CharTokenizer, TiktokenTokenizer
 from tests.helpers import run_script, tiny_model, write_corpus
 
 
@@ -160,6 +160,22 @@ CASES = {
         f"ckpt_path={RUN}", "model.n_layer=3", message="holds a model of another shape (model.n_layer=2 in it"
     ),
     "new-run-more-devices-than-exist": new_run("trainer.devices=1000", message="trainer.devices=1000 "),
+    "new-run-init-from-missing": new_run(
+        "init_from={inputs}/missing", message="init_from={inputs}/missing does not exist; pass a run dir"
+    ),
+    "new-run-init-from-another-shape": new_run(
+        *("init_from={run}", "model.n_layer=3"),
+        message="model.n_layer=3 but init_from={run} has n_layer=2; leave out model.n_layer",
+    ),
+    "new-run-init-from-another-tiktoken-encoding": new_run(
+        *("init_from={inputs}/bpe.ckpt", "data.tokenizer=cl100k_base"),
+        message="data.tokenizer=cl100k_base but init_from={inputs}/bpe.ckpt was trained with r50k_base; "
+        "set data.tokenizer=r50k_base",
+    ),
+    "new-run-init-from-character-outside-vocabulary": new_run(
+        *("init_from={run}", "data.path={inputs}/accented.txt"),
+        message="accented.txt holds '\u00e9' (U+00E9), a character not in the 58-character vocabulary",
+    ),
     # generate.py: the sampling knobs, the checkpoint, the prompt, the device
     "generate-unknown-key": generate("tempreature=0.5", message="Key 'tempreature' not in 'GenerateConfig'"),
     "generate-wrong-type": generate(
@@ -284,6 +300,9 @@ def work(tmp_path_factory) -> dict[str, str]:
     (inputs / "empty-tiktoken-cache").mkdir(parents=True)
     (inputs / "empty.txt").write_text("")
     (inputs / "latin1.txt").write_bytes("ab\xe9cd".encode("latin-1"))
+    (inputs / "accented.txt").write_text("caf\u00e9\n" * 1000, encoding="utf-8")
+    r50k = TiktokenTokenizer("r50k_base")
+    save_weights_checkpoint(tiny_model(vocab_size=r50k.vocab_size), r50k, inputs / "bpe.ckpt")
     (inputs / "garbage.ckpt").write_bytes(bytes(range(256)) * 8)
     (inputs / "truncated.ckpt").write_bytes(ckpt.read_bytes()[:20_000])
     other = torch.load(ckpt, weights_only=True)

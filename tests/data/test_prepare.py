@@ -159,6 +159,39 @@ def test_char_vocabulary_is_saved_and_names_an_unknown_character(tiny_corpus, tm
     assert_one_line(excinfo, "character '\u00a7' (U+00A7) is not in this model's")
 
 
+def test_a_given_character_vocabulary_tokenizes_the_corpus(tiny_corpus, tmp_path):
+    """A model being fine-tuned keeps its ids: the corpus is tokenized with its vocabulary (in any
+    order), which is part of the cache fingerprint."""
+    text = tiny_corpus.read_text()
+    own = prepare(text_cfg(tiny_corpus, tmp_path, tokenizer="char"), verbose=False)
+    wider = CharTokenizer("".join(sorted(set(text) | set("\u00a7\u00e9"))))
+    scrambled = CharTokenizer(wider.chars[::-1], eot=True)
+    dirs = {own.dir}
+    for tok in (wider, scrambled):
+        prepared = prepare(text_cfg(tiny_corpus, tmp_path, tokenizer="char"), tokenizer=tok, verbose=False)
+        assert prepared.meta["tokenizer"] == tok.to_dict()
+        ids = np.concatenate([split_tokens(prepared, "train"), split_tokens(prepared, "val")])
+        assert ids.tolist() == tok.encode(text)  # one document: no separator
+        dirs.add(prepared.dir)
+    assert len(dirs) == 3
+
+
+def test_a_character_outside_a_given_vocabulary_is_one_line_naming_it_and_its_file(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("plain text\n")
+    (tmp_path / "docs" / "b.txt").write_text("plain caf\u00e9\n")
+    tok = CharTokenizer("\n acefilnptx")
+    with pytest.raises(UserError) as excinfo:
+        prepare(text_cfg(tmp_path / "docs", tmp_path), tokenizer=tok, verbose=False)
+    assert_one_line(
+        excinfo,
+        f"{tmp_path / 'docs' / 'b.txt'} holds '\u00e9' (U+00E9), a character not in the 12-character "
+        "vocabulary of the model being fine-tuned; remove or replace it in the corpus, or leave the "
+        "file out with data.exclude",
+    )
+    assert not list((tmp_path / "cache").glob("*"))  # nothing written
+
+
 def test_split_depends_on_the_seed_and_keeps_both_splits_nonempty(tmp_path):
     (tmp_path / "docs").mkdir()
     for i in range(40):

@@ -15,10 +15,11 @@ from gpt.errors import UserError
 from gpt.generate.command import sample
 from gpt.generate.tokens import generate
 from gpt.interop.export import bpe_merge_of, export, write_gpt2_tokenizer
-from gpt.interop.hf import hf_format
-from gpt.interop.load import init_from_pretrained, load_hf_model
+from gpt.interop.hf import hf_format, model_config_from_hf
+from gpt.interop.load import load_hf_model
 from gpt.runs.checkpoint import load_model
 from gpt.tokenizer import CharTokenizer, TiktokenTokenizer
+from gpt.train.init_from import resolve_init
 from tests.helpers import assert_one_line_exit, command, run_script, tiny_config, tiny_model
 
 transformers = pytest.importorskip("transformers")
@@ -177,33 +178,41 @@ def test_export_refuses_shapes_hf_cannot_express():
 
 def test_init_from_loads_weights_and_refuses_mismatches(tmp_path):
     path, theirs = hf_gpt2(tmp_path, vocab_size=50257)
-    gpt2_tok = TiktokenTokenizer("r50k_base")
+    given = {"data.tokenizer"}  # data.tokenizer given on the command line: it must be the checkpoint's
+
+    def init(model: torch.nn.Module, data_tokenizer: str = "r50k_base", source: str = str(path)) -> None:
+        # model=NAME on the command line: its config, which must have the checkpoint's shape
+        resolved = resolve_init(source, model.config, data_tokenizer, {"model", *given})
+        resolved.load_into(model)
+
     ours = tiny_model(**GPT2_SHAPE, vocab_size=50257, block_size=48)  # a shorter context is allowed
-    init_from_pretrained(ours, str(path), gpt2_tok)
+    init(ours)
     assert max_diff(ours, theirs, 50257, T=48) < ATOL
     with pytest.raises(UserError, match="^model.n_layer=3 but init_from=.* has n_layer=2"):
-        init_from_pretrained(tiny_model(**GPT2_SHAPE, vocab_size=50257, n_layer=3), str(path), gpt2_tok)
+        init(tiny_model(**GPT2_SHAPE, vocab_size=50257, n_layer=3))
     with pytest.raises(UserError, match="^model.norm=rmsnorm but"):
-        init_from_pretrained(
-            tiny_model(**(GPT2_SHAPE | dict(norm="rmsnorm")), vocab_size=50257), str(path), gpt2_tok
-        )
+        init(tiny_model(**(GPT2_SHAPE | dict(norm="rmsnorm")), vocab_size=50257))
     with pytest.raises(UserError, match="^model.block_size=128 exceeds"):
-        init_from_pretrained(tiny_model(**GPT2_SHAPE, vocab_size=50257, block_size=128), str(path), gpt2_tok)
+        init(tiny_model(**GPT2_SHAPE, vocab_size=50257, block_size=128))
     with pytest.raises(UserError, match="^data.tokenizer=char but .* was trained with r50k_base"):
-        init_from_pretrained(tiny_model(**GPT2_SHAPE), str(path), CHARS)
-    with pytest.raises(UserError, match="neither a directory with config.json nor one of gpt2"):
-        init_from_pretrained(tiny_model(**GPT2_SHAPE), str(tmp_path / "nowhere"), gpt2_tok)
+        init(tiny_model(**GPT2_SHAPE), "char")
+    with pytest.raises(UserError, match="^init_from=.*nowhere does not exist; pass a run dir"):
+        init(tiny_model(**GPT2_SHAPE), source=str(tmp_path / "nowhere"))
+    # Nothing on the command line: the checkpoint's config (its dropout too) and tokenizer.
+    resolved = resolve_init(str(path), tiny_config(), "char", set())
+    assert resolved.model_config == model_config_from_hf(theirs.config.to_dict())
+    assert resolved.tokenizer.to_dict() == {"kind": "tiktoken", "name": "r50k_base"}
 
 
 def test_init_from_hub_name_offline_is_one_line(tmp_path):
-    model = tiny_model(**GPT2_SHAPE, vocab_size=50257)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HUB_OFFLINE", "1")
         mp.setenv("HF_HOME", str(tmp_path / "hf-home"))  # an empty cache: nothing to fall back on
+        mp.chdir(tmp_path)  # no folder named gpt2 here
         with pytest.raises(
             UserError, match="^could not download openai-community/gpt2 from the Hugging Face hub"
         ):
-            init_from_pretrained(model, "gpt2", TiktokenTokenizer("r50k_base"))
+            resolve_init("gpt2", tiny_config(**GPT2_SHAPE), "r50k_base", set())
 
 
 def test_train_init_from_then_generate_and_export(tmp_path, tiny_corpus, capsys):
@@ -264,7 +273,7 @@ def test_cli_refuses_mismatched_init_from_and_generates_from_hf_dir(tmp_path, ti
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert refused.stderr.strip().splitlines()[-1] == (
         f"error: model.n_layer=12 but init_from={path} has n_layer=2; "
-        "set the model to the checkpoint's shape (model=gpt2, gpt2-medium, ...)"
+        "leave out model= to use the checkpoint's config"
     )
     gen = run_script("generate.py", f"ckpt={path}", "prompt=Hello", "max_new_tokens=5", cwd=tmp_path)
     assert gen.returncode == 0 and gen.stdout.startswith("Hello"), gen.stderr[-2000:]

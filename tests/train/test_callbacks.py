@@ -1,8 +1,10 @@
 """The callbacks Lightning does not ship, called as Lightning calls them: ValidateOnLastStep,
-NonFiniteGuard, SampleText and RunReport. Throughput in a real run: tests/commands/test_train.py."""
+NonFiniteGuard, SampleText, EvaluateGenerations and RunReport. Throughput in a real run:
+tests/commands/test_train.py."""
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -11,11 +13,18 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
 import train  # noqa: F401  (registers the config schemas)
-from gpt.config import SamplingConfig
+from gpt.config import DecodeConfig, SamplingConfig
 from gpt.errors import NonFiniteError
 from gpt.generate.text import generate_text
 from gpt.tokenizer import CharTokenizer
-from gpt.train.callbacks import NonFiniteGuard, RunReport, SampleText, ValidateOnLastStep
+from gpt.train.callbacks import (
+    EvaluateGenerations,
+    NonFiniteGuard,
+    RunReport,
+    SampleText,
+    ValidateOnLastStep,
+    held_out_examples,
+)
 from tests.helpers import CHARS, compose_train, tiny_model
 
 
@@ -165,3 +174,104 @@ def test_sample_settings_come_from_conf_and_are_checked():
     assert instantiate(compose_train().callbacks.samples).sampling == SamplingConfig()
     with pytest.raises(InstantiationException, match="temperature=-1 must be >= 0"):
         instantiate(compose_train("callbacks.samples.sampling.temperature=-1").callbacks.samples)
+
+
+# ----------------------------------------------------------------------------- EvaluateGenerations
+
+
+def test_the_evaluate_entry_in_conf_is_off_until_configured_and_checked(tmp_path):
+    callback = instantiate(compose_train().callbacks.evaluate)
+    assert isinstance(callback, EvaluateGenerations)
+    assert callback.every_n_steps is None and callback.path is None
+    assert callback.decoding == DecodeConfig()
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "a", "completion": "b"}\n')
+    callback = instantiate(
+        compose_train(
+            "callbacks.evaluate.every_n_steps=50",
+            f"callbacks.evaluate.path={pairs}",
+            "callbacks.evaluate.decoding.methods=[greedy,beam]",
+            "callbacks.evaluate.decoding.num_beams=2",
+        ).callbacks.evaluate
+    )
+    assert callback.every_n_steps == 50 and callback.decoding.methods == ["greedy", "beam"]
+    assert callback.decoding.num_beams == 2
+    with pytest.raises(InstantiationException, match="num_beams=0 must be >= 1"):
+        instantiate(compose_train("callbacks.evaluate.decoding.num_beams=0").callbacks.evaluate)
+    with pytest.raises(InstantiationException, match="callbacks.evaluate.path=nope.jsonl does not exist"):
+        instantiate(
+            compose_train(
+                "callbacks.evaluate.every_n_steps=5", "callbacks.evaluate.path=nope.jsonl"
+            ).callbacks.evaluate
+        )
+
+
+def test_without_examples_the_evaluation_says_so_once_and_does_nothing(monkeypatch):
+    said = []
+    monkeypatch.setattr("gpt.train.callbacks._report", said.append)
+    trainer = SimpleNamespace(strategy=None, datamodule=None, global_step=4)
+    assert held_out_examples(None) is None
+    callback = EvaluateGenerations(every_n_steps=2)
+    callback.on_fit_start(trainer, None)
+    callback.on_train_end(trainer, None)
+    assert callback.examples == [] and len(said) == 1 and "evaluation is off" in said[0]
+    EvaluateGenerations().on_fit_start(trainer, None)  # off: not a word
+    assert len(said) == 1
+
+
+def test_a_short_run_logs_eval_columns_every_n_steps_and_at_the_end(tmp_path):
+    """A small Trainer with the CSV logger: eval/<method>/<metric> at steps 3 and 5 (the end), and
+    each evaluation's outputs in <run dir>/evals/."""
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    from gpt.config import ModelConfig, OptimConfig
+    from gpt.runs.metrics import read_metrics
+    from gpt.train.lit_module import GPTLitModule
+
+    tok = CharTokenizer(CHARS, eot=True)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        '{"prompt": "ROMEO:", "completion": "Ay me."}\n{"prompt": "JULIET:", "completion": "Romeo!"}\n'
+        '{"prompt": "not", "completion": "read"}\n'
+    )
+    module = GPTLitModule.from_configs(
+        ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=tok.vocab_size),
+        OptimConfig(warmup_steps=1),
+        tok,
+    )
+    torch.manual_seed(0)
+    windows = torch.randint(0, len(CHARS), (10, 17))
+    loader = torch.utils.data.DataLoader(
+        list(zip(windows[:, :-1], windows[:, 1:], strict=True)), batch_size=2
+    )
+    callback = EvaluateGenerations(
+        every_n_steps=3,
+        path=str(pairs),
+        limit=2,
+        decoding={"methods": ["greedy", "beam"], "num_beams": 2, "max_new_tokens": 3},
+    )
+    trainer = L.Trainer(
+        max_steps=5,
+        accelerator="cpu",
+        devices=1,
+        logger=CSVLogger(tmp_path, name="csv"),
+        callbacks=[callback],
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, train_dataloaders=loader)
+    rows = [r for r in read_metrics(tmp_path) if "eval/greedy/exact_match" in r]
+    assert [int(r["step"]) for r in rows] == [3, 5]
+    columns = {
+        f"eval/{m}/{k}" for m in ("greedy", "beam") for k in ("exact_match", "token_accuracy", "chrf", "bleu")
+    }
+    assert all(columns <= r.keys() for r in rows)
+    assert all(0 <= r[c] <= 100 for r in rows for c in columns)
+    assert sorted(p.name for p in (tmp_path / "evals").iterdir()) == ["step-3.jsonl", "step-5.jsonl"]
+    records = (tmp_path / "evals/step-5.jsonl").read_text().splitlines()
+    assert [json.loads(r)["prompt"] for r in records] == ["ROMEO:\n", "JULIET:\n"]  # limit 2, plain template
+    assert module.model.training  # back to training after each evaluation
