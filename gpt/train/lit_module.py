@@ -24,13 +24,12 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric, SumMetric
 
 from gpt.config import ModelConfig, OptimConfig
+from gpt.data.pairs_datamodule import IGNORE
 from gpt.errors import NonFiniteError
 from gpt.model.transformer import GPT
 from gpt.tokenizer import Tokenizer, tokenizer_from_dict
 from gpt.train.optim import build_optimizer, build_scheduler
 
-# The target of a token that carries no loss (F.cross_entropy's default ignore_index).
-IGNORE = -100
 Batch = tuple[torch.Tensor, torch.Tensor] | dict[str, torch.Tensor]
 
 
