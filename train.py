@@ -23,6 +23,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from gpt.config import DataConfig, ModelConfig, OptimConfig
+from gpt.data.pairs import PreparedPairs, prepare_pairs
 from gpt.data.prepare import Prepared, prepare
 from gpt.errors import EXIT_PREEMPTED, ConfigError, exit_on_user_error
 from gpt.runs.checkpoint import check_resumable
@@ -79,15 +80,29 @@ def choose_precision(cfg: DictConfig, width: int, notes: list[str]) -> None:
     notes += [f"warning: {warning}"] if warning else []
 
 
+def pairs_notes(prepared: PreparedPairs, block_size: int) -> list[str]:
+    """What the log says of paired data: the examples, and how many a row cannot hold whole."""
+    n = prepared.n_examples("train")
+    lines = [f"pairs: {n:,} training and {prepared.n_examples('val'):,} validation examples"]
+    cut = prepared.n_truncated(block_size)
+    if cut:
+        lines.append(
+            f"warning: {cut:,} of {n:,} training examples are longer than block_size + 1 = {block_size + 1} "
+            "tokens and were truncated (their ends are not trained on); raise model.block_size to keep them"
+        )
+    return lines
+
+
 def check(
     cfg: DictConfig, ckpt_path: str | None, notes: list[str]
-) -> tuple[ModelConfig, DataConfig, OptimConfig, Prepared, Tokenizer, InitSource | None]:
+) -> tuple[ModelConfig, DataConfig, OptimConfig, Prepared | PreparedPairs, Tokenizer, InitSource | None]:
     """Validate everything that needs no Lightning: configs, devices, the checkpoint to start from
     (init_from), the data (prepared on first use, cached on disk) against the model, and the
     checkpoint to resume against both. The decisions made on the way (precision, validation
     windows) are added to `notes`, to be logged once the start has succeeded: a failed start leaves
     an existing run dir's train.log as it was."""
     model_cfg, data_cfg, optim_cfg = to_dataclasses(cfg)
+    pairs = data_cfg.source == "pairs"
     check_trainer_args(OmegaConf.to_container(cfg.trainer, resolve=True))
     check_devices(cfg.trainer.accelerator, cfg.trainer.devices)
     init = None
@@ -95,10 +110,21 @@ def check(
         # The model config and tokenizer come from the checkpoint; a resumed run takes them from
         # its own checkpoint, which it continues instead.
         overridden = overridden_keys(HydraConfig.get().overrides.task)
-        init = resolve_init(ckpt_path or cfg.init_from, model_cfg, data_cfg.tokenizer, overridden)
+        init = resolve_init(
+            ckpt_path or cfg.init_from, model_cfg, data_cfg.tokenizer, overridden, need_eot=pairs
+        )
         model_cfg = init.model_config
+    if pairs and model_cfg.prefix_lm and not data_cfg.mask_prompt:
+        raise ConfigError(
+            "model.prefix_lm=true needs data.mask_prompt=true: a prompt token that sees the whole prompt "
+            "would see the very token it is trained to predict"
+        )
     choose_precision(cfg, model_cfg.n_embd, notes)
-    prepared = prepare(data_cfg, tokenizer=init.tokenizer if init else None)
+    if pairs:
+        prepared = prepare_pairs(data_cfg, tokenizer=init.tokenizer if init else None)
+        notes += pairs_notes(prepared, model_cfg.block_size)
+    else:
+        prepared = prepare(data_cfg, tokenizer=init.tokenizer if init else None)
     prepared.check_fits(model_cfg.block_size)
     tokenizer = prepared.tokenizer()
     model_cfg = replace(model_cfg, vocab_size=vocab_size(model_cfg.vocab_size, tokenizer.vocab_size))
@@ -121,6 +147,7 @@ def build(
     from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 
     from gpt.data.datamodule import GPTDataModule
+    from gpt.data.pairs_datamodule import PairsDataModule
     from gpt.train.checkpointing import AtomicCheckpointIO
     from gpt.train.console import quiet_lightning
     from gpt.train.lit_module import GPTLitModule
@@ -129,8 +156,14 @@ def build(
     run_dir = HydraConfig.get().runtime.output_dir
     L.seed_everything(cfg.seed, workers=True)
     enable_tf32()
-    datamodule = GPTDataModule(data_cfg, block_size=model_cfg.block_size, seed=cfg.seed, prepared=prepared)
-    module = GPTLitModule.from_configs(model_cfg, optim_cfg, tokenizer)
+    pairs = isinstance(prepared, PreparedPairs)
+    datamodule = (PairsDataModule if pairs else GPTDataModule)(
+        data_cfg, block_size=model_cfg.block_size, seed=cfg.seed, prepared=prepared
+    )
+    # A model trained on pairs keeps its prompt template, so that generate.py formats prompts alike.
+    module = GPTLitModule.from_configs(
+        model_cfg, optim_cfg, tokenizer, data_format=prepared.data_format if pairs else None
+    )
     if init and not ckpt_path:  # a resumed run continues from its own weights instead
         init.load_into(module.model)
         notes += init.notes()

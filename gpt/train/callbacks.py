@@ -101,16 +101,22 @@ class NonFiniteGuard(L.Callback):
         )
 
 
-def _batch_size(batch: tuple[torch.Tensor, torch.Tensor]) -> int:
-    return batch[0].size(0)
+def _inputs(batch: tuple[torch.Tensor, torch.Tensor] | Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The input ids of a text batch (x, y) or a pairs batch (a dict)."""
+    return batch["idx"] if isinstance(batch, Mapping) else batch[0]
 
 
-def _batch_tokens(batch: tuple[torch.Tensor, torch.Tensor]) -> int:
-    return batch[0].numel()
+def _batch_size(batch: tuple[torch.Tensor, torch.Tensor] | Mapping[str, torch.Tensor]) -> int:
+    return _inputs(batch).size(0)
+
+
+def _batch_tokens(batch: tuple[torch.Tensor, torch.Tensor] | Mapping[str, torch.Tensor]) -> int:
+    # Positions computed, padding of pairs rows included (counting real tokens would sync a GPU).
+    return _inputs(batch).numel()
 
 
 class Throughput(ThroughputMonitor):
-    """Lightning's ThroughputMonitor for (x, y) token batches: batches, samples and tokens ("items")
+    """Lightning's ThroughputMonitor for token batches: batches, samples and tokens ("items")
     per second, FLOP/s from the module's `flops_per_batch`, and MFU.
 
     peak_flops: one device's peak FLOP/s for the training dtype. None uses Lightning's table, which
