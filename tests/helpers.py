@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -98,6 +99,27 @@ def run_script(
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
+def start_script(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """run_script in the background (stdout discarded, stderr piped): for a test that stops it."""
+    cmd = [sys.executable, *(str(ROOT / a) if a.endswith(".py") else a for a in args)]
+    full_env = os.environ | {"PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"} | (env or {})
+    return subprocess.Popen(
+        cmd, cwd=cwd, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Until `path` exists, while `proc` still runs."""
+    deadline = time.time() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"exit {proc.returncode} before {path} existed:\n{proc.stderr.read()[-3000:]}"
+            )
+        assert time.time() < deadline, f"no {path} after {timeout} s"
+        time.sleep(0.02)
+
+
 def assert_ok(proc) -> None:
     assert proc.returncode == 0, (
         f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-4000:]}"
@@ -179,15 +201,17 @@ def train_args(corpus: Path, *extra: str) -> list[str]:
     return ["train.py", *FAST, f"data.path={corpus}", *extra]
 
 
-def build_in_process(corpus: Path, run_dir: Path, *overrides: str, ckpt_path: str | None = None):
-    """train.build with BASE in this process, as @hydra.main would call it: (trainer, module,
-    datamodule). `ckpt_path`: the checkpoint train.fit would resume from."""
+def build_in_process(
+    corpus: Path, run_dir: Path, *overrides: str, ckpt_path: str | None = None, base: list[str] = BASE
+):
+    """train.build with `base` (BASE: text) in this process, as @hydra.main would call it: (trainer,
+    module, datamodule). `ckpt_path`: the checkpoint train.fit would resume from."""
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
     import train
 
-    cfg = compose_train(*BASE, f"data.path={corpus}", *overrides)
+    cfg = compose_train(*base, f"data.path={corpus}", *overrides)
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(run_dir)
         cfg.data.cache_dir = str(run_dir.parent / "cache")
@@ -197,9 +221,9 @@ def build_in_process(corpus: Path, run_dir: Path, *overrides: str, ckpt_path: st
     return train.build(cfg, ckpt_path)
 
 
-def fit(corpus: Path, run_dir: Path, *overrides: str):
+def fit(corpus: Path, run_dir: Path, *overrides: str, base: list[str] = BASE):
     """train.build + fit in this process (seconds, not a subprocess): returns the module."""
-    trainer, module, datamodule = build_in_process(corpus, run_dir, *overrides)
+    trainer, module, datamodule = build_in_process(corpus, run_dir, *overrides, base=base)
     trainer.fit(module, datamodule=datamodule)
     return module
 

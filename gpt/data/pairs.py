@@ -273,8 +273,16 @@ def encode_example(example: Example, tokenizer: Tokenizer) -> tuple[np.ndarray, 
     for text, trained in example.segments:
         try:
             piece = tokenizer.encode(text) + ([tokenizer.eot_token] if trained else [])
-        except UserError as e:  # a character outside a character vocabulary
-            raise UserError(f"{example.where}: {e}") from None
+        except UserError as e:  # a character outside the vocabulary of the model being fine-tuned
+            if not isinstance(tokenizer, CharTokenizer):
+                raise UserError(f"{example.where}: {e}") from None
+            c = next(c for c in text if c not in tokenizer.stoi)
+            # The tokenizer's own message says to change the prompt; here it is a row of the data.
+            raise UserError(
+                f"{example.where} holds {c!r} (U+{ord(c):04X}), a character not in the "
+                f"{len(tokenizer.chars)}-character vocabulary of the model being fine-tuned; remove or "
+                "replace it in that row"
+            ) from None
         ids += piece
         completion += [trained] * len(piece)
     return np.asarray(ids, dtype=np.int64), np.asarray(completion, dtype=bool)

@@ -70,6 +70,14 @@ def new_run(*extra: str, message: str, env: dict[str, str] | None = None) -> Cas
     return Case((*(a for a in TRAIN if not a.startswith("hydra.run.dir=")), *extra), message, env or {})
 
 
+def pairs(*extra: str, message: str) -> Case:
+    """A train.py case with data=pairs (on {inputs}/pairs.jsonl unless it says otherwise) in the
+    default run dir, as new_run: neither the run dir nor the prepared examples may be left behind."""
+    text = ("hydra.run.dir=", "data=", "data.path=")
+    keep = (a for a in TRAIN if not a.startswith(text))
+    return Case((*keep, "data=pairs", "data.path={inputs}/pairs.jsonl", *extra), message)
+
+
 def generate(*extra: str, message: str) -> Case:
     return Case((*GENERATE, *extra), message)
 
@@ -88,7 +96,7 @@ CASES = {
     "train-unknown-optimizer": train("optim=sgd", message="there is no optim=sgd; choose one of adamw, muon"),
     "train-unknown-model-preset": train("model=tiny", message="there is no model=tiny; choose one of gpt2,"),
     "train-unknown-experiment": train(
-        "experiment=typo", message="there is no experiment=typo; choose one of shakespeare_char_cpu,"
+        "experiment=typo", message="there is no experiment=typo; choose one of numbers, shakespeare_char_cpu,"
     ),
     # Hydra would print its own message over several lines and exit with 1.
     "train-unknown-optimizer-with-hydra-full-error-0": train(
@@ -175,6 +183,42 @@ CASES = {
     "new-run-init-from-character-outside-vocabulary": new_run(
         *("init_from={run}", "data.path={inputs}/accented.txt"),
         message="accented.txt holds '\u00e9' (U+00E9), a character not in the 58-character vocabulary",
+    ),
+    # train.py data=pairs: the rows, the template, the options, the checkpoint to fine-tune
+    "pairs-row-not-json": pairs(
+        "data.path={inputs}/not-json.jsonl", message="not-json.jsonl:2 is not JSON ("
+    ),
+    "pairs-row-without-completion": pairs(
+        "data.path={inputs}/no-completion.jsonl",
+        message="no-completion.jsonl:2 has none of the paired formats' fields (prompt/completion, "
+        "instruction/output, source/target, messages; it has 'prompt'); map yours with data.fields",
+    ),
+    "pairs-not-jsonl": pairs(
+        "data.path={corpus}", message="corpus.txt is not a .jsonl file; paired data is JSON lines"
+    ),
+    "pairs-template-unknown-placeholder": pairs(
+        "data.template='Q: {{question}}'",
+        message="template 'Q: {{question}}' is neither one of none, plain, alpaca, chatml nor a format "
+        "string over {{prompt}}",
+    ),
+    "pairs-prefix-lm-without-mask-prompt": pairs(
+        "model.prefix_lm=true",
+        "data.mask_prompt=false",
+        message="model.prefix_lm=true needs data.mask_prompt=true",
+    ),
+    "pairs-init-from-tiktoken-with-char": pairs(
+        *("init_from={inputs}/bpe.ckpt", "data.tokenizer=char"),
+        message="data.tokenizer=char but init_from={inputs}/bpe.ckpt was trained with r50k_base; "
+        "set data.tokenizer=r50k_base",
+    ),
+    "pairs-init-from-char-with-tiktoken": pairs(
+        *("init_from={run}", "data.tokenizer=r50k_base"),
+        message="data.tokenizer=r50k_base but init_from={run} was trained with char; set data.tokenizer=char",
+    ),
+    "pairs-init-from-character-outside-vocabulary": pairs(
+        "init_from={run}",
+        message="pairs.jsonl:1 holds '4' (U+0034), a character not in the 58-character vocabulary of the "
+        "model being fine-tuned; remove or replace it in that row",
     ),
     # generate.py: the sampling knobs, the checkpoint, the prompt, the device
     "generate-unknown-key": generate("tempreature=0.5", message="Key 'tempreature' not in 'GenerateConfig'"),
@@ -301,6 +345,10 @@ def work(tmp_path_factory) -> dict[str, str]:
     (inputs / "empty.txt").write_text("")
     (inputs / "latin1.txt").write_bytes("ab\xe9cd".encode("latin-1"))
     (inputs / "accented.txt").write_text("caf\u00e9\n" * 1000, encoding="utf-8")
+    rows = ['{"prompt": "42", "completion": "forty-two"}', '{"prompt": "7", "completion": "seven"}']
+    (inputs / "pairs.jsonl").write_text("\n".join(rows) + "\n")
+    (inputs / "not-json.jsonl").write_text(rows[0] + "\n{oops\n")
+    (inputs / "no-completion.jsonl").write_text(rows[0] + '\n{"prompt": "7"}\n')
     r50k = TiktokenTokenizer("r50k_base")
     save_weights_checkpoint(tiny_model(vocab_size=r50k.vocab_size), r50k, inputs / "bpe.ckpt")
     (inputs / "garbage.ckpt").write_bytes(bytes(range(256)) * 8)

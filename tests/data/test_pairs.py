@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import re
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -148,7 +149,9 @@ def test_a_given_tokenizer_is_used_and_a_character_one_gets_an_end_of_text(tmp_p
     prepared = prepare_pairs(pairs_cfg(path, tmp_path), tokenizer=CharTokenizer("\nabc"), verbose=False)
     assert prepared.tokenizer().to_dict() == {"kind": "char", "chars": "\nabc", "eot": True}
     assert in_read_order(prepared)[1][0] == [2, 0, 1, 4]
-    with pytest.raises(UserError, match=f"{path}:1: character 'b'"):  # not in the given vocabulary
+    # not in the given vocabulary: said of the row, not of a prompt as generate.py says it
+    message = f"{path}:1 holds 'b' (U+0062), a character not in the 2-character vocabulary of the model"
+    with pytest.raises(UserError, match=re.escape(message)):
         prepare_pairs(pairs_cfg(path, tmp_path), tokenizer=CharTokenizer("\na"), verbose=False)
 
 
