@@ -41,6 +41,10 @@ TINY_TRAIN = TINY_MODEL | {
     "callbacks.samples.every_n_steps": "0",
 }
 TINY_GENERATE = {"max_new_tokens": "8"}
+TINY_EVALUATE = {"limit": "4", "max_new_tokens": "8"}
+# The runs that the worked examples of docs/finetuning.md and the README train, a command above
+# the ones that use them.
+WORKED_RUNS = re.compile(r"\bruns/(numbers|dialogue|shakespeare)\b")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,6 +152,8 @@ def plan(command: DocCommand) -> tuple[str, str]:
         return "skip", "not a command of this repository"
     if "$STDLIB" in text or command.setup:
         return "slow", "the worked example on the standard library: minutes of tokenizing and training"
+    if WORKED_RUNS.search(text) and script.group(1) != "train.py":
+        return "slow", "uses the run that the worked example trains above (run in order with -m slow)"
     if " -m " in f" {text} " and script.group(1) == "train.py":
         return "slow", "a sweep: several training runs"
     if devices and int(devices.group(1)) > 1:
@@ -173,11 +179,17 @@ def runnable(command: DocCommand, number: int) -> str:
     text = command.text
     script = re.search(r"\bpython (\S+\.py)", text).group(1)
     if script == "train.py" and "--cfg" not in text:
-        text = set_overrides(text, TINY_TRAIN)
+        # Pairs keep their rows: a 32-token row would cut a prompt before its completion starts.
+        pairs = "data=pairs" in text
+        text = set_overrides(
+            text, {k: v for k, v in TINY_TRAIN.items() if not (pairs and k == "model.block_size")}
+        )
         if "hydra.run.dir=" not in text and " -m " not in text:
             text += f" hydra.run.dir=runs/doc-{number}"
     elif script == "generate.py":
         text = set_overrides(text, TINY_GENERATE)
+    elif script == "evaluate.py":
+        text = set_overrides(text, TINY_EVALUATE)
     python = f'"{sys.executable}"'
     text = re.sub(r"\bpython (\S+\.py)", lambda m: f'{python} "{ROOT / m.group(1)}"', text)
     text = re.sub(r"\bpython -c\b", f"{python} -c", text)

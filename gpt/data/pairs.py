@@ -21,12 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import string
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -35,10 +32,10 @@ import numpy as np
 
 from gpt.config import PAIR_FIELDS, DataConfig
 from gpt.data.encode import token_dtype
-from gpt.data.prepare import cache_name, fingerprint
+from gpt.data.prepare import CachedData, cache_name, fingerprint, write_atomically
 from gpt.data.sources import find_files, jsonl_rows
 from gpt.errors import ConfigError, UserError
-from gpt.tokenizer import CharTokenizer, Tokenizer, get_tokenizer, tokenizer_from_dict
+from gpt.tokenizer import CharTokenizer, Tokenizer, get_tokenizer
 
 # ----------------------------------------------------------------------------- templates
 
@@ -328,16 +325,8 @@ class TokenizedExamples:
 
 
 @dataclass(frozen=True)
-class PreparedPairs:
+class PreparedPairs(CachedData):
     """Tokenized examples on disk: `{split}-{ids,completion,offsets,index}.npy` and meta.json in `dir`."""
-
-    dir: Path
-    meta: dict[str, Any]
-    # True when this call tokenized the examples, False when they were found in the cache.
-    fresh: bool = False
-
-    def tokenizer(self) -> Tokenizer:
-        return tokenizer_from_dict(self.meta["tokenizer"])
 
     @property
     def data_format(self) -> dict[str, Any]:
@@ -469,21 +458,3 @@ def write_examples(
             np.save(folder / f"{split}-{name}.npy", array)
         meta |= {f"{split}_examples": len(members), f"{split}_tokens": int(lengths.sum())}
     return meta
-
-
-def write_atomically(out: Path, write: Callable[[Path], dict[str, Any]]) -> None:
-    """`write(folder)` fills a temporary folder next to `out` and returns its meta.json content; the
-    folder becomes `out` only once complete, so an interrupted write never leaves a folder that a
-    later run would trust (a killed process leaves a `.tmp-` folder, which nothing reads)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".tmp-"))
-    try:
-        (tmp / "meta.json").write_text(json.dumps(write(tmp), indent=2))
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            # Another process prepared the same data first: theirs is equally good.
-            if not (out / "meta.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -38,6 +38,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -68,16 +69,21 @@ FORMAT_VERSION = 3
 
 
 @dataclass(frozen=True)
-class Prepared:
-    """A tokenized corpus on disk: `{split}-NNNNN.bin` shards and meta.json in `dir`."""
+class CachedData:
+    """Tokenized data in a cache folder `dir`, described by its meta.json (`meta`)."""
 
     dir: Path
     meta: dict[str, Any]
-    # True when this call tokenized the corpus, False when it was found in the cache.
+    # True when this call tokenized the data, False when it was found in the cache.
     fresh: bool = False
 
     def tokenizer(self) -> Tokenizer:
         return tokenizer_from_dict(self.meta["tokenizer"])
+
+
+@dataclass(frozen=True)
+class Prepared(CachedData):
+    """A tokenized corpus on disk: `{split}-NNNNN.bin` shards and meta.json in `dir`."""
 
     def shard_paths(self, split: str) -> list[Path]:
         return [self.dir / s["file"] for s in self.meta["shards"][split]]
@@ -169,20 +175,12 @@ def prepare(cfg: DataConfig, tokenizer: Tokenizer | None = None, verbose: bool =
                 check_characters(cfg, files, tok, meter.read)
         finally:
             meter.close()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".tmp-"))
-    try:
-        meta = write_shards(cfg, files, tok, tmp, total, verbose)
-        meta["seconds"] = round(time.perf_counter() - t0, 3)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            # Another process prepared the same data first: theirs is equally good.
-            if not (out / "meta.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    def write(folder: Path) -> dict[str, Any]:
+        meta = write_shards(cfg, files, tok, folder, total, verbose)
+        return meta | {"seconds": round(time.perf_counter() - t0, 3)}
+
+    write_atomically(out, write)
     meta = json.loads((out / "meta.json").read_text())
     if verbose:
         print(
@@ -191,6 +189,24 @@ def prepare(cfg: DataConfig, tokenizer: Tokenizer | None = None, verbose: bool =
             f"{meta['split_by']}) in {out}"
         )
     return Prepared(out, meta, fresh=True)
+
+
+def write_atomically(out: Path, write: Callable[[Path], dict[str, Any]]) -> None:
+    """`write(folder)` fills a temporary folder next to `out` and returns its meta.json content; the
+    folder becomes `out` only once complete, so an interrupted write never leaves a folder that a
+    later run would trust (a killed process leaves a `.tmp-` folder, which nothing reads)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".tmp-"))
+    try:
+        (tmp / "meta.json").write_text(json.dumps(write(tmp), indent=2))
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            # Another process prepared the same data first: theirs is equally good.
+            if not (out / "meta.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_shards(

@@ -22,16 +22,19 @@ from gpt.evaluate.decode import default_max_new_tokens, evaluate
 from gpt.evaluate.examples import encode_examples
 from gpt.evaluate.metrics import METRICS
 from gpt.generate.command import resolve_device
-from gpt.runs.checkpoint import describe_checkpoint, find_checkpoint, load_model, read_checkpoint
+from gpt.runs.checkpoint import (
+    checkpoint_data_format,
+    describe_checkpoint,
+    find_checkpoint,
+    load_model,
+    read_checkpoint,
+)
 
 
-def checkpoint_data_format(path: Path) -> dict[str, Any] | None:
-    """The prompt format a checkpoint was trained with (hyper_parameters["data_format"], written by
-    gpt.data.pairs.data_format), or None: a checkpoint of plain text, an older one, a Hugging Face dir."""
-    if path.is_dir():
-        return None
-    fmt = (read_checkpoint(path, mmap=True).get("hyper_parameters") or {}).get("data_format")
-    return fmt if isinstance(fmt, dict) else None
+def saved_data_format(path: Path) -> dict[str, Any] | None:
+    """The prompt format a checkpoint was trained with, read before its weights are (so that a bad
+    row is found first), or None: a checkpoint of plain text, an older one, a Hugging Face dir."""
+    return None if path.is_dir() else checkpoint_data_format(read_checkpoint(path, mmap=True), path)
 
 
 def prompt_template(spec: str, fmt: dict[str, Any] | None) -> tuple[Template, str]:
@@ -111,7 +114,7 @@ def evaluate_checkpoint(cfg: EvaluateConfig) -> dict[str, dict[str, float]]:
     path = find_checkpoint(cfg.ckpt, cfg.runs_dir)
     out = Path(cfg.out) if cfg.out else run_dir_of(path) / "evals"
     check_out(out)
-    template, template_name = prompt_template(cfg.data.template, checkpoint_data_format(path))
+    template, template_name = prompt_template(cfg.data.template, saved_data_format(path))
     rows = list(islice(read_examples(cfg.data, files, template), cfg.limit))
     if not rows:
         raise UserError(f"data.path {cfg.data.path} holds no examples; each line must be one JSON pair")

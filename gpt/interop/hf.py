@@ -58,6 +58,12 @@ def hf_format(config: ModelConfig, fmt: str = "auto") -> str:
     check_format(fmt)
     if config.pos_emb == "sinusoidal":
         raise UserError("pos_emb=sinusoidal has no Hugging Face equivalent; export needs learned or rope")
+    if config.prefix_lm:
+        # GPT-2 and Llama attend causally everywhere: the exported model would compute another function.
+        raise UserError(
+            "prefix_lm=true (the prompt attended both ways) has no GPT-2 or Llama equivalent, which are "
+            "causal everywhere; use this model with generate.py and evaluate.py instead"
+        )
     if fmt == "auto":
         fmt = "gpt2" if config.pos_emb == "learned" else "llama"
     # Each format's requirements, in the order the message should name them.

@@ -17,7 +17,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from gpt.config import DataConfig, DecodeConfig, SamplingConfig, sampling_config
-from gpt.data.pairs import PreparedPairs, Template, get_template, read_examples, template_of
+from gpt.data.pairs import PreparedPairs, Template, format_prompt, get_template, read_examples, template_of
 from gpt.data.sources import find_files
 from gpt.errors import NonFiniteError, UserError
 from gpt.evaluate.command import write_jsonl
@@ -188,19 +188,22 @@ class SampleText(L.Callback):
     def sample(self, pl_module: L.LightningModule) -> str:
         model = pl_module.model
         was_training = model.training
+        # A model trained on pairs is prompted as it is taught, with its template (as generate.py does).
+        fmt = getattr(pl_module, "hparams", {}).get("data_format")
+        prompt = format_prompt(fmt, self.prompt) if fmt else self.prompt
         model.eval()
         try:
             text = generate_text(
                 model,
                 pl_module.tokenizer,
-                self.prompt,
+                prompt,
                 self.max_new_tokens,
                 sampling=self.sampling,
                 seed=self.seed,
             )
         finally:
             model.train(was_training)
-        return self.prompt + text
+        return prompt + text
 
     @staticmethod
     def write(trainer: L.Trainer, step: int, text: str) -> None:

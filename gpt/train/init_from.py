@@ -180,7 +180,8 @@ def run_tokenizer(source: str, saved: Tokenizer, data_tokenizer: str | None, nee
 
 def check_shape(source: str, ours: ModelConfig, theirs: ModelConfig, preset: bool) -> None:
     """One line for a model config the checkpoint's weights do not fit. block_size may be smaller
-    (the first positions are kept); dropout and init_std only matter to training."""
+    (the first learned positions are kept), or larger where positions are computed, not learned
+    (rotary, sinusoidal); dropout and init_std only matter to training."""
 
     def fix(name: str) -> str:
         return (
@@ -204,8 +205,8 @@ def check_shape(source: str, ours: ModelConfig, theirs: ModelConfig, preset: boo
         raise UserError(
             f"model.norm_eps={ours.norm_eps} but init_from={source} has {theirs.norm_eps}; {fix('norm_eps')}"
         )
-    if ours.block_size > theirs.block_size:
+    if ours.block_size > theirs.block_size and ours.pos_emb == "learned":
         raise UserError(
             f"model.block_size={ours.block_size} exceeds init_from={source}'s {theirs.block_size} "
-            f"positions; set model.block_size<={theirs.block_size}"
+            f"learned positions; set model.block_size<={theirs.block_size}"
         )

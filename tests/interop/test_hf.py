@@ -166,6 +166,8 @@ def test_bpe_merge_of_finds_the_merge_that_made_a_token():
 def test_export_refuses_shapes_hf_cannot_express():
     with pytest.raises(UserError, match="pos_emb=sinusoidal has no Hugging Face equivalent"):
         hf_format(tiny_config(pos_emb="sinusoidal"))
+    with pytest.raises(UserError, match="^prefix_lm=true .* has no GPT-2 or Llama equivalent"):
+        hf_format(tiny_config(**(LLAMA_SHAPE | dict(prefix_lm=True))))
     with pytest.raises(UserError, match="^norm=rmsnorm cannot be exported in gpt2 format"):
         hf_format(tiny_config(pos_emb="learned", norm="rmsnorm"))
     with pytest.raises(UserError, match="^bias=false cannot be exported in gpt2 format"):

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from gpt.config import DataConfig
+from gpt.data.pairs import data_format
 from gpt.errors import UserError
 from gpt.interop.export import export
 from gpt.interop.hf import TOKENIZER_FILE
@@ -100,13 +102,7 @@ def test_hugging_face_dir_whose_tokenizer_is_not_the_models(tmp_path):
 def test_load_run_gives_the_data_format_a_checkpoint_was_trained_with(ckpt, tmp_path):
     run = load_run(ckpt)
     assert run.data_format is None and run.path == ckpt  # trained on text
-    fmt = {
-        "template": "plain",
-        "prompt": "{prompt}\n",
-        "prompt_with_input": None,
-        "turn": "{content}\n",
-        "reply": "",
-    }
+    fmt = data_format(DataConfig(source="pairs", path="pairs.jsonl"))  # the plain template
     model, tok = load_model(ckpt)
     paired = save_weights_checkpoint(model, tok, tmp_path / "pairs.ckpt", data_format=fmt)
     run = load_run(paired)

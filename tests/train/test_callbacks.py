@@ -13,7 +13,8 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
 import train  # noqa: F401  (registers the config schemas)
-from gpt.config import DecodeConfig, SamplingConfig
+from gpt.config import DataConfig, DecodeConfig, SamplingConfig
+from gpt.data.pairs import data_format
 from gpt.errors import NonFiniteError
 from gpt.generate.text import generate_text
 from gpt.tokenizer import CharTokenizer
@@ -119,6 +120,16 @@ def test_sample_text_is_generate_text_with_its_own_seed_and_leaves_training_as_i
     expected = generate_text(module.model, tok, "ROMEO:", 12, seed=0, temperature=0.8, top_k=200)
     assert text == "ROMEO:" + expected and len(expected) == 12
     assert callback.sample(module) == text  # the same text at every call: one seed
+
+
+def test_sample_text_prompts_a_pairs_model_with_its_template(char_module):
+    module, tok = char_module
+    fmt = data_format(DataConfig(source="pairs", path="x", template="Q {prompt}: "))
+    module.hparams = {"data_format": fmt}
+    text = SampleText(prompt="AB", max_new_tokens=6).sample(module)
+    module.model.eval()
+    expected = generate_text(module.model, tok, "Q AB: ", 6, seed=0, temperature=0.8, top_k=200)
+    assert text == "Q AB: " + expected
 
 
 def test_sample_text_is_written_every_n_optimizer_steps(char_module, tmp_path):

@@ -93,8 +93,23 @@ def test_a_model_preset_or_field_must_fit_the_checkpoint(pretrained):
         resolve_init(str(pretrained), composed, "char", {"model"})
     with pytest.raises(UserError, match="^model.n_embd=128 but .* has n_embd=48; leave out model.n_embd to"):
         resolve_init(str(pretrained), composed, "char", {"model.n_embd"})
-    with pytest.raises(UserError, match="^model.block_size=64 exceeds init_from=.*'s 32 positions"):
+    with pytest.raises(UserError, match="^model.block_size=64 exceeds init_from=.*'s 32 learned positions"):
         resolve_init(str(pretrained), tiny_config(block_size=64), "char", {"model.block_size"})
+
+
+def test_a_longer_context_is_allowed_where_positions_are_computed(tmp_path):
+    """Rotary positions have no weights: a model pretrained on 32 tokens fine-tunes on 64."""
+    config = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=3, pos_emb="rope")
+    path = save_weights_checkpoint(GPT(config), CharTokenizer("ab", eot=True), tmp_path / "rope.ckpt")
+    longer = resolve_init(str(path), replace(config, block_size=64), "char", {"model.block_size"})
+    assert longer.model_config.block_size == 64
+    model = GPT(longer.model_config)
+    longer.load_into(model)
+    assert torch.equal(model.wte.weight, torch.load(path)["state_dict"]["model.wte.weight"])
+    learned = replace(config, pos_emb="learned")
+    path = save_weights_checkpoint(GPT(learned), CharTokenizer("ab", eot=True), tmp_path / "learned.ckpt")
+    with pytest.raises(UserError, match="exceeds init_from=.*'s 32 learned positions"):
+        resolve_init(str(path), replace(learned, block_size=64), "char", {"model.block_size"})
 
 
 def test_a_ckpt_file_and_a_run_dir(pretrained, tmp_path):

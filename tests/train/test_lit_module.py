@@ -13,7 +13,8 @@ import tiktoken
 import torch
 import torch.nn.functional as F
 
-from gpt.config import ModelConfig, OptimConfig
+from gpt.config import DataConfig, ModelConfig, OptimConfig
+from gpt.data.pairs import data_format
 from gpt.errors import NonFiniteError
 from gpt.tokenizer import CharTokenizer, TiktokenTokenizer
 from gpt.train.lit_module import IGNORE, GPTLitModule, get_rng_state, set_rng_state, token_byte_lengths
@@ -272,13 +273,7 @@ def test_validation_of_examples_counts_only_the_counted_targets_and_their_bytes(
 
 
 def test_data_format_is_a_plain_hyperparameter():
-    fmt = {
-        "template": "plain",
-        "prompt": "{prompt}\n",
-        "prompt_with_input": None,
-        "turn": "{content}\n",
-        "reply": "",
-    }
+    fmt = data_format(DataConfig(source="pairs", path="pairs.jsonl"))  # the plain template
     module = GPTLitModule.from_configs(tiny_config(vocab_size=64), OptimConfig(), CharTokenizer(CHARS), fmt)
     buffer = io.BytesIO()
     torch.save(dict(module.hparams), buffer)
