@@ -87,7 +87,7 @@ class CharTokenizer:
         except KeyError as e:
             c = e.args[0]
             raise UserError(
-                f"character {c!r} (U+{ord(c):04X}) is not in this model's {self.vocab_size}-character "
+                f"character {c!r} (U+{ord(c):04X}) is not in this model's {len(self.chars)}-character "
                 "vocabulary; remove it from the prompt"
             ) from None
 
