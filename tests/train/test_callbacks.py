@@ -231,10 +231,21 @@ def test_without_examples_the_evaluation_says_so_once_and_does_nothing(monkeypat
 
 
 def test_a_short_run_logs_eval_columns_every_n_steps_and_at_the_end(tmp_path):
-    """A small Trainer with the CSV logger: eval/<method>/<metric> at steps 3 and 5 (the end), and
-    each evaluation's outputs in <run dir>/evals/."""
+    """A small Trainer with the CSV logger and a second one (wandb's place: every logger gets the
+    scores): eval/<method>/<metric> at steps 3 and 5 (the end), and each evaluation's outputs in
+    <run dir>/evals/."""
     import lightning as L
-    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.loggers import CSVLogger, Logger
+
+    class Recorder(Logger):
+        name, version = "recorder", 0
+        logged: list[tuple[int, dict[str, float]]] = []
+
+        def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+            self.logged.append((step, dict(metrics)))
+
+        def log_hyperparams(self, params: object) -> None:
+            pass
 
     from gpt.config import ModelConfig, OptimConfig
     from gpt.runs.metrics import read_metrics
@@ -266,7 +277,7 @@ def test_a_short_run_logs_eval_columns_every_n_steps_and_at_the_end(tmp_path):
         max_steps=5,
         accelerator="cpu",
         devices=1,
-        logger=CSVLogger(tmp_path, name="csv"),
+        logger=[CSVLogger(tmp_path, name="csv"), Recorder()],
         callbacks=[callback],
         log_every_n_steps=1,
         enable_checkpointing=False,
@@ -281,6 +292,9 @@ def test_a_short_run_logs_eval_columns_every_n_steps_and_at_the_end(tmp_path):
         f"eval/{m}/{k}" for m in ("greedy", "beam") for k in ("exact_match", "token_accuracy", "chrf", "bleu")
     }
     assert all(columns <= r.keys() for r in rows)
+    evaluations = [(step, m) for step, m in Recorder.logged if "eval/greedy/exact_match" in m]
+    assert [step for step, _ in evaluations] == [3, 5]
+    assert all(m[c] == r[c] for (_, m), r in zip(evaluations, rows, strict=True) for c in columns)
     assert all(0 <= r[c] <= 100 for r in rows for c in columns)
     assert sorted(p.name for p in (tmp_path / "evals").iterdir()) == ["step-3.jsonl", "step-5.jsonl"]
     records = (tmp_path / "evals/step-5.jsonl").read_text().splitlines()
