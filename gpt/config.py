@@ -7,6 +7,7 @@ dataclasses (OmegaConf.to_object runs __post_init__), and the library only sees 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -169,7 +170,8 @@ class DataConfig:
     template: str = "plain"
     # pairs: the file's field names, by ours (prompt, completion, instruction, input, output, source,
     # target, messages, role, content), e.g. 'data.fields={prompt: question, completion: answer}'.
-    fields: dict[str, str] = field(default_factory=dict)
+    # (Any and null by default: Hydra refuses new keys in a typed mapping, even an empty one.)
+    fields: Any = None
     # pairs: the loss covers only the completions (the targets on prompt tokens are ignored).
     mask_prompt: bool = True
     # pairs: several examples share a row of block_size tokens, each attending only to itself;
@@ -192,6 +194,13 @@ class DataConfig:
             self.prepare_workers is None or self.prepare_workers >= 1,
             f"data.prepare_workers={self.prepare_workers} must be >= 1 (or null)",
         )
+        fields = {} if self.fields is None else self.fields
+        _check(
+            isinstance(fields, Mapping) and all(isinstance(v, str) for v in fields.values()),
+            f"data.fields={self.fields!r} must map our field names to yours, e.g. "
+            "'data.fields={prompt: question, completion: answer}'",
+        )
+        self.fields = {str(k): v for k, v in fields.items()}
         unknown = sorted(set(self.fields) - set(PAIR_FIELDS))
         _check(
             not unknown,

@@ -209,3 +209,12 @@ def test_fsdp_preset_shards_each_block():
     assert strategy.kwargs["auto_wrap_policy"]._module_classes == {Block}
     assert strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == {Block}
     assert cfg.trainer.precision == "auto"
+
+
+def test_data_fields_take_a_mapping_from_the_command_line():
+    """Hydra refuses new keys in a typed (even empty) mapping: data.fields is Any, checked here."""
+    cfg = compose_train("data=pairs", "data.path=x.jsonl", "data.fields={prompt: question, completion: answer}")
+    assert train.to_dataclasses(cfg)[1].fields == {"prompt": "question", "completion": "answer"}
+    assert train.to_dataclasses(compose_train("data=pairs", "data.path=x.jsonl"))[1].fields == {}
+    with pytest.raises(ConfigError, match="data.fields=3 must map our field names to yours"):
+        train.to_dataclasses(compose_train("data=pairs", "data.path=x.jsonl", "data.fields=3"))
