@@ -213,7 +213,8 @@ def test_fsdp_preset_shards_each_block():
 
 def test_data_fields_take_a_mapping_from_the_command_line():
     """Hydra refuses new keys in a typed (even empty) mapping: data.fields is Any, checked here."""
-    cfg = compose_train("data=pairs", "data.path=x.jsonl", "data.fields={prompt: question, completion: answer}")
+    mapped = "data.fields={prompt: question, completion: answer}"
+    cfg = compose_train("data=pairs", "data.path=x.jsonl", mapped)
     assert train.to_dataclasses(cfg)[1].fields == {"prompt": "question", "completion": "answer"}
     assert train.to_dataclasses(compose_train("data=pairs", "data.path=x.jsonl"))[1].fields == {}
     with pytest.raises(ConfigError, match="data.fields=3 must map our field names to yours"):
