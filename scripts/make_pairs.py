@@ -24,6 +24,10 @@ import random
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
+from gpt.data.sources import find_shakespeare  # noqa: E402
+from gpt.errors import UserError  # noqa: E402
+
 ONES = (  # noqa: SIM905
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
     "sixteen seventeen eighteen nineteen"
@@ -67,9 +71,12 @@ def numbers(args: argparse.Namespace) -> dict[str, list[dict[str, str]]]:
 
 
 def dialogue(args: argparse.Namespace) -> dict[str, list[dict[str, str]]]:
-    path = Path(args.text or Path(os.environ.get("GPT_DATA_DIR") or "data") / "tinyshakespeare.txt")
-    if not path.is_file():
-        raise ValueError(f"{path} does not exist; pass --text or set GPT_DATA_DIR")
+    if args.text:
+        path = Path(args.text)
+        if not path.is_file():
+            raise ValueError(f"--text {path} does not exist; pass the play's text file")
+    else:  # where train.py finds (or downloads) it
+        path = find_shakespeare(Path(os.environ.get("GPT_DATA_DIR") or "data"))
     speeches = [s.strip("\n") for s in path.read_text(encoding="utf-8").split("\n\n") if s.strip()]
     held_out = int(len(speeches) * 0.9)
     split: dict[str, list[dict[str, str]]] = {"test": [], "train": []}
@@ -86,12 +93,14 @@ def main() -> None:
     parser.add_argument("--max", type=int, default=9999, help="numbers: the largest number (from 0)")
     parser.add_argument("--test", type=int, default=500, help="numbers: how many are held out in test.jsonl")
     parser.add_argument("--seed", type=int, default=0, help="numbers: the shuffle's seed")
-    parser.add_argument("--text", help="dialogue: the play (default: $GPT_DATA_DIR/tinyshakespeare.txt)")
+    parser.add_argument(
+        "--text", help="dialogue: the play (default: Tiny Shakespeare in $GPT_DATA_DIR or ./data, fetched)"
+    )
     parser.add_argument("--max-chars", type=int, default=240, help="dialogue: the longest pair kept")
     args = parser.parse_args()
     try:
         splits = numbers(args) if args.task == "numbers" else dialogue(args)
-    except ValueError as e:
+    except (ValueError, UserError) as e:
         print(f"make_pairs.py: {e}", file=sys.stderr)  # one line, exit 2, nothing written
         sys.exit(2)
     out = Path(args.out or f"data/{args.task}")
