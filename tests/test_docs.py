@@ -152,6 +152,8 @@ def plan(command: DocCommand) -> tuple[str, str]:
         return "skip", "not a command of this repository"
     if "$STDLIB" in text or command.setup:
         return "slow", "the worked example on the standard library: minutes of tokenizing and training"
+    if script.group(1) == "scripts/make_pairs.py":
+        return "slow", "writes a worked example's data for the commands below it (-m slow: in order)"
     if WORKED_RUNS.search(text) and script.group(1) != "train.py":
         return "slow", "uses the run that the worked example trains above (run in order with -m slow)"
     if " -m " in f" {text} " and script.group(1) == "train.py":
