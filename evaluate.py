@@ -20,10 +20,18 @@ cs.store(name="_schema", node=EvaluateConfig)
 cs.store(group="data", name="_schema", node=DataConfig)
 
 
+def to_config(cfg: DictConfig) -> EvaluateConfig:
+    """The composed config as the dataclass. data=pairs without a data.path (the default) is no data
+    given: the task's own (hellaswag: its validation set; bpb: the checkpoint's training data)."""
+    if cfg.data.source == "pairs" and OmegaConf.select(cfg, "data.path", throw_on_missing=False) is None:
+        cfg.data = None
+    return OmegaConf.to_object(cfg)
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    evaluate_checkpoint(OmegaConf.to_object(cfg))
+    evaluate_checkpoint(to_config(cfg))
 
 
 if __name__ == "__main__":

@@ -119,6 +119,8 @@ PAIR_FIELDS = (
     "prompt", "completion", "instruction", "input", "output", "source", "target",
     "messages", "role", "content",
 )  # fmt: skip
+# The fields of multiple-choice rows (evaluate task=mc), which data.fields can map likewise.
+CHOICE_FIELDS = ("context", "choices", "label")
 SAMPLINGS = ("random", "sequential")
 
 
@@ -169,7 +171,8 @@ class DataConfig:
     # or a format string over {prompt} such as 'Q: {prompt}\nA: '. Saved with the checkpoint.
     template: str = "plain"
     # pairs: the file's field names, by ours (prompt, completion, instruction, input, output, source,
-    # target, messages, role, content), e.g. 'data.fields={prompt: question, completion: answer}'.
+    # target, messages, role, content), e.g. 'data.fields={prompt: question, completion: answer}';
+    # for evaluate task=mc: context, choices, label.
     # (Any and null by default: Hydra refuses new keys in a typed mapping, even an empty one.)
     fields: Any = None
     # pairs: the loss covers only the completions (the targets on prompt tokens are ignored).
@@ -201,10 +204,11 @@ class DataConfig:
             "'data.fields={prompt: question, completion: answer}'",
         )
         self.fields = {str(k): v for k, v in fields.items()}
-        unknown = sorted(set(self.fields) - set(PAIR_FIELDS))
+        unknown = sorted(set(self.fields) - set(PAIR_FIELDS) - set(CHOICE_FIELDS))
         _check(
             not unknown,
-            f"data.fields maps {', '.join(unknown)}, which are not among {', '.join(PAIR_FIELDS)}",
+            f"data.fields maps {', '.join(unknown)}, which are not among "
+            f"{', '.join(PAIR_FIELDS + CHOICE_FIELDS)}",
         )
         _check(bool(self.include), "data.include is empty: give at least one glob such as '*.txt'")
         _check(self.batch_size >= 1, f"data.batch_size={self.batch_size} must be >= 1")
@@ -408,8 +412,13 @@ class CompareConfig:
         _check(bool(self.out), "out= is empty; name the plot file, such as out=compare.png")
 
 
-# Evaluation by generation on prompt -> completion pairs: evaluate.py (conf/evaluate.yaml) and the
-# training callback callbacks.evaluate (gpt.evaluate, docs/evaluation.md).
+# Evaluation: evaluate.py / python -m gpt.evaluate (conf/evaluate.yaml) and the training callback
+# callbacks.evaluate (gpt.evaluate, docs/evaluation.md). Tasks: generate (prompt -> completion pairs
+# completed and scored), hellaswag and mc (multiple choice, scored by log-likelihood as
+# lm-evaluation-harness scores it), bpb (bits per byte on a corpus).
+EVAL_TASKS = ("generate", "hellaswag", "mc", "bpb")
+# task=bpb: which windows of the corpus's validation split are scored.
+BPB_WINDOWS = ("val", "all")
 
 EVAL_METHODS = ("greedy", "beam", "sampled")
 # data.template=checkpoint: the prompt template saved with the checkpoint (plain when it has none).
@@ -457,18 +466,27 @@ class DecodeConfig(SamplingConfig):
 @dataclass
 class EvaluateConfig(DecodeConfig):
     """evaluate.py's keys: the decoding settings (methods, num_beams, temperature, ...) are
-    DecodeConfig's, as top-level keys."""
+    DecodeConfig's, as top-level keys (task=generate only, but batch_size: every task)."""
 
+    # generate (complete prompt -> completion pairs; exact match, chrF, BLEU), hellaswag (its
+    # validation set; acc, acc_norm), mc (a multiple-choice JSONL file) or bpb (bits per byte on a corpus).
+    task: str = "generate"
     # A checkpoint file, a run dir, a Hugging Face dir, or None for the newest run under runs_dir.
     ckpt: str | None = None
     # Where the newest run is looked for when ckpt is None.
     runs_dir: str = "runs"
-    # The pairs to evaluate on (data.path, a .jsonl file or a folder of them; data.fields). data.template:
-    # `checkpoint` (the default) formats prompts as the checkpoint was trained, or name one.
-    data: DataConfig = field(default_factory=DataConfig)
-    # Evaluate the first `limit` examples only; None: all.
+    # The task's data. generate: the pairs (data.path, a .jsonl file or a folder; data.fields;
+    # data.template `checkpoint`, the default, formats prompts as the checkpoint was trained). mc: the
+    # JSONL file (data.path; data.fields renames context, choices, label). hellaswag: data.path, else
+    # the validation set in the data root (downloaded once). bpb: a corpus (data=shakespeare,
+    # data=text data.path=...); not given: the checkpoint's own training data. None: not given.
+    data: DataConfig | None = None
+    # Evaluate the first `limit` examples (bpb: windows) only; None: all.
     limit: int | None = None
-    # The folder the outputs are written to (one JSONL line per example, the metrics as JSON);
+    # bpb: val, the evenly spaced windows of the val split that validation scores (data.val_windows
+    # of them: the run's own val/bpb); all, every token of the val split once, in back-to-back windows.
+    windows: str = "val"
+    # The folder the results are written to (<task>.json, and each example's outputs as JSONL);
     # None: <run dir>/evals/ beside the checkpoint.
     out: str | None = None
     # auto: cuda when available, else cpu; or a torch device such as cuda:1.
@@ -479,10 +497,40 @@ class EvaluateConfig(DecodeConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.ckpt, self.out = self.ckpt or None, _home(self.out) or None
-        _check(
-            self.data.source == "pairs",
-            f"data={self.data.source}: evaluate reads prompt -> completion pairs; use the default "
-            "data=pairs with data.path=FILE.jsonl",
-        )
+        _one_of("task", self.task, EVAL_TASKS)
+        data = self.data
+        if self.task == "generate":
+            _check(
+                data is not None,
+                "task=generate completes prompt -> completion pairs: pass data.path=FILE.jsonl",
+            )
+        if self.task in ("generate", "mc", "hellaswag") and data is not None:
+            _check(
+                data.source == "pairs",
+                f"data={data.source}: task={self.task} reads a .jsonl file; pass data.path=FILE.jsonl "
+                "(data=NAME chooses a corpus for task=bpb)",
+            )
+        if self.task == "mc":
+            _check(data is not None, "task=mc needs its questions: pass data.path=FILE.jsonl")
+        if self.task == "mc" and data is not None:
+            wrong = sorted(set(data.fields) - set(CHOICE_FIELDS))
+            _check(
+                not wrong,
+                f"data.fields maps {', '.join(wrong)}; task=mc rows have {', '.join(CHOICE_FIELDS)}, "
+                "e.g. 'data.fields={context: question, label: answer}'",
+            )
+        if self.task == "hellaswag" and data is not None:
+            _check(
+                not data.fields,
+                "data.fields: task=hellaswag reads HellaSwag's own rows (ctx_a, ctx_b, endings, label); "
+                "for another multiple-choice file use task=mc",
+            )
+        if self.task == "bpb" and data is not None:
+            _check(
+                data.source != "pairs",
+                "task=bpb scores a text corpus: pass data=shakespeare, data=text data.path=FILE or "
+                "data=hf data.path=NAME, or no data for the checkpoint's own",
+            )
         _check(self.limit is None or self.limit >= 1, f"limit={self.limit} must be >= 1 (or null: all)")
+        _one_of("windows", self.windows, BPB_WINDOWS)
         _one_of("dtype", self.dtype, ("float32", "bfloat16", "float16"))

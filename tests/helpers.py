@@ -147,9 +147,12 @@ def compose_train(*overrides: str):
         return compose("train", overrides=list(overrides), return_hydra_config=True)
 
 
-def command(config: str, schema: type, run: Callable[[object], None]) -> Callable[[list[str]], None]:
+def command(
+    config: str, schema: type, run: Callable[[object], None], to_object: Callable | None = None
+) -> Callable[[list[str]], None]:
     """What the root script <config>.py does with these overrides, in this process: compose
-    conf/<config>.yaml over its schema, validate (OmegaConf.to_object), run; user errors exit 2."""
+    conf/<config>.yaml over its schema, validate (OmegaConf.to_object, or the script's own
+    `to_object`), run; user errors exit 2."""
     from hydra import compose, initialize_config_dir
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
@@ -161,7 +164,7 @@ def command(config: str, schema: type, run: Callable[[object], None]) -> Callabl
         ConfigStore.instance().store(name="_schema", node=schema)  # as the root script does
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
             cfg = compose(config, overrides=overrides)
-        run(OmegaConf.to_object(cfg))
+        run((to_object or OmegaConf.to_object)(cfg))
 
     return main
 

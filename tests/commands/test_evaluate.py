@@ -11,6 +11,7 @@ import pytest
 import torch
 from hydra.core.config_store import ConfigStore
 
+from evaluate import to_config
 from gpt.config import DataConfig, EvaluateConfig
 from gpt.data.pairs import data_format
 from gpt.evaluate.command import evaluate_checkpoint
@@ -26,7 +27,7 @@ ROWS = [
 METRIC_ROWS = ["exact_match", "token_accuracy", "chrf", "bleu"]
 
 ConfigStore.instance().store(group="data", name="_schema", node=DataConfig)  # as evaluate.py does
-evaluate = command("evaluate", EvaluateConfig, evaluate_checkpoint)
+evaluate = command("evaluate", EvaluateConfig, evaluate_checkpoint, to_object=to_config)
 
 
 def write_rows(path: Path, rows: list) -> Path:
@@ -136,7 +137,7 @@ BAD_ROWS = {
         (["methods=[greedy,top_k]"], "'top_k' is not a decoding method; choose among greedy, beam, sampled"),
         (["limit=0"], "limit=0 must be >= 1"),
         (["out=test.jsonl"], "out=test.jsonl: test.jsonl is a file"),
-        (["data=text"], "evaluate reads prompt -> completion pairs"),
+        (["data=text"], "data=text: task=generate reads a .jsonl file"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_nothing_written(work, capsys, monkeypatch, overrides, message):
