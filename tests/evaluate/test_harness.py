@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -143,11 +144,15 @@ def compare(theirs: dict, records: list[dict]) -> None:
     samples = theirs["samples"]
     assert len(samples) == len(records)
     for sample, record in zip(samples, records, strict=True):
-        their_lls = [ll for ll, _ in sample["resps"]]
+        their_lls = np.array([ll for ll, _ in sample["resps"]])
+        their_lengths = np.array([len(c) for c in sample["doc"]["choices"]], dtype=float)
         assert record["loglikelihoods"] == pytest.approx(their_lls, abs=ATOL), record["where"]
+        # The harness's own rules (lm_eval/api/task.py, process_results) on its log-likelihoods.
+        their_preds = (np.argmax(their_lls), np.argmax(their_lls / their_lengths))
+        assert (record["pred"], record["pred_norm"]) == their_preds, record["where"]
         assert (record["acc"], record["acc_norm"]) == (sample["acc"], sample["acc_norm"]), record["where"]
     # The random model must tell the choices apart, or agreeing would prove little.
-    assert len({round(ll, 3) for r in records for ll in r["loglikelihoods"]}) > len(records)
+    assert all(len(set(r["loglikelihoods"])) == len(r["choices"]) for r in records)
     n = len(records)
     assert theirs["results"]["acc,none"] == pytest.approx(sum(r["acc"] for r in records) / n)
     assert theirs["results"]["acc_norm,none"] == pytest.approx(sum(r["acc_norm"] for r in records) / n)
