@@ -9,6 +9,7 @@ its sha256) or from any multiple-choice JSONL file of {context, choices, label} 
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -107,9 +108,9 @@ def hellaswag_example(row: Any, where: str) -> ChoiceExample:
         label = int(label)
     endings = row.get("endings")
     check_choices(endings, label, where, {"choices": "endings", "label": "label"})
+    # An ending that is only markers becomes empty, and is scored as the harness scores it: the
+    # delimiter alone, never the choice of acc_norm (see choice_record).
     choices = tuple(hellaswag_text(e) for e in endings)
-    if not all(choices):
-        raise bad_row(where, "an ending is empty once its bracketed markers are removed")
     context = row["activity_label"] + ": " + row["ctx_a"] + " " + row["ctx_b"].capitalize()
     return ChoiceExample(hellaswag_text(context), choices, label, where)
 
@@ -156,7 +157,9 @@ def choice_record(example: ChoiceExample, lls: Sequence[float]) -> dict[str, Any
     pred_norm, the most likely per character of the choice (the delimiter not counted)."""
     lengths = [len(c) for c in example.choices]
     pred = argmax(lls)
-    pred_norm = argmax([ll / n for ll, n in zip(lls, lengths, strict=True)])
+    # An empty choice (a HellaSwag ending of markers only) per character: -inf, as numpy's division
+    # in the harness gives it.
+    pred_norm = argmax([ll / n if n else -math.inf for ll, n in zip(lls, lengths, strict=True)])
     return {
         "where": example.where,
         "context": example.context,
