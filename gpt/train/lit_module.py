@@ -27,16 +27,10 @@ from gpt.config import ModelConfig, OptimConfig
 from gpt.data.pairs_datamodule import IGNORE
 from gpt.errors import NonFiniteError
 from gpt.model.transformer import GPT
-from gpt.tokenizer import Tokenizer, tokenizer_from_dict
+from gpt.tokenizer import Tokenizer, token_byte_lengths, tokenizer_from_dict
 from gpt.train.optim import build_optimizer, build_scheduler
 
 Batch = tuple[torch.Tensor, torch.Tensor] | dict[str, torch.Tensor]
-
-
-def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int) -> torch.Tensor:
-    """UTF-8 bytes of each token id (0 for padding ids), to turn nats per token into bits per byte."""
-    lengths = [len(tokenizer.decode_bytes([i])) for i in range(tokenizer.vocab_size)]
-    return torch.tensor(lengths + [0] * (vocab_size - tokenizer.vocab_size), dtype=torch.float32)
 
 
 def get_rng_state() -> dict[str, Any]:
