@@ -271,3 +271,16 @@ def test_data_format_is_a_plain_hyperparameter():
     assert torch.load(buffer, weights_only=True)["data_format"] == fmt
     plain = GPTLitModule.from_configs(tiny_config(vocab_size=64), OptimConfig(), CharTokenizer(CHARS))
     assert plain.hparams["data_format"] is None
+
+
+def test_the_data_config_is_a_plain_hyperparameter():
+    data = DataConfig(source="text", path="corpus.txt", val_windows=32)
+    module = GPTLitModule.from_configs(
+        tiny_config(vocab_size=64), OptimConfig(), CharTokenizer(CHARS), data=data
+    )
+    buffer = io.BytesIO()
+    torch.save(dict(module.hparams), buffer)
+    buffer.seek(0)
+    assert DataConfig(**torch.load(buffer, weights_only=True)["data"]) == data
+    plain = GPTLitModule.from_configs(tiny_config(vocab_size=64), OptimConfig(), CharTokenizer(CHARS))
+    assert plain.hparams["data"] is None
