@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gpt.config import DataConfig, OptimConfig
 from gpt.data.datamodule import GPTDataModule
@@ -19,8 +20,9 @@ from gpt.errors import UserError
 from gpt.evaluate.bpb import all_spans, bpb_data, bpb_metrics, bpb_windows, score_bpb
 from gpt.runs.checkpoint import load_model, read_checkpoint
 from gpt.runs.metrics import read_metrics
+from gpt.tokenizer import CharTokenizer
 from gpt.train.lit_module import GPTLitModule
-from tests.helpers import fit, split_tokens, text_cfg, tiny_config, write_corpus
+from tests.helpers import fit, split_tokens, text_cfg, tiny_config, tiny_model, write_corpus
 
 BLOCK = 32
 
@@ -70,6 +72,22 @@ def test_val_windows_give_the_validation_metrics_of_training(module, corpus_cfg)
     assert metrics["bpb"] == pytest.approx(logged["val/bpb"], rel=1e-6)
     assert metrics["loss"] == pytest.approx(logged["val/loss"], rel=1e-6)
     assert metrics["ppl"] == pytest.approx(logged["val/ppl"], rel=1e-6)
+
+
+def test_the_sums_are_over_the_targets():
+    tok = CharTokenizer("aé€😀")  # 1, 2, 3 and 4 bytes
+    model = tiny_model(vocab_size=6, block_size=8)  # two padding ids
+    x, y = torch.tensor([0, 0, 0, 1]), torch.tensor([1, 2, 3, 3])
+    windows = [(x, y), (y[:2], x[:2])]  # of unequal lengths
+    sums = score_bpb(model, tok, windows, batch_size=2)
+    with torch.no_grad():
+        nats = sum(F.cross_entropy(model(a[None])[0], b, reduction="sum") for a, b in windows)
+    assert sums["nats"] == pytest.approx(float(nats), rel=1e-6)
+    assert {k: sums[k] for k in ("tokens", "bytes", "windows")} == {
+        "tokens": 6,
+        "bytes": 2 + 3 + 4 + 4 + 1 + 1,
+        "windows": 2,
+    }
 
 
 def test_bpb_metrics_formulas():
