@@ -1,13 +1,17 @@
-"""The evaluate.py command: read the pairs with the checkpoint's prompt template, generate with each
-decoding method, print a table (metric x method) and write each example's outputs (JSONL) and the
-metrics (JSON), by default to <run dir>/evals/. Bad input is refused before anything is written."""
+"""The evaluate.py command (also `python -m gpt.evaluate`): one task on one checkpoint, a table on
+stdout, and the results as <run dir>/evals/<name>.json (with each example's outputs beside it as
+<name>.jsonl), where `python compare.py` finds them. Bad input is refused before anything is written.
+
+The tasks: generate (complete prompt -> completion pairs with each decoding method; exact match,
+chrF, BLEU), hellaswag and mc (multiple choice by log-likelihood, as lm-evaluation-harness scores it;
+acc, acc_norm) and bpb (bits per byte, loss and perplexity on a corpus's validation windows)."""
 
 from __future__ import annotations
 
 import json
 import sys
 from collections.abc import Iterable
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -16,8 +20,17 @@ import torch
 
 from gpt.config import FROM_CHECKPOINT, DataConfig, DecodeConfig, EvaluateConfig
 from gpt.data.pairs import Template, get_template, read_examples, template_of
-from gpt.data.sources import find_files
+from gpt.data.sources import data_root, find_files
 from gpt.errors import UserError
+from gpt.evaluate.bpb import bpb_data, bpb_metrics, bpb_windows, score_bpb
+from gpt.evaluate.choice import (
+    choice_metrics,
+    choice_sums,
+    hellaswag_file,
+    read_choices,
+    read_hellaswag,
+    score_choices,
+)
 from gpt.evaluate.decode import default_max_new_tokens, evaluate
 from gpt.evaluate.examples import encode_examples
 from gpt.evaluate.metrics import METRICS
@@ -107,13 +120,38 @@ def decode_settings(cfg: DecodeConfig) -> DecodeConfig:
     return DecodeConfig(**{f.name: getattr(cfg, f.name) for f in fields(DecodeConfig)})
 
 
-def evaluate_checkpoint(cfg: EvaluateConfig) -> dict[str, dict[str, float]]:
-    """What evaluate.py does; returns the metrics, {method: {metric: percentage}}."""
-    device = resolve_device(cfg.device)
+@dataclass
+class Result:
+    """What a task returns: its metrics (a flat mapping), the table printed, what the JSON says of
+    the evaluation besides (data, examples, settings) and each example's outputs, if any."""
+
+    metrics: dict[str, float]
+    table: str
+    info: dict[str, Any]
+    records: list[dict[str, Any]] | None = None
+
+
+def result_name(cfg: EvaluateConfig, path: Path) -> str:
+    """The results' file name (without suffix) in evals/: the task, what it ran on when that is not
+    the task's own data, and the checkpoint when it is not the run's last one. So a task evaluated
+    again on the same data and checkpoint replaces its results, and nothing else does."""
+    parts = [cfg.task]
+    data = cfg.data
+    if data is not None and data.path:
+        parts.append(stem(Path(data.path)))
+    elif data is not None:
+        parts.append(data.source)  # a named corpus (bpb data=shakespeare)
+    if cfg.task == "bpb" and cfg.windows != "val":
+        parts.append(cfg.windows)
+    if path.is_file() and path.name != "last.ckpt":
+        parts.append(path.stem)
+    return "-".join(parts)
+
+
+def run_generate(cfg: EvaluateConfig, path: Path, device: torch.device) -> Result:
+    """task=generate: complete the pairs' prompts with each decoding method, scored."""
+    assert cfg.data is not None  # EvaluateConfig checks it
     files = pair_files(cfg.data)
-    path = find_checkpoint(cfg.ckpt, cfg.runs_dir)
-    out = Path(cfg.out) if cfg.out else run_dir_of(path) / "evals"
-    check_out(out)
     template, template_name = prompt_template(cfg.data.template, saved_data_format(path))
     rows = list(islice(read_examples(cfg.data, files, template), cfg.limit))
     if not rows:
@@ -137,22 +175,88 @@ def evaluate_checkpoint(cfg: EvaluateConfig) -> dict[str, dict[str, float]]:
         file=sys.stderr,
     )
     metrics, records = evaluate(model, tokenizer, examples, settings, progress=True)
-    print(format_table(metrics))
-    name = f"{stem(Path(cfg.data.path))}-{path.stem if path.is_file() else path.name}"
-    outputs, summary = out / f"{name}.jsonl", out / f"{name}.metrics.json"
+    info = {
+        "data": str(cfg.data.path),
+        "examples": len(examples),
+        "template": template_name,
+        "settings": asdict(settings),
+    }
+    flat = {f"{method}/{name}": value for method, scores in metrics.items() for name, value in scores.items()}
+    return Result(flat, format_table(metrics), info, records)
+
+
+def run_choice(cfg: EvaluateConfig, path: Path, device: torch.device) -> Result:
+    """task=hellaswag or mc: each choice's log-likelihood after the context; acc and acc_norm."""
+    if cfg.task == "hellaswag":
+        file = Path(cfg.data.path) if cfg.data is not None else hellaswag_file(data_root(DataConfig()))
+        examples = read_hellaswag(file)
+    else:
+        assert cfg.data is not None  # EvaluateConfig checks it
+        file = Path(cfg.data.path)
+        if not file.is_file():
+            raise UserError(f"data.path {file} is not a file; pass a .jsonl file of multiple-choice rows")
+        examples = read_choices(file, cfg.data.fields)
+    examples = examples[: cfg.limit]
+    model, tokenizer = load_model(path, device=device, dtype=getattr(torch, cfg.dtype))
+    print(f"checkpoint: {describe_checkpoint(path)}", file=sys.stderr)
+    print(f"evaluating {len(examples)} examples of {file}", file=sys.stderr)
+    records = score_choices(model, tokenizer, examples, cfg.batch_size, progress=True)
+    metrics = choice_metrics(choice_sums(records))
+    chance = 100 * sum(1 / len(e.choices) for e in examples) / len(examples)
+    table = format_rows([*metrics.items(), ("chance", chance)], digits=2)
+    info = {"data": str(file), "examples": len(examples), "chance": chance, "batch_size": cfg.batch_size}
+    return Result(metrics, table, info, records)
+
+
+def run_bpb(cfg: EvaluateConfig, path: Path, device: torch.device) -> Result:
+    """task=bpb: bits per byte (and loss, perplexity) over the windows of a corpus's val split."""
+    ckpt = None if path.is_dir() else read_checkpoint(path, mmap=True)
+    data = bpb_data(cfg.data, ckpt, path)
+    model, tokenizer = load_model(path, device=device, dtype=getattr(torch, cfg.dtype))
+    windows = bpb_windows(data, tokenizer, model.config.block_size, cfg.windows, cfg.limit)
+    print(f"checkpoint: {describe_checkpoint(path)}", file=sys.stderr)
+    corpus = data.path or data.source
+    what = "the checkpoint's training data, " if cfg.data is None else ""
+    print(f"evaluating {len(windows)} {cfg.windows} windows of {what}{corpus}", file=sys.stderr)
+    sums = score_bpb(model, tokenizer, windows, cfg.batch_size, progress=True)
+    metrics = bpb_metrics(sums)
+    info = {
+        "data": str(corpus),
+        "windows": cfg.windows,
+        "examples": int(sums["windows"]),
+        "tokens": int(sums["tokens"]),
+        "bytes": int(sums["bytes"]),
+        "block_size": model.config.block_size,
+    }
+    return Result(metrics, format_rows(list(metrics.items()), digits=4), info)
+
+
+TASKS = {"generate": run_generate, "hellaswag": run_choice, "mc": run_choice, "bpb": run_bpb}
+
+
+def format_rows(rows: list[tuple[str, float]], digits: int) -> str:
+    width = max(len("metric"), *(len(name) for name, _ in rows))
+    return "\n".join([f"{'metric':<{width}}  value", *(f"{n:<{width}}  {v:.{digits}f}" for n, v in rows)])
+
+
+def evaluate_checkpoint(cfg: EvaluateConfig) -> dict[str, float]:
+    """What evaluate.py does; returns the metrics (flat: generate's are named method/metric)."""
+    device = resolve_device(cfg.device)
+    path = find_checkpoint(cfg.ckpt, cfg.runs_dir)
+    out = Path(cfg.out) if cfg.out else run_dir_of(path) / "evals"
+    check_out(out)
+    result = TASKS[cfg.task](cfg, path, device)
+    print(result.table)
+    name = result_name(cfg, path)
+    summary = out / f"{name}.json"
     step = None if path.is_dir() else read_checkpoint(path, mmap=True).get("global_step")
-    write_jsonl(outputs, records)
+    written = []
+    if result.records is not None:
+        write_jsonl(out / f"{name}.jsonl", result.records)
+        written.append(f"{out / f'{name}.jsonl'} ({len(result.records)} examples)")
     write_json(
         summary,
-        {
-            "checkpoint": str(path),
-            "step": step,
-            "data": str(cfg.data.path),
-            "examples": len(examples),
-            "template": template_name,
-            "settings": asdict(settings),
-            "metrics": metrics,
-        },
+        {"task": cfg.task, "checkpoint": str(path), "step": step, **result.info, "metrics": result.metrics},
     )
-    print(f"wrote {outputs} ({len(records)} examples) and {summary}", file=sys.stderr)
-    return metrics
+    print(f"wrote {' and '.join([*written, str(summary)])}", file=sys.stderr)
+    return result.metrics

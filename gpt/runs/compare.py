@@ -4,14 +4,16 @@ python compare.py runs='runs/2026-11-21/*'                      # a glob (compar
 python compare.py runs=[runs/multirun/2026-11-21/10-00-00] out=sweep.png   # a folder of runs
 
 The table has the config values that differ between the runs, then parameters, steps, tokens seen,
-best validation loss and its perplexity, tokens/s and training wall time. The plot shows train and
-validation loss against tokens seen.
+best validation loss and its perplexity, tokens/s and training wall time, then the results that
+evaluate.py wrote into each run's evals/ (a column per file and metric, such as hellaswag/acc_norm).
+The plot shows train and validation loss against tokens seen.
 """
 
 from __future__ import annotations
 
 import csv
 import glob
+import json
 import math
 import statistics
 import sys
@@ -41,6 +43,8 @@ class Run:
     best_val_ppl: float | None = None
     tokens_per_sec: float | None = None
     wall_time: float | None = None  # seconds
+    # evaluate.py's results in <run>/evals/<name>.json, as {"<name>/<metric>": value}
+    evals: dict[str, float] = field(default_factory=dict)
     label: str = field(default="")
 
 
@@ -129,6 +133,27 @@ def read_log(path: Path) -> list[dict[str, float]]:
         ) from None
 
 
+def read_evals(path: Path) -> dict[str, float]:
+    """The metrics of each <run>/evals/<name>.json that evaluate.py wrote, as "<name>/<metric>". Files
+    of another shape (the outputs of older versions) are passed over; an unreadable one is named."""
+    evals: dict[str, float] = {}
+    for file in sorted((path / "evals").glob("*.json")):
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            note = f"note: {file} is not readable JSON ({type(e).__name__}); its results are left out"
+            print(note, file=sys.stderr)
+            continue
+        metrics = data.get("metrics") if isinstance(data, dict) and "task" in data else None
+        if isinstance(metrics, dict):
+            evals |= {
+                f"{file.stem}/{k}": float(v)
+                for k, v in metrics.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
+    return evals
+
+
 def read_run(path: Path) -> Run:
     run = Run(path=path, config=read_config(path), rows=read_log(path))
     train = [r for r in run.rows if "train/tokens" in r]
@@ -151,6 +176,7 @@ def read_run(path: Path) -> Run:
         best = min(val, key=lambda r: r["val/loss"])
         run.best_val_loss, run.best_val_ppl = best["val/loss"], math.exp(best["val/loss"])
     run.wall_time = wall_seconds(run.rows)
+    run.evals = read_evals(path)
     # The throughput window (50 steps by default) gives steady-state tokens/s; a run too short for
     # it falls back to tokens over training time.
     windowed = [r["train/items_per_sec"] for r in run.rows if "train/items_per_sec" in r]
@@ -209,10 +235,29 @@ def fmt_float(x: float | None, digits: int) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+def fmt_metric(x: float | None) -> str:
+    """An evaluation result: percentages (acc 28.92) with two decimals, bpb and losses with four."""
+    if x is None:
+        return "-"
+    return f"{x:.2f}" if abs(x) >= 10 else f"{x:.4f}"
+
+
 def table(runs: list[Run]) -> list[list[str]]:
     """Header and one row per run, as strings."""
     keys = differing_keys(runs)
-    header = ["run", *keys, "params", "steps", "tokens", "best val loss", "val ppl", "tokens/s", "wall time"]
+    evals = sorted({k for run in runs for k in run.evals})
+    header = [
+        "run",
+        *keys,
+        "params",
+        "steps",
+        "tokens",
+        "best val loss",
+        "val ppl",
+        "tokens/s",
+        "wall time",
+        *evals,
+    ]
     rows = [header]
     for run in runs:
         rows.append(
@@ -226,6 +271,7 @@ def table(runs: list[Run]) -> list[list[str]]:
                 fmt_float(run.best_val_ppl, 2),
                 fmt_count(run.tokens_per_sec),
                 fmt_duration(run.wall_time),
+                *(fmt_metric(run.evals.get(k)) for k in evals),
             ]
         )
     return rows

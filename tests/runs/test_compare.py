@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 
 from gpt.config import CompareConfig
 from gpt.runs.checkpoint import load_model
-from gpt.runs.compare import compare_runs, tokens_axis, wall_seconds
+from gpt.runs.compare import Run, compare_runs, read_evals, table, tokens_axis, wall_seconds
 from gpt.runs.metrics import read_metrics
 from tests.helpers import assert_one_line_exit, command, run_script, write_corpus
 
@@ -162,3 +163,29 @@ def test_runs_are_a_list_or_one_glob_string_with_home_expanded(monkeypatch):
         ["/home/me/runs/*"], "/home/me/p.png"
     )
     assert CompareConfig(runs=["a", 0, 1]).runs == ["a", "0", "1"]  # a sweep's run dirs are numbers
+
+
+def test_evaluation_results_become_columns_and_other_files_are_passed_over(tmp_path, capsys):
+    evals = tmp_path / "evals"
+    evals.mkdir()
+    (evals / "hellaswag.json").write_text(
+        json.dumps({"task": "hellaswag", "metrics": {"acc": 26.5, "acc_norm": 27.25}})
+    )
+    (evals / "bpb.json").write_text(json.dumps({"task": "bpb", "metrics": {"bpb": 2.34567, "loss": 1.5}}))
+    # 0.3.0's generation summary (no "task", metrics by method) and outputs, and a broken file
+    (evals / "test-last.metrics.json").write_text(json.dumps({"metrics": {"greedy": {"exact_match": 1.0}}}))
+    (evals / "hellaswag.jsonl").write_text("{}\n")
+    (evals / "broken.json").write_text("{oops")
+    assert read_evals(tmp_path) == {
+        "bpb/bpb": 2.34567,
+        "bpb/loss": 1.5,
+        "hellaswag/acc": 26.5,
+        "hellaswag/acc_norm": 27.25,
+    }
+    assert "broken.json is not readable JSON" in capsys.readouterr().err
+    run = Run(path=tmp_path, config={}, rows=[], evals=read_evals(tmp_path), label="a")
+    other = Run(path=tmp_path, config={}, rows=[], evals={"hellaswag/acc": 30.0}, label="b")
+    header, *rows = table([run, other])
+    assert header[-4:] == ["bpb/bpb", "bpb/loss", "hellaswag/acc", "hellaswag/acc_norm"]
+    assert rows[0][-4:] == ["2.3457", "1.5000", "26.50", "27.25"]
+    assert rows[1][-4:] == ["-", "-", "30.00", "-"]
