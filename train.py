@@ -161,8 +161,9 @@ def build(
         data_cfg, block_size=model_cfg.block_size, seed=cfg.seed, prepared=prepared
     )
     # A model trained on pairs keeps its prompt template, so that generate.py formats prompts alike.
+    # The data config, its val_windows resolved by check(), lets evaluate task=bpb score the same windows.
     module = GPTLitModule.from_configs(
-        model_cfg, optim_cfg, tokenizer, data_format=prepared.data_format if pairs else None
+        model_cfg, optim_cfg, tokenizer, data_format=prepared.data_format if pairs else None, data=data_cfg
     )
     if init and not ckpt_path:  # a resumed run continues from its own weights instead
         init.load_into(module.model)

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 import tiktoken
 import tiktoken.load
+import torch
 
 from gpt.errors import UserError
 
@@ -152,6 +153,12 @@ def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
     if kind == "tiktoken":
         return TiktokenTokenizer(d["name"])
     raise UserError(f"unknown tokenizer description {d!r}; the checkpoint or meta.json is not ours")
+
+
+def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int) -> torch.Tensor:
+    """UTF-8 bytes of each token id (0 for padding ids), to turn nats per token into bits per byte."""
+    lengths = [len(tokenizer.decode_bytes([i])) for i in range(tokenizer.vocab_size)]
+    return torch.tensor(lengths + [0] * (vocab_size - tokenizer.vocab_size), dtype=torch.float32)
 
 
 class StreamDecoder:

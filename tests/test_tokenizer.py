@@ -13,6 +13,7 @@ from gpt.tokenizer import (
     StreamDecoder,
     TiktokenTokenizer,
     get_tokenizer,
+    token_byte_lengths,
     tokenizer_from_dict,
 )
 
@@ -109,3 +110,12 @@ def test_char_tokenizer_end_of_text_is_one_more_id_that_decodes_to_nothing():
     # Without one, the description is what it always was, so old checkpoints compare equal.
     assert CharTokenizer("ab").to_dict() == {"kind": "char", "chars": "ab"}
     assert CharTokenizer("ab").with_eot().to_dict() == tok.to_dict()
+
+
+def test_token_byte_lengths_are_utf8_bytes_with_zeros_for_padding():
+    lengths = token_byte_lengths(CharTokenizer("aé€😀"), vocab_size=6)
+    assert lengths.tolist() == [1.0, 2.0, 3.0, 4.0, 0.0, 0.0]
+    enc = tiktoken.get_encoding("r50k_base")
+    lengths = token_byte_lengths(TiktokenTokenizer("r50k_base"), vocab_size=50_304)
+    expected = [len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)]
+    assert lengths.tolist() == expected + [0] * (50_304 - enc.n_vocab)

@@ -1,9 +1,10 @@
 """Checkpoints, in one place: find, open, check and describe them; load a model without Lightning.
 
 A checkpoint is plain data (torch.load(weights_only=True)): `hyper_parameters` holds the model
-config and the tokenizer description as dicts (and, for a model trained on prompt -> completion
-pairs, its `data_format`: how prompts were written), `state_dict` the weights under "model.". A
-directory with a config.json is a Hugging Face checkpoint (GPT-2 or Llama, see gpt.interop).
+config and the tokenizer description as dicts (for a model trained on prompt -> completion pairs,
+its `data_format`: how prompts were written; since 0.4.0, the `data` config it trained on, with the
+number of windows validation scored), `state_dict` the weights under "model.". A directory with a
+config.json is a Hugging Face checkpoint (GPT-2 or Llama, see gpt.interop).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch
 
-from gpt.config import ARCHITECTURE, ModelConfig, OptimConfig
+from gpt.config import ARCHITECTURE, DataConfig, ModelConfig, OptimConfig
 from gpt.data.pairs import template_of
 from gpt.errors import UserError, first_line
 from gpt.interop.hf import is_hf_dir
@@ -177,6 +178,13 @@ def checkpoint_data_format(ckpt: dict[str, Any], path: Path) -> dict[str, Any] |
     return data_format
 
 
+def checkpoint_data_config(ckpt: dict[str, Any]) -> DataConfig | None:
+    """The data config a checkpoint was trained on (val_windows resolved to a number); None for a
+    checkpoint that does not record it (saved before 0.4.0, or weights saved without it)."""
+    data = (ckpt.get("hyper_parameters") or {}).get("data")
+    return None if data is None else DataConfig(**data)
+
+
 @dataclass
 class LoadedRun:
     """What a checkpoint holds for inference."""
@@ -273,10 +281,12 @@ def save_weights_checkpoint(
     path: str | Path,
     optim: dict[str, Any] | None = None,
     data_format: dict[str, Any] | None = None,
+    data: DataConfig | None = None,
 ) -> Path:
     """Save a model in the plain format train.py's checkpoints have (hyper_parameters with the model,
-    optim and tokenizer dicts and the data_format; weights under "model."), weights only: for models
-    made outside a training run (random weights for benchmarks and tests, imported weights)."""
+    optim and tokenizer dicts, the data_format and the data config; weights under "model."), weights
+    only: for models made outside a training run (random weights for benchmarks and tests, imported
+    weights)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     hparams = {
@@ -284,6 +294,7 @@ def save_weights_checkpoint(
         "optim": optim or asdict(OptimConfig()),
         "tokenizer": tokenizer.to_dict(),
         "data_format": data_format,
+        "data": None if data is None else asdict(data),
     }
     state_dict = {f"model.{k}": v.detach().cpu() for k, v in model.state_dict().items()}
     torch.save({"hyper_parameters": hparams, "state_dict": state_dict}, path)

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import torch
 
+from gpt.data.windows import FULL_VAL_WINDOWS
 from gpt.errors import ConfigError
 
 
@@ -117,7 +118,6 @@ def accumulation_steps(tokens_per_step: int, micro_batch: int, block_size: int, 
     return tokens_per_step // per_pass
 
 
-FULL_VAL_WINDOWS = 512
 CPU_VAL_WINDOWS = 64
 LARGE_VOCAB = 4096
 

@@ -23,20 +23,14 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric, SumMetric
 
-from gpt.config import ModelConfig, OptimConfig
+from gpt.config import DataConfig, ModelConfig, OptimConfig
 from gpt.data.pairs_datamodule import IGNORE
 from gpt.errors import NonFiniteError
 from gpt.model.transformer import GPT
-from gpt.tokenizer import Tokenizer, tokenizer_from_dict
+from gpt.tokenizer import Tokenizer, token_byte_lengths, tokenizer_from_dict
 from gpt.train.optim import build_optimizer, build_scheduler
 
 Batch = tuple[torch.Tensor, torch.Tensor] | dict[str, torch.Tensor]
-
-
-def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int) -> torch.Tensor:
-    """UTF-8 bytes of each token id (0 for padding ids), to turn nats per token into bits per byte."""
-    lengths = [len(tokenizer.decode_bytes([i])) for i in range(tokenizer.vocab_size)]
-    return torch.tensor(lengths + [0] * (vocab_size - tokenizer.vocab_size), dtype=torch.float32)
 
 
 def get_rng_state() -> dict[str, Any]:
@@ -78,7 +72,8 @@ class GPTLitModule(L.LightningModule):
     torch.load(weights_only=True) and gpt.runs.checkpoint rebuilds the model without Lightning. The
     tokenizer dict is that stored form; the module keeps the tokenizer itself as `tokenizer`.
     data_format: how the training prompts were written (gpt.data.pairs.data_format), so that
-    generation formats a prompt the same way; None for text."""
+    generation formats a prompt the same way; None for text. data: the training data config (its
+    val_windows resolved), so that evaluate task=bpb scores the windows validation scored."""
 
     def __init__(
         self,
@@ -86,6 +81,7 @@ class GPTLitModule(L.LightningModule):
         optim: dict[str, Any],
         tokenizer: dict[str, Any],
         data_format: dict[str, Any] | None = None,
+        data: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -115,8 +111,15 @@ class GPTLitModule(L.LightningModule):
         optim: OptimConfig,
         tokenizer: Tokenizer,
         data_format: dict[str, Any] | None = None,
+        data: DataConfig | None = None,
     ) -> GPTLitModule:
-        return cls(asdict(model), asdict(optim), tokenizer.to_dict(), data_format)
+        return cls(
+            asdict(model),
+            asdict(optim),
+            tokenizer.to_dict(),
+            data_format,
+            None if data is None else asdict(data),
+        )
 
     @property
     def flops_per_batch(self) -> float:

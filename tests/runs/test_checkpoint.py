@@ -17,6 +17,7 @@ from gpt.interop.export import export
 from gpt.interop.hf import TOKENIZER_FILE
 from gpt.runs.checkpoint import (
     check_resumable,
+    checkpoint_data_config,
     describe_checkpoint,
     load_model,
     load_run,
@@ -115,3 +116,15 @@ def test_load_run_gives_the_data_format_a_checkpoint_was_trained_with(ckpt, tmp_
         load_run(broken)
     export(tiny_model(pos_emb="rope", vocab_size=tok.vocab_size), tok, tmp_path / "hf")
     assert load_run(tmp_path / "hf").data_format is None
+
+
+def test_a_checkpoint_gives_back_the_data_config_it_was_saved_with(ckpt, tmp_path):
+    data = DataConfig(source="text", path=str(tmp_path / "corpus.txt"), val_windows=24, exclude=["a/*"])
+    model, tok = load_model(ckpt)
+    saved = save_weights_checkpoint(model, tok, tmp_path / "data.ckpt", data=data)
+    plain = torch.load(saved, weights_only=True)  # plain data: no DataConfig pickled
+    assert checkpoint_data_config(plain) == data
+    assert checkpoint_data_config(torch.load(ckpt, weights_only=True)) is None  # saved without one
+    older = edited(ckpt, lambda d: d["hyper_parameters"].pop("data"))  # saved before checkpoints kept it
+    assert checkpoint_data_config(torch.load(older, weights_only=True)) is None
+    check_resumable(older, model.config, tok)

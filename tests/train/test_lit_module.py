@@ -9,15 +9,14 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import tiktoken
 import torch
 import torch.nn.functional as F
 
 from gpt.config import DataConfig, ModelConfig, OptimConfig
 from gpt.data.pairs import data_format
 from gpt.errors import NonFiniteError
-from gpt.tokenizer import CharTokenizer, TiktokenTokenizer
-from gpt.train.lit_module import IGNORE, GPTLitModule, get_rng_state, set_rng_state, token_byte_lengths
+from gpt.tokenizer import CharTokenizer, token_byte_lengths
+from gpt.train.lit_module import IGNORE, GPTLitModule, get_rng_state, set_rng_state
 from tests.helpers import CHARS, tiny_config
 
 
@@ -31,15 +30,6 @@ def module() -> GPTLitModule:
 def batch(vocab: int = 58, B: int = 2, T: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     tokens = torch.randint(0, vocab, (B, T + 1), generator=torch.Generator().manual_seed(seed))
     return tokens[:, :-1], tokens[:, 1:]
-
-
-def test_token_byte_lengths_are_utf8_bytes_with_zeros_for_padding():
-    lengths = token_byte_lengths(CharTokenizer("aé€😀"), vocab_size=6)
-    assert lengths.tolist() == [1.0, 2.0, 3.0, 4.0, 0.0, 0.0]
-    enc = tiktoken.get_encoding("r50k_base")
-    lengths = token_byte_lengths(TiktokenTokenizer("r50k_base"), vocab_size=50_304)
-    expected = [len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)]
-    assert lengths.tolist() == expected + [0] * (50_304 - enc.n_vocab)
 
 
 def test_hparams_are_plain_data(module):
@@ -281,3 +271,16 @@ def test_data_format_is_a_plain_hyperparameter():
     assert torch.load(buffer, weights_only=True)["data_format"] == fmt
     plain = GPTLitModule.from_configs(tiny_config(vocab_size=64), OptimConfig(), CharTokenizer(CHARS))
     assert plain.hparams["data_format"] is None
+
+
+def test_the_data_config_is_a_plain_hyperparameter():
+    data = DataConfig(source="text", path="corpus.txt", val_windows=32)
+    module = GPTLitModule.from_configs(
+        tiny_config(vocab_size=64), OptimConfig(), CharTokenizer(CHARS), data=data
+    )
+    buffer = io.BytesIO()
+    torch.save(dict(module.hparams), buffer)
+    buffer.seek(0)
+    assert DataConfig(**torch.load(buffer, weights_only=True)["data"]) == data
+    plain = GPTLitModule.from_configs(tiny_config(vocab_size=64), OptimConfig(), CharTokenizer(CHARS))
+    assert plain.hparams["data"] is None
