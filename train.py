@@ -148,6 +148,7 @@ def build(
 
     from gpt.data.datamodule import GPTDataModule
     from gpt.data.pairs_datamodule import PairsDataModule
+    from gpt.train.callbacks import Evaluate
     from gpt.train.checkpointing import AtomicCheckpointIO
     from gpt.train.console import quiet_lightning
     from gpt.train.lit_module import GPTLitModule
@@ -198,6 +199,10 @@ def build(
         trainer = hydra.utils.instantiate(
             cfg.trainer, strategy="ddp_spawn", logger=loggers, callbacks=callbacks, plugins=plugins
         )
+    for callback in trainer.callbacks:  # read and check the evaluation's examples before training starts
+        if isinstance(callback, Evaluate):
+            line = callback.load(trainer.strategy, module, datamodule)
+            notes += [line] if line else []
     if cfg.tokens_per_step:
         trainer.accumulate_grad_batches = accumulation_steps(
             cfg.tokens_per_step, data_cfg.batch_size, model_cfg.block_size, trainer.world_size

@@ -174,12 +174,25 @@ def choice_record(example: ChoiceExample, lls: Sequence[float]) -> dict[str, Any
     }
 
 
-def encode_choices(tokenizer: Tokenizer, example: ChoiceExample) -> list[tuple[list[int], list[int]]]:
-    """Each choice's (context ids, continuation ids); a character the tokenizer lacks names the row."""
+def encode_choices(
+    tokenizer: Tokenizer, example: ChoiceExample, block_size: int | None = None
+) -> list[tuple[list[int], list[int]]]:
+    """Each choice's (context ids, continuation ids). A character the tokenizer lacks, or a choice
+    the model cannot score (no tokens of its own, or more than block_size), names the row."""
+    where = example.where or "an example"
     try:
-        return [encode_pair(tokenizer, example.context, TARGET_DELIMITER + c) for c in example.choices]
+        requests = [encode_pair(tokenizer, example.context, TARGET_DELIMITER + c) for c in example.choices]
     except UserError as e:
-        raise UserError(f"{example.where or 'an example'}: {e}") from None
+        raise UserError(f"{where}: {e}") from None
+    for k, (_, continuation) in enumerate(requests):
+        if not continuation:
+            raise UserError(f"{where}: choice {k} adds no token of its own to the context; nothing to score")
+        if block_size is not None and len(continuation) > block_size:
+            raise UserError(
+                f"{where}: choice {k} is {len(continuation)} tokens, more than the model's block_size "
+                f"{block_size}; a model this short cannot score it (leave the row out, or use a longer model)"
+            )
+    return requests
 
 
 def score_choices(
@@ -190,7 +203,8 @@ def score_choices(
     progress: bool = False,
 ) -> list[dict[str, Any]]:
     """One record per example (choice_record), every choice of every example scored in batches."""
-    requests = [pair for ex in examples for pair in encode_choices(tokenizer, ex)]
+    block_size = model.config.block_size
+    requests = [pair for ex in examples for pair in encode_choices(tokenizer, ex, block_size)]
     lls = iter(ll for ll, _ in loglikelihoods(model, requests, batch_size, progress))
     return [choice_record(ex, [next(lls) for _ in ex.choices]) for ex in examples]
 

@@ -85,10 +85,9 @@ def check_out(out: Path) -> None:
 
 
 def stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".gz", ".jsonl"):
-        name = name.removesuffix(suffix)
-    return name or "eval"
+    """A file's name without its suffixes (test.jsonl.gz: test), a folder's name as it is."""
+    name = path.name.removesuffix(".gz")
+    return (Path(name).stem if path.suffix else name) or "eval"
 
 
 def format_table(metrics: dict[str, dict[str, float]]) -> str:

@@ -235,11 +235,12 @@ def fmt_float(x: float | None, digits: int) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
-def fmt_metric(x: float | None) -> str:
-    """An evaluation result: percentages (acc 28.92) with two decimals, bpb and losses with four."""
+def fmt_metric(key: str, x: float | None) -> str:
+    """An evaluation result: bpb and losses with four decimals, percentages (acc 28.92) and
+    perplexities with two."""
     if x is None:
         return "-"
-    return f"{x:.2f}" if abs(x) >= 10 else f"{x:.4f}"
+    return f"{x:.4f}" if key.rsplit("/", 1)[-1] in ("bpb", "loss") else f"{x:.2f}"
 
 
 def table(runs: list[Run]) -> list[list[str]]:
@@ -271,7 +272,7 @@ def table(runs: list[Run]) -> list[list[str]]:
                 fmt_float(run.best_val_ppl, 2),
                 fmt_count(run.tokens_per_sec),
                 fmt_duration(run.wall_time),
-                *(fmt_metric(run.evals.get(k)) for k in evals),
+                *(fmt_metric(k, run.evals.get(k)) for k in evals),
             ]
         )
     return rows

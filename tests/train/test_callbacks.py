@@ -1,5 +1,5 @@
 """The callbacks Lightning does not ship, called as Lightning calls them: ValidateOnLastStep,
-NonFiniteGuard, SampleText, EvaluateGenerations and RunReport. Throughput in a real run:
+NonFiniteGuard, SampleText, Evaluate and RunReport. Throughput in a real run:
 tests/commands/test_train.py."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from gpt.errors import NonFiniteError
 from gpt.generate.text import generate_text
 from gpt.tokenizer import CharTokenizer
 from gpt.train.callbacks import (
-    EvaluateGenerations,
+    Evaluate,
     NonFiniteGuard,
     RunReport,
     SampleText,
@@ -187,12 +187,12 @@ def test_sample_settings_come_from_conf_and_are_checked():
         instantiate(compose_train("callbacks.samples.sampling.temperature=-1").callbacks.samples)
 
 
-# ----------------------------------------------------------------------------- EvaluateGenerations
+# ----------------------------------------------------------------------------- Evaluate
 
 
 def test_the_evaluate_entry_in_conf_is_off_until_configured_and_checked(tmp_path):
     callback = instantiate(compose_train().callbacks.evaluate)
-    assert isinstance(callback, EvaluateGenerations)
+    assert isinstance(callback, Evaluate)
     assert callback.every_n_steps is None and callback.path is None
     assert callback.decoding == DecodeConfig()
     pairs = tmp_path / "pairs.jsonl"
@@ -222,17 +222,17 @@ def test_without_examples_the_evaluation_says_so_once_and_does_nothing(monkeypat
     monkeypatch.setattr("gpt.train.callbacks._report", said.append)
     trainer = SimpleNamespace(strategy=None, datamodule=None, global_step=4)
     assert held_out_examples(None) is None
-    callback = EvaluateGenerations(every_n_steps=2)
+    callback = Evaluate(every_n_steps=2)
     callback.on_fit_start(trainer, None)
     callback.on_train_end(trainer, None)
     assert callback.examples == [] and len(said) == 1 and "evaluation is off" in said[0]
-    EvaluateGenerations().on_fit_start(trainer, None)  # off: not a word
+    Evaluate().on_fit_start(trainer, None)  # off: not a word
     assert len(said) == 1
 
 
 def test_a_short_run_logs_eval_columns_every_n_steps_and_at_the_end(tmp_path):
     """A small Trainer with the CSV logger and a second one (wandb's place: every logger gets the
-    scores): eval/<method>/<metric> at steps 3 and 5 (the end), and each evaluation's outputs in
+    scores): eval/generate/<method>/<metric> at steps 3 and 5 (the end), and each evaluation's outputs in
     <run dir>/evals/."""
     import lightning as L
     from lightning.pytorch.loggers import CSVLogger, Logger
@@ -267,7 +267,7 @@ def test_a_short_run_logs_eval_columns_every_n_steps_and_at_the_end(tmp_path):
     loader = torch.utils.data.DataLoader(
         list(zip(windows[:, :-1], windows[:, 1:], strict=True)), batch_size=2
     )
-    callback = EvaluateGenerations(
+    callback = Evaluate(
         every_n_steps=3,
         path=str(pairs),
         limit=2,
@@ -286,13 +286,15 @@ def test_a_short_run_logs_eval_columns_every_n_steps_and_at_the_end(tmp_path):
         default_root_dir=tmp_path,
     )
     trainer.fit(module, train_dataloaders=loader)
-    rows = [r for r in read_metrics(tmp_path) if "eval/greedy/exact_match" in r]
+    rows = [r for r in read_metrics(tmp_path) if "eval/generate/greedy/exact_match" in r]
     assert [int(r["step"]) for r in rows] == [3, 5]
     columns = {
-        f"eval/{m}/{k}" for m in ("greedy", "beam") for k in ("exact_match", "token_accuracy", "chrf", "bleu")
+        f"eval/generate/{m}/{k}"
+        for m in ("greedy", "beam")
+        for k in ("exact_match", "token_accuracy", "chrf", "bleu")
     }
     assert all(columns <= r.keys() for r in rows)
-    evaluations = [(step, m) for step, m in Recorder.logged if "eval/greedy/exact_match" in m]
+    evaluations = [(step, m) for step, m in Recorder.logged if "eval/generate/greedy/exact_match" in m]
     assert [step for step, _ in evaluations] == [3, 5]
     assert all(m[c] == r[c] for (_, m), r in zip(evaluations, rows, strict=True) for c in columns)
     assert all(0 <= r[c] <= 100 for r in rows for c in columns)
