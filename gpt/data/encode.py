@@ -48,7 +48,8 @@ def cut(pieces: Iterable[str], limit: int) -> Iterator[str]:
 
 @dataclass(frozen=True)
 class Part:
-    """The `index`-th part of document `doc`, and its text (dropped once tokenized)."""
+    """The `index`-th part of document `doc`, and its text (kept by the splitter only while it may
+    split the corpus by characters)."""
 
     doc: int
     index: int
@@ -159,7 +160,8 @@ def batches(parts: Iterable[Part], chars: int) -> Iterator[list[Part]]:
 def encode_parts(
     parts: Iterable[Part], encode: Callable[[list[str]], list[np.ndarray]], workers: int
 ) -> Iterator[tuple[Part, np.ndarray]]:
-    """Tokenize batches of parts on `workers` threads; results come back in corpus order.
+    """Tokenize batches of parts on `workers` threads; results come back in corpus order, each
+    part with its text.
 
     At most 2 x workers batches are in flight, so memory does not grow with the corpus.
     """
@@ -169,7 +171,7 @@ def encode_parts(
             pending.append((batch, pool.submit(encode, [p.text for p in batch])))
             if len(pending) >= 2 * workers:
                 done, future = pending.popleft()
-                yield from ((Part(p.doc, p.index), ids) for p, ids in zip(done, future.result(), strict=True))
+                yield from zip(done, future.result(), strict=True)
         while pending:
             done, future = pending.popleft()
-            yield from ((Part(p.doc, p.index), ids) for p, ids in zip(done, future.result(), strict=True))
+            yield from zip(done, future.result(), strict=True)

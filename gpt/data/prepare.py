@@ -15,9 +15,10 @@
 4. sends parts to val at random (a `split_seed`-ed stream of draws, one per part, so the split
    does not depend on threads or batch sizes) such that val gets `val_fraction` of the parts, to
    within one part; a corpus of fewer than 10 documents (Tiny Shakespeare is one) is split by
-   tokens instead, its last `val_fraction` held out as nanoGPT does, unless it is larger than
-   16M tokens, which are split by part so that memory stays bounded. Split by document, both
-   splits get at least one part. Parts of different documents,
+   characters instead: the last `val_fraction` of its text is held out and the two sides are
+   tokenized apart, as nanoGPT does, so that val holds the same text whatever the tokenizer
+   (unless the corpus is larger than 16M tokens, which are split by part so that memory stays
+   bounded). Split by document, both splits get at least one part. Parts of different documents,
    or non-adjacent parts of one document, are separated by the tokenizer's end-of-text token (a
    blank line, "\\n\\n", for characters); adjacent parts of one document are joined without one;
 5. writes `{split}-NNNNN.bin` shards (uint16 when the vocabulary fits, else uint32) into a temporary
@@ -62,7 +63,7 @@ from gpt.data.sources import find_files
 from gpt.errors import UserError
 from gpt.tokenizer import CharTokenizer, Tokenizer, get_tokenizer, tokenizer_from_dict
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 
 
 # ----------------------------------------------------------------------------- the prepare step
@@ -217,7 +218,7 @@ def write_shards(
     encode = make_encoder(tok, dtype)
     sep = encode([CHAR_SEPARATOR])[0] if isinstance(tok, CharTokenizer) else np.array([tok.eot_token], dtype)
     writers = {s: ShardWriter(folder, s, dtype, cfg.shard_tokens) for s in ("train", "val")}
-    splitter = Splitter(writers, cfg.val_fraction, cfg.split_seed, sep)
+    splitter = Splitter(writers, cfg.val_fraction, cfg.split_seed, sep, encode)
     workers = cfg.prepare_workers or len(os.sched_getaffinity(0))
     meter = Meter(total, "tokenizing", verbose)
     counter = PartCounter()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -10,12 +11,13 @@ import numpy as np
 
 from gpt.data.encode import Part
 
-# Fewer documents than this are too few to split by document: the corpus is split by tokens
-# instead (the last val_fraction of its tokens), so a short note still gets a validation split and
-# a one-file corpus such as Tiny Shakespeare keeps the split the field compares results on. Parts
-# are buffered to decide; past this many tokens the corpus is split by part regardless.
+# Fewer documents than this are too few to split by document: the corpus is split by characters
+# instead (the last val_fraction of its text), so a short note still gets a validation split and
+# a one-file corpus such as Tiny Shakespeare keeps the split the field compares results on, the
+# same text whatever the tokenizer. Parts are buffered, with their text, to decide; past this many
+# tokens the corpus is split by part regardless, so that memory stays bounded.
 MIN_DOCUMENTS_TO_SPLIT_BY_DOCUMENT = 10
-MAX_TOKENS_TO_SPLIT_BY_TOKENS = 1 << 24
+MAX_TOKENS_TO_SPLIT_BY_CHARACTERS = 1 << 24
 
 # ----------------------------------------------------------------------------- writing shards
 
@@ -54,14 +56,23 @@ class ShardWriter:
 
 
 class Splitter:
-    """Routes tokenized parts to the train and val writers (see the module docstring, step 4).
+    """Routes tokenized parts to the train and val writers (see gpt/data/prepare.py, step 4).
 
-    The last part of each split is held back until the next one arrives, so that at the end a split
-    that got no part can take the other split's last one instead of being empty.
+    Split by document, the last part of each split is held back until the next one arrives, so
+    that at the end a split that got no part can take the other split's last one instead of being
+    empty. Split by characters, the part holding the cut is tokenized again, as two pieces, with
+    `encode` (texts -> token arrays).
     """
 
-    def __init__(self, writers: dict[str, ShardWriter], val_fraction: float, seed: int, sep: np.ndarray):
-        self.writers, self.val_fraction, self.sep = writers, val_fraction, sep
+    def __init__(
+        self,
+        writers: dict[str, ShardWriter],
+        val_fraction: float,
+        seed: int,
+        sep: np.ndarray,
+        encode: Callable[[list[str]], list[np.ndarray]],
+    ):
+        self.writers, self.val_fraction, self.sep, self.encode = writers, val_fraction, sep, encode
         self.rng = random.Random(seed)
         self.first: list[tuple[Part, np.ndarray, str]] = []
         self.held: dict[str, tuple[Part, np.ndarray] | None] = {"train": None, "val": None}
@@ -73,6 +84,7 @@ class Splitter:
         self.first_tokens = 0
 
     def add(self, part: Part, ids: np.ndarray) -> None:
+        """Take the next part of the corpus, its text still in it, and its tokens."""
         # Randomized error diffusion: a part goes to val with probability `credit`, the val_fraction
         # accumulated since the last val part. The count of val parts stays within one of
         # val_fraction x parts, even for a few dozen parts, while which ones is drawn at random.
@@ -88,7 +100,7 @@ class Splitter:
         self.first_tokens += len(ids)
         if (
             len(self.first_docs) >= MIN_DOCUMENTS_TO_SPLIT_BY_DOCUMENT
-            or self.first_tokens >= MAX_TOKENS_TO_SPLIT_BY_TOKENS
+            or self.first_tokens >= MAX_TOKENS_TO_SPLIT_BY_CHARACTERS
         ):
             self.by_document = True
             for args in self.first:
@@ -98,7 +110,7 @@ class Splitter:
     def _route(self, part: Part, ids: np.ndarray, split: str) -> None:
         if self.held[split] is not None:
             self._write(split, *self.held[split])
-        self.held[split] = (part, ids)
+        self.held[split] = (Part(part.doc, part.index), ids)  # split by document: the text is not needed
 
     def _write(self, split: str, part: Part, ids: np.ndarray) -> None:
         last = self.last[split]
@@ -108,9 +120,9 @@ class Splitter:
         self.last[split] = part
 
     def finish(self) -> str:
-        """Write what is held back; returns how the corpus was split ("documents" or "tokens")."""
+        """Write what is held back; returns how the corpus was split ("documents" or "characters")."""
         if not self.by_document:
-            return self._split_by_tokens()
+            return self._split_by_characters()
         for split, other in (("val", "train"), ("train", "val")):
             if self.held[split] is None and self.last[split] is None:
                 self.held[split], self.held[other] = self.held[other], None
@@ -119,17 +131,25 @@ class Splitter:
                 self._write(split, *self.held[split])
         return "documents"
 
-    def _split_by_tokens(self) -> str:
-        # Only reached with few documents and tokens, all held in self.first.
-        stream: list[np.ndarray] = []
-        last: Part | None = None
+    def _split_by_characters(self) -> str:
+        """The last int(n_chars * val_fraction) characters of the corpus text (separators not
+        counted) to val, the rest to train: the same text for every tokenizer. The part holding the
+        cut is tokenized again as two pieces, the text before the cut and after, as nanoGPT
+        tokenizes its two splits. For characters and one document, val is the last
+        int(n_tokens * val_fraction) tokens."""
+        # Only reached with few documents and tokens, all held in self.first with their text.
+        n_chars = sum(len(part.text) for part, _, _ in self.first)
+        cut = n_chars - int(n_chars * self.val_fraction)
+        start = 0
         for part, ids, _ in self.first:
-            if last is not None and not (last.doc == part.doc and last.index + 1 == part.index):
-                stream.append(self.sep)
-            stream.append(ids)
-            last = part
-        ids = np.concatenate(stream) if stream else self.sep[:0]
-        n_val = int(len(ids) * self.val_fraction)
-        self.writers["train"].write(ids[: len(ids) - n_val])
-        self.writers["val"].write(ids[len(ids) - n_val :])
-        return "tokens"
+            end = start + len(part.text)
+            if end <= cut:
+                self._write("train", part, ids)
+            elif start >= cut:
+                self._write("val", part, ids)
+            else:
+                head, tail = self.encode([part.text[: cut - start], part.text[cut - start :]])
+                self._write("train", part, head)
+                self._write("val", part, tail)
+            start = end
+        return "characters"

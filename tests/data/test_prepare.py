@@ -45,11 +45,11 @@ def all_segments(prepared, sep: list[int]) -> list[list[int]]:
 # ----------------------------------------------------------------------------- documents and splits
 
 
-def test_small_char_corpus_is_split_by_tokens(tiny_corpus, tmp_path):
-    # 40,000 characters are two parts: too few to split by document, so the last 10% of tokens is val.
+def test_small_char_corpus_is_split_by_characters(tiny_corpus, tmp_path):
+    # 40,000 characters are two parts: too few to split by document, so the last 10% of the text is val.
     prepared = prepare(text_cfg(tiny_corpus, tmp_path, tokenizer="char", val_fraction=0.1))
     meta = json.loads((prepared.dir / "meta.json").read_text())
-    assert meta["split_by"] == "tokens" and meta["dtype"] == "uint16"
+    assert meta["split_by"] == "characters" and meta["dtype"] == "uint16"
     assert meta["train_tokens"] == 36_000 and meta["val_tokens"] == 4_000
     text = tiny_corpus.read_text()
     tok = prepared.tokenizer()
@@ -58,19 +58,75 @@ def test_small_char_corpus_is_split_by_tokens(tiny_corpus, tmp_path):
     assert split_tokens(prepared, "val").tolist() == tok.encode(text[36_000:])
 
 
-def test_shakespeare_is_split_by_tokens_and_equals_direct_encode(shakespeare_text, tmp_path):
-    """One document: its last 10% of tokens is val (nanoGPT's split), and the token stream is the
-    direct encode of its parts (cut at blank lines, joined without separators)."""
+def test_shakespeare_char_val_is_its_last_tenth(shakespeare_text, tmp_path):
+    """A character model's split of Tiny Shakespeare: its last int(n * 0.1) characters (the last
+    10% of its tokens, as before the split was by characters)."""
+    prepared = prepare(
+        DataConfig(source="shakespeare", tokenizer="char", cache_dir=str(tmp_path)), verbose=False
+    )
+    tok, n = prepared.tokenizer(), len(shakespeare_text)
+    cut_at = n - int(n * 0.1)
+    assert prepared.meta["split_by"] == "characters" and prepared.meta["val_tokens"] == int(n * 0.1)
+    assert split_tokens(prepared, "train").tolist() == tok.encode(shakespeare_text[:cut_at])
+    assert split_tokens(prepared, "val").tolist() == tok.encode(shakespeare_text[cut_at:])
+
+
+def test_shakespeare_bpe_val_is_its_last_tenth_of_characters(shakespeare_text, tmp_path):
+    """One document, split by characters as nanoGPT splits it: val is the text from character
+    n - int(n * 0.1) on, whatever the tokenizer. Each side is the direct encode of its parts (cut
+    at blank lines, joined without separators), the part holding the cut encoded as two pieces."""
     cfg = DataConfig(source="shakespeare", tokenizer="r50k_base", cache_dir=str(tmp_path))
     prepared = prepare(cfg)
     meta, tok = prepared.meta, r50k()
-    assert meta["split_by"] == "tokens" and meta["vocab_size"] == 50257 and meta["dtype"] == "uint16"
+    assert meta["split_by"] == "characters" and meta["vocab_size"] == 50257 and meta["dtype"] == "uint16"
     parts = list(cut([shakespeare_text], cfg.doc_chars))
     assert meta["parts"] == len(parts) > 1 and meta["documents"] == 1
-    expected = [t for p in parts for t in tok.encode(p)]
-    ids = np.concatenate([split_tokens(prepared, "train"), split_tokens(prepared, "val")]).tolist()
-    assert ids == expected
-    assert meta["val_tokens"] == int(len(expected) * 0.1)
+    n = len(shakespeare_text)
+    cut_at = n - int(n * 0.1)
+    pieces: dict[str, list[str]] = {"train": [], "val": []}
+    start = 0
+    for part in parts:
+        end = start + len(part)
+        if start < cut_at:
+            pieces["train"].append(part[: cut_at - start])
+        if end > cut_at:
+            pieces["val"].append(part[max(cut_at - start, 0) :])
+        start = end
+    assert len(pieces["train"]) + len(pieces["val"]) == len(parts) + 1  # the cut is inside a part
+    for split, text in (("train", shakespeare_text[:cut_at]), ("val", shakespeare_text[cut_at:])):
+        ids = split_tokens(prepared, split).tolist()
+        assert ids == [t for piece in pieces[split] for t in tok.encode(piece)]
+        assert tok.decode(ids) == text
+        assert meta[f"{split}_tokens"] == len(ids)
+
+
+def test_few_documents_have_the_same_val_text_for_every_tokenizer(shakespeare_text, tmp_path):
+    """Three documents, cut into parts: the last 10% of their characters (separators not counted)
+    is val, the same text for characters and BPE; separators stay between documents on each side."""
+    # No blank lines in the documents, so that "\n\n" in a character split is a separator.
+    lines = [line for line in shakespeare_text[:20_000].splitlines() if line]
+    docs = ["\n".join(lines[:200]), "\n".join(lines[200:400]), "\n".join(lines[400:420])]
+    (tmp_path / "docs").mkdir()
+    for i, d in enumerate(docs):
+        (tmp_path / "docs" / f"{i}.txt").write_text(d)
+    text = "".join(docs)
+    cut_at = len(text) - int(len(text) * 0.1)
+    assert len(docs[0]) < cut_at < len(docs[0]) + len(docs[1])  # the cut is in the second document
+    expected = {
+        "train": [docs[0], text[len(docs[0]) : cut_at]],
+        "val": [text[cut_at : len(text) - len(docs[2])], docs[2]],
+    }
+    for name in ("char", "r50k_base"):
+        prepared = prepare(
+            text_cfg(tmp_path / "docs", tmp_path, tokenizer=name, doc_chars=1024), verbose=False
+        )
+        tok = prepared.tokenizer()
+        assert prepared.meta["split_by"] == "characters" and prepared.meta["parts"] > 3
+        sep = tok.encode(CHAR_SEPARATOR) if name == "char" else [tok.eot_token]
+        for split in ("train", "val"):
+            assert [tok.decode(s) for s in segments(split_tokens(prepared, split), sep)] == expected[split], (
+                name
+            )
 
 
 def test_many_documents_are_split_by_document(tmp_path):
