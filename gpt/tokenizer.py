@@ -156,8 +156,13 @@ def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
 
 
 def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int) -> torch.Tensor:
-    """UTF-8 bytes of each token id (0 for padding ids), to turn nats per token into bits per byte."""
-    lengths = [len(tokenizer.decode_bytes([i])) for i in range(tokenizer.vocab_size)]
+    """UTF-8 bytes of the text of each token id, to turn nats per token into bits per byte: 0 for
+    end-of-text (a document separator, the end of a completion: no text, though a BPE decodes it to
+    the 13 bytes of its name) and for padding ids."""
+    lengths = [
+        0 if i == tokenizer.eot_token else len(tokenizer.decode_bytes([i]))
+        for i in range(tokenizer.vocab_size)
+    ]
     return torch.tensor(lengths + [0] * (vocab_size - tokenizer.vocab_size), dtype=torch.float32)
 
 

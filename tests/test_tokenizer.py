@@ -112,10 +112,13 @@ def test_char_tokenizer_end_of_text_is_one_more_id_that_decodes_to_nothing():
     assert CharTokenizer("ab").with_eot().to_dict() == tok.to_dict()
 
 
-def test_token_byte_lengths_are_utf8_bytes_with_zeros_for_padding():
-    lengths = token_byte_lengths(CharTokenizer("aé€😀"), vocab_size=6)
-    assert lengths.tolist() == [1.0, 2.0, 3.0, 4.0, 0.0, 0.0]
+def test_token_byte_lengths_are_utf8_bytes_with_zeros_for_end_of_text_and_padding():
+    lengths = token_byte_lengths(CharTokenizer("\naé€😀"), vocab_size=7)
+    assert lengths.tolist() == [1.0, 1.0, 2.0, 3.0, 4.0, 0.0, 0.0]  # "\n" (separators) is text
+    lengths = token_byte_lengths(CharTokenizer("\naé€😀", eot=True), vocab_size=7)
+    assert lengths.tolist() == [1.0, 1.0, 2.0, 3.0, 4.0, 0.0, 0.0]  # end-of-text is id 5
     enc = tiktoken.get_encoding("r50k_base")
     lengths = token_byte_lengths(TiktokenTokenizer("r50k_base"), vocab_size=50_304)
-    expected = [len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)]
-    assert lengths.tolist() == expected + [0] * (50_304 - enc.n_vocab)
+    assert enc.eot_token == enc.n_vocab - 1 == 50_256
+    expected = [len(enc.decode_single_token_bytes(i)) for i in range(enc.eot_token)]
+    assert lengths.tolist() == expected + [0] + [0] * (50_304 - enc.n_vocab)  # not <|endoftext|>'s 13

@@ -1,7 +1,8 @@
 """Bits per byte of a checkpoint on a text corpus, without Lightning (evaluate task=bpb).
 
-Bits per byte divides the summed cross-entropy by the UTF-8 bytes of the predicted tokens, so models
-with different tokenizers can be compared on the same text. The corpus is prepared with the
+Bits per byte divides the cross-entropy of the text's tokens by the text's UTF-8 bytes, so models
+with different tokenizers can be compared on the same text. End-of-text targets (document
+separators) are no text: they count in neither (only in the loss). The corpus is prepared with the
 checkpoint's tokenizer, as training prepares it, and its val split is scored in one of two ways:
 
 - "val": the evenly spaced windows validation scores (`val_offsets`, data.val_windows of them), so
@@ -9,7 +10,7 @@ checkpoint's tokenizer, as training prepares it, and its val split is scored in 
 - "all": every token of the val split once, in back-to-back windows.
 
 The sums are computed as GPTLitModule.validation_step computes them, and returned as sums (nats,
-tokens, bytes, windows) so that ranks can add theirs up before `bpb_metrics` divides.
+tokens, text_nats, bytes, windows) so that ranks can add theirs up before `bpb_metrics` divides.
 """
 
 from __future__ import annotations
@@ -132,10 +133,11 @@ def score_bpb(
     model: GPT, tokenizer: Tokenizer, windows: Sequence, batch_size: int, progress: bool = False
 ) -> dict[str, float]:
     """Sums over `windows` ((x, y) pairs) as validation computes them: "nats" (cross-entropy summed
-    over the targets, in fp32), "tokens" (targets), "bytes" (their UTF-8 bytes), "windows"."""
+    over the targets, in fp32), "tokens" (targets), "text_nats" (the nats of the targets that have
+    bytes: not end-of-text), "bytes" (the targets' UTF-8 bytes), "windows"."""
     device = next(model.parameters()).device
     token_bytes = token_byte_lengths(tokenizer, model.config.vocab_size).to(device)
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, bytes
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # nats, tokens, text_nats, bytes
     bar = tqdm(total=len(windows), desc="bpb", unit="window", disable=not progress, leave=False)
     was_training = model.training
     model.eval()
@@ -145,20 +147,28 @@ def score_bpb(
                 x = torch.stack([x for x, _ in batch]).to(device)  # (B, T)
                 y = torch.stack([y for _, y in batch]).to(device)  # (B, T)
                 logits = model(x)  # (B, T, V)
-                nats = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
-                sums[0] += nats
+                nats = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none")
+                n_bytes = token_bytes[y.flatten()]  # (B * T,)
+                sums[0] += nats.sum()
                 sums[1] += y.numel()
-                sums[2] += token_bytes[y].sum()
+                sums[2] += nats[n_bytes > 0].sum()
+                sums[3] += n_bytes.sum()
                 bar.update(len(batch))
     finally:
         bar.close()
         model.train(was_training)
-    nats, tokens, n_bytes = sums.tolist()
-    return {"nats": nats, "tokens": tokens, "bytes": n_bytes, "windows": float(len(windows))}
+    nats, tokens, text_nats, n_bytes = sums.tolist()
+    return {
+        "nats": nats,
+        "tokens": tokens,
+        "text_nats": text_nats,
+        "bytes": n_bytes,
+        "windows": float(len(windows)),
+    }
 
 
 def bpb_metrics(sums: dict[str, float]) -> dict[str, float]:
-    """bits per byte, mean loss (nats per token) and perplexity, as on_validation_epoch_end
-    computes val/bpb, val/loss and val/ppl."""
+    """bits per byte (the text's nats over its bytes), mean loss (nats per token, every target) and
+    perplexity, as on_validation_epoch_end computes val/bpb, val/loss and val/ppl."""
     loss = sums["nats"] / sums["tokens"]
-    return {"bpb": sums["nats"] / (math.log(2) * sums["bytes"]), "loss": loss, "ppl": math.exp(loss)}
+    return {"bpb": sums["text_nats"] / (math.log(2) * sums["bytes"]), "loss": loss, "ppl": math.exp(loss)}

@@ -93,9 +93,11 @@ class GPTLitModule(L.LightningModule):
             "token_bytes", token_byte_lengths(self.tokenizer, self.model_config.vocab_size), persistent=False
         )
         self.train_loss = MeanMetric()  # over the micro-batches (and ranks) of one optimizer step
-        # Validation sums, reduced over ranks by torchmetrics: loss = nats / tokens, bpb from bytes.
+        # Validation sums, reduced over ranks by torchmetrics: loss = nats / tokens over every counted
+        # target; bpb = text_nats / bytes over the targets that are text (end-of-text has no bytes).
         self.val_nats = SumMetric()
         self.val_tokens = SumMetric()
+        self.val_text_nats = SumMetric()
         self.val_bytes = SumMetric()
         self.tokens_seen = 0  # training tokens over all ranks, restored on resume
         # Example batches: this rank's non-padding tokens since the last optimizer step, a tensor
@@ -138,22 +140,29 @@ class GPTLitModule(L.LightningModule):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
 
+    def logits_and_targets(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's logits (B, T, V) on a text or example batch, and its targets (B, T)."""
+        if isinstance(batch, dict):
+            x, targets = batch["idx"], batch["targets"]
+            logits = self.model(
+                x, positions=batch["positions"], segments=batch["segments"], prefix=batch["prefix"]
+            )
+        else:
+            x, targets = batch
+            logits = self.model(x)
+        self._batch_shape = tuple(x.shape)
+        return logits, targets
+
     def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """A text batch's mean cross-entropy."""
-        x, y = batch
-        self._batch_shape = tuple(x.shape)
-        logits = self.model(x)  # (B, T, V)
+        logits, y = self.logits_and_targets(batch)
         return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
 
     def summed_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """An example batch's cross-entropy summed over its counted targets (fp32), in nats."""
-        x = batch["idx"]
-        self._batch_shape = tuple(x.shape)
-        logits = self.model(
-            x, positions=batch["positions"], segments=batch["segments"], prefix=batch["prefix"]
-        )  # (B, T, V)
+        logits, targets = self.logits_and_targets(batch)
         return F.cross_entropy(
-            logits.flatten(0, 1).float(), batch["targets"].flatten(), ignore_index=IGNORE, reduction="sum"
+            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum"
         )
 
     def step_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -205,24 +214,26 @@ class GPTLitModule(L.LightningModule):
         self.train_loss.reset()
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        if isinstance(batch, dict):  # only the counted targets: their nats, their number, their bytes
-            targets = batch["targets"]
-            counted = targets != IGNORE  # (B, T)
-            self.val_nats.update(self.summed_loss(batch))
-            self.val_tokens.update(counted.sum())
-            self.val_bytes.update((self.token_bytes[targets.clamp(min=0)] * counted).sum())
-            return
-        targets = batch[1]
-        self.val_nats.update(self.loss(batch) * targets.numel())
-        self.val_tokens.update(targets.numel())
-        self.val_bytes.update(self.token_bytes[targets].sum())
+        # Over the counted targets (all of a text batch's; example batches: not IGNORE): their nats and
+        # number; and, for bits per byte, the nats and UTF-8 bytes of those that are text.
+        logits, targets = self.logits_and_targets(batch)
+        nats = F.cross_entropy(
+            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="none"
+        )  # (B * T,), 0 where IGNORE
+        counted = targets.flatten() != IGNORE
+        n_bytes = self.token_bytes[targets.flatten().clamp(min=0)] * counted
+        self.val_nats.update(nats.sum())
+        self.val_tokens.update(counted.sum())
+        self.val_text_nats.update(nats[n_bytes > 0].sum())
+        self.val_bytes.update(n_bytes.sum())
 
     def on_validation_epoch_end(self) -> None:
-        nats, tokens, n_bytes = self.val_nats.compute(), self.val_tokens.compute(), self.val_bytes.compute()
-        for metric in (self.val_nats, self.val_tokens, self.val_bytes):
+        metrics = (self.val_nats, self.val_tokens, self.val_text_nats, self.val_bytes)
+        nats, tokens, text_nats, n_bytes = (metric.compute() for metric in metrics)
+        for metric in metrics:
             metric.reset()
         loss = nats / tokens
-        bpb = nats / (math.log(2) * n_bytes)
+        bpb = text_nats / (math.log(2) * n_bytes)
         # compute() already reduced over ranks; sync_dist only states that the value is global.
         self.log_dict(
             {"val/loss": loss, "val/ppl": torch.exp(loss), "val/bpb": bpb}, prog_bar=True, sync_dist=True

@@ -74,25 +74,50 @@ def test_val_windows_give_the_validation_metrics_of_training(module, corpus_cfg)
     assert metrics["ppl"] == pytest.approx(logged["val/ppl"], rel=1e-6)
 
 
-def test_the_sums_are_over_the_targets():
-    tok = CharTokenizer("aé€😀")  # 1, 2, 3 and 4 bytes
-    model = tiny_model(vocab_size=6, block_size=8)  # two padding ids
-    x, y = torch.tensor([0, 0, 0, 1]), torch.tensor([1, 2, 3, 3])
+def test_the_sums_are_over_the_targets_and_bpb_over_the_text_ones():
+    tok = CharTokenizer("aé€😀", eot=True)  # 1, 2, 3 and 4 bytes; end-of-text (4) none
+    model = tiny_model(vocab_size=6, block_size=8)  # one padding id
+    x, y = torch.tensor([0, 0, 4, 1]), torch.tensor([1, 4, 3, 3])
     windows = [(x, y), (y[:2], x[:2])]  # of unequal lengths
     sums = score_bpb(model, tok, windows, batch_size=2)
     with torch.no_grad():
-        nats = sum(F.cross_entropy(model(a[None])[0], b, reduction="sum") for a, b in windows)
-    assert sums["nats"] == pytest.approx(float(nats), rel=1e-6)
+        per_target = [F.cross_entropy(model(a[None])[0], b, reduction="none") for a, b in windows]
+    assert sums["nats"] == pytest.approx(float(sum(n.sum() for n in per_target)), rel=1e-6)
+    text_nats = sum(n[b != tok.eot_token].sum() for n, (_, b) in zip(per_target, windows, strict=True))
+    assert sums["text_nats"] == pytest.approx(float(text_nats), rel=1e-6) and text_nats < sums["nats"]
     assert {k: sums[k] for k in ("tokens", "bytes", "windows")} == {
         "tokens": 6,
-        "bytes": 2 + 3 + 4 + 4 + 1 + 1,
+        "bytes": 2 + 0 + 4 + 4 + 1 + 1,
         "windows": 2,
     }
 
 
+def test_end_of_text_counts_neither_nats_nor_bytes_as_in_validation():
+    """Zero logits put ln 8 nats on every target: bpb is the 3 text targets' 3 x 3 bits over their
+    1 + 2 + 4 bytes, and the loss ln 8 over all 4; validation gives the same numbers."""
+    tok = CharTokenizer("aé€😀", eot=True)  # end-of-text is id 4; 5-7 pad the vocabulary
+    module = GPTLitModule.from_configs(tiny_config(vocab_size=8, block_size=8), OptimConfig(), tok).eval()
+    torch.nn.init.zeros_(module.model.lm_head.weight)
+    x, y = torch.tensor([0, 1, 3, 4]), torch.tensor([1, 3, 4, 0])  # é 😀 end-of-text a
+    sums = score_bpb(module.model, tok, [(x, y)], batch_size=1)
+    assert sums == pytest.approx(
+        {"nats": 4 * math.log(8), "tokens": 4, "text_nats": 3 * math.log(8), "bytes": 7, "windows": 1},
+        rel=1e-6,
+    )
+    metrics = bpb_metrics(sums)
+    assert metrics["bpb"] == pytest.approx(9 / 7, rel=1e-6)
+    assert metrics["loss"] == pytest.approx(math.log(8), rel=1e-6)
+    logged = {}
+    module.log_dict = lambda values, **kwargs: logged.update({k: float(v) for k, v in values.items()})
+    with torch.no_grad():
+        module.validation_step((x[None], y[None]), 0)
+        module.on_validation_epoch_end()
+    assert logged == pytest.approx({"val/bpb": 9 / 7, "val/loss": math.log(8), "val/ppl": 8.0}, rel=1e-6)
+
+
 def test_bpb_metrics_formulas():
-    sums = {"nats": 6.0, "tokens": 4.0, "bytes": 3.0, "windows": 1.0}
-    assert bpb_metrics(sums) == {"bpb": 6 / (math.log(2) * 3), "loss": 1.5, "ppl": math.exp(1.5)}
+    sums = {"nats": 6.0, "tokens": 4.0, "text_nats": 5.0, "bytes": 3.0, "windows": 1.0}
+    assert bpb_metrics(sums) == {"bpb": 5 / (math.log(2) * 3), "loss": 1.5, "ppl": math.exp(1.5)}
 
 
 def test_all_spans_make_every_token_after_the_first_a_target_once():

@@ -73,6 +73,22 @@ def test_validation_loss_is_the_token_mean_and_bpb_counts_bytes(module):
     torch.testing.assert_close(logged["val/bpb"], expected / math.log(2))
 
 
+def test_end_of_text_counts_in_the_loss_but_neither_nats_nor_bytes_in_bpb():
+    """A model with zero logits puts ln 8 nats on every target; of the 4 targets, end-of-text is
+    no text: the loss is ln 8 and bpb the other 3 targets' 3 x 3 bits over their 1 + 2 + 4 bytes."""
+    tok = CharTokenizer("aé€😀", eot=True)  # ids 0-3, end-of-text 4; 5-7 pad the vocabulary
+    module = GPTLitModule.from_configs(tiny_config(vocab_size=8), OptimConfig(), tok)
+    torch.nn.init.zeros_(module.model.lm_head.weight)
+    logged = {}
+    module.log_dict = lambda values, **kwargs: logged.update({k: float(v) for k, v in values.items()})
+    x, y = torch.tensor([[0, 1, 3, 4]]), torch.tensor([[1, 3, 4, 0]])  # é 😀 end-of-text a
+    with torch.no_grad():
+        module.validation_step((x, y), 0)
+        module.on_validation_epoch_end()
+    assert logged["val/loss"] == pytest.approx(math.log(8), rel=1e-6)
+    assert logged["val/bpb"] == pytest.approx(3 * 3 / (2 + 4 + 1), rel=1e-6)
+
+
 def draws() -> tuple[list[float], float, list[float]]:
     return torch.rand(3).tolist(), random.random(), np.random.rand(3).tolist()
 
@@ -238,7 +254,7 @@ def test_tokens_seen_counts_the_non_padding_tokens_of_every_rank(module):
     assert module.tokens_seen == 2 * sum(int((b["segments"] >= 0).sum()) for b in batches)
 
 
-def test_validation_of_examples_counts_only_the_counted_targets_and_their_bytes():
+def test_validation_of_examples_counts_only_the_counted_targets_and_bpb_only_their_text():
     torch.manual_seed(0)
     tok = CharTokenizer("aé€😀bcd", eot=True)  # 1 to 4 bytes a character; end-of-text is 0 bytes
     module = GPTLitModule.from_configs(tiny_config(vocab_size=8), OptimConfig(), tok)
@@ -249,17 +265,20 @@ def test_validation_of_examples_counts_only_the_counted_targets_and_their_bytes(
         for i, b in enumerate(batches):
             module.validation_step(b, i)
         module.on_validation_epoch_end()
-        nats, tokens, n_bytes = 0.0, 0, 0
+        nats, tokens, text_nats, n_bytes = 0.0, 0, 0.0, 0
         lengths = token_byte_lengths(tok, 8)
         for b in batches:
             counted = b["targets"] != IGNORE
+            text = counted & (b["targets"] != tok.eot_token)
+            assert (counted & ~text).any()  # some counted targets are end-of-text
             logits = module.model(b["idx"], positions=b["positions"], segments=b["segments"])
             nats += F.cross_entropy(logits[counted], b["targets"][counted], reduction="sum")
             tokens += int(counted.sum())
-            n_bytes += float(lengths[b["targets"][counted]].sum())
+            text_nats += F.cross_entropy(logits[text], b["targets"][text], reduction="sum")
+            n_bytes += float(lengths[b["targets"][text]].sum())
     torch.testing.assert_close(logged["val/loss"], nats / tokens)
     torch.testing.assert_close(logged["val/ppl"], (nats / tokens).exp())
-    torch.testing.assert_close(logged["val/bpb"], nats / (math.log(2) * n_bytes))
+    torch.testing.assert_close(logged["val/bpb"], text_nats / (math.log(2) * n_bytes))
 
 
 def test_data_format_is_a_plain_hyperparameter():
