@@ -144,6 +144,8 @@ def plan(command: DocCommand) -> tuple[str, str]:
         return "skip", "FSDP needs GPUs"
     if HUB_MODELS.search(text) or "data=hf" in text:
         return "skip", "downloads from the Hugging Face Hub: needs a network"
+    if "task=hellaswag" in text and "data.path=" not in text and "callbacks.evaluate.path=" not in text:
+        return "skip", "downloads HellaSwag's validation set: needs a network"
     if any(p in text for p in PLACEHOLDERS):
         return "skip", "a placeholder path for the reader's own files"
     if script and script.group(1).startswith("bench/"):

@@ -57,18 +57,30 @@ def download(url: str, dest: Path, sha256: str, timeout: float = 30.0) -> Path:
     return dest
 
 
-def find_shakespeare(root: Path) -> Path:
-    path = root / SHAKESPEARE_FILE
+def find_or_download(root: Path, name: str, url: str, sha256: str, what: str, verify: bool = False) -> Path:
+    """<root>/<name>, downloaded there from `url` (checked against `sha256`) when absent; with
+    `verify`, a file already there is checked too. `what` names the file in the lines printed."""
+    path = root / name
     if path.is_file():
+        got = sha256_file(path) if verify else sha256
+        if got != sha256:
+            raise UserError(
+                f"{path}: its sha256 does not match ({got}, expected {sha256}); it should be {what} from "
+                f"{url}; delete it to download it again"
+            )
         return path
     try:
-        print(f"Tiny Shakespeare not found in {root}/: downloading {SHAKESPEARE_URL}")
-        return download(SHAKESPEARE_URL, path, SHAKESPEARE_SHA256)
+        print(f"{what} not found in {root}/: downloading {url}")
+        return download(url, path, sha256)
     except OSError as e:  # URLError, timeouts and permission errors are all OSErrors
         raise UserError(
-            f"Tiny Shakespeare is not in {root}/ and could not be downloaded ({e}); put "
-            f"{SHAKESPEARE_FILE} there or set GPT_DATA_DIR to the folder that holds it"
+            f"{what} is not in {root}/ and could not be downloaded ({e}); put {name} (from {url}) there "
+            "or set GPT_DATA_DIR to the folder that holds it"
         ) from e
+
+
+def find_shakespeare(root: Path) -> Path:
+    return find_or_download(root, SHAKESPEARE_FILE, SHAKESPEARE_URL, SHAKESPEARE_SHA256, "Tiny Shakespeare")
 
 
 def is_jsonl(path: Path) -> bool:

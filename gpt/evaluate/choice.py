@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt.config import CHOICE_FIELDS
-from gpt.data.sources import download, jsonl_rows, sha256_file
+from gpt.data.sources import find_or_download, jsonl_rows
 from gpt.errors import UserError
 from gpt.evaluate.likelihood import encode_pair, loglikelihoods
 from gpt.model.transformer import GPT
@@ -125,23 +125,8 @@ def read_hellaswag(path: Path) -> list[ChoiceExample]:
 
 def hellaswag_file(root: Path) -> Path:
     """<root>/hellaswag_val.jsonl, downloaded there if absent; its sha256 is checked every time."""
-    path = root / HELLASWAG_FILE
-    if path.is_file():
-        got = sha256_file(path)
-        if got != HELLASWAG_SHA256:
-            raise UserError(
-                f"{path}: its sha256 does not match ({got}, expected {HELLASWAG_SHA256}); it should be "
-                f"HellaSwag's validation set from {HELLASWAG_URL}; delete it to download it again"
-            )
-        return path
-    try:
-        print(f"HellaSwag's validation set not found in {root}/: downloading {HELLASWAG_URL}")
-        return download(HELLASWAG_URL, path, HELLASWAG_SHA256)
-    except OSError as e:  # URLError, timeouts and permission errors are all OSErrors
-        raise UserError(
-            f"HellaSwag's validation set is not in {root}/ and could not be downloaded ({e}); put "
-            f"{HELLASWAG_FILE} (from {HELLASWAG_URL}) there or set GPT_DATA_DIR to the folder that holds it"
-        ) from e
+    what = "HellaSwag's validation set"
+    return find_or_download(root, HELLASWAG_FILE, HELLASWAG_URL, HELLASWAG_SHA256, what, verify=True)
 
 
 # ----------------------------------------------------------------------------- scoring

@@ -8,6 +8,7 @@ acc, acc_norm) and bpb (bits per byte, loss and perplexity on a corpus's validat
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from collections.abc import Iterable
@@ -202,7 +203,7 @@ def run_choice(cfg: EvaluateConfig, path: Path, device: torch.device) -> Result:
     records = score_choices(model, tokenizer, examples, cfg.batch_size, progress=True)
     metrics = choice_metrics(choice_sums(records))
     chance = 100 * sum(1 / len(e.choices) for e in examples) / len(examples)
-    table = format_rows([*metrics.items(), ("chance", chance)], digits=2)
+    table = format_rows([*metrics.items(), ("chance", chance)])
     info = {"data": str(file), "examples": len(examples), "chance": chance, "batch_size": cfg.batch_size}
     return Result(metrics, table, info, records)
 
@@ -212,7 +213,8 @@ def run_bpb(cfg: EvaluateConfig, path: Path, device: torch.device) -> Result:
     ckpt = None if path.is_dir() else read_checkpoint(path, mmap=True)
     data = bpb_data(cfg.data, ckpt, path)
     model, tokenizer = load_model(path, device=device, dtype=getattr(torch, cfg.dtype))
-    windows = bpb_windows(data, tokenizer, model.config.block_size, cfg.windows, cfg.limit)
+    with contextlib.redirect_stdout(sys.stderr):  # the prepare step's progress: stdout holds the table
+        windows = bpb_windows(data, tokenizer, model.config.block_size, cfg.windows, cfg.limit, progress=True)
     print(f"checkpoint: {describe_checkpoint(path)}", file=sys.stderr)
     corpus = data.path or data.source
     what = "the checkpoint's training data, " if cfg.data is None else ""
@@ -227,15 +229,18 @@ def run_bpb(cfg: EvaluateConfig, path: Path, device: torch.device) -> Result:
         "bytes": int(sums["bytes"]),
         "block_size": model.config.block_size,
     }
-    return Result(metrics, format_rows(list(metrics.items()), digits=4), info)
+    return Result(metrics, format_rows(list(metrics.items())), info)
 
 
 TASKS = {"generate": run_generate, "hellaswag": run_choice, "mc": run_choice, "bpb": run_bpb}
 
 
-def format_rows(rows: list[tuple[str, float]], digits: int) -> str:
+def format_rows(rows: list[tuple[str, float]]) -> str:
+    """A metric per line: bpb and loss with four decimals, percentages and perplexity with two."""
     width = max(len("metric"), *(len(name) for name, _ in rows))
-    return "\n".join([f"{'metric':<{width}}  value", *(f"{n:<{width}}  {v:.{digits}f}" for n, v in rows)])
+    lines = [f"{'metric':<{width}}  value"]
+    lines += [f"{n:<{width}}  {v:.{4 if n in ('bpb', 'loss') else 2}f}" for n, v in rows]
+    return "\n".join(lines)
 
 
 def evaluate_checkpoint(cfg: EvaluateConfig) -> dict[str, float]:

@@ -145,7 +145,7 @@ def test_hellaswag_and_mc_files_then_compare_shows_them(work, tmp_path):
     done = run_script("compare.py", "runs=[run]", f"out={tmp_path}/plot.png", cwd=work)
     assert_ok(done)
     header, _, row = done.stdout.strip().splitlines()
-    for column in ("mc-plain/acc_norm", "mc-renamed/acc", "bpb/bpb"):
+    for column in ("mc-plain/acc_norm", "mc-renamed/acc"):
         assert column in header
     assert f"{mc['metrics']['acc']:.2f}" in row.split()
 

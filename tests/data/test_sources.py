@@ -17,7 +17,7 @@ def test_shakespeare_found_in_data_root(shakespeare_text, tmp_path):
 
 def test_shakespeare_offline_and_missing_says_where_to_put_it(tmp_path, monkeypatch):
     monkeypatch.setattr("gpt.data.sources.SHAKESPEARE_URL", "http://127.0.0.1:9/unreachable")
-    with pytest.raises(UserError, match="put tinyshakespeare.txt there or set GPT_DATA_DIR"):
+    with pytest.raises(UserError, match=r"put tinyshakespeare.txt \(from .*\) there or set GPT_DATA_DIR"):
         find_shakespeare(tmp_path / "root")
 
 
