@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import urllib.request
 import zlib
@@ -70,7 +71,7 @@ def find_or_download(root: Path, name: str, url: str, sha256: str, what: str, ve
             )
         return path
     try:
-        print(f"{what} not found in {root}/: downloading {url}")
+        print(f"{what} not found in {root}/: downloading {url}", file=sys.stderr)
         return download(url, path, sha256)
     except OSError as e:  # URLError, timeouts and permission errors are all OSErrors
         raise UserError(

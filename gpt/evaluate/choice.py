@@ -167,8 +167,12 @@ def encode_choices(
     where = example.where or "an example"
     try:
         requests = [encode_pair(tokenizer, example.context, TARGET_DELIMITER + c) for c in example.choices]
-    except UserError as e:
-        raise UserError(f"{where}: {e}") from None
+    except UserError as e:  # a character outside a character model's vocabulary
+        what = str(e).split("; ")[0]
+        raise UserError(
+            f"{where}: {what}; a character model scores only text made of its own characters (leave the "
+            "row out, or evaluate a model with a BPE tokenizer)"
+        ) from None
     for k, (_, continuation) in enumerate(requests):
         if not continuation:
             raise UserError(f"{where}: choice {k} adds no token of its own to the context; nothing to score")

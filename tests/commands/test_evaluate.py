@@ -63,7 +63,7 @@ def test_the_command_prints_a_table_and_writes_the_outputs_beside_the_run(work):
     assert [line.split()[0] for line in lines[1:]] == METRIC_ROWS
     assert all(0 <= float(v) <= 100 for line in lines[1:] for v in line.split()[1:])
     assert "checkpoint: run/checkpoints/last.ckpt (weights only, no training step)" in done.stderr
-    outputs = [json.loads(line) for line in (work / "run/evals/test-last.jsonl").read_text().splitlines()]
+    outputs = [json.loads(line) for line in (work / "run/evals/generate-test.jsonl").read_text().splitlines()]
     assert len(outputs) == len(ROWS)
     assert outputs[0]["where"] == "test.jsonl:1" and outputs[0]["prompt"] == "Who is there?\n"  # plain
     assert outputs[2]["reference"] == "yes"
@@ -72,9 +72,10 @@ def test_the_command_prints_a_table_and_writes_the_outputs_beside_the_run(work):
         for o in outputs
         for m in ("greedy", "beam")
     )
-    summary = json.loads((work / "run/evals/test-last.metrics.json").read_text())
+    summary = json.loads((work / "run/evals/generate-test.json").read_text())
     assert summary["examples"] == 3 and summary["template"] == "plain (the checkpoint saved none)"
-    assert list(summary["metrics"]) == ["greedy", "beam"] and list(summary["metrics"]["beam"]) == METRIC_ROWS
+    assert summary["task"] == "generate" and summary["step"] is None
+    assert list(summary["metrics"]) == [f"{m}/{k}" for m in ("greedy", "beam") for k in METRIC_ROWS]
     assert summary["settings"]["num_beams"] == 2
     # max_new_tokens fitted to the longest reference: 19 characters and a margin of 8.
     assert summary["settings"]["max_new_tokens"] == 27
@@ -86,8 +87,8 @@ def test_python_m_gpt_evaluate_is_the_same_command(work):
     )
     assert_ok(done)
     assert done.stdout.strip().splitlines()[0].split() == ["metric", "greedy"]
-    assert len((work / "here/test-last.jsonl").read_text().splitlines()) == 2
-    assert (work / "here/test-last.metrics.json").is_file() and not (work / "run/evals").exists()
+    assert len((work / "here/generate-test.jsonl").read_text().splitlines()) == 2
+    assert (work / "here/generate-test.json").is_file() and not (work / "run/evals").exists()
 
 
 def test_the_prompts_are_formatted_as_the_checkpoint_was_trained_unless_data_template_is_given(work, capsys):
@@ -101,8 +102,8 @@ def test_the_prompts_are_formatted_as_the_checkpoint_was_trained_unless_data_tem
         evaluate(
             ["ckpt=" + str(work / "run"), f"data.path={work / 'test.jsonl'}", "max_new_tokens=2", *overrides]
         )
-        rows = (work / "run/evals/test-last.jsonl").read_text().splitlines()
-        summary = json.loads((work / "run/evals/test-last.metrics.json").read_text())
+        rows = (work / "run/evals/generate-test.jsonl").read_text().splitlines()
+        summary = json.loads((work / "run/evals/generate-test.json").read_text())
         return [json.loads(r)["prompt"] for r in rows], summary["template"]
 
     assert prompts() == (

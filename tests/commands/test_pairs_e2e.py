@@ -135,13 +135,15 @@ def test_evaluate_writes_prompts_with_the_run_template(trained):
     assert table[0] == ["metric", "greedy"]
     assert [row[0] for row in table[1:]] == ["exact_match", "token_accuracy", "chrf", "bleu"]
     assert float(table[1][1]) == 100.0  # every answer "ok", ended by end-of-text
-    outputs = [json.loads(line) for line in (trained / "run/evals/test-last.jsonl").read_text().splitlines()]
+    outputs = [
+        json.loads(line) for line in (trained / "run/evals/generate-test.jsonl").read_text().splitlines()
+    ]
     rows = [json.loads(line) for line in (trained / "test.jsonl").read_text().splitlines()[:5]]
     assert [o["prompt"] for o in outputs] == [f"Q: {r['prompt']}\nA: " for r in rows]
     assert [(o["reference"], o["greedy"], o["greedy_match"]) for o in outputs] == [("ok", "ok", True)] * 5
-    summary = json.loads((trained / "run/evals/test-last.metrics.json").read_text())
+    summary = json.loads((trained / "run/evals/generate-test.json").read_text())
     assert summary["examples"] == 5 and summary["template"] == f"{TEMPLATE} (the checkpoint's)"
-    assert summary["metrics"]["greedy"]["exact_match"] == 100.0
+    assert summary["metrics"]["greedy/exact_match"] == 100.0
 
 
 # ----------------------------------------------------------------------------- SIGKILL and resume

@@ -269,5 +269,5 @@ def test_no_network_says_where_to_put_it(tmp_path, monkeypatch, capsys):
         UserError, match=rf"not in {re.escape(str(root))}/ .*put {HELLASWAG_FILE} .*GPT_DATA_DIR"
     ):
         hellaswag_file(root)
-    assert "downloading" in capsys.readouterr().out
+    assert "downloading" in capsys.readouterr().err
     assert list(root.iterdir()) == []  # no partial download left behind
