@@ -140,13 +140,16 @@ def ours(exported):
     return load_model(exported)
 
 
-def compare(theirs: dict, records: list[dict]) -> None:
+def compare(theirs: dict, records: list[dict]) -> float:
+    """Checks every example against the harness's; returns the largest log-likelihood difference."""
     samples = theirs["samples"]
+    largest = 0.0
     assert len(samples) == len(records)
     for sample, record in zip(samples, records, strict=True):
         their_lls = np.array([ll for ll, _ in sample["resps"]])
         their_lengths = np.array([len(c) for c in sample["doc"]["choices"]], dtype=float)
         assert record["loglikelihoods"] == pytest.approx(their_lls, abs=ATOL), record["where"]
+        largest = max(largest, float(np.abs(np.array(record["loglikelihoods"]) - their_lls).max()))
         # The harness's own rules (lm_eval/api/task.py, process_results) on its log-likelihoods.
         their_preds = (np.argmax(their_lls), np.argmax(their_lls / their_lengths))
         assert (record["pred"], record["pred_norm"]) == their_preds, record["where"]
@@ -156,9 +159,10 @@ def compare(theirs: dict, records: list[dict]) -> None:
     n = len(records)
     assert theirs["results"]["acc,none"] == pytest.approx(sum(r["acc"] for r in records) / n)
     assert theirs["results"]["acc_norm,none"] == pytest.approx(sum(r["acc_norm"] for r in records) / n)
+    return largest
 
 
-def test_hellaswag_agrees_with_the_harness(harness, ours):
+def test_hellaswag_agrees_with_the_harness(harness, ours, record_property):
     model, tokenizer = ours
     examples = read_hellaswag(HELLASWAG)
     theirs = harness["hellaswag_fixture"]
@@ -175,12 +179,15 @@ def test_hellaswag_agrees_with_the_harness(harness, ours):
         for c in ex.choices
     )
     assert longest > BLOCK_SIZE + 1  # some request is left-truncated
-    compare(theirs, score_choices(model, tokenizer, examples, batch_size=3))
+    # in the JUnit report (pytest --junitxml): how close the agreement is
+    record_property(
+        "max_loglikelihood_difference", compare(theirs, score_choices(model, tokenizer, examples, 3))
+    )
 
 
-def test_mc_agrees_with_the_harness(harness, ours):
+def test_mc_agrees_with_the_harness(harness, ours, record_property):
     model, tokenizer = ours
     records = score_choices(model, tokenizer, read_choices(MC), batch_size=5)
-    compare(harness["mc_fixture"], records)
+    record_property("max_loglikelihood_difference", compare(harness["mc_fixture"], records))
     # acc and acc_norm differ on some example, so both rules are checked.
     assert any(r["pred"] != r["pred_norm"] for r in records)
