@@ -187,15 +187,15 @@ def run_generate(cfg: EvaluateConfig, path: Path, device: torch.device) -> Resul
 
 def run_choice(cfg: EvaluateConfig, path: Path, device: torch.device) -> Result:
     """task=hellaswag or mc: each choice's log-likelihood after the context; acc and acc_norm."""
-    if cfg.task == "hellaswag":
-        file = Path(cfg.data.path) if cfg.data is not None else hellaswag_file(data_root(DataConfig()))
-        examples = read_hellaswag(file)
+    if cfg.task == "hellaswag" and cfg.data is None:
+        file = hellaswag_file(data_root(DataConfig()))
     else:
-        assert cfg.data is not None  # EvaluateConfig checks it
+        assert cfg.data is not None  # EvaluateConfig checks it for mc
         file = Path(cfg.data.path)
         if not file.is_file():
-            raise UserError(f"data.path {file} is not a file; pass a .jsonl file of multiple-choice rows")
-        examples = read_choices(file, cfg.data.fields)
+            rows = "HellaSwag's rows" if cfg.task == "hellaswag" else "multiple-choice rows"
+            raise UserError(f"data.path {file} is not a file; pass a .jsonl file of {rows}")
+    examples = read_hellaswag(file) if cfg.task == "hellaswag" else read_choices(file, cfg.data.fields)
     examples = examples[: cfg.limit]
     model, tokenizer = load_model(path, device=device, dtype=getattr(torch, cfg.dtype))
     print(f"checkpoint: {describe_checkpoint(path)}", file=sys.stderr)

@@ -172,12 +172,18 @@ def checkpoint_only(tmp_path, monkeypatch) -> Path:
 
 
 def test_hellaswag_absent_offline_says_where_to_put_it(checkpoint_only, capsys):
-    assert_one_line_exit(
-        evaluate,
-        ["task=hellaswag", "ckpt=run"],
-        f"put {choice.HELLASWAG_FILE}",
-        capsys,
+    with pytest.raises(SystemExit) as exit_:
+        evaluate(["task=hellaswag", "ckpt=run"])
+    assert exit_.value.code == 2
+    # the attempt, then the one error line; stdout (the table's) stays empty
+    out, err = capsys.readouterr()
+    attempt, error = err.strip().splitlines()
+    assert attempt.startswith("HellaSwag's validation set not found in") and "downloading" in attempt
+    assert (
+        error.startswith("error: ")
+        and f"put {choice.HELLASWAG_FILE} (from {choice.HELLASWAG_URL}) there" in error
     )
+    assert out == ""
     assert not (checkpoint_only / "run/evals").exists()
     root = checkpoint_only / "root"
     assert not root.exists() or not any(root.iterdir())  # no partial download left behind
@@ -201,6 +207,8 @@ def test_hellaswag_corrupt_says_its_sha256_does_not_match(checkpoint_only, capsy
             "task=mc rows have context, choices, label",
         ),
         (["task=squad"], "task='squad' is not one of generate, hellaswag, mc, bpb"),
+        (["task=hellaswag", "data.path=nope.jsonl"], "data.path nope.jsonl is not a file"),
+        (["task=mc", "data.path=nope.jsonl"], "data.path nope.jsonl is not a file"),
         (["task=bpb", "windows=some"], "windows='some' is not one of val, all"),
     ],
 )
