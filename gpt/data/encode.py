@@ -97,14 +97,14 @@ def char_vocabulary(parts: Iterable[Part]) -> CharTokenizer:
 def check_characters(
     cfg: DataConfig, files: list[Path], tok: CharTokenizer, progress: Callable[[int], None]
 ) -> None:
-    """The first pass of a corpus tokenized with a given character vocabulary (the one of a model
-    being fine-tuned) instead of its own: every character must be in it. File by file, so that the
+    """The first pass of a corpus tokenized with a given character vocabulary (a checkpoint's: a model
+    fine-tuned or evaluated) instead of its own: every character must be in it. File by file, so that the
     error names the file."""
     known = set(tok.chars)
     if not set(CHAR_SEPARATOR) <= known:
         raise UserError(
-            f"the {len(tok.chars)}-character vocabulary of the model being fine-tuned has no "
-            f"{CHAR_SEPARATOR[0]!r}, which separates documents; start from a character model that has it"
+            f"the checkpoint's {len(tok.chars)}-character vocabulary (the model fine-tuned or evaluated) has "
+            f"no {CHAR_SEPARATOR[0]!r}, which separates documents; use a character model that has it"
         )
     sources = [(str(p), [p]) for p in files] if files else [(f"the dataset {cfg.path}", [])]
     for where, group in sources:
@@ -113,8 +113,8 @@ def check_characters(
                 if not set(text) <= known:
                     c = next(c for c in text if c not in known)
                     raise UserError(
-                        f"{where} holds {c!r} (U+{ord(c):04X}), a character not in the "
-                        f"{len(tok.chars)}-character vocabulary of the model being fine-tuned; remove "
+                        f"{where} holds {c!r} (U+{ord(c):04X}), a character not in the checkpoint's "
+                        f"{len(tok.chars)}-character vocabulary (the model fine-tuned or evaluated); remove "
                         "or replace it in the corpus, or leave the file out with data.exclude"
                     )
 

@@ -241,9 +241,9 @@ def test_a_character_outside_a_given_vocabulary_is_one_line_naming_it_and_its_fi
         prepare(text_cfg(tmp_path / "docs", tmp_path), tokenizer=tok, verbose=False)
     assert_one_line(
         excinfo,
-        f"{tmp_path / 'docs' / 'b.txt'} holds '\u00e9' (U+00E9), a character not in the 12-character "
-        "vocabulary of the model being fine-tuned; remove or replace it in the corpus, or leave the "
-        "file out with data.exclude",
+        f"{tmp_path / 'docs' / 'b.txt'} holds '\u00e9' (U+00E9), a character not in the checkpoint's "
+        "12-character vocabulary (the model fine-tuned or evaluated); remove or replace it in the corpus, "
+        "or leave the file out with data.exclude",
     )
     assert not list((tmp_path / "cache").glob("*"))  # nothing written
 
