@@ -251,8 +251,11 @@ class GPT(nn.Module):
         positions: torch.Tensor | None = None,
         segments: torch.Tensor | None = None,
         prefix: torch.Tensor | None = None,
+        return_hidden: bool = False,
     ) -> torch.Tensor:
-        """idx: (B, T) token ids -> logits (B, T, vocab_size).
+        """idx: (B, T) token ids -> logits (B, T, vocab_size), or with return_hidden the final
+        hidden states (B, T, n_embd) after ln_f, before lm_head (for gpt.model.loss, which applies
+        lm_head.weight chunk by chunk).
 
         With a kv_cache, idx holds the tokens after the `kv_cache.pos` already cached ones; the
         cache is advanced by T when the forward is done. pad (B,): how many leading positions of
@@ -309,4 +312,5 @@ class GPT(nn.Module):
             x = block(x, rope, kv_cache, mask, slots)
         if kv_cache is not None:
             kv_cache.advance(T)
-        return self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
+        x = self.ln_f(x)  # (B, T, C)
+        return x if return_hidden else self.lm_head(x)  # (B, T, vocab_size)

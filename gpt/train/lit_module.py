@@ -20,12 +20,12 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torchmetrics import MeanMetric, SumMetric
 
 from gpt.config import DataConfig, ModelConfig, OptimConfig
 from gpt.data.pairs_datamodule import IGNORE
 from gpt.errors import NonFiniteError
+from gpt.model.loss import cross_entropy_per_token, fused_linear_cross_entropy
 from gpt.model.transformer import GPT
 from gpt.tokenizer import Tokenizer, token_byte_lengths, tokenizer_from_dict
 from gpt.train.optim import build_optimizer, build_scheduler
@@ -140,29 +140,35 @@ class GPTLitModule(L.LightningModule):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
 
-    def logits_and_targets(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """The model's logits (B, T, V) on a text or example batch, and its targets (B, T)."""
+    def hidden_and_targets(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's final hidden states (B, T, C) on a text or example batch, and its targets (B, T).
+        The losses apply lm_head chunk by chunk (gpt.model.loss): no (B, T, V) logits are held."""
         if isinstance(batch, dict):
             x, targets = batch["idx"], batch["targets"]
-            logits = self.model(
-                x, positions=batch["positions"], segments=batch["segments"], prefix=batch["prefix"]
+            hidden = self.model(
+                x,
+                positions=batch["positions"],
+                segments=batch["segments"],
+                prefix=batch["prefix"],
+                return_hidden=True,
             )
         else:
             x, targets = batch
-            logits = self.model(x)
+            hidden = self.model(x, return_hidden=True)
         self._batch_shape = tuple(x.shape)
-        return logits, targets
+        return hidden, targets
 
     def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """A text batch's mean cross-entropy."""
-        logits, y = self.logits_and_targets(batch)
-        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        hidden, y = self.hidden_and_targets(batch)
+        nats = fused_linear_cross_entropy(hidden.flatten(0, 1), self.model.lm_head.weight, y.flatten())
+        return nats / y.numel()
 
     def summed_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """An example batch's cross-entropy summed over its counted targets (fp32), in nats."""
-        logits, targets = self.logits_and_targets(batch)
-        return F.cross_entropy(
-            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum"
+        hidden, targets = self.hidden_and_targets(batch)
+        return fused_linear_cross_entropy(
+            hidden.flatten(0, 1), self.model.lm_head.weight, targets.flatten(), ignore_index=IGNORE
         )
 
     def step_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -216,9 +222,9 @@ class GPTLitModule(L.LightningModule):
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         # Over the counted targets (all of a text batch's; example batches: not IGNORE): their nats and
         # number; and, for bits per byte, the nats and UTF-8 bytes of those that are text.
-        logits, targets = self.logits_and_targets(batch)
-        nats = F.cross_entropy(
-            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="none"
+        hidden, targets = self.hidden_and_targets(batch)
+        nats = cross_entropy_per_token(
+            hidden.flatten(0, 1), self.model.lm_head.weight, targets.flatten(), ignore_index=IGNORE
         )  # (B * T,), 0 where IGNORE
         counted = targets.flatten() != IGNORE
         n_bytes = self.token_bytes[targets.flatten().clamp(min=0)] * counted

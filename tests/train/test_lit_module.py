@@ -42,9 +42,15 @@ def test_hparams_are_plain_data(module):
 
 
 def test_loss_is_the_cross_entropy_of_the_models_logits(module):
+    """The fused chunked loss (no (B, T, V) logits) equals the plain logits path, value and gradients."""
     x, y = batch()
     expected = F.cross_entropy(module.model(x).reshape(-1, 64), y.reshape(-1))
-    torch.testing.assert_close(module.loss((x, y)), expected, rtol=0, atol=0)
+    expected_grads = torch.autograd.grad(expected, list(module.parameters()))
+    loss = module.loss((x, y))
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
+    grads = torch.autograd.grad(loss, list(module.parameters()))
+    for (name, _), g, e in zip(module.named_parameters(), grads, expected_grads, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_flops_per_batch_is_6n_plus_attention_per_token_and_a_third_without_backward(module):
@@ -215,22 +221,25 @@ def test_ignored_targets_get_no_gradient_and_their_values_do_not_matter(module):
     batch = example_batch(B=3, seed=4)
     ignored = batch["targets"] == IGNORE
     assert ignored.any() and (~ignored).any()
-    logits = []
+    hidden = []
 
     def keep(mod, args, out) -> None:
         out.retain_grad()
-        logits.append(out)
+        hidden.append(out)
 
-    hook = module.model.lm_head.register_forward_hook(keep)
+    # The loss applies lm_head's weight chunk by chunk to the final hidden states (ln_f's output):
+    # an ignored target's row of the gradient, and so its hidden state's, is exactly zero.
+    hook = module.model.ln_f.register_forward_hook(keep)
     loss = module.step_loss(batch)
     loss.backward()
     hook.remove()
-    grad = logits[0].grad  # (B, T, V)
+    grad = hidden[0].grad  # (B, T, C)
     assert torch.equal(grad[ignored], torch.zeros_like(grad[ignored]))
     assert (grad[~ignored].abs().sum(-1) > 0).all()
     # The loss is the sum over the counted targets only, over step_tokens.
     with torch.no_grad():
-        counted = F.cross_entropy(logits[0][~ignored], batch["targets"][~ignored], reduction="sum")
+        logits = module.model.lm_head(hidden[0])
+        counted = F.cross_entropy(logits[~ignored], batch["targets"][~ignored], reduction="sum")
     torch.testing.assert_close(loss.detach(), counted / batch["step_tokens"][0], rtol=1e-6, atol=0)
 
 
