@@ -68,7 +68,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             dlogits = dlogits.to(hidden.dtype)
             if need_hidden:
                 grad_hidden[start : start + chunk_size] = dlogits @ weight
-            if need_weight:
+            if need_weight and grad_weight.dtype == h.dtype:
+                grad_weight.addmm_(dlogits.T, h)  # in place: no (V, C) temporary per chunk
+            elif need_weight:
                 grad_weight += (dlogits.T @ h).float()
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype) if need_weight else None)
         return loss
@@ -76,6 +78,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         grad_hidden, grad_weight = ctx.saved_tensors
+        if torch.equal(grad_output, torch.ones_like(grad_output)):  # the usual case: no copies
+            return grad_hidden, grad_weight, None, None, None
         if grad_hidden is not None:
             grad_hidden = grad_hidden * grad_output.to(grad_hidden.dtype)
         if grad_weight is not None:
