@@ -77,13 +77,16 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
+        # Scaled in place (a copy of grad_weight would be another (V, C) fp32 tensor), so the saved
+        # gradients are spent: a second backward through the same loss would be wrong, so it fails.
+        if getattr(ctx, "spent", False):
+            raise RuntimeError("fused_linear_cross_entropy supports one backward per forward")
+        ctx.spent = True
         grad_hidden, grad_weight = ctx.saved_tensors
-        if torch.equal(grad_output, torch.ones_like(grad_output)):  # the usual case: no copies
-            return grad_hidden, grad_weight, None, None, None
         if grad_hidden is not None:
-            grad_hidden = grad_hidden * grad_output.to(grad_hidden.dtype)
+            grad_hidden.mul_(grad_output.to(grad_hidden.dtype))
         if grad_weight is not None:
-            grad_weight = grad_weight * grad_output.to(grad_weight.dtype)
+            grad_weight.mul_(grad_output.to(grad_weight.dtype))
         return grad_hidden, grad_weight, None, None, None
 
 

@@ -148,6 +148,14 @@ def test_bf16_logits_are_computed_in_bf16_as_the_plain_path_does():
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
 
 
+def test_a_second_backward_fails_instead_of_giving_wrong_gradients():
+    hidden, weight, targets = inputs(6)
+    loss = fused_linear_cross_entropy(hidden, weight, targets, chunk_size=4) * 2.0
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward per forward"):
+        loss.backward()
+
+
 def test_chunk_size_must_be_positive():
     hidden, weight, targets = inputs(4)
     with pytest.raises(ValueError, match="chunk_size must be at least 1, got 0"):
