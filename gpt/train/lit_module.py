@@ -21,6 +21,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torchmetrics import MeanMetric, SumMetric
 
 from gpt.config import DataConfig, ModelConfig, OptimConfig
@@ -105,6 +106,16 @@ class GPTLitModule(L.LightningModule):
         self._pending_tokens: torch.Tensor | None = None
         self._n_params = self.model.num_params()
         self._batch_shape = (0, 0)  # (B, T) of the last batch, for flops_per_batch
+
+    def configure_model(self) -> None:
+        """Under FullyShardedStrategy (FSDP2), shard each transformer block as its own unit, then
+        the rest (embeddings, final norm, tied head). Other strategies give no device mesh."""
+        mesh = self._device_mesh
+        if mesh is None or isinstance(self.model, FSDPModule):
+            return
+        for block in self.model.h:
+            fully_shard(block, mesh=mesh["data_parallel"])
+        fully_shard(self.model, mesh=mesh["data_parallel"])
 
     @classmethod
     def from_configs(
