@@ -58,23 +58,34 @@ class NonFiniteGuard(L.Callback):
     """Check every optimizer step's loss and gradient before the update; on a NaN or inf, stop
     (action="stop") or skip that update (action="skip").
 
-    Stopping raises NonFiniteError before the update, so the weights never become non-finite and
-    no checkpoint of them is written; the message names the step and the newest checkpoint.
-    Skipping drops the step's gradients (the optimizer then leaves every weight and its state as
-    they were; the LR schedule moves on) and stops after `max_skips` skipped steps in a row, since
-    then it is the weights, not a batch, that are bad. Under 16-mixed, GradScaler already skips
-    steps with inf/NaN gradients and lowers its scale, so only the loss is checked there.
+    Stopping raises NonFiniteError naming the step where the loss or gradient first went
+    non-finite, with the weights as they were before that step, and before any checkpoint of a
+    later step is written; the message names the newest checkpoint. Skipping drops the step's
+    update (every weight and its optimizer state stay as they were; the LR schedule moves on) and
+    stops after `max_skips` skipped steps in a row, since then it is the weights, not a batch,
+    that are bad. Under 16-mixed, GradScaler already skips steps with inf/NaN gradients and lowers
+    its scale, so only the loss is checked there.
 
-    The check costs one host-device sync per optimizer step, and one all-reduce of a flag so that
-    every rank decides the same.
+    No host-device sync per step where the optimizer can skip an update on the device (fused
+    AdamW, the default on GPU, takes a `found_inf` flag as GradScaler passes it; so does the
+    scaler itself under 16-mixed): the flags stay on the device, all-reduced so that every rank
+    decides the same, and are read on logging steps, before any checkpoint is saved and when
+    training ends. Once stopping is decided on the device, every later update is skipped there
+    too until the flags are read. Other optimizers (unfused AdamW on CPU, Muon) read the flag every
+    step, as a skip then has to drop the gradients on the host.
     """
+
+    # Fields of the device-side state, one int64 tensor read in one go.
+    RUN, STOP_STEP, STOP_WHAT, FIRST_SKIP, FIRST_WHAT, SKIPS, LAST_SKIP = range(7)
+    WHAT = {1: "gradient", 2: "loss"}
 
     def __init__(self, action: str = "stop", max_skips: int = 10) -> None:
         if action not in ("stop", "skip"):
             raise ValueError(f"callbacks.nonfinite.action={action!r}: use stop or skip")
         self.action, self.max_skips = action, max_skips
         self._loss_bad: torch.Tensor | None = None
-        self.skipped_in_a_row = 0
+        self._state: torch.Tensor | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
 
     def on_before_backward(
         self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
@@ -86,21 +97,77 @@ class NonFiniteGuard(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         loss_bad, self._loss_bad = self._loss_bad, None
-        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        bad = torch.zeros((), dtype=torch.bool, device=pl_module.device) if loss_bad is None else loss_bad
-        if getattr(trainer.precision_plugin, "scaler", None) is None:
-            bad = bad | ~torch.isfinite(torch.nn.utils.get_total_norm(grads))
-        if not trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
-            self.skipped_in_a_row = 0
+        device = pl_module.device
+        if loss_bad is None:
+            loss_bad = torch.zeros((), dtype=torch.bool, device=device)
+        grad_bad = torch.zeros((), dtype=torch.bool, device=device)
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is None:
+            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+            grad_bad = ~torch.isfinite(torch.nn.utils.get_total_norm(grads))
+        # 2: the loss, 1: only the gradient, 0: finite; the max over ranks, reduced without reading it.
+        what = torch.where(loss_bad, 2, torch.where(grad_bad, 1, 0)).to(device)
+        if trainer.world_size > 1:
+            what = trainer.strategy.reduce(what.float(), reduce_op="max").long()
+        bad = what > 0
+        on_device = scaler is not None or getattr(optimizer, "_step_supports_amp_scaling", False)
+        if not on_device:
+            self._step_on_host(trainer, pl_module, bool(bad), self.WHAT.get(int(what), ""))
             return
+        self._record(trainer.global_step, bad, what)
+        if scaler is None:
+            # Fused AdamW skips the whole update (weights, moments, step count) where found_inf is 1.
+            stopped = self._state[self.STOP_STEP] >= 0
+            optimizer.found_inf = (bad | stopped).float()
+            optimizer.grad_scale = None
+            self._optimizer = optimizer
+
+    def _record(self, step: int, bad: torch.Tensor, what: torch.Tensor) -> None:
+        """Update the device-side state with this step's flag; nothing is read."""
+        if self._state is None:
+            self._state = torch.tensor([0, -1, 0, -1, 0, 0, -1], dtype=torch.long, device=bad.device)
+        s = self._state
+        run = torch.where(bad, s[self.RUN] + 1, 0)
+        limit = 0 if self.action == "stop" else self.max_skips
+        stop_now = (run > limit) & (s[self.STOP_STEP] < 0)
+        skip = bad & ~stop_now & (s[self.STOP_STEP] < 0)
+        first = skip & (s[self.FIRST_SKIP] < 0)
+        self._state = torch.stack(
+            [
+                run,
+                torch.where(stop_now, step, s[self.STOP_STEP]),
+                torch.where(stop_now, what, s[self.STOP_WHAT]),
+                torch.where(first, step, s[self.FIRST_SKIP]),
+                torch.where(first, what, s[self.FIRST_WHAT]),
+                s[self.SKIPS] + skip.long(),
+                torch.where(skip, step, s[self.LAST_SKIP]),
+            ]
+        )
+
+    def _step_on_host(self, trainer: L.Trainer, pl_module: L.LightningModule, bad: bool, what: str) -> None:
+        """The check for an optimizer that cannot skip on the device: decide now (one sync)."""
         step = trainer.global_step
-        what = "loss" if loss_bad is not None and bool(loss_bad) else "gradient"
-        if self.action == "skip" and self.skipped_in_a_row < self.max_skips:
-            self.skipped_in_a_row += 1
+        self._record(step, torch.tensor(bad), torch.tensor({"loss": 2, "gradient": 1}.get(what, 0)))
+        if bad and self.action == "skip" and int(self._state[self.STOP_STEP]) < 0:
             for p in pl_module.parameters():
                 p.grad = None
-            rank_zero_warn(f"step {step}: non-finite {what}, update skipped (nonfinite.action=skip)")
+        self.check(trainer)
+
+    def check(self, trainer: L.Trainer) -> None:
+        """Read the device-side state (one sync): warn of skipped updates, raise once stopping."""
+        if self._state is None:
             return
+        s = self._state.tolist()
+        if s[self.SKIPS]:
+            first, what, n = s[self.FIRST_SKIP], self.WHAT[s[self.FIRST_WHAT]], s[self.SKIPS]
+            more = f" (and {n - 1} more, the last at step {s[self.LAST_SKIP]})" if n > 1 else ""
+            rank_zero_warn(f"step {first}: non-finite {what}, update skipped{more} (nonfinite.action=skip)")
+            self._state[[self.FIRST_SKIP, self.SKIPS, self.LAST_SKIP]] = torch.tensor(
+                [-1, 0, -1], device=self._state.device
+            )
+        if s[self.STOP_STEP] < 0:
+            return
+        step, what = s[self.STOP_STEP], self.WHAT[s[self.STOP_WHAT]]
         good = newest_checkpoint(trainer.default_root_dir)
         after = f" after {self.max_skips} skipped steps in a row" if self.action == "skip" else ""
         raise NonFiniteError(
@@ -109,6 +176,19 @@ class NonFiniteGuard(L.Callback):
             + "Try a lower optim.lr, more warmup or bf16 instead of 16-mixed, or skip such steps "
             "with callbacks.nonfinite.action=skip"
         )
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+        if self._optimizer is not None:  # the step is done: the optimizer checks no flag of ours
+            del self._optimizer.found_inf, self._optimizer.grad_scale
+            self._optimizer = None
+        if trainer.global_step % trainer.log_every_n_steps == 0 and not trainer.fit_loop._should_accumulate():
+            self.check(trainer)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: Any) -> None:
+        self.check(trainer)  # before the checkpoint is written
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.check(trainer)
 
 
 def _inputs(batch: tuple[torch.Tensor, torch.Tensor] | Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -137,6 +217,7 @@ class Throughput(ThroughputMonitor):
     def __init__(self, peak_flops: float | None = None, window_size: int = 50) -> None:
         super().__init__(_batch_size, _batch_tokens, window_size=window_size, separator="/")
         self.peak_flops = peak_flops
+        self._pending_flops: dict[Any, float] = {}  # by stage: FLOPs of the batches since the last timed one
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -144,6 +225,29 @@ class Throughput(ThroughputMonitor):
             self.available_flops = int(self.peak_flops)
             for throughput in self._throughputs.values():
                 throughput.available_flops = self.available_flops
+
+    def _update(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, iter_num: int) -> None:
+        # Lightning's waits for the device (torch.cuda.synchronize) after every batch. Here every
+        # batch is counted on the host, but training batches are timed (so waited for) only on the
+        # steps that are logged: the rates over the window are the same, from points further apart.
+        stage = trainer.state.stage
+        self._lengths[stage] += self.length_fn(batch)
+        self._samples[stage] += self.batch_size_fn(batch)
+        self._batches[stage] += 1
+        flops = self._pending_flops.get(stage, 0.0) + getattr(pl_module, "flops_per_batch", 0)
+        self._pending_flops[stage] = flops
+        if stage == "train" and not trainer._logger_connector.should_update_logs:
+            return
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()  # perf_counter() times the work queued so far
+        self._throughputs[stage].update(
+            time=time.perf_counter() - self._t0s[stage],
+            batches=self._batches[stage],
+            samples=self._samples[stage],
+            lengths=self._lengths[stage],
+            flops=flops,
+        )
+        self._pending_flops[stage] = 0.0
 
     @rank_zero_only
     def on_validation_batch_end(

@@ -93,7 +93,9 @@ class GPTLitModule(L.LightningModule):
         self.register_buffer(
             "token_bytes", token_byte_lengths(self.tokenizer, self.model_config.vocab_size), persistent=False
         )
-        self.train_loss = MeanMetric()  # over the micro-batches (and ranks) of one optimizer step
+        # Over the micro-batches (and ranks) of one optimizer step. No NaN check: it would read the
+        # value back every micro-batch (a host-device sync), and NonFiniteGuard checks it anyway.
+        self.train_loss = MeanMetric(nan_strategy="disable")
         # Validation sums, reduced over ranks by torchmetrics: loss = nats / tokens over every counted
         # target; bpb = text_nats / bytes over the targets that are text (end-of-text has no bytes).
         self.val_nats = SumMetric()
@@ -102,8 +104,10 @@ class GPTLitModule(L.LightningModule):
         self.val_bytes = SumMetric()
         self.tokens_seen = 0  # training tokens over all ranks, restored on resume
         # Example batches: this rank's non-padding tokens since the last optimizer step, a tensor
-        # (no device sync per micro-batch), summed over ranks into tokens_seen once per step.
+        # (no device sync per micro-batch), summed over ranks once per step into _counted_tokens,
+        # still on the device; tokens_seen reads it only when asked (logging steps, checkpoints).
         self._pending_tokens: torch.Tensor | None = None
+        self._counted_tokens: torch.Tensor | None = None
         self._n_params = self.model.num_params()
         self._batch_shape = (0, 0)  # (B, T) of the last batch, for flops_per_batch
 
@@ -190,20 +194,32 @@ class GPTLitModule(L.LightningModule):
             self._pending_tokens = tokens if self._pending_tokens is None else self._pending_tokens + tokens
         else:
             loss = self.loss(batch)
-            self.tokens_seen += batch[1].numel() * self.trainer.world_size
+            self._tokens_seen += batch[1].numel() * self.trainer.world_size
         # The mean over the step's micro-batches and ranks: for examples, the mean over the step's
         # counted targets (the scale above times the number of means cancels).
         self.train_loss.update(loss.detach())
         return loss
 
+    @property
+    def tokens_seen(self) -> int:
+        """Training tokens over all ranks (reading it waits for the device when examples were counted)."""
+        if self._counted_tokens is not None:
+            self._tokens_seen += int(self._counted_tokens)
+            self._counted_tokens = None
+        return self._tokens_seen
+
+    @tokens_seen.setter
+    def tokens_seen(self, value: int) -> None:
+        self._tokens_seen, self._counted_tokens = value, None
+
     def count_pending_tokens(self) -> None:
-        """Add the example tokens of this step, over all ranks, to tokens_seen."""
+        """Add the example tokens of this step, over all ranks, to the count, on the device."""
         if self._pending_tokens is None:
             return
         tokens, self._pending_tokens = self._pending_tokens, None
-        if self.trainer.world_size > 1:
+        if self.trainer.world_size > 1:  # an all-reduce the host does not wait for
             tokens = self.trainer.strategy.reduce(tokens, reduce_op="sum")
-        self.tokens_seen += int(tokens)
+        self._counted_tokens = tokens if self._counted_tokens is None else self._counted_tokens + tokens
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Once per optimizer step, after accumulation (and unscaling under 16-mixed), before clipping.

@@ -182,7 +182,7 @@ CASES = {
     ),
     "new-run-init-from-character-outside-vocabulary": new_run(
         *("init_from={run}", "data.path={inputs}/accented.txt"),
-        message="accented.txt holds '\u00e9' (U+00E9), a character not in the 58-character vocabulary",
+        message="accented.txt holds '\u00e9' (U+00E9), a character not in the checkpoint's 58-character",
     ),
     # train.py data=pairs: the rows, the template, the options, the checkpoint to fine-tune
     "pairs-row-not-json": pairs(

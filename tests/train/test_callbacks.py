@@ -49,6 +49,7 @@ def guarded_step(tmp_path):
         precision_plugin=SimpleNamespace(scaler=None),
         strategy=SimpleNamespace(reduce_boolean_decision=lambda decision, all: decision),
         global_step=7,
+        world_size=1,
         default_root_dir=str(tmp_path),
     )
     return layer, trainer, SimpleNamespace(parameters=layer.parameters, device=torch.device("cpu"))
@@ -91,6 +92,7 @@ def test_guard_stops_before_the_update_naming_the_step_and_the_last_good_checkpo
     )
     (tmp_path / "checkpoints").mkdir()
     torch.save({"global_step": 5}, tmp_path / "checkpoints" / "step-5.ckpt")
+    guard = NonFiniteGuard()  # a stopped guard keeps naming the first step that went non-finite
     for p in layer.parameters():
         p.grad = torch.full_like(p, float("inf"))
     guard.on_before_backward(trainer, module, torch.tensor(1.0))

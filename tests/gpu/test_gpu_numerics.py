@@ -1,0 +1,121 @@
+"""What only a CUDA GPU can check: bf16 training, torch.compile, bf16 decoding, the SDPA kernel the
+training path gets, and the chunked loss. Run with `pytest -m gpu` (bench/device.sh does); without
+CUDA every test here is skipped, and the default run never selects them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt.generate.tokens import generate
+from tests.helpers import tiny_model
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+VOCAB = 65
+
+
+def gpu_model(seed: int = 0, **overrides):
+    shape = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=VOCAB) | overrides
+    return tiny_model(seed, **shape).cuda()
+
+
+def losses(precision: str, steps: int = 20) -> list[float]:
+    """Per-step training losses of the same model, data and AdamW in fp32 or bf16 autocast."""
+    model = gpu_model().train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    out = []
+    for _ in range(steps):
+        x = torch.randint(VOCAB, (8, 64), device="cuda", generator=g)
+        y = torch.roll(x, -1, dims=1)  # a learnable target: the next token of the row
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            logits = model(x)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        out.append(loss.item())
+    return out
+
+
+def test_bf16_mixed_losses_track_fp32_over_20_steps():
+    """Tolerance: every step's bf16-mixed loss within 2% of the fp32 one (bf16 keeps 8 bits of mantissa,
+    about 0.4% per rounding; 20 AdamW steps compound it), and both losses fall."""
+    fp32, bf16 = losses("32-true"), losses("bf16-mixed")
+    torch.testing.assert_close(torch.tensor(bf16), torch.tensor(fp32), rtol=0.02, atol=0)
+    assert fp32[-1] < fp32[0] - 0.1 and bf16[-1] < bf16[0] - 0.1
+
+
+def test_compiled_logits_equal_eager():
+    """Tolerance: 1e-3 absolute and relative in fp32 (inductor fuses and reorders the reductions)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = gpu_model().eval()
+    idx = torch.randint(VOCAB, (4, 64), device="cuda")
+    with torch.no_grad():
+        eager = model(idx)
+        compiled = torch.compile(model)(idx)
+    torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("pos_emb", ["learned", "rope"])
+def test_cached_greedy_equals_uncached_in_bf16(pos_emb):
+    """The same 40 tokens with and without the KV cache, in bf16 on the GPU. The two paths run
+    different kernel shapes, so a logit can differ by bf16 rounding: where the tokens first differ,
+    the uncached logits of the two tokens must be a near tie (within 1%), else the cache is wrong."""
+    model = gpu_model(pos_emb=pos_emb).to(torch.bfloat16).eval()
+    idx = torch.randint(VOCAB, (2, 8), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    with torch.no_grad():
+        cached = torch.stack(list(generate(model, idx, 40, temperature=0, use_cache=True)), dim=1)
+        uncached = torch.stack(list(generate(model, idx, 40, temperature=0, use_cache=False)), dim=1)
+        if torch.equal(cached, uncached):
+            return
+        row, step = (cached != uncached).nonzero()[0].tolist()
+        context = torch.cat([idx[row], uncached[row, :step]])[None]
+        logits = model(context)[0, -1].float()
+        a, b = logits[cached[row, step]], logits[uncached[row, step]]
+        assert (b - a).abs() <= 0.01 * b.abs().clamp(min=1), f"row {row} step {step}: {a} vs {b}"
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["causal", "masked"])
+def test_training_path_gets_a_flash_or_memory_efficient_kernel(masked):
+    """With only flash and memory-efficient SDPA allowed, a bf16 forward and backward must not raise:
+    it would if the model fell back to the math kernel (a mask flash refuses goes to memory-efficient)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model = gpu_model(block_size=128, n_embd=256).train()
+    idx = torch.randint(VOCAB, (4, 128), device="cuda")
+    kwargs = {}
+    if masked:  # left padding: the dense boolean mask path
+        kwargs["pad"] = torch.tensor([0, 3, 0, 7], device="cuda")
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(idx, **kwargs)
+        F.cross_entropy(logits.flatten(0, 1).float(), idx.flatten()).backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_loss_equals_the_plain_one(dtype):
+    """fused_linear_cross_entropy (summed, fp32) against cross_entropy of the full logits, loss and
+    gradients. Tolerance: 1e-4 relative in fp32; 1e-2 in bf16 (the chunks round differently)."""
+    loss_module = pytest.importorskip("gpt.model.loss")
+    torch.manual_seed(0)
+    n, c, v = 1000, 128, 5000
+    hidden = torch.randn(n, c, device="cuda", dtype=dtype, requires_grad=True)
+    weight = (torch.randn(v, c, device="cuda") * 0.05).to(dtype).requires_grad_()
+    targets = torch.randint(v, (n,), device="cuda")
+    targets[::7] = -100  # ignored positions
+    chunked = loss_module.fused_linear_cross_entropy(hidden, weight, targets, chunk_size=256)
+    grads = torch.autograd.grad(chunked, (hidden, weight))
+    plain = F.cross_entropy((hidden @ weight.T).float(), targets, reduction="sum", ignore_index=-100)
+    plain_grads = torch.autograd.grad(plain, (hidden, weight))
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    assert chunked.dtype == torch.float32
+    torch.testing.assert_close(chunked, plain, rtol=tol, atol=tol)
+    for got, want in zip(grads, plain_grads, strict=True):
+        torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * want.abs().max().item())
