@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from torch.distributed.tensor import DTensor
 
 from gpt.config import BPB_WINDOWS, EVAL_TASKS, DataConfig, DecodeConfig, SamplingConfig, sampling_config
 from gpt.data.pairs import PreparedPairs, Template, format_prompt, get_template, read_examples, template_of
@@ -104,7 +105,10 @@ class NonFiniteGuard(L.Callback):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if scaler is None:
             grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-            grad_bad = ~torch.isfinite(torch.nn.utils.get_total_norm(grads))
+            norm = torch.nn.utils.get_total_norm(grads)
+            if isinstance(norm, DTensor):  # FSDP2's sharded gradients: the norm over every shard
+                norm = norm.full_tensor()
+            grad_bad = ~torch.isfinite(norm)
         # 2: the loss, 1: only the gradient, 0: finite; the max over ranks, reduced without reading it.
         what = torch.where(loss_bad, 2, torch.where(grad_bad, 1, 0)).to(device)
         if trainer.world_size > 1:

@@ -20,11 +20,16 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+
+try:  # FSDP2's public home since torch 2.6; trainer=fsdp2 needs it, nothing else does
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+except ImportError:  # pragma: no cover
+    FSDPModule = fully_shard = None
 from torchmetrics import MeanMetric, SumMetric
 
 from gpt.config import DataConfig, ModelConfig, OptimConfig
 from gpt.data.pairs_datamodule import IGNORE
-from gpt.errors import NonFiniteError
+from gpt.errors import ConfigError, NonFiniteError
 from gpt.model.loss import cross_entropy_per_token, fused_linear_cross_entropy
 from gpt.model.transformer import GPT
 from gpt.tokenizer import Tokenizer, token_byte_lengths, tokenizer_from_dict
@@ -109,6 +114,20 @@ class GPTLitModule(L.LightningModule):
         self._counted_tokens: torch.Tensor | None = None
         self._n_params = self.model.num_params()
         self._batch_shape = (0, 0)  # (B, T) of the last batch, for flops_per_batch
+
+    def configure_model(self) -> None:
+        """Under FullyShardedStrategy (FSDP2), shard each transformer block as its own unit, then
+        the rest (embeddings, final norm, tied head). Other strategies give no device mesh."""
+        mesh = self._device_mesh
+        if mesh is None or (FSDPModule is not None and isinstance(self.model, FSDPModule)):
+            return
+        if fully_shard is None:
+            raise ConfigError(
+                f"trainer=fsdp2 needs torch 2.6 or newer (FSDP2); this is torch {torch.__version__}"
+            )
+        for block in self.model.h:
+            fully_shard(block, mesh=mesh["data_parallel"])
+        fully_shard(self.model, mesh=mesh["data_parallel"])
 
     @classmethod
     def from_configs(
