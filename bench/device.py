@@ -95,6 +95,8 @@ def train(dry: bool) -> dict:
         "tokens_per_s": tokens / step,
         "tflops_per_s": flops / step / 1e12,
         "mfu_vs_peak_pct": 100 * flops / step / PEAK_BF16,
+        # weights, AdamW state, activations and the fused loss's chunks, at the worst moment
+        "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None,
     }
 
 
@@ -266,6 +268,7 @@ def table(result: dict) -> str:
                 if "mfu_vs_matmul_pct" in t
                 else ""
             )
+            + (f", peak memory {t['peak_memory_gb']:.1f} GB" if t.get("peak_memory_gb") else "")
         )
     if s["shakespeare"]["ok"]:
         r = s["shakespeare"]
