@@ -1,5 +1,6 @@
 """Callbacks Lightning does not ship: validate on the last step, stop on non-finite values, throughput,
-text samples, evaluation tasks (generation, HellaSwag, multiple choice, bits per byte), the run report."""
+text samples, evaluation tasks (generation, HellaSwag, multiple choice, bits per byte), the run report,
+and a progress bar that reads no tensor between logging steps."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.callbacks import ThroughputMonitor, TQDMProgressBar
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch.distributed.tensor import DTensor
@@ -193,6 +194,22 @@ class NonFiniteGuard(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.check(trainer)
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's TQDMProgressBar, plus the module's `bar_metrics` (GPTLitModule: the training loss),
+    Python numbers the module sets on logging steps.
+
+    The training loss is not logged with self.log(prog_bar=True): Lightning keeps a value logged in
+    a training hook and converts it to a number again after every batch until it is logged anew
+    (logger_connector.on_batch_end -> _ResultCollection.metrics -> convert_tensors_to_scalars, an
+    .item() on the device), even without a progress bar: one host-device sync per step.
+    """
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        version = {"v_num": metrics.pop("v_num")} if "v_num" in metrics else {}
+        return {**version, **getattr(pl_module, "bar_metrics", {}), **metrics}
 
 
 def _inputs(batch: tuple[torch.Tensor, torch.Tensor] | Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 
 from gpt.config import OptimConfig
 from gpt.tokenizer import CharTokenizer
-from gpt.train.callbacks import NonFiniteGuard, Throughput
+from gpt.train.callbacks import NonFiniteGuard, ProgressBar, Throughput
 from gpt.train.lit_module import GPTLitModule
 from tests.helpers import tiny_config
 
@@ -53,11 +53,6 @@ def batches(n: int, vocab: int, B: int = 2, T: int = 16):
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="left: Lightning converts the progress-bar `loss` (self.log prog_bar=True) to a scalar "
-    "every batch (logger_connector/result.py), one .item() per step",
-)
 @pytest.mark.parametrize("action", ["stop", "skip"])
 def test_training_reads_tensors_on_the_host_only_on_logging_steps(tmp_path, monkeypatch, action):
     tok = CharTokenizer("abcdefgh\n")
@@ -69,15 +64,21 @@ def test_training_reads_tensors_on_the_host_only_on_logging_steps(tmp_path, monk
         accelerator="cpu",
         logger=False,
         enable_checkpointing=False,
-        enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=tmp_path,
-        callbacks=[NonFiniteGuard(action=action), Throughput(), counter := CountReads(monkeypatch)],
+        callbacks=[
+            NonFiniteGuard(action=action),
+            Throughput(),
+            bar := ProgressBar(refresh_rate=1),  # train.py's bar, redrawn after every batch
+            counter := CountReads(monkeypatch),
+        ],
     )
     trainer.fit(module, train_dataloaders=batches(12, 16))
     assert trainer.global_step == 12
     read_on = {step for step, n in counter.by_step.items() if n}
     assert read_on - {0} <= {4, 8, 12}, dict(counter.by_step)  # step 0: setup, before training
+    shown = bar.get_metrics(trainer, module)
+    assert isinstance(shown["loss"], float) and shown["loss"] == module.bar_metrics["loss"]
 
 
 def test_a_nan_is_skipped_on_the_device_and_reported_on_the_next_logging_step(tmp_path):
