@@ -68,13 +68,15 @@ class NonFiniteGuard(L.Callback):
     that are bad. Under 16-mixed, GradScaler already skips steps with inf/NaN gradients and lowers
     its scale, so only the loss is checked there.
 
-    No host-device sync per step where the optimizer can skip an update on the device (fused
-    AdamW, the default on GPU, takes a `found_inf` flag as GradScaler passes it; so does the
-    scaler itself under 16-mixed): the flags stay on the device, all-reduced so that every rank
-    decides the same, and are read on logging steps, before any checkpoint is saved and when
-    training ends. Once stopping is decided on the device, every later update is skipped there
-    too until the flags are read. Other optimizers (unfused AdamW on CPU, Muon) read the flag every
-    step, as a skip then has to drop the gradients on the host.
+    No host-device sync per step where the optimizer can skip an update on the device: fused
+    AdamW (the default on GPU) and optim=muon with fused AdamW (gpt.train.optim.Muon skips on the
+    device too) take a `found_inf` flag as GradScaler passes it; so does the scaler itself under
+    16-mixed. The flags stay on the device, all-reduced so that every rank decides the same, and
+    are read on logging steps, before any checkpoint is saved and when training ends. Once stopping
+    is decided on the device, every later update is skipped there too until the flags are read.
+    An optimizer that cannot skip on the device, unfused AdamW (the default on CPU, where a read
+    costs nothing to wait for) and so optim=muon on CPU, reads the flag every step, as a skip then
+    has to drop the gradients on the host.
     """
 
     # Fields of the device-side state, one int64 tensor read in one go.

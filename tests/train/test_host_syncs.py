@@ -14,6 +14,7 @@ from gpt.config import OptimConfig
 from gpt.tokenizer import CharTokenizer
 from gpt.train.callbacks import NonFiniteGuard, ProgressBar, Throughput
 from gpt.train.lit_module import GPTLitModule
+from gpt.train.optim import MuonWithAdamW, muon_split
 from tests.helpers import tiny_config
 
 READS = ("item", "__bool__", "__int__", "__float__", "__index__", "tolist", "numpy")
@@ -24,6 +25,18 @@ class FusedAdamW(GPTLitModule):
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=1e-3, fused=True)
+
+
+class FusedMuon(GPTLitModule):
+    """optim=muon as on a GPU: Muon with fused AdamW, which both skip an update on the device."""
+
+    def configure_optimizers(self):
+        hidden, rest = muon_split(self.model)
+        muon, adamw = dict(ns_dtype=torch.float32), dict(lr=1e-3, fused=True)
+        return MuonWithAdamW(hidden, [{"params": rest, "weight_decay": 0.0}], muon, adamw)
+
+
+OPTIMIZERS = {"adamw": FusedAdamW, "muon": FusedMuon}
 
 
 class CountReads(L.Callback):
@@ -53,10 +66,11 @@ def batches(n: int, vocab: int, B: int = 2, T: int = 16):
     )
 
 
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
 @pytest.mark.parametrize("action", ["stop", "skip"])
-def test_training_reads_tensors_on_the_host_only_on_logging_steps(tmp_path, monkeypatch, action):
+def test_training_reads_tensors_on_the_host_only_on_logging_steps(tmp_path, monkeypatch, action, optimizer):
     tok = CharTokenizer("abcdefgh\n")
-    module = FusedAdamW.from_configs(tiny_config(vocab_size=16), OptimConfig(), tok)
+    module = OPTIMIZERS[optimizer].from_configs(tiny_config(vocab_size=16), OptimConfig(), tok)
     every = 4
     trainer = L.Trainer(
         max_steps=12,
@@ -81,9 +95,10 @@ def test_training_reads_tensors_on_the_host_only_on_logging_steps(tmp_path, monk
     assert isinstance(shown["loss"], float) and shown["loss"] == module.bar_metrics["loss"]
 
 
-def test_a_nan_is_skipped_on_the_device_and_reported_on_the_next_logging_step(tmp_path):
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_a_nan_is_skipped_on_the_device_and_reported_on_the_next_logging_step(tmp_path, optimizer):
     tok = CharTokenizer("abcdefgh\n")
-    module = FusedAdamW.from_configs(tiny_config(vocab_size=16), OptimConfig(), tok)
+    module = OPTIMIZERS[optimizer].from_configs(tiny_config(vocab_size=16), OptimConfig(), tok)
     seen = {}
 
     class NanAtStep3(L.Callback):
