@@ -12,6 +12,11 @@ rows), grad_hidden_chunk = dlogits @ weight and grad_weight += dlogits.T @ hidde
 in fp32). The chunk's logits are then dropped: the forward saves only grad_hidden and grad_weight,
 and the backward multiplies them by grad_output. Peak memory holds one chunk's logits, not all.
 
+How big a chunk: by default as many tokens as keep one chunk's logits at LOGITS_PER_CHUNK elements
+(64 MB in fp32): 333 tokens of a 50,257 vocabulary. A batch whose logits all fit in one chunk (a
+character vocabulary: 65 entries) has nothing to save, and takes the plain path, F.cross_entropy,
+which is faster there than the loop's own bookkeeping.
+
 The same idea as Liger-Kernel's fused linear cross-entropy (liger_kernel.ops.fused_linear_cross_entropy).
 That package needs Triton and a GPU, so it cannot run on CPU or MPS; the idea is a few dozen lines of
 plain PyTorch, written here by hand.
@@ -20,25 +25,38 @@ plain PyTorch, written here by hand.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+# Logits elements per chunk (2**24: 64 MB in fp32). Smaller chunks save little more (the loop's
+# transient is a few chunk-sized tensors) and, on a GPU, cost a few kernel launches each.
+LOGITS_PER_CHUNK = 2**24
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    """Tokens per chunk for a vocabulary: LOGITS_PER_CHUNK logits, at least one token."""
+    return max(1, LOGITS_PER_CHUNK // vocab_size)
 
 
 def _chunk_nats(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, ...]:
-    """logits (n, V) fp32 -> (nats (n,), 0 where ignored; log-normaliser (n,); counted (n,) bool)."""
+    """logits (n, V) fp32 -> (nats (n,), 0 where ignored; log-probabilities (n, V); counted (n,) bool).
+    log_softmax, as F.cross_entropy computes it (on a CPU it is also 2 to 3 times faster than
+    logsumexp, measured here on an AVX-512 machine)."""
     counted = targets != ignore_index
-    lse = torch.logsumexp(logits, dim=-1)  # (n,)
-    target_logit = logits.gather(1, targets.clamp(min=0)[:, None]).squeeze(1)  # (n,)
-    return (lse - target_logit) * counted, lse, counted
+    logprobs = torch.log_softmax(logits, dim=-1)  # (n, V)
+    target_logprob = logprobs.gather(1, targets.clamp(min=0)[:, None]).squeeze(1)  # (n,)
+    return -target_logprob * counted, logprobs, counted
 
 
 def cross_entropy_per_token(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
-    chunk_size: int = 4096,
+    chunk_size: int | None = None,
     ignore_index: int = -100,
 ) -> torch.Tensor:
     """The nats of every token (N,), fp32, 0 where ignored, chunk by chunk; no gradient (evaluation)."""
     hidden, weight = _autocast_inputs(hidden, weight)
+    chunk_size = chunk_size or default_chunk_size(weight.size(0))
     out = []
     with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
         for start in range(0, hidden.size(0), chunk_size):
@@ -58,11 +76,12 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             h = hidden[start : start + chunk_size]  # (n, C)
             t = targets[start : start + chunk_size]  # (n,)
             logits = (h @ weight.T).float()  # (n, V), fp32 (a copy when the inputs are bf16/fp16)
-            nats, lse, counted = _chunk_nats(logits, t, ignore_index)
+            nats, logprobs, counted = _chunk_nats(logits, t, ignore_index)
+            del logits  # (a bf16 model's fp32 copy, or the matmul's output: either way one chunk)
             loss += nats.sum()
             if not (need_hidden or need_weight):
                 continue
-            dlogits = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            dlogits = logprobs.exp_()  # softmax, in place of the log-probabilities
             dlogits[torch.arange(len(t), device=t.device), t.clamp(min=0)] -= 1.0  # - onehot
             dlogits *= counted[:, None]  # ignored rows get no gradient
             dlogits = dlogits.to(hidden.dtype)
@@ -104,20 +123,24 @@ def fused_linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
-    chunk_size: int = 4096,
+    chunk_size: int | None = None,
     ignore_index: int = -100,
 ) -> torch.Tensor:
     """F.cross_entropy(hidden @ weight.T, targets, reduction="sum", ignore_index=ignore_index), fp32,
-    computed chunk_size tokens at a time.
+    computed chunk_size tokens at a time (default: default_chunk_size(V)).
 
     hidden (N, C), weight (V, C) (the LM head, possibly tied to the embedding), targets (N,) long.
     Returns the summed nats over the targets that are not ignore_index (0 when all are ignored); the
     mean is this divided by the number of counted targets.
     """
-    if chunk_size < 1:
+    if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
     hidden, weight = _autocast_inputs(hidden, weight)
+    chunk_size = chunk_size or default_chunk_size(weight.size(0))
     if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
         return cross_entropy_per_token(hidden, weight, targets, chunk_size, ignore_index).sum()
+    if chunk_size >= hidden.size(0):  # one chunk: nothing to save over the plain path, which is faster
+        logits = (hidden @ weight.T).float()
+        return F.cross_entropy(logits, targets, reduction="sum", ignore_index=ignore_index)
     with torch.autocast(hidden.device.type, enabled=False):
         return _FusedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size, ignore_index)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from gpt.config import ModelConfig
 from gpt.model.kv_cache import KVCache
+from gpt.model.swiglu import swiglu_projection
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -153,8 +154,9 @@ class SwiGLU(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.c_fc(x).chunk(2, dim=-1)
-        return self.dropout(self.c_proj(F.silu(gate) * up))
+        # self.c_proj(F.silu(gate) * up) with gate, up = self.c_fc(x).chunk(2, dim=-1), keeping less
+        # for the backward (gpt/model/swiglu.py)
+        return self.dropout(swiglu_projection(self.c_fc(x), self.c_proj.weight, self.c_proj.bias))
 
 
 class GeluMLP(nn.Module):

@@ -6,7 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt.model.loss import cross_entropy_per_token, fused_linear_cross_entropy
+from gpt.model.loss import (
+    LOGITS_PER_CHUNK,
+    cross_entropy_per_token,
+    default_chunk_size,
+    fused_linear_cross_entropy,
+)
 from tests.helpers import tiny_model
 
 IGNORE = -100
@@ -38,7 +43,8 @@ def reference(hidden, weight, targets):
 @pytest.mark.parametrize(
     ("N", "chunk_size", "ignored"),
     [
-        (20, 4096, None),  # one chunk
+        (20, 4096, None),  # one chunk: the plain path
+        (20, 19, None),  # two chunks, the second of one token
         (20, 5, None),  # a multiple of the chunk
         (23, 5, None),  # a short last chunk
         (23, 1, None),  # one token per chunk
@@ -160,3 +166,18 @@ def test_chunk_size_must_be_positive():
     hidden, weight, targets = inputs(4)
     with pytest.raises(ValueError, match="chunk_size must be at least 1, got 0"):
         fused_linear_cross_entropy(hidden, weight, targets, chunk_size=0)
+
+
+def test_the_default_chunk_holds_a_fixed_number_of_logits():
+    assert default_chunk_size(50257) == LOGITS_PER_CHUNK // 50257 == 333  # r50k_base: 64 MB in fp32
+    assert default_chunk_size(65) == 258111  # a character vocabulary: any batch is one chunk
+    assert default_chunk_size(10**9) == 1
+
+
+def test_a_batch_within_one_chunk_takes_the_plain_path_exactly():
+    hidden, weight, targets = inputs(23)
+    loss = fused_linear_cross_entropy(hidden, weight, targets)  # the default chunk: one
+    expected, expected_dh, expected_dw = reference(hidden, weight, targets)
+    assert torch.equal(loss, expected)
+    dh, dw = torch.autograd.grad(loss, (hidden, weight))
+    assert torch.equal(dh, expected_dh) and torch.equal(dw, expected_dw)
