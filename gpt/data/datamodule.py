@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.utilities.data import suggested_max_num_workers
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from gpt.config import DataConfig
@@ -201,16 +202,40 @@ class GPTDataModule(L.LightningDataModule):
         offsets = val_offsets(self.val_set.n_tokens, self.block_size, self.cfg.val_windows)[rank::world]
         return self._loader(torch.utils.data.Subset(self.val_set, offsets), None)
 
+    def _device_type(self) -> str:
+        """The type of the device training runs on: the trainer's, else cuda where there is one."""
+        if self.trainer is not None:
+            return self.trainer.strategy.root_device.type
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    @property
+    def num_workers(self) -> int:
+        """data.num_workers, or when null (auto): 0 on a CPU, where reading a batch costs microseconds
+        and a worker only adds a process; on a GPU, min(4, Lightning's suggestion: the usable CPU
+        cores per device on this machine less one for the training process), at least 1, so the
+        next batches are read while the GPU computes. Resuming stays exact with workers: state_dict()
+        counts the batches trained on, not those the workers have read ahead."""
+        if self.cfg.num_workers is not None:
+            return self.cfg.num_workers
+        if self._device_type() != "cuda":
+            return 0
+        devices = self.trainer.num_devices if self.trainer is not None else 1
+        return min(4, suggested_max_num_workers(devices))
+
     def _loader(self, dataset: Dataset, sampler: Sampler | None) -> DataLoader:
+        workers = self.num_workers
         return DataLoader(
             dataset,
             batch_size=self.cfg.batch_size,
             sampler=sampler,
             shuffle=False,
-            num_workers=self.cfg.num_workers,
-            # Pinned host memory speeds up copies to a GPU; without one it only costs.
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.cfg.num_workers > 0,
+            num_workers=workers,
+            # Pinned host memory makes the copy to a GPU asynchronous: Lightning moves each batch
+            # with .to(device, non_blocking=True) on CUDA (lightning.fabric.utilities.apply_func
+            # move_data_to_device, for every tensor of the tuple or dict), so the host does not
+            # wait for the copy. Without a GPU pinning only costs.
+            pin_memory=self._device_type() == "cuda",
+            persistent_workers=workers > 0,
             # A DataLoader seeds its workers from the global RNG unless given its own generator;
             # that draw would shift dropout's random stream between a resumed and an
             # uninterrupted run. Nothing in the data path is random beyond the sampler.

@@ -1,5 +1,6 @@
 """Callbacks Lightning does not ship: validate on the last step, stop on non-finite values, throughput,
-text samples, evaluation tasks (generation, HellaSwag, multiple choice, bits per byte), the run report."""
+text samples, evaluation tasks (generation, HellaSwag, multiple choice, bits per byte), the run report,
+and a progress bar that reads no tensor between logging steps."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.callbacks import ThroughputMonitor, TQDMProgressBar
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch.distributed.tensor import DTensor
@@ -67,13 +68,15 @@ class NonFiniteGuard(L.Callback):
     that are bad. Under 16-mixed, GradScaler already skips steps with inf/NaN gradients and lowers
     its scale, so only the loss is checked there.
 
-    No host-device sync per step where the optimizer can skip an update on the device (fused
-    AdamW, the default on GPU, takes a `found_inf` flag as GradScaler passes it; so does the
-    scaler itself under 16-mixed): the flags stay on the device, all-reduced so that every rank
-    decides the same, and are read on logging steps, before any checkpoint is saved and when
-    training ends. Once stopping is decided on the device, every later update is skipped there
-    too until the flags are read. Other optimizers (unfused AdamW on CPU, Muon) read the flag every
-    step, as a skip then has to drop the gradients on the host.
+    No host-device sync per step where the optimizer can skip an update on the device: fused
+    AdamW (the default on GPU) and optim=muon with fused AdamW (gpt.train.optim.Muon skips on the
+    device too) take a `found_inf` flag as GradScaler passes it; so does the scaler itself under
+    16-mixed. The flags stay on the device, all-reduced so that every rank decides the same, and
+    are read on logging steps, before any checkpoint is saved and when training ends. Once stopping
+    is decided on the device, every later update is skipped there too until the flags are read.
+    An optimizer that cannot skip on the device, unfused AdamW (the default on CPU, where a read
+    costs nothing to wait for) and so optim=muon on CPU, reads the flag every step, as a skip then
+    has to drop the gradients on the host.
     """
 
     # Fields of the device-side state, one int64 tensor read in one go.
@@ -193,6 +196,22 @@ class NonFiniteGuard(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.check(trainer)
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's TQDMProgressBar, plus the module's `bar_metrics` (GPTLitModule: the training loss),
+    Python numbers the module sets on logging steps.
+
+    The training loss is not logged with self.log(prog_bar=True): Lightning keeps a value logged in
+    a training hook and converts it to a number again after every batch until it is logged anew
+    (logger_connector.on_batch_end -> _ResultCollection.metrics -> convert_tensors_to_scalars, an
+    .item() on the device), even without a progress bar: one host-device sync per step.
+    """
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        version = {"v_num": metrics.pop("v_num")} if "v_num" in metrics else {}
+        return {**version, **getattr(pl_module, "bar_metrics", {}), **metrics}
 
 
 def _inputs(batch: tuple[torch.Tensor, torch.Tensor] | Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -113,6 +113,8 @@ class GPTLitModule(L.LightningModule):
         self._pending_tokens: torch.Tensor | None = None
         self._counted_tokens: torch.Tensor | None = None
         self._n_params = self.model.num_params()
+        # What the progress bar (gpt.train.callbacks.ProgressBar) shows: Python numbers, set on logging steps.
+        self.bar_metrics: dict[str, float] = {}
         self._batch_shape = (0, 0)  # (B, T) of the last batch, for flops_per_batch
 
     def configure_model(self) -> None:
@@ -251,7 +253,9 @@ class GPTLitModule(L.LightningModule):
             # callbacks, so a kill between the two would lose this step from the log for good.
             for logger in self.loggers:
                 logger.log_metrics(metrics, step=step)
-            self.log("loss", loss, prog_bar=True, logger=False)
+            # Not self.log(prog_bar=True): Lightning would keep the tensor and read it again (.item(), a
+            # host-device sync) after every batch until the next logging step; this is a number already.
+            self.bar_metrics = {"loss": metrics["train/loss"]}
         self.train_loss.reset()
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 
 from gpt.config import OptimConfig
 from gpt.train import precision
@@ -76,7 +77,15 @@ class Muon(torch.optim.Optimizer):
 
     ns_dtype is not saved in the state_dict: it is a property of the device the run is on, so a
     run resumed on another machine uses what that machine computes fast.
+
+    Like fused AdamW it can skip a step on the device (`_step_supports_amp_scaling`): where the
+    attribute `found_inf` (a tensor, as GradScaler and NonFiniteGuard set it) is nonzero, every
+    weight and momentum buffer keeps its value, bit for bit, with no read of the flag on the host;
+    where it is zero the step is the same as without it. `grad_scale`, when set, divides the
+    gradients first (GradScaler's unscaling).
     """
+
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -116,22 +125,33 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        skip = None if found_inf is None else found_inf > 0
         for group in self.param_groups:
             lr, momentum = float(group["lr"]), group["momentum"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
+                grad = p.grad if grad_scale is None else p.grad / grad_scale
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
                 buf = state["momentum_buffer"]
-                buf.lerp_(p.grad, 1 - momentum)
-                update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
+                # Where the step may be skipped, the new values are computed aside and kept only
+                # where it is not: the same operations, so the same bits.
+                new_buf = buf.lerp_(grad, 1 - momentum) if skip is None else buf.lerp(grad, 1 - momentum)
+                update = grad.lerp(new_buf, momentum) if group["nesterov"] else new_buf
                 ortho = newton_schulz(
                     update, group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype
                 )
-                p.mul_(1 - lr * group["weight_decay"])  # decoupled weight decay, at the unadjusted lr
-                p.add_(ortho, alpha=-(lr * muon_lr_ratio(group["adjust_lr_fn"], p.shape)))
+                decay = 1 - lr * group["weight_decay"]  # decoupled weight decay, at the unadjusted lr
+                alpha = -(lr * muon_lr_ratio(group["adjust_lr_fn"], p.shape))
+                if skip is None:
+                    p.mul_(decay).add_(ortho, alpha=alpha)
+                else:
+                    buf.copy_(torch.where(skip, buf, new_buf))
+                    p.copy_(torch.where(skip, p, p.mul(decay).add_(ortho, alpha=alpha)))
         return loss
 
 
@@ -141,6 +161,9 @@ class MuonWithAdamW(torch.optim.Optimizer):
     Lightning's automatic optimization (accumulation, clipping, precision plugins) drives a single
     optimizer; this wrapper gives it one. Its param_groups are the inner optimizers' own group
     dicts, so a scheduler that sets a group's lr sets it where the step reads it.
+
+    It skips a step on the device (GradScaler's and NonFiniteGuard's `found_inf`, see Muon) when
+    its AdamW is fused, as it is on a GPU: Muon always can, unfused AdamW cannot. Not under FSDP2.
     """
 
     def __init__(
@@ -150,6 +173,9 @@ class MuonWithAdamW(torch.optim.Optimizer):
         self.adamw = torch.optim.AdamW(adamw_groups, **adamw)
         super().__init__([p for g in self.adamw.param_groups for p in g["params"]] + list(muon_params), {})
         self.param_groups = self.muon.param_groups + self.adamw.param_groups
+        # Not under FSDP2 (sharded DTensor weights), where Muon's skip is untested: the flag is read.
+        fused = getattr(self.adamw, "_step_supports_amp_scaling", False)
+        self._step_supports_amp_scaling = fused and not any(isinstance(p, DTensor) for p in muon_params)
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001 (torch's signature)
@@ -157,8 +183,18 @@ class MuonWithAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.muon.step()
-        self.adamw.step()
+        # GradScaler and NonFiniteGuard set the flags on this optimizer; each inner one reads its own.
+        flags = {name: getattr(self, name) for name in ("grad_scale", "found_inf") if hasattr(self, name)}
+        for inner in (self.muon, self.adamw):
+            for name, value in flags.items():
+                setattr(inner, name, value)
+        try:
+            self.muon.step()
+            self.adamw.step()
+        finally:
+            for inner in (self.muon, self.adamw):
+                for name in flags:
+                    delattr(inner, name)
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:

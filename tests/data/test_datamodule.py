@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import lightning.fabric.utilities.data as lightning_data
 import numpy as np
 import pytest
 import torch
@@ -14,7 +19,7 @@ from gpt.data.datamodule import (
     prepare,
     val_offsets,
 )
-from gpt.errors import UserError
+from gpt.errors import ConfigError, UserError
 from tests.helpers import split_tokens, text_cfg
 
 
@@ -167,3 +172,100 @@ def test_datamodule_gives_each_rank_its_own_windows(tiny_corpus, tmp_path, monke
         assert not set(offsets[0]) & set(offsets[1])
     else:
         assert offsets[0] != offsets[1]
+
+
+def fake_trainer(device: str, devices: int = 1) -> SimpleNamespace:
+    """What the data module reads of a Trainer, on a device this machine need not have."""
+    return SimpleNamespace(
+        strategy=SimpleNamespace(root_device=torch.device(device)),
+        num_devices=devices,
+        global_rank=0,
+        world_size=devices,
+        max_steps=10,
+        accumulate_grad_batches=1,
+    )
+
+
+@pytest.mark.parametrize(
+    ("device", "devices", "cpus", "workers"),
+    [("cpu", 1, 16, 0), ("cuda", 1, 16, 4), ("cuda", 8, 16, 1), ("cuda", 2, 6, 2), ("cuda", 1, 1, 1)],
+)
+def test_auto_num_workers_follows_the_trainers_device(
+    tiny_corpus, tmp_path, monkeypatch, device, devices, cpus, workers
+):
+    monkeypatch.setattr(lightning_data, "_num_cpus_available", lambda: cpus)
+    dm = GPTDataModule(text_cfg(tiny_corpus, tmp_path, tokenizer="char", val_windows=8), block_size=32)
+    dm.trainer = fake_trainer(device, devices)
+    dm.setup("fit")
+    assert dm.cfg.num_workers is None and dm.num_workers == workers
+    loader = dm.train_dataloader()  # built, not iterated: no worker starts
+    assert loader.num_workers == workers and loader.persistent_workers == (workers > 0)
+    assert loader.pin_memory == (device == "cuda")
+    # A number given is used as it is, on any device.
+    dm.cfg.num_workers = 0
+    assert dm.num_workers == 0 and dm.val_dataloader().num_workers == 0
+
+
+def test_num_workers_below_zero_is_one_clear_line(tiny_corpus, tmp_path):
+    with pytest.raises(ConfigError, match=r"^data.num_workers=-1 must be >= 0 \(or null: auto\)$"):
+        text_cfg(tiny_corpus, tmp_path, num_workers=-1)
+
+
+class RecordBatches(L.LightningModule):
+    """Trains one number and keeps every input batch it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.seen: list[torch.Tensor] = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(batch[0].clone())
+        return self.w * batch[0].float().mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class CheckpointAndStopAt(L.Callback):
+    """Saves a checkpoint after optimizer step `step`, as ModelCheckpoint does, and stops there."""
+
+    def __init__(self, step: int, path: Path) -> None:
+        self.step, self.path = step, path
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+            trainer.should_stop = True
+
+
+@pytest.mark.parametrize("sampling", ["random", "sequential"])
+def test_resume_with_workers_reading_ahead_continues_with_the_next_batch(tiny_corpus, tmp_path, sampling):
+    """Two workers read batches ahead of training; the checkpoint holds the position of training."""
+    cfg = text_cfg(tiny_corpus, tmp_path, tokenizer="char", batch_size=4, sampling=sampling, num_workers=2)
+
+    ckpt = tmp_path / "step-4.ckpt"
+
+    def fit(stop_at: int | None = None, ckpt_path: Path | None = None) -> tuple[L.Trainer, RecordBatches]:
+        trainer = L.Trainer(
+            max_steps=10,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+            callbacks=[CheckpointAndStopAt(stop_at, ckpt)] if stop_at else [],
+        )
+        module = RecordBatches()
+        trainer.fit(module, datamodule=GPTDataModule(cfg, block_size=32, seed=3), ckpt_path=ckpt_path)
+        return trainer, module
+
+    _, whole = fit()
+    stopped, first = fit(stop_at=4)
+    assert stopped.global_step == 4
+    resumed, rest = fit(ckpt_path=ckpt)
+    assert resumed.global_step == 10
+    assert len(whole.seen) == 10 and len(first.seen) == 4 and len(rest.seen) == 6
+    for a, b in zip(whole.seen, first.seen + rest.seen, strict=True):
+        assert torch.equal(a, b)

@@ -77,6 +77,8 @@ def fake_trainer(
         max_steps=max_steps,
         current_epoch=0,
         fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=SimpleNamespace(current=current))),
+        strategy=SimpleNamespace(root_device=torch.device("cpu")),
+        num_devices=world,
     )
 
 
@@ -497,9 +499,12 @@ def fit(prepared, cfg, tmp_path, ckpt: str | None = None) -> Recorder:
     return module
 
 
-def test_lightning_groups_micro_batches_into_the_steps_step_tokens_counts_and_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_lightning_groups_micro_batches_into_the_steps_step_tokens_counts_and_resumes_exactly(
+    tmp_path, num_workers
+):
     prepared = prepared_rows(tmp_path)
-    cfg = pairs_cfg(tmp_path / "rows.jsonl", tmp_path, batch_size=2)
+    cfg = pairs_cfg(tmp_path / "rows.jsonl", tmp_path, batch_size=2, num_workers=num_workers)
     whole = fit(prepared, cfg, tmp_path / "ckpt").seen
     for step in range(4):
         micro = [s for s in whole if s[0] == step]

@@ -12,8 +12,9 @@ import torch
 
 from gpt.config import OptimConfig
 from gpt.tokenizer import CharTokenizer
-from gpt.train.callbacks import NonFiniteGuard, Throughput
+from gpt.train.callbacks import NonFiniteGuard, ProgressBar, Throughput
 from gpt.train.lit_module import GPTLitModule
+from gpt.train.optim import MuonWithAdamW, muon_split
 from tests.helpers import tiny_config
 
 READS = ("item", "__bool__", "__int__", "__float__", "__index__", "tolist", "numpy")
@@ -24,6 +25,18 @@ class FusedAdamW(GPTLitModule):
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=1e-3, fused=True)
+
+
+class FusedMuon(GPTLitModule):
+    """optim=muon as on a GPU: Muon with fused AdamW, which both skip an update on the device."""
+
+    def configure_optimizers(self):
+        hidden, rest = muon_split(self.model)
+        muon, adamw = dict(ns_dtype=torch.float32), dict(lr=1e-3, fused=True)
+        return MuonWithAdamW(hidden, [{"params": rest, "weight_decay": 0.0}], muon, adamw)
+
+
+OPTIMIZERS = {"adamw": FusedAdamW, "muon": FusedMuon}
 
 
 class CountReads(L.Callback):
@@ -53,15 +66,11 @@ def batches(n: int, vocab: int, B: int = 2, T: int = 16):
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="left: Lightning converts the progress-bar `loss` (self.log prog_bar=True) to a scalar "
-    "every batch (logger_connector/result.py), one .item() per step",
-)
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
 @pytest.mark.parametrize("action", ["stop", "skip"])
-def test_training_reads_tensors_on_the_host_only_on_logging_steps(tmp_path, monkeypatch, action):
+def test_training_reads_tensors_on_the_host_only_on_logging_steps(tmp_path, monkeypatch, action, optimizer):
     tok = CharTokenizer("abcdefgh\n")
-    module = FusedAdamW.from_configs(tiny_config(vocab_size=16), OptimConfig(), tok)
+    module = OPTIMIZERS[optimizer].from_configs(tiny_config(vocab_size=16), OptimConfig(), tok)
     every = 4
     trainer = L.Trainer(
         max_steps=12,
@@ -69,20 +78,27 @@ def test_training_reads_tensors_on_the_host_only_on_logging_steps(tmp_path, monk
         accelerator="cpu",
         logger=False,
         enable_checkpointing=False,
-        enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=tmp_path,
-        callbacks=[NonFiniteGuard(action=action), Throughput(), counter := CountReads(monkeypatch)],
+        callbacks=[
+            NonFiniteGuard(action=action),
+            Throughput(),
+            bar := ProgressBar(refresh_rate=1),  # train.py's bar, redrawn after every batch
+            counter := CountReads(monkeypatch),
+        ],
     )
     trainer.fit(module, train_dataloaders=batches(12, 16))
     assert trainer.global_step == 12
     read_on = {step for step, n in counter.by_step.items() if n}
     assert read_on - {0} <= {4, 8, 12}, dict(counter.by_step)  # step 0: setup, before training
+    shown = bar.get_metrics(trainer, module)
+    assert isinstance(shown["loss"], float) and shown["loss"] == module.bar_metrics["loss"]
 
 
-def test_a_nan_is_skipped_on_the_device_and_reported_on_the_next_logging_step(tmp_path):
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_a_nan_is_skipped_on_the_device_and_reported_on_the_next_logging_step(tmp_path, optimizer):
     tok = CharTokenizer("abcdefgh\n")
-    module = FusedAdamW.from_configs(tiny_config(vocab_size=16), OptimConfig(), tok)
+    module = OPTIMIZERS[optimizer].from_configs(tiny_config(vocab_size=16), OptimConfig(), tok)
     seen = {}
 
     class NanAtStep3(L.Callback):

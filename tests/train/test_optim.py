@@ -10,6 +10,7 @@ from gpt.config import OptimConfig
 from gpt.errors import ConfigError
 from gpt.train.optim import (
     Muon,
+    MuonWithAdamW,
     build_optimizer,
     build_scheduler,
     lr_factor,
@@ -228,3 +229,112 @@ def test_muon_state_round_trip():
     }
     p = hidden[0]
     torch.testing.assert_close(again.muon.state[p]["momentum_buffer"], opt.muon.state[p]["momentum_buffer"])
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_muon_skips_a_step_on_the_device_exactly_and_steps_as_usual_otherwise(nesterov):
+    """found_inf (GradScaler's and NonFiniteGuard's flag): 1 keeps every weight and momentum buffer
+    bit for bit; 0 gives the same bits as a step without the flag."""
+    ps, qs = twin_params()
+    hyper = dict(lr=0.02, momentum=0.9, weight_decay=0.1, nesterov=nesterov, ns_dtype=torch.float32)
+    flagged, plain = Muon(ps, **hyper), Muon(qs, **hyper)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(5):
+        skip = step in (0, 3)  # a first step (no momentum yet) and a later one
+        for p, q in zip(ps, qs, strict=True):
+            grad = torch.randn(p.shape, generator=gen)
+            p.grad = grad.clone()
+            q.grad = grad.clone()
+            if skip:
+                p.grad[0, 0] = float("nan")
+        before = [(p.detach().clone(), flagged.state[p].get("momentum_buffer")) for p in ps]
+        before = [(w, None if b is None else b.clone()) for w, b in before]
+        flagged.found_inf = torch.tensor(float(skip))
+        flagged.step()
+        del flagged.found_inf
+        if skip:
+            for p, (w, b) in zip(ps, before, strict=True):
+                assert torch.equal(p, w)
+                assert torch.equal(
+                    flagged.state[p]["momentum_buffer"], torch.zeros_like(p) if b is None else b
+                )
+        else:
+            plain.step()
+            for p, q in zip(ps, qs, strict=True):
+                assert torch.equal(p, q)
+                assert torch.equal(flagged.state[p]["momentum_buffer"], plain.state[q]["momentum_buffer"])
+
+
+def test_muon_grad_scale_divides_the_gradients_first():
+    ps, qs = twin_params()
+    scaled, plain = Muon(ps, ns_dtype=torch.float32), Muon(qs, ns_dtype=torch.float32)
+    gen = torch.Generator().manual_seed(1)
+    for p, q in zip(ps, qs, strict=True):
+        grad = torch.randn(p.shape, generator=gen)
+        p.grad, q.grad = grad * 1024, grad.clone()
+    scaled.grad_scale, scaled.found_inf = torch.tensor(1024.0), torch.tensor(0.0)
+    scaled.step()
+    plain.step()
+    for p, q in zip(ps, qs, strict=True):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("fused", [True, None])
+def test_muon_with_adamw_skips_on_the_device_only_with_fused_adamw(fused):
+    model = tiny_model()
+    hidden, rest = muon_split(model)
+    adamw = dict(lr=1e-3, fused=fused)
+    opt = MuonWithAdamW(hidden, [{"params": rest, "weight_decay": 0.0}], dict(ns_dtype=torch.float32), adamw)
+    assert getattr(opt, "_step_supports_amp_scaling", False) == bool(fused)
+    if not fused:
+        return
+    model(torch.randint(50, (2, 8))).sum().backward()
+    opt.step()  # the moments exist
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = [t.clone() for s in (opt.muon.state, opt.adamw.state) for st in s.values() for t in st.values()]
+    opt.found_inf, opt.grad_scale = torch.tensor(1.0), None
+    opt.step()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    after = [t for s in (opt.muon.state, opt.adamw.state) for st in s.values() for t in st.values()]
+    assert all(torch.equal(a, b) for a, b in zip(moments, after, strict=True))
+    assert not hasattr(opt.muon, "found_inf") and not hasattr(opt.adamw, "found_inf")
+
+
+@pytest.mark.parametrize("unscale_first", [True, False])  # Lightning unscales first (for clipping)
+def test_grad_scaler_steps_muon_with_fused_adamw_on_the_device(unscale_first):
+    """GradScaler hands its flag to an optimizer that can skip on the device instead of reading it:
+    a step with an inf gradient changes nothing, a finite one is the unscaled gradients' step."""
+    scaled_model, plain_model = tiny_model(), tiny_model()
+    plain_model.load_state_dict(scaled_model.state_dict())
+
+    def build(model):
+        hidden, rest = muon_split(model)
+        adamw = dict(lr=1e-3, fused=True)
+        return MuonWithAdamW(
+            hidden, [{"params": rest, "weight_decay": 0.0}], dict(ns_dtype=torch.float32), adamw
+        )
+
+    scaled, plain = build(scaled_model), build(plain_model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    idx = torch.randint(50, (2, 8), generator=torch.Generator().manual_seed(0))
+    for bad in (False, True, False):
+        before = {k: v.clone() for k, v in scaled_model.state_dict().items()}
+        scaler.scale(scaled_model(idx).float().pow(2).mean()).backward()
+        if bad:
+            next(iter(scaled_model.parameters())).grad[0] = float("inf")
+        if unscale_first:
+            scaler.unscale_(scaled)
+        scaler.step(scaled)
+        scaler.update()
+        scaled.zero_grad()
+        if bad:
+            assert all(torch.equal(v, before[k]) for k, v in scaled_model.state_dict().items())
+            continue
+        plain_model(idx).float().pow(2).mean().backward()
+        plain.step()
+        plain.zero_grad()
+        # Scales are powers of two: unscaling is exact, so are the steps.
+        for (name, a), b in zip(
+            scaled_model.state_dict().items(), plain_model.state_dict().values(), strict=True
+        ):
+            assert torch.equal(a, b), name
