@@ -183,7 +183,14 @@ def build(
                 }
             )
     loggers = [hydra.utils.instantiate(c) for c in cfg.logger.values()]
-    callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values()]
+    # Lightning's own switch (+trainer.enable_progress_bar=false) wins over the bar in callbacks,
+    # which Lightning would otherwise refuse next to it.
+    bar_off = cfg.trainer.get("enable_progress_bar") is False
+    callbacks = [
+        hydra.utils.instantiate(c)
+        for name, c in cfg.callbacks.items()
+        if not (bar_off and name == "progress_bar")
+    ]
     plugins = [AtomicCheckpointIO()]
     trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers, callbacks=callbacks, plugins=plugins)
     if HydraConfig.get().mode == RunMode.MULTIRUN and isinstance(

@@ -204,3 +204,12 @@ def test_val_windows_null_scores_fewer_windows_on_cpu_with_a_large_vocabulary(ti
     _, _, chars = build_in_process(tiny_corpus, tmp_path / "char", "data.val_windows=null")
     _, _, chosen = build_in_process(tiny_corpus, tmp_path / "set", bpe, "data.val_windows=100")
     assert (large.cfg.val_windows, chars.cfg.val_windows, chosen.cfg.val_windows) == (64, 512, 100)
+
+
+def test_lightnings_switch_turns_the_progress_bar_off(tiny_corpus, tmp_path):
+    from lightning.pytorch.callbacks import ProgressBar
+
+    trainer, _, _ = build_in_process(tiny_corpus, tmp_path / "a", "+trainer.enable_progress_bar=false")
+    assert not any(isinstance(c, ProgressBar) for c in trainer.callbacks)
+    trainer, _, _ = build_in_process(tiny_corpus, tmp_path / "b")
+    assert any(isinstance(c, ProgressBar) for c in trainer.callbacks)
