@@ -32,17 +32,17 @@ class _SwiGLUProjection(torch.autograd.Function):
         gate_up, weight = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad
         gate, up = gate_up.chunk(2, dim=-1)
-        sig = torch.sigmoid(gate)
-        silu = gate * sig
+        silu = F.silu(gate)
         grad_gate_up = grad_weight = grad_bias = None
-        if need_input:
+        if need_input:  # written into the halves of one tensor: no concatenation
             grad_product = grad_out @ weight  # (..., hidden_dim)
-            grad_up = grad_product * silu
-            # d silu(g) / dg = sigmoid(g) * (1 + g * (1 - sigmoid(g))), as autograd's silu_backward
-            grad_gate = grad_product * up * (sig * (1 + gate * (1 - sig)))
-            grad_gate_up = torch.cat([grad_gate, grad_up], dim=-1)
+            grad_gate_up = torch.empty_like(gate_up)
+            grad_gate, grad_up = grad_gate_up.chunk(2, dim=-1)
+            torch.mul(grad_product, silu, out=grad_up)
+            # silu's own backward kernel, as autograd runs it: d silu(g) / dg times the gradient
+            torch.ops.aten.silu_backward.grad_input(grad_product.mul_(up), gate, grad_input=grad_gate)
         if need_weight:
-            product = (silu * up).flatten(0, -2)  # (tokens, hidden_dim)
+            product = silu.mul_(up).flatten(0, -2)  # (tokens, hidden_dim), in place of silu
             grad_weight = grad_out.flatten(0, -2).T @ product
         if need_bias and ctx.has_bias:
             grad_bias = grad_out.flatten(0, -2).sum(0)
