@@ -204,6 +204,22 @@ def train_args(corpus: Path, *extra: str) -> list[str]:
     return ["train.py", *FAST, f"data.path={corpus}", *extra]
 
 
+def bare_trainer(root: Path, **kwargs):
+    """A CPU Lightning Trainer with nothing around the module (no logger, checkpointing, progress bar
+    or model summary), writing under `root`; kwargs add to or override that."""
+    import lightning as L
+
+    quiet = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+    )
+    return L.Trainer(**(quiet | kwargs))
+
+
 def build_in_process(
     corpus: Path, run_dir: Path, *overrides: str, ckpt_path: str | None = None, base: list[str] = BASE
 ):

@@ -20,7 +20,7 @@ from gpt.data.datamodule import (
     val_offsets,
 )
 from gpt.errors import ConfigError, UserError
-from tests.helpers import split_tokens, text_cfg
+from tests.helpers import bare_trainer, split_tokens, text_cfg
 
 
 def test_windows_are_shifted_by_one(tiny_corpus, tmp_path):
@@ -247,16 +247,8 @@ def test_resume_with_workers_reading_ahead_continues_with_the_next_batch(tiny_co
     ckpt = tmp_path / "step-4.ckpt"
 
     def fit(stop_at: int | None = None, ckpt_path: Path | None = None) -> tuple[L.Trainer, RecordBatches]:
-        trainer = L.Trainer(
-            max_steps=10,
-            accelerator="cpu",
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            default_root_dir=tmp_path,
-            callbacks=[CheckpointAndStopAt(stop_at, ckpt)] if stop_at else [],
-        )
+        callbacks = [CheckpointAndStopAt(stop_at, ckpt)] if stop_at else []
+        trainer = bare_trainer(tmp_path, max_steps=10, callbacks=callbacks)
         module = RecordBatches()
         trainer.fit(module, datamodule=GPTDataModule(cfg, block_size=32, seed=3), ckpt_path=ckpt_path)
         return trainer, module

@@ -15,7 +15,7 @@ from gpt.tokenizer import CharTokenizer
 from gpt.train.callbacks import NonFiniteGuard, ProgressBar, Throughput
 from gpt.train.lit_module import GPTLitModule
 from gpt.train.optim import MuonWithAdamW, muon_split
-from tests.helpers import tiny_config
+from tests.helpers import bare_trainer, tiny_config
 
 READS = ("item", "__bool__", "__int__", "__float__", "__index__", "tolist", "numpy")
 
@@ -72,14 +72,11 @@ def test_training_reads_tensors_on_the_host_only_on_logging_steps(tmp_path, monk
     tok = CharTokenizer("abcdefgh\n")
     module = OPTIMIZERS[optimizer].from_configs(tiny_config(vocab_size=16), OptimConfig(), tok)
     every = 4
-    trainer = L.Trainer(
+    trainer = bare_trainer(
+        tmp_path,
         max_steps=12,
         log_every_n_steps=every,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
+        enable_progress_bar=True,
         callbacks=[
             NonFiniteGuard(action=action),
             Throughput(),
@@ -111,16 +108,8 @@ def test_a_nan_is_skipped_on_the_device_and_reported_on_the_next_logging_step(tm
             if trainer.global_step == 3:
                 seen["after"] = [p.detach().clone() for p in pl_module.parameters()]
 
-    trainer = L.Trainer(
-        max_steps=6,
-        log_every_n_steps=4,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        callbacks=[NanAtStep3(), NonFiniteGuard(action="skip")],
+    trainer = bare_trainer(
+        tmp_path, max_steps=6, log_every_n_steps=4, callbacks=[NanAtStep3(), NonFiniteGuard(action="skip")]
     )
     with pytest.warns(UserWarning, match="step 2: non-finite gradient, update skipped"):
         trainer.fit(module, train_dataloaders=batches(6, 16))
