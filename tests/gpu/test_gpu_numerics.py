@@ -141,3 +141,62 @@ def test_recomputed_swiglu_equals_autograds_in_bf16():
     for g, w in zip(got, want, strict=True):
         assert g.dtype == w.dtype
         torch.testing.assert_close(g.float(), w.float(), rtol=0, atol=1e-2 * w.abs().max().item())
+
+
+def test_training_waits_for_the_device_only_on_logging_steps(tmp_path):
+    """tests/train/test_host_syncs.py counts the reads Python makes; this asks CUDA itself:
+    torch.cuda.set_sync_debug_mode("warn") warns on every synchronizing call (an .item(), a copy to
+    the host, a nonzero). GPTLitModule with the GPU's default optimizer (fused AdamW), the NaN guard,
+    Throughput and the progress bar, 12 steps logged every 4: warnings on steps 4, 8 and 12 only
+    (step 0 is setup)."""
+    import warnings
+    from collections import Counter
+
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from gpt.config import OptimConfig
+    from gpt.tokenizer import CharTokenizer
+    from gpt.train.callbacks import NonFiniteGuard, ProgressBar, Throughput
+    from gpt.train.lit_module import GPTLitModule
+    from tests.helpers import bare_trainer, tiny_config
+
+    class CountSyncs(L.Callback):
+        def __init__(self, record: list) -> None:
+            self.record, self.seen, self.step, self.by_step = record, 0, 0, Counter()
+
+        def close_step(self) -> None:
+            new = self.record[self.seen :]
+            self.by_step[self.step] += sum("synchroniz" in str(w.message) for w in new)
+            self.seen = len(self.record)
+
+        def on_train_batch_start(self, trainer, *args) -> None:
+            self.close_step()
+            self.step = trainer.global_step + 1
+
+        def on_train_end(self, trainer, *args) -> None:
+            self.close_step()
+
+    module = GPTLitModule.from_configs(tiny_config(vocab_size=16), OptimConfig(), CharTokenizer("abcdefgh\n"))
+    x = torch.randint(0, 16, (24, 17), generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(TensorDataset(x[:, :-1], x[:, 1:]), batch_size=2, pin_memory=True)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        counter = CountSyncs(record)
+        trainer = bare_trainer(
+            tmp_path,
+            accelerator="gpu",
+            devices=1,
+            max_steps=12,
+            log_every_n_steps=4,
+            enable_progress_bar=True,
+            callbacks=[NonFiniteGuard(), Throughput(), ProgressBar(refresh_rate=1), counter],
+        )
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            trainer.fit(module, train_dataloaders=loader)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert trainer.optimizers[0].defaults.get("fused")
+    synced = {step for step, n in counter.by_step.items() if n}
+    assert synced - {0} <= {4, 8, 12}, dict(counter.by_step)
