@@ -27,6 +27,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from gpt.model.autocast import autocast_inputs
+
 # Logits elements per chunk (2**24: 64 MB in fp32). Smaller chunks save little more (the loop's
 # transient is a few chunk-sized tensors) and, on a GPU, cost a few kernel launches each.
 LOGITS_PER_CHUNK = 2**24
@@ -55,7 +57,7 @@ def cross_entropy_per_token(
     ignore_index: int = -100,
 ) -> torch.Tensor:
     """The nats of every token (N,), fp32, 0 where ignored, chunk by chunk; no gradient (evaluation)."""
-    hidden, weight = _autocast_inputs(hidden, weight)
+    hidden, weight = autocast_inputs(hidden, weight)
     chunk_size = chunk_size or default_chunk_size(weight.size(0))
     out = []
     with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
@@ -109,16 +111,6 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None
 
 
-def _autocast_inputs(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Under autocast, cast both to the autocast dtype, as nn.Linear would (outside the Function, so
-    autograd casts the gradients back to the parameters' dtype)."""
-    device = hidden.device.type
-    if torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
-        return hidden.to(dtype), weight.to(dtype)
-    return hidden, weight
-
-
 def fused_linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -135,7 +127,7 @@ def fused_linear_cross_entropy(
     """
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
-    hidden, weight = _autocast_inputs(hidden, weight)
+    hidden, weight = autocast_inputs(hidden, weight)
     chunk_size = chunk_size or default_chunk_size(weight.size(0))
     if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
         return cross_entropy_per_token(hidden, weight, targets, chunk_size, ignore_index).sum()

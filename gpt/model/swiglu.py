@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from gpt.model.autocast import autocast_inputs
+
 
 class _SwiGLUProjection(torch.autograd.Function):
     @staticmethod
@@ -58,13 +60,6 @@ def swiglu_projection(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.T
     if not torch.is_grad_enabled():
         gate, up = gate_up.chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, weight, bias)
-    device = gate_up.device.type
-    if torch.is_autocast_enabled(device):
-        # Cast as autocast would cast F.linear's inputs, outside the Function, so that autograd casts
-        # the gradients back to the parameters' dtype; then compute with autocast off.
-        dtype = torch.get_autocast_dtype(device)
-        gate_up, weight = gate_up.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-        with torch.autocast(device, enabled=False):
-            return _SwiGLUProjection.apply(gate_up, weight, bias)
-    return _SwiGLUProjection.apply(gate_up, weight, bias)
+    gate_up, weight, bias = autocast_inputs(gate_up, weight, bias)  # (gpt/model/autocast.py)
+    with torch.autocast(gate_up.device.type, enabled=False):
+        return _SwiGLUProjection.apply(gate_up, weight, bias)
