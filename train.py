@@ -14,6 +14,7 @@ import os
 import sys
 from contextlib import nullcontext
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import hydra
@@ -25,8 +26,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from gpt.config import DataConfig, ModelConfig, OptimConfig
 from gpt.data.pairs import PreparedPairs, prepare_pairs
 from gpt.data.prepare import Prepared, prepare
-from gpt.errors import EXIT_PREEMPTED, ConfigError, exit_on_user_error
-from gpt.runs.checkpoint import check_resumable
+from gpt.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, ConfigError, exit_on_user_error
+from gpt.runs.checkpoint import check_resumable, newest_checkpoint
 from gpt.tokenizer import Tokenizer
 from gpt.train.checks import accumulation_steps, check_devices, check_trainer_args, enable_tf32, val_windows
 from gpt.train.init_from import InitSource, overridden_keys, resolve_init
@@ -150,11 +151,13 @@ def build(
     from gpt.data.pairs_datamodule import PairsDataModule
     from gpt.train.callbacks import Evaluate
     from gpt.train.checkpointing import AtomicCheckpointIO
-    from gpt.train.console import quiet_lightning
+    from gpt.train.console import quiet_lightning, quiet_stops
     from gpt.train.lit_module import GPTLitModule
 
     quiet_lightning()
     run_dir = HydraConfig.get().runtime.output_dir
+    in_place = ckpt_path is not None and Path(ckpt_path).resolve().is_relative_to(Path(run_dir).resolve())
+    quiet_stops(resuming_in_place=in_place)
     L.seed_everything(cfg.seed, workers=True)
     enable_tf32()
     pairs = isinstance(prepared, PreparedPairs)
@@ -219,9 +222,12 @@ def build(
 
 def checkpoint_room(trainer: L.Trainer, module: GPTLitModule) -> tuple[int, int]:
     """(bytes, files): about how much disk the run's checkpoints take at most at once."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
     files = 2  # on_exception.ckpt, and the temporary file of the checkpoint being written
     for callback in trainer.checkpoint_callbacks:
-        files += max(callback.save_top_k, 1) + bool(callback.save_last)
+        if isinstance(callback, ModelCheckpoint):
+            files += max(callback.save_top_k, 1) + bool(callback.save_last)
     return checkpoint_bytes(module) * files, files
 
 
@@ -246,10 +252,15 @@ def main(cfg: DictConfig) -> None:
     }
     rank_zero = is_launch_rank_zero()  # the other ranks' launcher process holds the lock for them
     # A start that fails before writing anything takes its new run dir (runs/<date>/<time>/) away.
-    with RunLock(run_dir, cleanup_below=hydra_cfg.runtime.cwd) if rank_zero else nullcontext():
+    try:
+        with RunLock(run_dir, cleanup_below=hydra_cfg.runtime.cwd) if rank_zero else nullcontext():
+            if rank_zero:
+                remove_partial_writes(run_dir)
+            fit(cfg, run_dir, run_config, rank_zero)
+    except KeyboardInterrupt:  # Ctrl-C while the data is prepared or the model built
         if rank_zero:
-            remove_partial_writes(run_dir)
-        fit(cfg, run_dir, run_config, rank_zero)
+            log.warning("stopped by Ctrl-C before training started")
+        sys.exit(EXIT_INTERRUPTED)
 
 
 def fit(cfg: DictConfig, run_dir: str, run_config: dict[str, str], rank_zero: bool) -> None:
@@ -269,18 +280,46 @@ def fit(cfg: DictConfig, run_dir: str, run_config: dict[str, str], rank_zero: bo
         log.info(f"run dir: {run_dir}" + (f"; resuming from {ckpt_path}" if ckpt_path else ""))
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+    from gpt.train.signals import CTRL_C, SIGTERM, StopOnSignal
+
+    stop = next((c for c in trainer.callbacks if isinstance(c, StopOnSignal)), None)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except SIGTERMException:
-        # Lightning stopped at a step boundary and the on_exception callback saved the state;
+        # Stopped after a step by Ctrl-C or SIGTERM (gpt.train.signals), on_exception.ckpt saved;
         # Lightning would exit 0, which a scheduler reads as "finished".
-        if trainer.is_global_zero:
-            print(
-                f"stopped by SIGTERM at step {trainer.global_step}; checkpoint in {run_dir}/checkpoints/; "
-                f"resume with: {resume_command_of_this_run(run_dir)}",
-                file=sys.stderr,
-            )
-        sys.exit(EXIT_PREEMPTED)
+        what = (stop and stop.stopped_by) or SIGTERM
+        report_stop(trainer, run_dir, f"stopped by {what} after step {trainer.global_step}")
+        sys.exit(EXIT_INTERRUPTED if what == CTRL_C else EXIT_PREEMPTED)
+    except (KeyboardInterrupt, SystemExit) as e:
+        # Lightning turns a KeyboardInterrupt into sys.exit(1); a second Ctrl-C raises one mid-step.
+        if isinstance(e, SystemExit) and not isinstance(e.__context__, KeyboardInterrupt):
+            raise
+        if stop is not None and stop.aborted:
+            what = f"stopped at once by a second Ctrl-C during step {trainer.global_step + 1}"
+        else:
+            what = f"stopped by Ctrl-C before training started at step {trainer.global_step}"
+        report_stop(trainer, run_dir, what)
+        sys.exit(EXIT_INTERRUPTED)
+
+
+def report_stop(trainer: L.Trainer, run_dir: str, what: str) -> None:
+    """One line, on the console and in train.log: what stopped the run, where it continues from
+    and the command that continues it."""
+    from gpt.train.checkpointing import saved_step
+
+    if not trainer.is_global_zero:
+        return
+    newest = newest_checkpoint(run_dir)
+    if newest is None:
+        log.warning(f"{what}; nothing was saved")
+        return
+    step = saved_step(str(newest))
+    command = resume_command_of_this_run(run_dir)
+    if step == trainer.global_step:
+        log.warning(f"{what}, saved as {newest}; continue with: {command}")
+    else:
+        log.warning(f"{what}; continue from step {step} ({newest}) with: {command}")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,9 @@ EXIT_NONFINITE = 3
 # Training stopped by SIGTERM after saving a checkpoint (128 + signal 15, as a shell reports it):
 # not finished, resumable by the command it prints (the same one, on the same run dir).
 EXIT_PREEMPTED = 143
+# Training stopped by Ctrl-C (128 + SIGINT's 2, as a shell reports it): after saving a checkpoint,
+# or at once on a second Ctrl-C; resumable by the command it prints.
+EXIT_INTERRUPTED = 130
 # Errors of these libraries are about the config the user wrote. They are recognised by module so
 # that gpt/ never imports Hydra or OmegaConf.
 CONFIG_ERROR_MODULES = ("hydra.", "omegaconf.")

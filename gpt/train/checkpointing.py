@@ -1,5 +1,5 @@
-"""Checkpoints written by training: every N steps and the final step, on an exception, and atomically
-(complete or absent)."""
+"""Checkpoints written by training: every N steps and the final step, when a signal stops the run,
+and atomically (complete or absent)."""
 
 from __future__ import annotations
 
@@ -11,35 +11,56 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from gpt.errors import NonFiniteError
 from gpt.train.rundir import atomic_write
+from gpt.train.signals import validates_after_step
 
 
 class PeriodicCheckpoint(ModelCheckpoint):
     """Lightning's ModelCheckpoint, which also saves (its top-k file and last.ckpt) after the final
     step, so that `every_n_train_steps: 250` with max_steps=300 ends with last.ckpt and
-    step-300.ckpt at step 300, not 250.
+    step-300.ckpt at step 300, not 250; and which saves a step that is validated after that
+    validation.
 
     Lightning saves `last` when training ends only if it never saved it in that process. The final
-    save is made where the periodic ones are, after the optimizer step of step max_steps (before
-    the final validation, and before a SIGTERM that arrives during the last step stops the run),
-    or when training ends normally short of max_steps (max_epochs, max_time, early stopping). A
-    run stopped by an exception or SIGTERM before its last step reaches neither. Meant for a
-    checkpoint monitored on `step` or not at all: one on a validation metric keeps Lightning's own
-    timing.
+    save is made where the periodic ones are, after the optimizer step of step max_steps, or when
+    training ends normally short of max_steps (max_epochs, max_time, early stopping). A run stopped
+    by an exception or a signal before its last step reaches neither.
+
+    Lightning saves every N steps in on_train_batch_end, before the step's validation; a run
+    resumed from such a checkpoint takes that validation as done (its loop fast-forwards over it),
+    so one killed during the validation never had it. Here the save of a step that Lightning is
+    about to validate waits for the end of that validation, where the run resumes after it. Meant
+    for a checkpoint monitored on `step` or not at all: one on a validation metric keeps
+    Lightning's own timing.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._after_validation: tuple[Any, Any, int] | None = None
+
     def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if validates_after_step(trainer):
+            self._after_validation = (outputs, batch, batch_idx)
+        else:
+            self._save_step(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if self._after_validation is not None and not trainer.sanity_checking:
+            args, self._after_validation = self._after_validation, None
+            self._save_step(trainer, pl_module, *args)
+
+    def _save_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if 0 < trainer.max_steps <= trainer.global_step:
             self.save_now(trainer)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.save_now(trainer)
-        super().on_train_end(trainer, pl_module)
 
     def save_now(self, trainer: L.Trainer) -> None:
         """Save as a periodic save would, unless this step is saved already (or Lightning would not
@@ -52,12 +73,16 @@ class PeriodicCheckpoint(ModelCheckpoint):
 
 
 class CheckpointOnException(L.Callback):
-    """Save <dirpath>/on_exception.ckpt when training stops on an exception or SIGTERM; remove it
-    when a later run of the same dir finishes normally.
+    """Save <dirpath>/on_exception.ckpt when training is stopped by a signal (Ctrl-C, SIGTERM: see
+    gpt.train.signals); remove it when a later run of the same dir finishes normally.
 
-    Lightning's OnExceptionCheckpoint does the same, but its presence also makes Trainer.fit treat
-    ckpt_path=None as "last": a fresh run then warns, and a run whose last.ckpt train.py skipped as
-    unreadable would load it anyway. train.py chooses what to resume from itself.
+    Only then: Lightning raises SIGTERMException where an optimizer step and its validation have
+    ended, and a checkpoint saved there resumes exactly. Any other exception (a crash, an
+    out-of-memory error, a second Ctrl-C) can come from the middle of a step, and a checkpoint of
+    that half-taken step would not resume exactly; the run continues from its newest periodic
+    checkpoint instead. Lightning's OnExceptionCheckpoint saves on every exception, and its
+    presence also makes Trainer.fit treat ckpt_path=None as "last"; train.py chooses what to
+    resume from itself.
     """
 
     def __init__(self, dirpath: str, filename: str = "on_exception") -> None:
@@ -66,10 +91,10 @@ class CheckpointOnException(L.Callback):
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
-        if isinstance(exception, NonFiniteError):
-            return  # resuming from the step that went wrong would only repeat it
+        if not isinstance(exception, SIGTERMException):
+            return
         try:
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)
         except (OSError, NonFiniteError) as e:  # a full disk, say: let the first error be reported
             rank_zero_warn(f"could not save {self.path}: {e}")
 

@@ -66,3 +66,35 @@ def quiet_lightning() -> None:
         lightning_logger = logging.getLogger("lightning")
         for handler in list(lightning_logger.handlers):
             lightning_logger.removeHandler(handler)
+
+
+class DropMessages(logging.Filter):
+    """Drops the records whose message contains one of `texts`."""
+
+    def __init__(self, *texts: str) -> None:
+        super().__init__()
+        self.texts = texts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in record.getMessage() for text in self.texts)
+
+
+# Lines Lightning logs about a stop or a save that say something false here.
+FALSE_LINES = {
+    # Logged when a second Ctrl-C stops a run: train.py says what stopped and how to continue.
+    rank_zero.log.name: ("Detected KeyboardInterrupt, attempting graceful shutdown",),
+    # Logged by Trainer.save_checkpoint (SLURM's requeue checkpoint) when not told to save weights
+    # only: it is about saving everything, which is what a resume needs, and nothing is loaded.
+    "lightning.pytorch.trainer.connectors.checkpoint_connector": ("`weights_only` was not set",),
+}
+
+
+def quiet_stops(resuming_in_place: bool) -> None:
+    """Drop Lightning's false lines about stops and saves; when a run resumes from its own run dir,
+    also its warning that the checkpoint directory "exists and is not empty" (it is this run's)."""
+    for name, texts in FALSE_LINES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, DropMessages) and f.texts == texts for f in logger.filters):
+            logger.addFilter(DropMessages(*texts))
+    if resuming_in_place:
+        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from gpt.runs.checkpoint import newest_checkpoint
+from gpt.runs.metrics import read_metrics
 from gpt.train.resume import python_command
 from tests.helpers import (
     ROOT,
@@ -53,12 +54,23 @@ def straight(corpus, tmp_path_factory) -> Path:
     return run
 
 
+def val_losses(run_dir: Path) -> dict[int, float]:
+    return {int(r["step"]): r["val/loss"] for r in read_metrics(run_dir) if "val/loss" in r}
+
+
 def assert_equals_straight(run: Path, straight: Path) -> None:
-    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == STEPS
+    """The same weights, the same training loss at every step, the same validations (steps and
+    values) and the same token count as the uninterrupted run."""
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == STEPS
     assert (run / "checkpoints" / f"step-{STEPS}.ckpt").is_file()
-    assert_same_weights(final_state(run), final_state(straight))
+    assert_same_weights(last["state_dict"], final_state(straight))
     assert losses(run) == losses(straight)
     assert len(losses(run)) == STEPS
+    assert val_losses(run) == val_losses(straight)
+    assert len(val_losses(run)) == 2  # after steps 20 and 35
+    straight_last = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["tokens_seen"] == straight_last["tokens_seen"] == STEPS * 16 * 32
 
 
 def snapshot(directory: Path) -> dict[str, str]:
@@ -124,7 +136,8 @@ def test_sigkill_during_a_checkpoint_write_resumes_from_the_last_complete_one(co
     partial = Path(marker.read_text())
     assert partial.parent == run / "checkpoints" and partial.name.startswith(".step-20.ckpt.tmp-")
     assert partial.stat().st_size > 0 and not (run / "checkpoints" / "step-20.ckpt").exists()
-    assert torch.load(newest_checkpoint(run), weights_only=True)["global_step"] == 10
+    # The best checkpoint of step 20's validation was written just before (complete).
+    assert newest_checkpoint(run) == run / "checkpoints" / "best-step=20.ckpt"
     # A writer that is not atomic (a copy across filesystems) would leave the partial file under
     # its final name: it must be skipped too.
     shutil.copy(partial, run / "checkpoints" / "step-20.ckpt")
@@ -132,7 +145,7 @@ def test_sigkill_during_a_checkpoint_write_resumes_from_the_last_complete_one(co
     resumed = run_script(*train_cmd(corpus, run, *EXTRA), cwd=tmp_path)  # lock released by the kill
     assert_ok(resumed)
     assert "skipping unreadable checkpoint" in resumed.stderr and "step-20.ckpt" in resumed.stderr
-    assert "resuming from" in resumed.stdout and "last.ckpt" in resumed.stdout
+    assert f"resuming from {run}/checkpoints/best-step=20.ckpt" in resumed.stdout
     assert not partial.exists()  # the interrupted write's leftover is cleaned up
     assert_equals_straight(run, straight)
 
@@ -148,8 +161,8 @@ def test_sigterm_saves_exits_143_and_the_printed_command_resumes_bit_identical(c
         [sys.executable, *args],
         cwd=tmp_path,
         env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
         text=True,
     )
     deadline = time.time() + 300
@@ -158,11 +171,13 @@ def test_sigterm_saves_exits_143_and_the_printed_command_resumes_bit_identical(c
         time.sleep(0.02)
     run = found[0].parent.parent
     proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
+    stdout, _ = proc.communicate(timeout=120)
     assert proc.returncode == 143
-    last = stderr.strip().splitlines()[-1]
-    assert last.startswith("stopped by SIGTERM at step ") and f"; checkpoint in {run}/checkpoints/;" in last
-    command = last.split("; resume with: ", 1)[1]
+    last = stdout.strip().splitlines()[-1]
+    saved = f", saved as {run}/checkpoints/on_exception.ckpt; continue with: "
+    assert last.startswith("stopped by SIGTERM after step ") and saved in last
+    assert last in (run / "train.log").read_text()
+    command = last.split("; continue with: ", 1)[1]
     assert command == shlex.join([python_command(), *args, f"hydra.run.dir={run.relative_to(tmp_path)}"])
     assert (run / "checkpoints" / "on_exception.ckpt").is_file()
 
@@ -176,14 +191,15 @@ def test_sigterm_saves_exits_143_and_the_printed_command_resumes_bit_identical(c
     assert not (run / "checkpoints" / "on_exception.ckpt").exists()  # removed once finished
 
 
-def test_sigusr1_under_slurm_saves_requeues_and_the_relaunch_resumes(corpus, straight, tmp_path):
-    """What SLURM does before a time limit (--signal=SIGUSR1@90 --requeue): SIGUSR1, then, once
-    the job is requeued, SIGTERM; the requeued job runs the same command again."""
+@pytest.fixture
+def slurm(tmp_path) -> tuple[dict[str, str], Path]:
+    """The environment of a one-task SLURM job with a stand-in `scontrol`, and the file that
+    scontrol writes its arguments to."""
     bin_dir, requeued = tmp_path / "bin", tmp_path / "requeued"
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" > {requeued}\n')
     (bin_dir / "scontrol").chmod(0o755)
-    slurm = {
+    env = {
         "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
         "SLURM_JOB_ID": "4242",
         "SLURM_JOB_NAME": "gpt",
@@ -194,6 +210,13 @@ def test_sigusr1_under_slurm_saves_requeues_and_the_relaunch_resumes(corpus, str
         "SLURM_LOCALID": "0",
         "SLURM_NODEID": "0",
     }
+    return env, requeued
+
+
+def test_sigusr1_under_slurm_saves_requeues_and_the_relaunch_resumes(corpus, straight, tmp_path, slurm):
+    """What SLURM does before a time limit (--signal=SIGUSR1@90 --requeue): SIGUSR1, then, once
+    the job is requeued, SIGTERM; the requeued job runs the same command again."""
+    slurm, requeued = slurm
     run = tmp_path / "slurm"
     proc = train_until(corpus, run, EXTRA, "step-10.ckpt", env=slurm)
     proc.send_signal(signal.SIGUSR1)
@@ -207,6 +230,119 @@ def test_sigusr1_under_slurm_saves_requeues_and_the_relaunch_resumes(corpus, str
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr[-3000:]
     assert_ok(run_script(*train_cmd(corpus, run, *EXTRA), cwd=tmp_path, env=slurm))  # the requeued job
+    assert_equals_straight(run, straight)
+
+
+def signalled(corpus: Path, run: Path, faults: str, exit_code: int, env: dict[str, str] | None = None):
+    """train.py on `run` (the straight run's command), sending itself the signals of `faults`
+    (GPT_FAULT_SIGNALS, see fault_injection/sitecustomize.py); it must exit with `exit_code`."""
+    env = FAULTS | {"GPT_FAULT_SIGNALS": faults} | (env or {})
+    proc = run_script(*train_cmd(corpus, run, *EXTRA), cwd=run.parent, env=env)
+    assert proc.returncode == exit_code, (
+        f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    )
+    for noise in ("Traceback", "weights_only", "Detected KeyboardInterrupt", "exists and is not empty"):
+        assert noise not in proc.stdout + proc.stderr
+    return proc
+
+
+def continue_command(corpus: Path, run: Path) -> str:
+    """What the stop line says to run: the command, as started (it names its hydra.run.dir)."""
+    script, *args = train_cmd(corpus, run, *EXTRA)
+    return shlex.join([python_command(), str(ROOT / script), *args])
+
+
+def assert_stopped_after(proc, run: Path, step: int, what: str, corpus: Path) -> None:
+    """The stop line: the last on the console, and in train.log; on_exception.ckpt of that step."""
+    line = proc.stdout.strip().splitlines()[-1]
+    checkpoint = run / "checkpoints" / "on_exception.ckpt"
+    assert line == (
+        f"stopped by {what} after step {step}, saved as {checkpoint}; "
+        f"continue with: {continue_command(corpus, run)}"
+    )
+    assert line in (run / "train.log").read_text()
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == step
+
+
+def test_ctrl_c_in_a_step_then_in_validation_resumes_bit_identical(corpus, straight, tmp_path):
+    run = tmp_path / "ctrl-c"
+    # In the training step of the 14th optimizer step: the step ends, then training stops.
+    first = signalled(corpus, run, "INT@train:13", 130)
+    assert "Ctrl-C: stopping after this step and saving a checkpoint" in first.stderr
+    assert_stopped_after(first, run, 14, "Ctrl-C", corpus)
+    # During the validation after step 20: the validation ends (and is logged), then training stops.
+    second = signalled(corpus, run, "INT@val:20", 130)
+    assert "resuming from" in second.stdout and "on_exception.ckpt" in second.stdout
+    assert "validation at step 20: val/loss" in second.stdout
+    assert_stopped_after(second, run, 20, "Ctrl-C", corpus)
+
+    final = run_script(*train_cmd(corpus, run, *EXTRA), cwd=tmp_path)
+    assert_ok(final)
+    assert "validation at step 20" not in final.stdout  # done before the stop, not repeated
+    assert "exists and is not empty" not in final.stderr
+    assert_equals_straight(run, straight)
+    assert not (run / "checkpoints" / "on_exception.ckpt").exists()
+
+
+def test_ctrl_c_while_a_checkpoint_is_written_then_sigterm_in_validation(corpus, straight, tmp_path):
+    run = tmp_path / "during-save"
+    first = signalled(corpus, run, "INT@save:step-10.ckpt", 130)
+    assert_stopped_after(first, run, 10, "Ctrl-C", corpus)
+    assert torch.load(run / "checkpoints" / "step-10.ckpt", weights_only=True)["global_step"] == 10
+    # SIGTERM during a validation: Lightning's own handling cut it short, and the resumed run
+    # never had it.
+    second = signalled(corpus, run, "TERM@val:20", 143)
+    assert_stopped_after(second, run, 20, "SIGTERM", corpus)
+
+    assert_ok(run_script(*train_cmd(corpus, run, *EXTRA), cwd=tmp_path))
+    assert_equals_straight(run, straight)
+
+
+def test_a_second_ctrl_c_stops_at_once_and_the_run_continues_from_its_newest_checkpoint(
+    corpus, straight, tmp_path
+):
+    run = tmp_path / "twice"
+    proc = signalled(corpus, run, "INT@train:13,INT@train:13", 130)
+    line = proc.stdout.strip().splitlines()[-1]
+    newest = newest_checkpoint(run)
+    assert line == (
+        f"stopped at once by a second Ctrl-C during step 14; continue from step 10 ({newest}) "
+        f"with: {continue_command(corpus, run)}"
+    )
+    assert line in (run / "train.log").read_text()
+    assert not (run / "checkpoints" / "on_exception.ckpt").exists()  # a half-taken step is not saved
+
+    assert_ok(run_script(*train_cmd(corpus, run, *EXTRA), cwd=tmp_path))
+    assert_equals_straight(run, straight)
+
+
+def test_sigkill_during_validation_resumes_with_that_validation(corpus, straight, tmp_path):
+    """The periodic checkpoint of a validated step is written after its validation: a run killed
+    during the validation resumes from the one before and validates again."""
+    run = tmp_path / "killed-in-validation"
+    signalled(corpus, run, "KILL@val:20", -signal.SIGKILL)
+    assert not (run / "checkpoints" / "step-20.ckpt").exists()
+    assert torch.load(newest_checkpoint(run), weights_only=True)["global_step"] == 10
+
+    assert_ok(run_script(*train_cmd(corpus, run, *EXTRA), cwd=tmp_path))
+    assert_equals_straight(run, straight)
+
+
+def test_slurm_requeue_signal_in_a_step_saves_after_it(corpus, straight, tmp_path, slurm):
+    """SIGUSR1 in the middle of a step: Lightning saved hpc_ckpt_N.ckpt from inside the handler,
+    half-way through the step; here it is saved once the step has ended. Killed before SLURM's
+    SIGTERM, the requeued job resumes from it, bit-identical."""
+    env, requeued = slurm
+    run = tmp_path / "usr1"
+    signalled(corpus, run, "USR1@train:13,KILL@train:16", -signal.SIGKILL, env=env)
+    assert requeued.read_text().split() == ["requeue", "4242"]
+    (hpc,) = run.glob("hpc_ckpt_*.ckpt")
+    assert torch.load(hpc, weights_only=True)["global_step"] == 14
+    assert newest_checkpoint(run) == hpc
+
+    resumed = run_script(*train_cmd(corpus, run, *EXTRA), cwd=tmp_path, env=env)
+    assert_ok(resumed)
+    assert f"resuming from {hpc}" in resumed.stdout
     assert_equals_straight(run, straight)
 
 

@@ -6,6 +6,11 @@ and choose a fault with environment variables. Without them nothing is patched o
 GPT_FAULT_BLOCK_SAVE=NAME   the write of the checkpoint file NAME stops half-way, flushed to disk;
 GPT_FAULT_MARKER=PATH       then PATH is created and the process waits there to be killed.
 GPT_FAULT_NAN_AT_STEP=N     the training loss of optimizer step N (0-based, as logged) is NaN.
+GPT_FAULT_SIGNALS=SIG@WHERE,...
+                            the process sends itself signal SIG (INT, TERM, USR1, KILL) once, at
+                            WHERE: train:N (in the training step of optimizer step N, 0-based),
+                            val:N (in a validation step after N steps), save:NAME (while the
+                            checkpoint file NAME is written).
 """
 
 import os
@@ -47,3 +52,41 @@ if os.environ.get("GPT_FAULT_NAN_AT_STEP"):
         return loss
 
     GPTLitModule.training_step = _nan_training_step
+
+if os.environ.get("GPT_FAULT_SIGNALS"):
+    import signal
+
+    import torch
+
+    from gpt.train.lit_module import GPTLitModule
+
+    _faults = [f.split("@") for f in os.environ["GPT_FAULT_SIGNALS"].split(",")]
+    _fired: set[int] = set()
+
+    def _fire(where: str, matches) -> None:
+        for i, (sig, place) in enumerate(_faults):
+            kind, _, arg = place.partition(":")
+            if i not in _fired and kind == where and matches(arg):
+                _fired.add(i)
+                os.kill(os.getpid(), getattr(signal, f"SIG{sig}"))
+
+    def _hooked(name: str, where: str):
+        original = getattr(GPTLitModule, name)
+
+        def hook(self, batch, batch_idx):
+            out = original(self, batch, batch_idx)
+            _fire(where, lambda step: self.global_step == int(step))
+            return out
+
+        setattr(GPTLitModule, name, hook)
+
+    _hooked("training_step", "train")
+    _hooked("validation_step", "val")
+    _save_for_signal = torch.save
+
+    def _signalling_save(obj, f, *args, **kwargs):
+        name = str(getattr(f, "name", f))
+        _fire("save", lambda wanted: wanted in name)
+        return _save_for_signal(obj, f, *args, **kwargs)
+
+    torch.save = _signalling_save
