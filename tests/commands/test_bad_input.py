@@ -245,6 +245,21 @@ CASES = {
     "generate-character-outside-vocabulary": generate(
         'prompt="ROMEO§"', message="character '§' (U+00A7) is not in this model's 58-character vocabulary"
     ),
+    # A prompt Hydra cannot read (prompt="..." reaches it without the shell's quotes): the forms that
+    # take any text.
+    "generate-prompt-with-commas": generate(
+        "prompt=July 4, 1776",
+        message="""'prompt=July 4, 1776' (Hydra reads its commas as a list of values); put the value in """
+        """quotes inside the argument: 'prompt="July 4, 1776"', or for any text, quotes and apostrophes """
+        """included: prompt=- reads it from stdin (echo "July 4, 1776" | python generate.py prompt=-), """
+        "prompt_file=FILE from a file (one per line)",
+    ),
+    "generate-prompt-with-an-apostrophe": generate(
+        "prompt=it's",
+        message="""could not parse the override "prompt=it's"; for any text, quotes and apostrophes """
+        """included: prompt=- reads it from stdin (echo "it's" | python generate.py prompt=-), """
+        "prompt_file=FILE from a file (one per line)",
+    ),
     # On a GPU machine the message names its GPUs, else it says there are none.
     "generate-more-devices-than-exist": generate("device=cuda:99", message="device=cuda:99 but"),
     # prepare (the deprecated `python -m gpt.prepare`: tests/commands/test_deprecated.py)
