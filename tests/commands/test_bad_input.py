@@ -160,6 +160,9 @@ CASES = {
         "model.block_size=5000", message="fewer than block_size+2"
     ),
     "new-run-unknown-tokenizer": new_run("data.tokenizer=nope", message="unknown tokenizer 'nope'"),
+    "new-run-folder-of-files-no-glob-takes": new_run(
+        "data.path={inputs}/sas", message="it holds *.sas (2 files): to read them, 'data.include=[*.sas]'"
+    ),
     "new-run-tokenizer-not-loadable-offline": new_run(
         "data.tokenizer=cl100k_base", message="could not load tiktoken encoding 'cl100k_base'", env=OFFLINE
     ),
@@ -282,6 +285,18 @@ CASES = {
         "data.cache_dir={cache}",
         message="latin1.txt is not UTF-8 text (bad byte near offset 2)",
     ),
+    # A folder: its files match no glob (the line gives the override that reads them), or none is text.
+    "prepare-folder-of-files-no-glob-takes": command(
+        *("prepare.py", "data=text", "data.path={inputs}/sas", "data.cache_dir={cache}"),
+        message="no files under {inputs}/sas match data.include (the default: common text and "
+        "source-code extensions, listed in docs/data.md); it holds *.sas (2 files): to read them, "
+        "'data.include=[*.sas]'",
+    ),
+    "prepare-folder-without-utf8": command(
+        *("prepare.py", "data=text", "data.path={inputs}/latin1-code", "data.cache_dir={cache}"),
+        message="the one file under {inputs}/latin1-code that data.include takes is not UTF-8 text (old.py: "
+        "not UTF-8 near offset 3); convert it to UTF-8, or choose others with data.include",
+    ),
     "prepare-tokenizer-not-loadable-offline": command(
         *("prepare.py", "data=text", "data.path={corpus}", "data.tokenizer=cl100k_base"),
         "data.cache_dir={cache}",
@@ -359,6 +374,13 @@ def work(tmp_path_factory) -> dict[str, str]:
     (inputs / "empty-tiktoken-cache").mkdir(parents=True)
     (inputs / "empty.txt").write_text("")
     (inputs / "latin1.txt").write_bytes("ab\xe9cd".encode("latin-1"))
+    for rel, content in (
+        ("sas/a.sas", b"data x;\n"),
+        ("sas/b.sas", b"run;\n"),
+        ("latin1-code/old.py", b"caf\xe9 = 1\n"),
+    ):
+        (inputs / rel).parent.mkdir(parents=True, exist_ok=True)
+        (inputs / rel).write_bytes(content)
     (inputs / "accented.txt").write_text("caf\u00e9\n" * 1000, encoding="utf-8")
     rows = ['{"prompt": "42", "completion": "forty-two"}', '{"prompt": "7", "completion": "seven"}']
     (inputs / "pairs.jsonl").write_text("\n".join(rows) + "\n")
