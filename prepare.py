@@ -11,7 +11,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from gpt.config import DataConfig
-from gpt.data.prepare import prepare
+from gpt.data.prepare import prepare, skipped_note
 from gpt.errors import exit_on_user_error
 
 ConfigStore.instance().store(group="data", name="_schema", node=DataConfig)
@@ -26,7 +26,7 @@ def main(cfg: DictConfig) -> None:
     shards = len(meta["shards"]["train"]) + len(meta["shards"]["val"])
     print(
         f"{'prepared' if prepared.fresh else 'cached'} {prepared.dir}: {meta['train_tokens']:,} train and "
-        f"{meta['val_tokens']:,} val tokens ({meta['dtype']}, {shards} shards)"
+        f"{meta['val_tokens']:,} val tokens ({meta['dtype']}, {shards} shards{skipped_note(meta)})"
     )
 
 

@@ -111,8 +111,27 @@ ARCHITECTURE = (
 )  # fmt: skip
 
 
-# What a folder is searched for (paths relative to the folder, fnmatch-style: `*` crosses `/`).
-DEFAULT_INCLUDE = ("*.txt", "*.md", "*.jsonl", "*.txt.gz", "*.md.gz", "*.jsonl.gz")
+# What a folder is searched for (paths relative to the folder, fnmatch-style: `*` crosses `/`): prose
+# and markup, JSON lines (a document per line), and source code with its build and config files (a
+# document per file). docs/data.md lists them; files among these that are not UTF-8 text are skipped.
+TEXT_EXTENSIONS = ("txt", "md", "markdown", "rst", "adoc", "org", "tex")
+CODE_EXTENSIONS = (
+    "py", "pyi", "c", "h", "cc", "cpp", "cxx", "hpp", "hh", "cu", "cs", "java", "kt", "scala", "go",
+    "rs", "swift", "m", "mm", "js", "jsx", "mjs", "cjs", "ts", "tsx", "vue", "svelte", "rb", "php",
+    "pl", "pm", "lua", "r", "R", "jl", "hs", "ml", "mli", "ex", "exs", "erl", "clj", "dart", "zig",
+    "nim", "sh", "bash", "zsh", "fish", "ps1", "sql", "html", "htm", "css", "scss", "sass", "less",
+    "yaml", "yml", "toml", "ini", "cfg", "proto", "cmake", "gradle",
+)  # fmt: skip
+CODE_FILE_NAMES = ("Makefile", "Dockerfile")
+DEFAULT_INCLUDE = (
+    *(f"*.{e}" for e in TEXT_EXTENSIONS),
+    *("*.jsonl", "*.txt.gz", "*.md.gz", "*.jsonl.gz"),
+    *(f"*.{e}" for e in CODE_EXTENSIONS),
+    *(g for name in CODE_FILE_NAMES for g in (name, f"*/{name}")),
+)
+# What a folder's search leaves out: hidden files and folders (.git, .venv) and installed packages
+# (node_modules, site-packages), which would outweigh a project's own code.
+DEFAULT_EXCLUDE = (".*", "*/.*", "node_modules/*", "*/node_modules/*", "site-packages/*", "*/site-packages/*")
 SOURCES = ("shakespeare", "text", "hf", "pairs")
 # The fields of paired rows (gpt.data.pairs), which data.fields can map to a file's own names.
 PAIR_FIELDS = (
@@ -132,10 +151,12 @@ class DataConfig:
     source: str = "shakespeare"
     # text: a file or a folder; hf: a dataset name on the Hub or a folder from save_to_disk.
     path: str | None = None
-    # Which files of a folder are read, and which of those are skipped (globs on the relative path).
+    # Which files of a folder are read (globs on the path relative to it): common text and
+    # source-code extensions (docs/data.md), or your own, e.g. 'data.include=[*.py]'.
     include: list[str] = field(default_factory=lambda: list(DEFAULT_INCLUDE))
-    # e.g. 'data.exclude=[drafts/*,*.log.md]'
-    exclude: list[str] = field(default_factory=list)
+    # Which of those are skipped: hidden files and folders, node_modules, site-packages; setting it
+    # replaces these, e.g. 'data.exclude=[.*,*/.*,drafts/*,*.log.md]'.
+    exclude: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE))
     # The field holding the text in .jsonl lines and dataset rows.
     text_field: str = "text"
     # hf: the dataset's configuration name.

@@ -69,19 +69,65 @@ def is_user_error(e: BaseException) -> bool:
     )
 
 
-def unparsed_override(e: BaseException) -> str:
-    """How to quote the argument Hydra could not parse (an unquoted `~`, `?`, accent, ...)."""
-    override = getattr(e, "override", None) or first_line(e).split(": ", 1)[-1]
+# Hydra's words for an override it read as several values (commas) or a sweep (range(1,3), ...) in
+# a command that runs once: raised when the config is composed, not when it is parsed.
+SWEEP_OVERRIDE = re.compile(
+    r"(Ambiguous value for argument|Sweep parameters) '(.*?)'(?: requires --multirun)?(?:\n|$)", re.S
+)
+# Keys whose value is free text: the command that takes it, and its key for a file of them. No
+# quoting on a command line carries every text (an apostrophe inside Hydra's quotes inside the
+# shell's), so these commands also read it from stdin (`prompt=-`) and from a file.
+FREE_TEXT = {"prompt": ("generate.py", "prompt_file")}
+
+
+def shell_echo(text: str) -> str | None:
+    """An `echo` of `text` that any POSIX shell prints as it is; None where there is none (a
+    backslash, which zsh's and dash's echo read as an escape; a newline; a leading `-`, an option)."""
+    if "\\" in text or "\n" in text or text.startswith("-"):
+        return None
+    if not set('"$`!') & set(text):
+        return f'echo "{text}"'
+    return f"echo '{text}'" if "'" not in text else None
+
+
+def any_text(key: str, value: str) -> str | None:
+    """For a free-text key (FREE_TEXT), the forms of its command that take any text."""
+    key = key.lstrip("+")
+    if key not in FREE_TEXT:
+        return None
+    command, file_key = FREE_TEXT[key]
+    echo = shell_echo(value)
+    example = f"{echo} | python {command} {key}=-" if echo else f"python {command} {key}=- < FILE"
+    return (
+        f"for any text, quotes and apostrophes included: {key}=- reads it from stdin ({example}), "
+        f"{file_key}=FILE from a file (one per line)"
+    )
+
+
+def unparsed_override(override: str, sweep: str | None = None) -> str:
+    """How to quote the argument Hydra could not parse (an unquoted `~`, `?`, accent, ...), or
+    read as several values (sweep="commas") or a sweep ("sweep"); for free text (FREE_TEXT), also
+    how to pass any text."""
     key, sep, value = override.partition("=")
+    free = any_text(key, value) if sep else None
+    why = {
+        None: "",
+        "commas": " (Hydra reads its commas as a list of values)",
+        "sweep": " (Hydra reads a sweep)",
+    }
+    msg = f"could not parse the override {override!r}{why[sweep]}; "
     # Quoting the value helps when the key is fine and the value is no list, dict or quote itself.
     if sep and re.fullmatch(r"\+{0,2}[\w./-]+", key) and not set("\"'=[{") & set(value):
-        how = f"""put the value in quotes inside the argument: '{key}="{value}"'"""
-    else:
-        how = (
-            "put values with spaces or special characters in quotes inside the argument: "
-            """'prompt="Hello, world!"'"""
-        )
-    return f"could not parse the override {override!r}; {how}"
+        msg += f"""put the value in quotes inside the argument: '{key}="{value}"'"""
+        if sweep == "commas" and free is None:
+            msg += f" (a list: '{key}=[{value}]'; a sweep: --multirun)"
+        return msg + (f", or {free}" if free else "")
+    if free is not None:
+        return msg + free
+    return msg + (
+        "put values with spaces or special characters in quotes inside the argument: "
+        """'prompt="Hello, world!"'"""
+    )
 
 
 def missing_config(e: BaseException) -> str:
@@ -102,7 +148,11 @@ def missing_config(e: BaseException) -> str:
 def describe(e: BaseException) -> str:
     """One line: the error, and the config error beneath it if Hydra wrapped one."""
     if type(e).__name__ == "OverrideParseException":
-        return unparsed_override(e)
+        override = getattr(e, "override", None) or first_line(e).split(": ", 1)[-1]
+        return unparsed_override(override)
+    sweep = SWEEP_OVERRIDE.match(str(e)) if type(e).__name__ == "ConfigCompositionException" else None
+    if sweep:
+        return unparsed_override(sweep[2], "commas" if sweep[1].startswith("Ambiguous") else "sweep")
     if type(e).__name__ == "MissingConfigException":  # an OSError too, but about the config
         return missing_config(e)
     if isinstance(e, OSError) and e.errno is not None:

@@ -47,11 +47,26 @@ def test_missing_group_option_names_the_choices():
     assert describe(inner) == "there is no model=tiny (asked for in experiment/mine); choose one of nano"
 
 
+ANY_PROMPT = (
+    "for any text, quotes and apostrophes included: prompt=- reads it from stdin ({}), "
+    "prompt_file=FILE from a file (one per line)"
+)
+
+
 @pytest.mark.parametrize(
     "override, advice",
     [
         ("data.path=~/corpus", """put the value in quotes inside the argument: 'data.path="~/corpus"'"""),
-        ("prompt=Où?", """put the value in quotes inside the argument: 'prompt="Où?"'"""),
+        (
+            "prompt=Où?",
+            """put the value in quotes inside the argument: 'prompt="Où?"', or """
+            + ANY_PROMPT.format('echo "Où?" | python generate.py prompt=-'),
+        ),
+        # An apostrophe: Hydra's quotes inside the shell's cannot carry it, stdin and a file can.
+        ("prompt=it's", ANY_PROMPT.format('echo "it\'s" | python generate.py prompt=-')),
+        ("prompt=it's $5", ANY_PROMPT.format("python generate.py prompt=- < FILE")),
+        ('prompt=say "hi"', ANY_PROMPT.format("""echo 'say "hi"' | python generate.py prompt=-""")),
+        ("++prompt=it's", ANY_PROMPT.format('echo "it\'s" | python generate.py prompt=-')),
         (
             "stop=[Où]",
             """put values with spaces or special characters in quotes inside the argument: """
@@ -65,3 +80,37 @@ def test_unparsable_override_says_how_to_quote_it(override: str, advice: str):
     with pytest.raises(Exception) as info:
         OverridesParser.create().parse_overrides([override])
     assert describe(info.value) == f"could not parse the override {override!r}; " + advice
+
+
+@pytest.mark.parametrize(
+    "override, advice",
+    [
+        # The shell took the quotes of prompt="July 4, 1776": Hydra reads a list, then refuses it.
+        (
+            "prompt=July 4, 1776",
+            """(Hydra reads its commas as a list of values); put the value in quotes inside the """
+            """argument: 'prompt="July 4, 1776"', or """
+            + ANY_PROMPT.format('echo "July 4, 1776" | python generate.py prompt=-'),
+        ),
+        (
+            "runs_dir=a,b",
+            """(Hydra reads its commas as a list of values); put the value in quotes inside the """
+            """argument: 'runs_dir="a,b"' (a list: 'runs_dir=[a,b]'; a sweep: --multirun)""",
+        ),
+        (
+            "prompt=range(1,3)",
+            """(Hydra reads a sweep); put the value in quotes inside the argument: 'prompt="range(1,3)"', """
+            "or " + ANY_PROMPT.format('echo "range(1,3)" | python generate.py prompt=-'),
+        ),
+    ],
+)
+def test_override_read_as_several_values_says_how_to_quote_it(override: str, advice: str, capsys):
+    """Hydra parses these, and refuses them when it composes the config (generate.py runs once)."""
+    from gpt.config import GenerateConfig
+    from tests.helpers import command
+
+    generate = command("generate", GenerateConfig, run=lambda cfg: None)
+    with pytest.raises(SystemExit) as info:
+        generate([override])
+    assert info.value.code == EXIT_USER_ERROR
+    assert capsys.readouterr().err == f"error: could not parse the override {override!r} {advice}\n"

@@ -3,9 +3,10 @@
 `prepare(cfg)` is the one prepare step: `python prepare.py data=...` and the data module's
 `prepare_data()` both call it. It
 
-1. finds the sources: Tiny Shakespeare, a file, a folder (recursive, include/exclude globs), or a
-   Hugging Face dataset. `.txt`/`.md` files are one document each, `.jsonl` lines and dataset rows
-   one document each; any of the files may be gzip-compressed (`.gz`);
+1. finds the sources: Tiny Shakespeare, a file, a folder (recursive, include/exclude globs: text
+   and source code by default), or a Hugging Face dataset. A text or code file is one document,
+   `.jsonl` lines and dataset rows one document each; any of the files may be gzip-compressed
+   (`.gz`). A folder's files that are not UTF-8 text are skipped, counted in meta.json;
 2. cuts documents longer than `doc_chars` at a line break into parts (a big file is read and
    tokenized piece by piece, and a one-file corpus gets a validation split); a character
    vocabulary is read from the corpus first, in a separate streamed pass (or, given one, the
@@ -37,6 +38,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -47,7 +49,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from gpt.config import DataConfig
+from gpt.config import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, DataConfig
 from gpt.data.encode import (
     CHAR_SEPARATOR,
     PartCounter,
@@ -59,7 +61,7 @@ from gpt.data.encode import (
     token_dtype,
 )
 from gpt.data.shards import ShardWriter, Splitter
-from gpt.data.sources import find_files
+from gpt.data.sources import find_files, is_folder, text_files
 from gpt.errors import UserError
 from gpt.tokenizer import CharTokenizer, Tokenizer, get_tokenizer, tokenizer_from_dict
 
@@ -100,14 +102,32 @@ class Prepared(CachedData):
                 )
 
 
+# The default globs before they took source code (text only, nothing excluded). Where globs choose
+# no files (Tiny Shakespeare, a single file, a dataset), today's defaults are hashed as these, so that
+# the caches prepared before stay valid.
+OLD_DEFAULT_GLOBS = {
+    "include": ["*.txt", "*.md", "*.jsonl", "*.txt.gz", "*.md.gz", "*.jsonl.gz"],
+    "exclude": [],
+}
+
+
+def hashed_globs(cfg: DataConfig) -> dict[str, list[str]]:
+    globs = {"include": list(cfg.include), "exclude": list(cfg.exclude)}
+    if is_folder(cfg):
+        return globs
+    defaults = {"include": list(DEFAULT_INCLUDE), "exclude": list(DEFAULT_EXCLUDE)}
+    return {k: OLD_DEFAULT_GLOBS[k] if v == defaults[k] else v for k, v in globs.items()}
+
+
 def fingerprint(cfg: DataConfig, files: list[Path], tok_key: dict[str, Any]) -> str:
-    """Hash of everything the output depends on: sources (path, size, mtime), tokenizer, settings."""
+    """Hash of everything the output depends on: sources (path, size, mtime), tokenizer, settings.
+    `files` are all the files found, those the prepare step skips as not text included."""
     h = hashlib.sha256()
     settings = {
         k: getattr(cfg, k)
-        for k in ("source", "include", "exclude", "text_field", "hf_config", "hf_split", "val_fraction")
+        for k in ("source", "text_field", "hf_config", "hf_split", "val_fraction")
         + ("split_seed", "doc_chars", "shard_tokens")
-    }
+    } | hashed_globs(cfg)
     h.update(
         json.dumps({"v": FORMAT_VERSION, "tokenizer": tok_key, "settings": settings}, sort_keys=True).encode()
     )
@@ -165,6 +185,14 @@ def prepare(cfg: DataConfig, tokenizer: Tokenizer | None = None, verbose: bool =
     if (out / "meta.json").is_file():
         return Prepared(out, json.loads((out / "meta.json").read_text()))
 
+    files, skipped = text_files(cfg, files)
+    if skipped:
+        more = ", ..." if len(skipped) > 1 else ""
+        print(
+            f"note: skipping {len(skipped):,} of the {len(files) + len(skipped):,} files under {cfg.path} as "
+            f"not UTF-8 text ({skipped[0]}{more}); the prepared data's meta.json lists them",
+            file=sys.stderr,
+        )
     total = sum(p.stat().st_size for p in files) or None
     t0 = time.perf_counter()
     if tok is None or isinstance(tok, CharTokenizer):
@@ -179,7 +207,7 @@ def prepare(cfg: DataConfig, tokenizer: Tokenizer | None = None, verbose: bool =
 
     def write(folder: Path) -> dict[str, Any]:
         meta = write_shards(cfg, files, tok, folder, total, verbose)
-        return meta | {"seconds": round(time.perf_counter() - t0, 3)}
+        return meta | {"skipped": skipped, "seconds": round(time.perf_counter() - t0, 3)}
 
     write_atomically(out, write)
     meta = json.loads((out / "meta.json").read_text())
@@ -187,9 +215,15 @@ def prepare(cfg: DataConfig, tokenizer: Tokenizer | None = None, verbose: bool =
         print(
             f"prepared {meta['train_tokens'] + meta['val_tokens']:,} tokens ({tok.vocab_size:,}-token "
             f"vocabulary, {meta['parts']:,} parts, val {meta['val_tokens']:,} tokens split by "
-            f"{meta['split_by']}) in {out}"
+            f"{meta['split_by']}{skipped_note(meta)}) in {out}"
         )
     return Prepared(out, meta, fresh=True)
+
+
+def skipped_note(meta: dict[str, Any]) -> str:
+    """The end of the prepare lines for a corpus that skipped files as not text, else ""."""
+    n = len(meta.get("skipped", ()))
+    return f", {n:,} file{'s' * (n > 1)} skipped as not UTF-8 text" if n else ""
 
 
 def write_atomically(out: Path, write: Callable[[Path], dict[str, Any]]) -> None:

@@ -9,16 +9,18 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
 import urllib.request
 import zlib
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from gpt.config import DataConfig
+from gpt.config import DEFAULT_INCLUDE, DataConfig
 from gpt.errors import UserError
 
 SHAKESPEARE_FILE = "tinyshakespeare.txt"
@@ -88,6 +90,18 @@ def is_jsonl(path: Path) -> bool:
     return path.name.removesuffix(".gz").endswith(".jsonl")
 
 
+def glob_matcher(globs: list[str]) -> Callable[[str], bool]:
+    """Whether a relative path matches any of `globs` (fnmatch-style), as one regular expression: a
+    folder of many files is checked against many globs."""
+    pattern = re.compile("|".join(fnmatch.translate(g) for g in globs)) if globs else None
+    return lambda rel: pattern is not None and pattern.match(rel) is not None
+
+
+def is_folder(cfg: DataConfig) -> bool:
+    """Whether data.path is a folder whose files the globs choose."""
+    return cfg.source != "hf" and bool(cfg.path) and Path(cfg.path).expanduser().is_dir()
+
+
 def find_files(cfg: DataConfig) -> list[Path]:
     """The corpus files, in a stable (sorted) order."""
     if cfg.source == "shakespeare" and not cfg.path:
@@ -97,19 +111,43 @@ def find_files(cfg: DataConfig) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise UserError(f"data.path {str(path)!r} does not exist; pass a text file or a folder of text files")
-
-    def wanted(rel: str) -> bool:
-        return any(fnmatch.fnmatch(rel, g) for g in cfg.include) and not any(
-            fnmatch.fnmatch(rel, g) for g in cfg.exclude
-        )
-
-    files = sorted(p for p in path.rglob("*") if p.is_file() and wanted(p.relative_to(path).as_posix()))
+    include, exclude = glob_matcher(cfg.include), glob_matcher(cfg.exclude)
+    files = sorted(
+        p
+        for p in path.rglob("*")
+        if p.is_file() and include(rel := p.relative_to(path).as_posix()) and not exclude(rel)
+    )
     if not files:
-        raise UserError(
-            f"no files under {path} match data.include={list(cfg.include)} "
-            f"(data.exclude={list(cfg.exclude)}); point data.path at text or change the globs"
-        )
+        raise UserError(nothing_to_read(cfg, path, include, exclude))
     return files
+
+
+# A file type the advice of nothing_to_read can name in a glob that Hydra reads unquoted.
+SUFFIX = re.compile(r"(\.[A-Za-z0-9_]+)(\.gz)?$")
+
+
+def nothing_to_read(cfg: DataConfig, path: Path, include: Callable, exclude: Callable) -> str:
+    """Why no file of the folder `path` is read, and the override that reads the ones it has."""
+    rels = [p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()]
+    if not rels:
+        return f"{path} holds no files; point data.path at a text file or a folder of text files"
+    kept = [r for r in rels if not exclude(r)]
+    if not kept or any(include(r) for r in rels):
+        which = "every file" if not kept else "every file that data.include takes"
+        return f"{which} under {path} is left out by data.exclude={list(cfg.exclude)}; change data.exclude"
+    globs = (
+        " (the default: common text and source-code extensions, listed in docs/data.md)"
+        if list(cfg.include) == list(DEFAULT_INCLUDE)
+        else f"={list(cfg.include)}"
+    )
+    counts = Counter(m[0] for r in kept if (m := SUFFIX.search(r.rsplit("/", 1)[-1])))
+    lead = f"no files under {path} match data.include{globs}"
+    if not counts:  # only names without an extension (README, LICENSE) left
+        return f"{lead}; to read every file, 'data.include=[*]'"
+    top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
+    held = ", ".join(f"*{suffix} ({n} file{'s' * (n > 1)})" for suffix, n in top)
+    globs = ",".join(f"*{suffix}" for suffix, _ in top)
+    return f"{lead}; it holds {held}: to read them, 'data.include=[{globs}]'"
 
 
 # ----------------------------------------------------------------------------- reading documents
@@ -121,6 +159,56 @@ def open_binary(path: Path) -> tuple[BinaryIO, BinaryIO]:
     if path.name.endswith(".gz"):
         return gzip.GzipFile(fileobj=raw, mode="rb"), raw
     return raw, raw
+
+
+def not_text(path: Path) -> str | None:
+    """Why the file at `path` (gzip-compressed or not) is not text: a byte that is not UTF-8 or a NUL
+    byte; None when it is text. Read in pieces, as the corpus is; a broken gzip stream is an error."""
+    stream, raw = open_binary(path)
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    seen = 0
+    with stream, raw:
+        while True:
+            try:
+                data = stream.read(READ_BYTES)
+            except (OSError, EOFError, zlib.error) as e:
+                raise _bad_gzip(path, e) from None
+            if b"\x00" in data:
+                return f"a NUL byte at offset {seen + data.index(0)}"
+            try:
+                decoder.decode(data, final=not data)
+            except UnicodeDecodeError as e:
+                return f"not UTF-8 near offset {seen + e.start}"
+            seen += len(data)
+            if not data:
+                return None
+
+
+def text_files(cfg: DataConfig, files: list[Path]) -> tuple[list[Path], list[str]]:
+    """A folder's files (find_files) parted into those that are UTF-8 text and those that are not,
+    as "relative path: why", which the prepare step skips. Anything else is read as it is: a file
+    named by data.path that is not text stops the prepare step with one line."""
+    if not is_folder(cfg):
+        return files, []
+    root = Path(cfg.path).expanduser()
+    text, skipped = [], []
+    for path in files:
+        why = not_text(path)
+        if why is None:
+            text.append(path)
+        else:
+            skipped.append(f"{path.relative_to(root).as_posix()}: {why}")
+    if len(files) == len(skipped) == 1:
+        raise UserError(
+            f"the one file under {root} that data.include takes is not UTF-8 text ({skipped[0]}); "
+            "convert it to UTF-8, or choose others with data.include"
+        )
+    if not text:
+        raise UserError(
+            f"none of the {len(files):,} files under {root} that data.include takes is UTF-8 text "
+            f"({skipped[0]}, ...); convert them to UTF-8, or choose others with data.include"
+        )
+    return text, skipped
 
 
 def _check_text(path: Path, text: str, where: str = "") -> str:

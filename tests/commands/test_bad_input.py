@@ -160,6 +160,9 @@ CASES = {
         "model.block_size=5000", message="fewer than block_size+2"
     ),
     "new-run-unknown-tokenizer": new_run("data.tokenizer=nope", message="unknown tokenizer 'nope'"),
+    "new-run-folder-of-files-no-glob-takes": new_run(
+        "data.path={inputs}/sas", message="it holds *.sas (2 files): to read them, 'data.include=[*.sas]'"
+    ),
     "new-run-tokenizer-not-loadable-offline": new_run(
         "data.tokenizer=cl100k_base", message="could not load tiktoken encoding 'cl100k_base'", env=OFFLINE
     ),
@@ -245,6 +248,21 @@ CASES = {
     "generate-character-outside-vocabulary": generate(
         'prompt="ROMEO§"', message="character '§' (U+00A7) is not in this model's 58-character vocabulary"
     ),
+    # A prompt Hydra cannot read (prompt="..." reaches it without the shell's quotes): the forms that
+    # take any text.
+    "generate-prompt-with-commas": generate(
+        "prompt=July 4, 1776",
+        message="""'prompt=July 4, 1776' (Hydra reads its commas as a list of values); put the value in """
+        """quotes inside the argument: 'prompt="July 4, 1776"', or for any text, quotes and apostrophes """
+        """included: prompt=- reads it from stdin (echo "July 4, 1776" | python generate.py prompt=-), """
+        "prompt_file=FILE from a file (one per line)",
+    ),
+    "generate-prompt-with-an-apostrophe": generate(
+        "prompt=it's",
+        message="""could not parse the override "prompt=it's"; for any text, quotes and apostrophes """
+        """included: prompt=- reads it from stdin (echo "it's" | python generate.py prompt=-), """
+        "prompt_file=FILE from a file (one per line)",
+    ),
     # On a GPU machine the message names its GPUs, else it says there are none.
     "generate-more-devices-than-exist": generate("device=cuda:99", message="device=cuda:99 but"),
     # prepare (the deprecated `python -m gpt.prepare`: tests/commands/test_deprecated.py)
@@ -266,6 +284,18 @@ CASES = {
         *("prepare.py", "data=text", "data.path={inputs}/latin1.txt", "data.tokenizer=char"),
         "data.cache_dir={cache}",
         message="latin1.txt is not UTF-8 text (bad byte near offset 2)",
+    ),
+    # A folder: its files match no glob (the line gives the override that reads them), or none is text.
+    "prepare-folder-of-files-no-glob-takes": command(
+        *("prepare.py", "data=text", "data.path={inputs}/sas", "data.cache_dir={cache}"),
+        message="no files under {inputs}/sas match data.include (the default: common text and "
+        "source-code extensions, listed in docs/data.md); it holds *.sas (2 files): to read them, "
+        "'data.include=[*.sas]'",
+    ),
+    "prepare-folder-without-utf8": command(
+        *("prepare.py", "data=text", "data.path={inputs}/latin1-code", "data.cache_dir={cache}"),
+        message="the one file under {inputs}/latin1-code that data.include takes is not UTF-8 text (old.py: "
+        "not UTF-8 near offset 3); convert it to UTF-8, or choose others with data.include",
     ),
     "prepare-tokenizer-not-loadable-offline": command(
         *("prepare.py", "data=text", "data.path={corpus}", "data.tokenizer=cl100k_base"),
@@ -344,6 +374,13 @@ def work(tmp_path_factory) -> dict[str, str]:
     (inputs / "empty-tiktoken-cache").mkdir(parents=True)
     (inputs / "empty.txt").write_text("")
     (inputs / "latin1.txt").write_bytes("ab\xe9cd".encode("latin-1"))
+    for rel, content in (
+        ("sas/a.sas", b"data x;\n"),
+        ("sas/b.sas", b"run;\n"),
+        ("latin1-code/old.py", b"caf\xe9 = 1\n"),
+    ):
+        (inputs / rel).parent.mkdir(parents=True, exist_ok=True)
+        (inputs / rel).write_bytes(content)
     (inputs / "accented.txt").write_text("caf\u00e9\n" * 1000, encoding="utf-8")
     rows = ['{"prompt": "42", "completion": "forty-two"}', '{"prompt": "7", "completion": "seven"}']
     (inputs / "pairs.jsonl").write_text("\n".join(rows) + "\n")

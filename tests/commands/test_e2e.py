@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +14,15 @@ import torch
 from gpt.runs.checkpoint import load_model
 from gpt.runs.metrics import read_metrics
 from gpt.train.loggers import wandb_fields
-from tests.helpers import assert_ok, assert_same_weights, last_line, run_script, train_args, write_corpus
+from tests.helpers import (
+    ROOT,
+    assert_ok,
+    assert_same_weights,
+    last_line,
+    run_script,
+    train_args,
+    write_corpus,
+)
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +92,39 @@ def test_unquoted_special_characters_say_how_to_quote(trained):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         """error: could not parse the override 'prompt=Où?'; put the value in quotes inside the """
-        """argument: 'prompt="Où?"'"""
+        """argument: 'prompt="Où?"', or for any text, quotes and apostrophes included: prompt=- reads """
+        """it from stdin (echo "Où?" | python generate.py prompt=-), prompt_file=FILE from a file (one """
+        "per line)"
     ]
+
+
+@pytest.mark.parametrize("prompt", ["ROMEO, come", "I'll hear it, sir: yet", "'tis"])
+def test_a_prompt_hydra_cannot_read_gets_forms_that_work(trained, prompt, tmp_path):
+    """prompt="..." as the shell passes it on (quotes gone): every form the error line offers
+    continues exactly that prompt."""
+    proc = run_script("generate.py", f"prompt={prompt}", cwd=trained)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    settings = ("max_new_tokens=5", "temperature=0")
+    quoted = re.search(r"in quotes inside the argument: '(.*?)', or", line)
+    assert (quoted is None) == ("'" in prompt)  # an apostrophe cannot be quoted on a command line
+    if quoted:
+        assert_continues(run_script("generate.py", quoted[1], *settings, cwd=trained), prompt)
+    echo = re.search(r"\((echo .*) \| python generate\.py prompt=-\)", line)[1]
+    command = " ".join(map(shlex.quote, [sys.executable, str(ROOT / "generate.py"), "prompt=-", *settings]))
+    piped = subprocess.run(
+        f"{echo} | {command}", shell=True, cwd=trained, capture_output=True, text=True, timeout=300
+    )
+    assert_continues(piped, prompt)
+    assert "prompt_file=FILE from a file (one per line)" in line
+    (tmp_path / "prompts.txt").write_text(prompt + "\n", encoding="utf-8")
+    prompt_file = f"prompt_file={tmp_path / 'prompts.txt'}"
+    assert_continues(run_script("generate.py", prompt_file, *settings, cwd=trained), prompt)
+
+
+def assert_continues(proc, prompt: str) -> None:
+    assert_ok(proc)
+    assert proc.stdout.startswith(prompt) and len(proc.stdout) == len(prompt) + 5 + 1
 
 
 def test_generate_with_explicit_checkpoint_and_samples(trained):

@@ -14,7 +14,7 @@ import tiktoken
 
 from gpt.config import DataConfig
 from gpt.data.encode import CHAR_SEPARATOR, cut
-from gpt.data.prepare import prepare
+from gpt.data.prepare import fingerprint, prepare
 from gpt.errors import UserError
 from gpt.tokenizer import CharTokenizer, TiktokenTokenizer
 from tests.helpers import run_script, split_tokens, text_cfg
@@ -194,6 +194,121 @@ def test_include_globs_choose_the_files(tmp_path):
     assert "Markdown" in text and "a draft" in text and "plain text" not in text
 
 
+def make_project(root) -> dict[str, str]:
+    """A folder of source code as a project holds it; returns the files the default globs read."""
+    code = {
+        "main.py": "import sys\n\n\ndef main(argv):\n    return len(argv)\n",
+        "pkg/util.py": 'def add(a, b):\n    """it\'s a sum"""\n    return a + b\n',
+        "web/app.ts": "export const f = (x: number): number => x * 2;\n",
+        "src/lib.rs": "pub fn one() -> i32 {\n    1\n}\n",
+        "native/fast.c": "int one(void) { return 1; }\n",
+        "Makefile": "test:\n\tpython -m pytest\n",
+        "config/settings.toml": "[tool]\nname = 'x'\n",
+        "README.md": "# The project\n\nIt adds numbers.\n",
+    }
+    ignored = {
+        ".git/hooks/pre-commit.sh": "#!/bin/sh\nexit 0\n",  # hidden
+        ".venv/lib/site.py": "installed = True\n",  # hidden
+        "node_modules/left-pad/index.js": "module.exports = 1;\n",
+        "lib/python3.11/site-packages/dep.py": "VERSION = 1\n",
+        "LICENSE": "MIT\n",  # no extension
+        "data.csv": "a,b\n1,2\n",  # data, not text or code
+    }
+    for rel, text in code.items() | ignored.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text, encoding="utf-8")
+    (root / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    return code
+
+
+def test_a_folder_of_code_is_read_by_default(tmp_path):
+    code = make_project(tmp_path / "project")
+    prepared = prepare(text_cfg(tmp_path / "project", tmp_path, tokenizer="r50k_base"), verbose=False)
+    tok = r50k()
+    assert prepared.meta["sources"] == prepared.meta["documents"] == len(code)
+    assert prepared.meta["skipped"] == []
+    # Split by characters (fewer than 10 documents): the two sides of the cut joined are the corpus.
+    text = tok.decode(np.concatenate([split_tokens(prepared, s) for s in ("train", "val")]).tolist())
+    docs = [code[rel] for rel in sorted(code, key=lambda rel: tmp_path / "project" / rel)]
+    assert text.replace("<|endoftext|>", "") == "".join(docs)
+
+
+def test_a_folders_files_that_are_not_text_are_skipped_and_counted(tmp_path, capsys):
+    code = make_project(tmp_path / "project")
+    (tmp_path / "project" / "old.py").write_bytes("caf\u00e9 = 1\n".encode("latin-1"))
+    (tmp_path / "project" / "blob.txt").write_bytes(b"text, then a NUL\x00 byte")
+    with gzip.open(tmp_path / "project" / "old.md.gz", "wb") as f:
+        f.write(b"\xff\xfe not UTF-8 once decompressed")
+    cfg = text_cfg(tmp_path / "project", tmp_path, tokenizer="char")
+    prepared = prepare(cfg)
+    assert prepared.meta["documents"] == len(code)
+    skipped = [
+        "blob.txt: a NUL byte at offset 16",
+        "old.md.gz: not UTF-8 near offset 0",
+        "old.py: not UTF-8 near offset 3",
+    ]
+    assert prepared.meta["skipped"] == skipped
+    out, err = capsys.readouterr()
+    assert (
+        f"note: skipping 3 of the {len(code) + 3} files under {cfg.path} as not UTF-8 text "
+        f"({skipped[0]}, ...); the prepared data's meta.json lists them"
+    ) in err.splitlines()
+    assert out.startswith("prepared ") and ", 3 files skipped as not UTF-8 text) in " in out
+    assert "\u00e9" not in prepared.tokenizer().chars  # nothing of the skipped files was read
+    # The skipped files are part of the cache key: converted to UTF-8, a file is read.
+    assert not prepare(cfg, verbose=False).fresh
+    (tmp_path / "project" / "old.py").write_text("caf\u00e9 = 1\n", encoding="utf-8")
+    again = prepare(cfg, verbose=False)
+    assert again.fresh and again.meta["documents"] == len(code) + 1 and len(again.meta["skipped"]) == 2
+
+
+def test_a_folder_without_text_is_one_clear_line(tmp_path):
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "a.txt").write_bytes(b"\xff\xfe")
+    with pytest.raises(UserError) as excinfo:
+        prepare(text_cfg(tmp_path / "one", tmp_path), verbose=False)
+    assert_one_line(
+        excinfo,
+        f"the one file under {tmp_path / 'one'} that data.include takes is not UTF-8 text (a.txt: not "
+        "UTF-8 near offset 0); convert it to UTF-8, or choose others with data.include",
+    )
+    (tmp_path / "one" / "b.py").write_bytes(b"\x00")
+    with pytest.raises(UserError) as excinfo:
+        prepare(text_cfg(tmp_path / "one", tmp_path), verbose=False)
+    assert_one_line(excinfo, "none of the 2 files under ")
+    assert "is UTF-8 text (a.txt: not UTF-8 near offset 0, ...); convert them" in str(excinfo.value)
+
+
+def test_no_files_to_read_says_which_globs_would_read_them(tmp_path):
+    folder = tmp_path / "sas"
+    for rel in ("a.sas", "b.sas", "sub/c.sas", "notes.lst", "old/data.dat.gz", ".hidden.xyz"):
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(gzip.compress(b"data x;\n") if rel.endswith(".gz") else b"data x;\n")
+    with pytest.raises(UserError) as excinfo:
+        prepare(text_cfg(folder, tmp_path), verbose=False)
+    assert_one_line(
+        excinfo,
+        f"no files under {folder} match data.include (the default: common text and source-code "
+        "extensions, listed in docs/data.md); it holds *.sas (3 files), *.dat.gz (1 file), *.lst (1 "
+        "file): to read them, 'data.include=[*.sas,*.dat.gz,*.lst]'",
+    )
+    # The override it prints, as Hydra reads it, reads them.
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    override = str(excinfo.value).rsplit(" '", 1)[1].rstrip("'")
+    globs = OverridesParser.create().parse_overrides([override])[0].value()
+    prepared = prepare(text_cfg(folder, tmp_path, tokenizer="char", include=globs), verbose=False)
+    assert prepared.meta["documents"] == 5
+    with pytest.raises(UserError) as excinfo:
+        prepare(text_cfg(folder, tmp_path, include=["*.sas"], exclude=["*.sas"]), verbose=False)
+    assert_one_line(
+        excinfo, f"every file that data.include takes under {folder} is left out by data.exclude=['*.sas']"
+    )
+    with pytest.raises(UserError) as excinfo:
+        prepare(text_cfg(folder, tmp_path, include=["*.txt"]), verbose=False)
+    assert_one_line(excinfo, "match data.include=['*.txt']; it holds *.sas (3 files),")
+
+
 def test_char_documents_are_separated_by_a_blank_line(tmp_path):
     docs = [f"document number {i}" for i in range(12)]
     for i, d in enumerate(docs):
@@ -350,6 +465,40 @@ def test_prepare_is_cached_and_invalidated(tiny_corpus, tmp_path):
     changed = prepare(cfg)
     assert changed.dir != first.dir and changed.fresh
     assert changed.meta["train_tokens"] == first.meta["train_tokens"] + 9
+
+
+def test_cache_key_of_tiny_shakespeare_and_of_a_file_ignores_the_default_globs(tiny_corpus, tmp_path):
+    """Globs choose a folder's files only: Tiny Shakespeare and a single file (text or pairs) keep
+    the key they had before the default globs took source code; a folder's key follows its globs."""
+    old_include = ["*.txt", "*.md", "*.jsonl", "*.txt.gz", "*.md.gz", "*.jsonl.gz"]
+    pairs_include = ["*.jsonl", "*.jsonl.gz"]
+    (tmp_path / "docs").mkdir()
+    folder_file = tmp_path / "docs" / "a.txt"
+    folder_file.write_text("some text\n")
+    cases = [  # (config now, the same config before, its files, whether the keys agree)
+        (DataConfig(source="shakespeare"), DataConfig(include=old_include, exclude=[]), tiny_corpus, True),
+        (
+            text_cfg(tiny_corpus, tmp_path),
+            text_cfg(tiny_corpus, tmp_path, include=old_include, exclude=[]),
+            tiny_corpus,
+            True,
+        ),
+        (
+            DataConfig(source="pairs", path=str(tiny_corpus), include=pairs_include),
+            DataConfig(source="pairs", path=str(tiny_corpus), include=pairs_include, exclude=[]),
+            tiny_corpus,
+            True,
+        ),
+        (
+            text_cfg(tmp_path / "docs", tmp_path),
+            text_cfg(tmp_path / "docs", tmp_path, include=old_include, exclude=[]),
+            folder_file,
+            False,
+        ),
+    ]
+    for now, before, file, same in cases:
+        key = {"kind": "char"}
+        assert (fingerprint(now, [file], key) == fingerprint(before, [file], key)) == same, now
 
 
 def test_interrupted_prepare_leaves_nothing_a_later_run_trusts(tmp_path, monkeypatch):
