@@ -5,6 +5,7 @@ and a progress bar that reads no tensor between logging steps."""
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from itertools import islice
@@ -200,7 +201,8 @@ class NonFiniteGuard(L.Callback):
 
 class ProgressBar(TQDMProgressBar):
     """Lightning's TQDMProgressBar, plus the module's `bar_metrics` (GPTLitModule: the training loss),
-    Python numbers the module sets on logging steps.
+    Python numbers the module sets on logging steps, and every number to 4 decimals, as RunReport's
+    lines show them (tqdm's own format keeps 3 significant digits: loss=3.360).
 
     The training loss is not logged with self.log(prog_bar=True): Lightning keeps a value logged in
     a training hook and converts it to a number again after every batch until it is logged anew
@@ -211,7 +213,13 @@ class ProgressBar(TQDMProgressBar):
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         metrics = super().get_metrics(trainer, pl_module)
         version = {"v_num": metrics.pop("v_num")} if "v_num" in metrics else {}
-        return {**version, **getattr(pl_module, "bar_metrics", {}), **metrics}
+        metrics = {**version, **getattr(pl_module, "bar_metrics", {}), **metrics}
+        return {name: _four_decimals(value) for name, value in metrics.items()}
+
+
+def _four_decimals(value: Any) -> Any:
+    # Integers (v_num) and strings as they are; NaN and inf as Lightning's bar writes them.
+    return f"{value:.4f}" if isinstance(value, float) and math.isfinite(value) else value
 
 
 def _inputs(batch: tuple[torch.Tensor, torch.Tensor] | Mapping[str, torch.Tensor]) -> torch.Tensor:

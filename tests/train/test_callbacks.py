@@ -1,6 +1,6 @@
 """The callbacks Lightning does not ship, called as Lightning calls them: ValidateOnLastStep,
-NonFiniteGuard, SampleText, Evaluate and RunReport. Throughput in a real run:
-tests/commands/test_train.py."""
+NonFiniteGuard, SampleText, Evaluate, RunReport and ProgressBar. Throughput in a real
+run: tests/commands/test_train.py; what the console shows: tests/train/test_console.py."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
 import train  # noqa: F401  (registers the config schemas)
 from gpt.config import DataConfig, DecodeConfig, SamplingConfig
@@ -21,6 +22,7 @@ from gpt.tokenizer import CharTokenizer
 from gpt.train.callbacks import (
     Evaluate,
     NonFiniteGuard,
+    ProgressBar,
     RunReport,
     SampleText,
     ValidateOnLastStep,
@@ -177,6 +179,21 @@ def test_run_report_summary_reads_the_checkpoint_callbacks(tmp_path):
         f"last checkpoint: {tmp_path / 'last.ckpt'}",
         f"best checkpoint: {tmp_path / 'best-step=6.ckpt'}",
     ]
+
+
+# ----------------------------------------------------------------------------- ProgressBar
+
+
+def test_the_progress_bar_shows_numbers_to_four_decimals_as_the_report_does():
+    trainer = SimpleNamespace(progress_bar_metrics={"val/loss": 3.39841, "val/ppl": 29.916108}, loggers=[])
+    module = SimpleNamespace(bar_metrics={"loss": 3.36})
+    metrics = ProgressBar().get_metrics(trainer, module)
+    assert metrics == {"loss": "3.3600", "val/loss": "3.3984", "val/ppl": "29.9161"}
+    bar = Tqdm(disable=True)  # the class Lightning draws the bars with; formats the postfix as drawn
+    bar.set_postfix({"v_num": 0, **metrics}, refresh=False)
+    assert bar.postfix == "v_num=0, loss=3.3600, val/loss=3.3984, val/ppl=29.9161"
+    bar.set_postfix({"loss": 3.36}, refresh=False)  # what Lightning's bar alone would show
+    assert bar.postfix == "loss=3.360"
 
 
 def test_sample_settings_come_from_conf_and_are_checked():
