@@ -183,13 +183,13 @@ def build(
                 }
             )
     loggers = [hydra.utils.instantiate(c) for c in cfg.logger.values()]
-    # Lightning's own switch (+trainer.enable_progress_bar=false) wins over the bar in callbacks,
-    # which Lightning would otherwise refuse next to it.
-    bar_off = cfg.trainer.get("enable_progress_bar") is False
+    # Lightning's own switch wins over the bar in callbacks: +trainer.enable_progress_bar=false drops it
+    # (Lightning would refuse it next to the switch) and =true draws it to a file too.
+    bar = cfg.trainer.get("enable_progress_bar")
     callbacks = [
-        hydra.utils.instantiate(c)
+        hydra.utils.instantiate(c, **({"terminal_only": False} if bar and name == "progress_bar" else {}))
         for name, c in cfg.callbacks.items()
-        if not (bar_off and name == "progress_bar")
+        if not (bar is False and name == "progress_bar")
     ]
     plugins = [AtomicCheckpointIO()]
     trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers, callbacks=callbacks, plugins=plugins)

@@ -1,11 +1,12 @@
 """Callbacks Lightning does not ship: validate on the last step, stop on non-finite values, throughput,
 text samples, evaluation tasks (generation, HellaSwag, multiple choice, bits per byte), the run report,
-and a progress bar that reads no tensor between logging steps."""
+and a progress bar that reads no tensor between logging steps and is drawn only on a terminal."""
 
 from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from itertools import islice
@@ -208,7 +209,26 @@ class ProgressBar(TQDMProgressBar):
     a training hook and converts it to a number again after every batch until it is logged anew
     (logger_connector.on_batch_end -> _ResultCollection.metrics -> convert_tensors_to_scalars, an
     .item() on the device), even without a progress bar: one host-device sync per step.
+
+    terminal_only: draw the bars only where they go to a terminal (Lightning's write to stdout).
+    Redirected to a file or a pipe, every redraw would stay in it, with the cursor moves of the
+    validation bar; RunReport's lines say what matters there.
     """
+
+    def __init__(
+        self,
+        refresh_rate: int = 1,
+        process_position: int = 0,
+        leave: bool = False,
+        terminal_only: bool = True,
+    ) -> None:
+        super().__init__(refresh_rate, process_position, leave)
+        self.terminal_only = terminal_only
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.terminal_only and not _is_terminal(sys.stdout):
+            self.disable()
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         metrics = super().get_metrics(trainer, pl_module)
@@ -220,6 +240,14 @@ class ProgressBar(TQDMProgressBar):
 def _four_decimals(value: Any) -> Any:
     # Integers (v_num) and strings as they are; NaN and inf as Lightning's bar writes them.
     return f"{value:.4f}" if isinstance(value, float) and math.isfinite(value) else value
+
+
+def _is_terminal(stream: Any) -> bool:
+    """Whether `stream` is a terminal (not a file, a pipe, a closed stream or None)."""
+    try:
+        return bool(stream is not None and stream.isatty())
+    except (AttributeError, ValueError):  # no isatty (a stand-in object), or closed
+        return False
 
 
 def _inputs(batch: tuple[torch.Tensor, torch.Tensor] | Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -4,6 +4,7 @@ run: tests/commands/test_train.py; what the console shows: tests/train/test_cons
 
 from __future__ import annotations
 
+import io
 import json
 from types import SimpleNamespace
 
@@ -194,6 +195,25 @@ def test_the_progress_bar_shows_numbers_to_four_decimals_as_the_report_does():
     assert bar.postfix == "v_num=0, loss=3.3600, val/loss=3.3984, val/ppl=29.9161"
     bar.set_postfix({"loss": 3.36}, refresh=False)  # what Lightning's bar alone would show
     assert bar.postfix == "loss=3.360"
+
+
+class Stream(io.StringIO):
+    def __init__(self, terminal: bool) -> None:
+        super().__init__()
+        self.terminal = terminal
+
+    def isatty(self) -> bool:
+        return self.terminal
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+@pytest.mark.parametrize("terminal_only", [True, False])
+def test_the_progress_bar_is_drawn_only_where_stdout_is_a_terminal(monkeypatch, terminal, terminal_only):
+    monkeypatch.setattr("sys.stdout", Stream(terminal))
+    bar = ProgressBar(refresh_rate=10, terminal_only=terminal_only)
+    bar.setup(SimpleNamespace(is_global_zero=True), None, "fit")
+    assert bar.is_enabled is (terminal or not terminal_only)
+    assert bar.init_train_tqdm().disable is not bar.is_enabled  # Lightning's bars follow the switch
 
 
 def test_sample_settings_come_from_conf_and_are_checked():

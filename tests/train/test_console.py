@@ -1,16 +1,28 @@
 """What `python train.py` prints (gpt/train/console.py, gpt.train.callbacks.RunReport): each line once, on the
-console and in train.log; no known-false warnings; a summary that matches the CSV log."""
+console and in train.log; no known-false warnings; a summary that matches the CSV log; to a file or a
+pipe no progress bars, on a terminal the bars."""
 
 from __future__ import annotations
 
+import fcntl
+import os
+import pty
 import re
+import select
+import struct
+import subprocess
+import sys
+import termios
+import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from lightning.pytorch.callbacks import ProgressBar as LightningProgressBar
 
 from gpt.runs.metrics import read_metrics
-from tests.helpers import assert_ok, run_script, train_args, write_corpus
+from gpt.train.callbacks import ProgressBar
+from tests.helpers import FAST, ROOT, assert_ok, build_in_process, run_script, train_args, write_corpus
 
 # A piece of each warning gpt/train/console.py and gpt/train/wandb_logger.py silence.
 SILENCED = (
@@ -32,6 +44,44 @@ def console_lines(*outputs: str) -> list[str]:
 def log_messages(train_log: Path) -> list[str]:
     """The first line of each record in train.log."""
     return [m.group(3) for line in train_log.read_text().splitlines() if (m := LOG_RECORD.match(line))]
+
+
+# What only a progress bar prints: Lightning's bars and the data preparation's (gpt/data/prepare.py).
+BAR_TEXT = (
+    "it/s]",
+    "Epoch 0:",
+    "Training:",
+    "Validation:",
+    "Validation DataLoader",
+    "characters:",
+    "tokenizing:",
+)
+
+
+def run_in_terminal(*args: str, cwd: Path, timeout: float = 300) -> tuple[int, str]:
+    """run_script with stdin, stdout and stderr on a pseudo-terminal 160 columns wide: (exit code,
+    what the terminal received)."""
+    cmd = [sys.executable, *(str(ROOT / a) if a.endswith(".py") else a for a in args)]
+    env = os.environ | {"PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    master, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=terminal, stdout=terminal, stderr=terminal)
+    os.close(terminal)
+    received, deadline = [], time.monotonic() + timeout
+    try:
+        while select.select([master], [], [], max(deadline - time.monotonic(), 0))[0]:
+            try:
+                chunk = os.read(master, 1 << 16)
+            except OSError:  # EIO: every process holding the terminal has closed it
+                break
+            if not chunk:
+                break
+            received.append(chunk)
+        else:
+            proc.kill()
+    finally:
+        os.close(master)
+    return proc.wait(timeout=60), b"".join(received).decode("utf-8", "replace")
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +155,58 @@ def test_train_log_has_the_run_dir_and_each_validation(fresh_and_resumed):
     assert len(logged) == len(val) == 2
     for line, step, row in zip(logged, (6, 12), val, strict=True):
         assert line.startswith(f"validation at step {step}: val/loss {row['val/loss']:.4f}, val/ppl ")
+
+
+@pytest.fixture(scope="module")
+def redirected(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    """A fresh 6-step run, its output to pipes as in `python train.py > out.log 2>&1`:
+    {"rich": (process, folder)} (rich importable where it is installed)."""
+    work = tmp_path_factory.mktemp("redirected")
+    args = train_args(write_corpus(work / "corpus.txt"), "trainer.max_steps=6", "hydra.run.dir=run")
+    proc = run_script(*args, cwd=work)
+    assert_ok(proc)
+    return {"rich": (proc, work)}
+
+
+def test_to_a_file_or_a_pipe_there_are_no_progress_bars_only_lines(redirected):
+    """No redraws (\\r), no cursor moves, no bar, neither Lightning's nor the data preparation's; the
+    lines a terminal would keep are all there."""
+    for proc, _ in redirected.values():
+        for text in (proc.stdout, proc.stderr):
+            assert "\r" not in text and not ANSI.search(text), text[:3000]
+            assert not [piece for piece in BAR_TEXT if piece in text], text[:3000]
+        assert re.search(r"^prepared [\d,]+ tokens ", proc.stdout, re.MULTILINE)  # what the data bars did
+        assert re.search(r"^validation at step 6: val/loss \d+\.\d{4}, ", proc.stdout, re.MULTILINE)
+        assert re.search(r"^training finished at step 6: ", proc.stdout, re.MULTILINE)
+
+
+def test_on_a_terminal_the_bars_are_drawn_with_four_decimals(tmp_path):
+    write_corpus(tmp_path / "corpus.txt")
+    code, shown = run_in_terminal(
+        *train_args(tmp_path / "corpus.txt", "trainer.max_steps=6", "hydra.run.dir=run"), cwd=tmp_path
+    )
+    assert code == 0, shown[-3000:]
+    assert not [piece for piece in BAR_TEXT if piece not in shown], shown[-3000:]
+    assert "\r" in shown and ANSI.search(shown)
+    bar = [line for line in console_lines(shown) if line.startswith("Epoch 0: 100%")][-1]
+    four = r"\d+\.\d{4}"
+    assert re.search(rf", loss={four}, val/loss={four}, val/ppl={four}, val/bpb={four}\]$", bar), bar
+    lines = console_lines(shown)
+    report = ("validation at step 6: ", "training finished at step 6: ")
+    assert len([line for line in lines if line.startswith(report)]) == 2, lines  # as to a file
+
+
+def test_lightnings_switch_draws_the_bar_to_a_file_too(tiny_corpus, tmp_path):
+    """+trainer.enable_progress_bar=true: the bar is drawn to a file too; =false: no bar
+    (tests/commands/test_train.py)."""
+
+    def of(trainer, kind):
+        return [c for c in trainer.callbacks if isinstance(c, kind)]
+
+    def build(name, *overrides):
+        return build_in_process(tiny_corpus, tmp_path / name, *overrides, base=FAST)[0]  # with the bar
+
+    (bar,) = of(build("a"), LightningProgressBar)
+    assert type(bar) is ProgressBar and bar.terminal_only
+    (bar,) = of(build("c", "+trainer.enable_progress_bar=true"), LightningProgressBar)
+    assert type(bar) is ProgressBar and not bar.terminal_only
