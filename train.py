@@ -186,16 +186,22 @@ def build(
                 }
             )
     loggers = [hydra.utils.instantiate(c) for c in cfg.logger.values()]
-    # Lightning's own switch (+trainer.enable_progress_bar=false) wins over the bar in callbacks,
-    # which Lightning would otherwise refuse next to it.
-    bar_off = cfg.trainer.get("enable_progress_bar") is False
+    # Lightning's own switches win over the callbacks that stand for them: +trainer.enable_progress_bar=false
+    # drops the bar (Lightning would refuse it next to the switch) and =true draws it to a file too;
+    # trainer.enable_model_summary=false drops the summary.
+    bar, summary = cfg.trainer.get("enable_progress_bar"), cfg.trainer.get("enable_model_summary")
+    off = {name for name, switch in (("progress_bar", bar), ("model_summary", summary)) if switch is False}
     callbacks = [
-        hydra.utils.instantiate(c)
+        hydra.utils.instantiate(c, **({"terminal_only": False} if bar and name == "progress_bar" else {}))
         for name, c in cfg.callbacks.items()
-        if not (bar_off and name == "progress_bar")
+        if name not in off
     ]
-    plugins = [AtomicCheckpointIO()]
-    trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers, callbacks=callbacks, plugins=plugins)
+    # The summary is callbacks.model_summary: Lightning's switch would add its own (a rich box where
+    # rich is installed) or log that it did not.
+    parts = dict(
+        logger=loggers, callbacks=callbacks, plugins=[AtomicCheckpointIO()], enable_model_summary=False
+    )
+    trainer = hydra.utils.instantiate(cfg.trainer, **parts)
     if HydraConfig.get().mode == RunMode.MULTIRUN and isinstance(
         trainer.strategy.launcher, _SubprocessScriptLauncher
     ):
@@ -206,9 +212,7 @@ def build(
                 f"sweeps (-m) on several devices need trainer.strategy=ddp_spawn (or auto), not "
                 f"{cfg.trainer.strategy}: with ddp each worker process would start the whole sweep again"
             )
-        trainer = hydra.utils.instantiate(
-            cfg.trainer, strategy="ddp_spawn", logger=loggers, callbacks=callbacks, plugins=plugins
-        )
+        trainer = hydra.utils.instantiate(cfg.trainer, strategy="ddp_spawn", **parts)
     for callback in trainer.callbacks:  # read and check the evaluation's examples before training starts
         if isinstance(callback, Evaluate):
             line = callback.load(trainer.strategy, module, datamodule)

@@ -153,7 +153,10 @@ class Meter:
     """The progress bar: bytes read (the bar) and tokens written per second (its postfix)."""
 
     def __init__(self, total: int | None, desc: str, verbose: bool) -> None:
-        self.bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not verbose, leave=verbose)
+        # disable=None: drawn only where stderr is a terminal; to a file every redraw would stay in it
+        # (the line printed once prepared says what was done).
+        disable = None if verbose else True
+        self.bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=disable, leave=verbose)
         self.tokens, self.t0 = 0, time.perf_counter()
 
     def read(self, n: int) -> None:

@@ -1,11 +1,15 @@
 """Callbacks Lightning does not ship: validate on the last step, stop on non-finite values, throughput,
 text samples, evaluation tasks (generation, HellaSwag, multiple choice, bits per byte), the run report,
-and a progress bar that reads no tensor between logging steps."""
+a progress bar that reads no tensor between logging steps and is drawn only on a terminal, and a plain
+model summary."""
 
 from __future__ import annotations
 
 import logging
+import math
+import sys
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from itertools import islice
 from pathlib import Path
@@ -13,10 +17,13 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelSummary as LightningModelSummary
 from lightning.pytorch.callbacks import ThroughputMonitor, TQDMProgressBar
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table  # ModelSummary's
 from torch.distributed.tensor import DTensor
+from torchmetrics import Metric
 
 from gpt.config import BPB_WINDOWS, EVAL_TASKS, DataConfig, DecodeConfig, SamplingConfig, sampling_config
 from gpt.data.pairs import PreparedPairs, Template, format_prompt, get_template, read_examples, template_of
@@ -200,18 +207,90 @@ class NonFiniteGuard(L.Callback):
 
 class ProgressBar(TQDMProgressBar):
     """Lightning's TQDMProgressBar, plus the module's `bar_metrics` (GPTLitModule: the training loss),
-    Python numbers the module sets on logging steps.
+    Python numbers the module sets on logging steps, and every number to 4 decimals, as RunReport's
+    lines show them (tqdm's own format keeps 3 significant digits: loss=3.360).
 
     The training loss is not logged with self.log(prog_bar=True): Lightning keeps a value logged in
     a training hook and converts it to a number again after every batch until it is logged anew
     (logger_connector.on_batch_end -> _ResultCollection.metrics -> convert_tensors_to_scalars, an
     .item() on the device), even without a progress bar: one host-device sync per step.
+
+    terminal_only: draw the bars only where they go to a terminal (Lightning's write to stdout).
+    Redirected to a file or a pipe, every redraw would stay in it, with the cursor moves of the
+    validation bar; RunReport's lines say what matters there.
     """
+
+    def __init__(
+        self,
+        refresh_rate: int = 1,
+        process_position: int = 0,
+        leave: bool = False,
+        terminal_only: bool = True,
+    ) -> None:
+        super().__init__(refresh_rate, process_position, leave)
+        self.terminal_only = terminal_only
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.terminal_only and not _is_terminal(sys.stdout):
+            self.disable()
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         metrics = super().get_metrics(trainer, pl_module)
         version = {"v_num": metrics.pop("v_num")} if "v_num" in metrics else {}
-        return {**version, **getattr(pl_module, "bar_metrics", {}), **metrics}
+        metrics = {**version, **getattr(pl_module, "bar_metrics", {}), **metrics}
+        return {name: _four_decimals(value) for name, value in metrics.items()}
+
+
+def _four_decimals(value: Any) -> Any:
+    # Integers (v_num) and strings as they are; NaN and inf as Lightning's bar writes them.
+    return f"{value:.4f}" if isinstance(value, float) and math.isfinite(value) else value
+
+
+def _is_terminal(stream: Any) -> bool:
+    """Whether `stream` is a terminal (not a file, a pipe, a closed stream or None)."""
+    try:
+        return bool(stream is not None and stream.isatty())
+    except (AttributeError, ValueError):  # no isatty (a stand-in object), or closed
+        return False
+
+
+class ModelSummary(LightningModelSummary):
+    """Lightning's ModelSummary (the module's submodules to `max_depth`, their parameters), one plain
+    table in the log, the same whether or not rich is installed: Lightning's default where it can
+    import rich is RichModelSummary, a box table printed to the console only. Left out: the module's
+    torchmetrics objects (running sums and means, no parameters) and the FLOPs column and total,
+    which Lightning counts in a forward pass of the module's `example_input_array` only, so
+    GPTLitModule's read 0 (Throughput logs the model's FLOP/s).
+
+    train.py passes the Trainer enable_model_summary=False, so that Lightning adds no summary of its
+    own, and leaves this callback out where the config sets trainer.enable_model_summary=false.
+    """
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        metrics = {name: m for name, m in pl_module.named_modules() if isinstance(m, Metric)}
+        self._metrics = set(metrics)
+        self._metric_modes = Counter("train" if m.training else "eval" for m in metrics.values())
+        super().on_fit_start(trainer, pl_module)
+
+    def summarize(  # Lightning's is a staticmethod; it is called on the callback
+        self,
+        summary_data: list[tuple[str, list[str]]],
+        total_parameters: int,
+        trainable_parameters: int,
+        model_size: float,
+        total_training_modes: dict[str, int],
+        total_flops: int,
+        **summarize_kwargs: Any,
+    ) -> None:
+        rows = [i for i, name in enumerate(dict(summary_data)["Name"]) if name not in self._metrics]
+        columns = [(title, [values[i] for i in rows]) for title, values in summary_data if title != "FLOPs"]
+        if columns and columns[0][0] == " ":  # the row numbers: again from 0 (" " marks a leftover row)
+            numbers = iter(range(len(rows)))
+            columns[0] = (" ", [value if value == " " else str(next(numbers)) for value in columns[0][1]])
+        modes = {mode: n - self._metric_modes[mode] for mode, n in total_training_modes.items()}
+        table = _format_summary_table(total_parameters, trainable_parameters, model_size, modes, 0, *columns)
+        log.info("\n".join(line.rstrip() for line in table.splitlines() if not line.endswith("Total Flops")))
 
 
 def _inputs(batch: tuple[torch.Tensor, torch.Tensor] | Mapping[str, torch.Tensor]) -> torch.Tensor:

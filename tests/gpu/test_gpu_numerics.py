@@ -190,7 +190,8 @@ def test_training_waits_for_the_device_only_on_logging_steps(tmp_path):
             max_steps=12,
             log_every_n_steps=4,
             enable_progress_bar=True,
-            callbacks=[NonFiniteGuard(), Throughput(), ProgressBar(refresh_rate=1), counter],
+            # the bar drawn as on a terminal (stdout is not one here)
+            callbacks=[NonFiniteGuard(), Throughput(), ProgressBar(1, terminal_only=False), counter],
         )
         torch.cuda.set_sync_debug_mode("warn")
         try:

@@ -1,32 +1,39 @@
 """The callbacks Lightning does not ship, called as Lightning calls them: ValidateOnLastStep,
-NonFiniteGuard, SampleText, Evaluate and RunReport. Throughput in a real run:
-tests/commands/test_train.py."""
+NonFiniteGuard, SampleText, Evaluate, RunReport, ProgressBar and ModelSummary. Throughput in a real
+run: tests/commands/test_train.py; what the console shows: tests/train/test_console.py."""
 
 from __future__ import annotations
 
+import io
 import json
+import logging
+import re
 from types import SimpleNamespace
 
 import pytest
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
 import train  # noqa: F401  (registers the config schemas)
-from gpt.config import DataConfig, DecodeConfig, SamplingConfig
+from gpt.config import DataConfig, DecodeConfig, OptimConfig, SamplingConfig
 from gpt.data.pairs import data_format
 from gpt.errors import NonFiniteError
 from gpt.generate.text import generate_text
 from gpt.tokenizer import CharTokenizer
 from gpt.train.callbacks import (
     Evaluate,
+    ModelSummary,
     NonFiniteGuard,
+    ProgressBar,
     RunReport,
     SampleText,
     ValidateOnLastStep,
     held_out_examples,
 )
-from tests.helpers import CHARS, compose_train, tiny_model
+from gpt.train.lit_module import GPTLitModule
+from tests.helpers import CHARS, compose_train, tiny_config, tiny_model
 
 
 def test_validate_on_last_step_asks_to_stop_at_max_steps_only():
@@ -177,6 +184,63 @@ def test_run_report_summary_reads_the_checkpoint_callbacks(tmp_path):
         f"last checkpoint: {tmp_path / 'last.ckpt'}",
         f"best checkpoint: {tmp_path / 'best-step=6.ckpt'}",
     ]
+
+
+# ----------------------------------------------------------------------------- ProgressBar, ModelSummary
+
+
+def test_the_progress_bar_shows_numbers_to_four_decimals_as_the_report_does():
+    trainer = SimpleNamespace(progress_bar_metrics={"val/loss": 3.39841, "val/ppl": 29.916108}, loggers=[])
+    module = SimpleNamespace(bar_metrics={"loss": 3.36})
+    metrics = ProgressBar().get_metrics(trainer, module)
+    assert metrics == {"loss": "3.3600", "val/loss": "3.3984", "val/ppl": "29.9161"}
+    bar = Tqdm(disable=True)  # the class Lightning draws the bars with; formats the postfix as drawn
+    bar.set_postfix({"v_num": 0, **metrics}, refresh=False)
+    assert bar.postfix == "v_num=0, loss=3.3600, val/loss=3.3984, val/ppl=29.9161"
+    bar.set_postfix({"loss": 3.36}, refresh=False)  # what Lightning's bar alone would show
+    assert bar.postfix == "loss=3.360"
+
+
+class Stream(io.StringIO):
+    def __init__(self, terminal: bool) -> None:
+        super().__init__()
+        self.terminal = terminal
+
+    def isatty(self) -> bool:
+        return self.terminal
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+@pytest.mark.parametrize("terminal_only", [True, False])
+def test_the_progress_bar_is_drawn_only_where_stdout_is_a_terminal(monkeypatch, terminal, terminal_only):
+    monkeypatch.setattr("sys.stdout", Stream(terminal))
+    bar = ProgressBar(refresh_rate=10, terminal_only=terminal_only)
+    bar.setup(SimpleNamespace(is_global_zero=True), None, "fit")
+    assert bar.is_enabled is (terminal or not terminal_only)
+    assert bar.init_train_tqdm().disable is not bar.is_enabled  # Lightning's bars follow the switch
+
+
+def test_the_model_summary_lists_the_model_without_metric_objects_or_flops(caplog):
+    module = GPTLitModule.from_configs(tiny_config(), OptimConfig(), CharTokenizer(CHARS))
+    assert {"train_loss", "val_nats"} <= {name for name, _ in module.named_children()}  # torchmetrics objects
+    with caplog.at_level(logging.INFO, logger="gpt.train.callbacks"):
+        ModelSummary().on_fit_start(SimpleNamespace(is_global_zero=True, strategy=None), module)
+    (table,) = [r.getMessage() for r in caplog.records]
+    lines = table.splitlines()
+    assert re.fullmatch(r" +\| Name +\| Type +\| Params +\| Mode", lines[0])
+    assert set(lines[1]) == set(lines[3]) == {"-"}
+    assert re.fullmatch(r"0 \| model \| GPT  \| [\d.]+ K +\| train", lines[2])  # the model's only row
+    modules = len(list(module.model.modules()))
+    assert [line[10:] for line in lines[4:]] == [  # Lightning's: a value 10 wide, then its name
+        "Trainable params",
+        "Non-trainable params",
+        "Total params",
+        "Total estimated model params size (MB)",
+        "Modules in train mode",
+        "Modules in eval mode",
+    ]
+    assert lines[8].split()[0] == str(modules)  # the model's modules, not the metric objects
+    assert not re.search("flop|metric", table, re.IGNORECASE) and table == table.rstrip()
 
 
 def test_sample_settings_come_from_conf_and_are_checked():

@@ -80,7 +80,8 @@ def test_training_reads_tensors_on_the_host_only_on_logging_steps(tmp_path, monk
         callbacks=[
             NonFiniteGuard(action=action),
             Throughput(),
-            bar := ProgressBar(refresh_rate=1),  # train.py's bar, redrawn after every batch
+            # train.py's bar, redrawn after every batch (drawn here too, where stdout is not a terminal)
+            bar := ProgressBar(refresh_rate=1, terminal_only=False),
             counter := CountReads(monkeypatch),
         ],
     )
@@ -88,8 +89,9 @@ def test_training_reads_tensors_on_the_host_only_on_logging_steps(tmp_path, monk
     assert trainer.global_step == 12
     read_on = {step for step, n in counter.by_step.items() if n}
     assert read_on - {0} <= {4, 8, 12}, dict(counter.by_step)  # step 0: setup, before training
-    shown = bar.get_metrics(trainer, module)
-    assert isinstance(shown["loss"], float) and shown["loss"] == module.bar_metrics["loss"]
+    assert bar.is_enabled
+    loss = module.bar_metrics["loss"]
+    assert isinstance(loss, float) and bar.get_metrics(trainer, module)["loss"] == f"{loss:.4f}"
 
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
