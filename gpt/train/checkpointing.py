@@ -62,6 +62,10 @@ class PeriodicCheckpoint(ModelCheckpoint):
         if 0 < trainer.max_steps <= trainer.global_step:
             self.save_now(trainer)
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.save_now(trainer)
+        super().on_train_end(trainer, pl_module)
+
     def save_now(self, trainer: L.Trainer) -> None:
         """Save as a periodic save would, unless this step is saved already (or Lightning would not
         save now: sanity check, fast_dev_run, not fitting)."""

@@ -157,8 +157,8 @@ class StopOnSignal(Checkpoint):
             self._requeue_due = False
             # Lightning's own SLURM handler (checkpoint, requeue), called where a step has ended.
             trainer._signal_connector._slurm_sigusr_handler_fn(signal.SIGUSR1, None)
-        if not self._stop_due:
-            return
+        if not self._stop_due or trainer.should_stop or 0 < trainer.max_steps <= trainer.global_step:
+            return  # training ends after this step anyway (a request stays due should it go on)
         self._stop_due = False
         if validated:
             # Here, where Lightning's best checkpoint of this validation is saved. Later in this loop

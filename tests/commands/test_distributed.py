@@ -177,3 +177,29 @@ def test_two_nodes_on_one_machine_one_run_dir_killed_node_resumes(corpus, tmp_pa
     assert torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 10
     assert losses(killed) == losses(straight)
     assert_same_weights(final_state(killed), final_state(straight))
+
+
+def test_ctrl_c_on_one_rank_stops_both_after_the_same_step_and_resumes_bit_identical(corpus, tmp_path):
+    """Ctrl-C reaching only rank 1 (a `kill -INT` of one process): the ranks agree on the next
+    logging step (every 2nd here) and both stop after it; the same command again ends equal to the
+    uninterrupted run."""
+    ddp = [*TWO_CPUS, "trainer.strategy=ddp", "trainer.log_every_n_steps=2"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    finish(train(corpus, straight, *ddp))
+
+    faults = {
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests' / 'commands' / 'fault_injection'}",
+        "GPT_FAULT_SIGNALS": "INT@train:2",  # in optimizer step 3, which is no logging step
+        "GPT_FAULT_RANK": "1",
+    }
+    proc = run_script(*train_cmd(corpus, stopped, *ddp), cwd=tmp_path, env=faults, timeout=600)
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    line = proc.stdout.strip().splitlines()[-1]
+    assert line.startswith(
+        f"stopped by Ctrl-C after step 4, saved as {stopped}/checkpoints/on_exception.ckpt;"
+    )
+    assert torch.load(stopped / "checkpoints" / "on_exception.ckpt", weights_only=True)["global_step"] == 4
+
+    finish(train(corpus, stopped, *ddp))
+    assert losses(stopped) == losses(straight) and len(losses(stopped)) == STEPS // 2
+    assert_same_weights(final_state(stopped), final_state(straight))

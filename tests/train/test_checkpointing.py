@@ -1,5 +1,5 @@
 """Checkpoints written by training: the final step saved (PeriodicCheckpoint), on_exception.ckpt
-(CheckpointOnException), and atomic writes beside the target (AtomicCheckpointIO)."""
+(CheckpointOnException, on a stop only), and atomic writes beside the target (AtomicCheckpointIO)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from gpt.errors import NonFiniteError
 from gpt.train.checkpointing import AtomicCheckpointIO, CheckpointOnException, PeriodicCheckpoint, saved_step
@@ -61,7 +62,8 @@ def test_checkpoints_are_written_beside_their_target_and_renamed(tmp_path, monke
 
 
 def fake_trainer(saved: list[Path], fails: Exception | None = None) -> SimpleNamespace:
-    def save_checkpoint(path):
+    def save_checkpoint(path, weights_only=None):
+        assert weights_only is False  # everything a resume needs (and no line about it)
         if fails:
             raise fails
         torch.save({"global_step": 3}, path)
@@ -73,22 +75,28 @@ def fake_trainer(saved: list[Path], fails: Exception | None = None) -> SimpleNam
     )
 
 
-def test_on_exception_checkpoint_is_saved_then_removed_by_a_finished_run(tmp_path):
+def test_on_exception_checkpoint_is_saved_on_a_stop_then_removed_by_a_finished_run(tmp_path):
     saved: list[Path] = []
     callback = CheckpointOnException(str(tmp_path))
-    callback.on_exception(fake_trainer(saved), None, KeyboardInterrupt())
+    callback.on_exception(fake_trainer(saved), None, SIGTERMException())
     assert saved == [tmp_path / "on_exception.ckpt"] and saved_step(str(saved[0])) == 3
     callback.teardown(fake_trainer(saved), None, "fit")  # a later run of the same dir finishes
     assert list(tmp_path.iterdir()) == []
 
 
-def test_no_on_exception_checkpoint_of_a_nonfinite_model_and_a_failed_save_only_warns(tmp_path):
+@pytest.mark.parametrize("error", [KeyboardInterrupt(), RuntimeError("x"), NonFiniteError("nan")])
+def test_no_on_exception_checkpoint_of_a_step_cut_short(tmp_path, error):
+    """A second Ctrl-C, a crash or a NaN can come in the middle of a step: the run continues from
+    its newest periodic checkpoint instead."""
     saved: list[Path] = []
+    CheckpointOnException(str(tmp_path)).on_exception(fake_trainer(saved), None, error)
+    assert saved == [] and list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_on_exception_save_only_warns(tmp_path):
     callback = CheckpointOnException(str(tmp_path))
-    callback.on_exception(fake_trainer(saved), None, NonFiniteError("nan"))
-    assert saved == []  # resuming from the step that went wrong would only repeat it
     with pytest.warns(UserWarning, match=r"could not save .*on_exception.ckpt: \[Errno 28\] disk full"):
-        callback.on_exception(fake_trainer(saved, OSError(28, "disk full")), None, RuntimeError("x"))
+        callback.on_exception(fake_trainer([], OSError(28, "disk full")), None, SIGTERMException())
     assert list(tmp_path.iterdir()) == []
 
 

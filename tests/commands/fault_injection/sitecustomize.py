@@ -11,6 +11,7 @@ GPT_FAULT_SIGNALS=SIG@WHERE,...
                             WHERE: train:N (in the training step of optimizer step N, 0-based),
                             val:N (in a validation step after N steps), save:NAME (while the
                             checkpoint file NAME is written).
+GPT_FAULT_RANK=R            the signals only in the process of local rank R (LOCAL_RANK).
 """
 
 import os
@@ -64,6 +65,10 @@ if os.environ.get("GPT_FAULT_SIGNALS"):
     _fired: set[int] = set()
 
     def _fire(where: str, matches) -> None:
+        if os.environ.get("LOCAL_RANK", "0") != os.environ.get(
+            "GPT_FAULT_RANK", os.environ.get("LOCAL_RANK", "0")
+        ):
+            return
         for i, (sig, place) in enumerate(_faults):
             kind, _, arg = place.partition(":")
             if i not in _fired and kind == where and matches(arg):
