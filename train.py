@@ -201,6 +201,9 @@ def build(
     parts = dict(
         logger=loggers, callbacks=callbacks, plugins=[AtomicCheckpointIO()], enable_model_summary=False
     )
+    if "progress_bar" not in cfg.callbacks and bar is None:
+        # ~callbacks.progress_bar means no bar, not Lightning's default one (rich's where installed).
+        parts["enable_progress_bar"] = False
     trainer = hydra.utils.instantiate(cfg.trainer, **parts)
     if HydraConfig.get().mode == RunMode.MULTIRUN and isinstance(
         trainer.strategy.launcher, _SubprocessScriptLauncher

@@ -138,7 +138,7 @@ def score_bpb(
     device = next(model.parameters()).device
     token_bytes = token_byte_lengths(tokenizer, model.config.vocab_size).to(device)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # nats, tokens, text_nats, bytes
-    bar = tqdm(total=len(windows), desc="bpb", unit="window", disable=not progress, leave=False)
+    bar = tqdm(total=len(windows), desc="bpb", unit="window", disable=None if progress else True, leave=False)
     was_training = model.training
     model.eval()
     try:

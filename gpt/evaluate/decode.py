@@ -52,7 +52,9 @@ def generate_ids(
     device = next(model.parameters()).device
     eot, vocab = tokenizer.eot_token, tokenizer.vocab_size
     out: list[list[int]] = []
-    with tqdm(total=len(examples), desc=method, unit="example", disable=not progress, leave=False) as bar:
+    with tqdm(
+        total=len(examples), desc=method, unit="example", disable=None if progress else True, leave=False
+    ) as bar:
         if method == "beam":
             for ex in examples:
                 idx = torch.tensor([ex.prompt_ids], dtype=torch.long, device=device)

@@ -103,7 +103,13 @@ def loglikelihoods(
     results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
     was_training = model.training
     model.eval()
-    bar = tqdm(total=len(requests), desc="loglikelihood", unit="request", disable=not progress, leave=False)
+    bar = tqdm(
+        total=len(requests),
+        desc="loglikelihood",
+        unit="request",
+        disable=None if progress else True,
+        leave=False,
+    )
     try:
         with torch.inference_mode(), bar:
             for start in range(0, len(order), batch_size):

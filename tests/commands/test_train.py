@@ -11,6 +11,7 @@ from gpt.config import OptimConfig
 from gpt.runs.metrics import read_metrics
 from gpt.train.optim import MuonWithAdamW, lr_factor
 from tests.helpers import (
+    BASE,
     assert_ok,
     assert_same_weights,
     build_in_process,
@@ -209,7 +210,14 @@ def test_val_windows_null_scores_fewer_windows_on_cpu_with_a_large_vocabulary(ti
 def test_lightnings_switch_turns_the_progress_bar_off(tiny_corpus, tmp_path):
     from lightning.pytorch.callbacks import ProgressBar
 
-    trainer, _, _ = build_in_process(tiny_corpus, tmp_path / "a", "+trainer.enable_progress_bar=false")
+    with_bar = [a for a in BASE if a != "~callbacks.progress_bar"]
+    trainer, _, _ = build_in_process(
+        tiny_corpus, tmp_path / "a", "+trainer.enable_progress_bar=false", base=with_bar
+    )
     assert not any(isinstance(c, ProgressBar) for c in trainer.callbacks)
-    trainer, _, _ = build_in_process(tiny_corpus, tmp_path / "b")
+    trainer, _, _ = build_in_process(tiny_corpus, tmp_path / "b", base=with_bar)
     assert any(isinstance(c, ProgressBar) for c in trainer.callbacks)
+    # Without our bar, no bar: not Lightning's default one (rich's where rich is installed).
+    trainer, _, _ = build_in_process(tiny_corpus, tmp_path / "c")
+    assert "~callbacks.progress_bar" in BASE
+    assert not any(isinstance(c, ProgressBar) for c in trainer.callbacks)
