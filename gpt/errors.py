@@ -117,7 +117,7 @@ def unparsed_override(override: str, sweep: str | None = None) -> str:
     }
     msg = f"could not parse the override {override!r}{why[sweep]}; "
     # Quoting the value helps when the key is fine and the value is no list, dict or quote itself.
-    if sep and re.fullmatch(r"\+{0,2}[\w./-]+", key) and not set("\"'=[{") & set(value):
+    if sep and re.fullmatch(r"\+{0,2}[\w./-]+", key) and not set("\"'[{") & set(value):
         msg += f"""put the value in quotes inside the argument: '{key}="{value}"'"""
         if sweep == "commas" and free is None:
             msg += f" (a list: '{key}=[{value}]'; a sweep: --multirun)"

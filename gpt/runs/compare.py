@@ -4,7 +4,8 @@ python compare.py runs='runs/2026-11-21/*'                      # a glob (compar
 python compare.py runs=[runs/multirun/2026-11-21/10-00-00] out=sweep.png   # a folder of runs
 
 The table has the config values that differ between the runs, then parameters, steps, tokens seen,
-best validation loss and its perplexity, tokens/s and training wall time, then the results that
+best validation loss and its perplexity, tokens/s and the time spent in training steps (validation
+excluded, summed over resumes), then the results that
 evaluate.py wrote into each run's evals/ (a column per file and metric, such as hellaswag/acc_norm).
 The plot shows train and validation loss against tokens seen.
 """
@@ -256,7 +257,7 @@ def table(runs: list[Run]) -> list[list[str]]:
         "best val loss",
         "val ppl",
         "tokens/s",
-        "wall time",
+        "train time",
         *evals,
     ]
     rows = [header]

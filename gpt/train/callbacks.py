@@ -707,7 +707,7 @@ class RunReport(L.Callback):
         tokens = getattr(pl_module, "tokens_seen", 0)
         lines = [
             f"training finished at step {step}: {step - start} steps{resumed} in "
-            f"{time.monotonic() - self._started:.1f} s, {tokens:,} training tokens"
+            f"{time.monotonic() - self._started:.1f} s (training and validation), {tokens:,} training tokens"
         ]
         checkpoints = trainer.checkpoint_callbacks
         best = next((c for c in checkpoints if getattr(c, "monitor", None) == self.monitor), None)

@@ -86,10 +86,13 @@ class StopOnSignal(Checkpoint):
         if self._asked is None:
             self._asked = what
             if what == CTRL_C and self._trainer is not None and self._trainer.is_global_zero:
-                # os.write, not print: the handler may have interrupted a write to sys.stderr.
+                # os.write, not print: the handler may have interrupted a write to sys.stderr. On a
+                # terminal, a line of its own below the progress bar.
+                fd = sys.stderr.fileno()
                 os.write(
-                    sys.stderr.fileno(),
-                    b"\nCtrl-C: stopping after this step and saving a checkpoint "
+                    fd,
+                    (b"\n" if os.isatty(fd) else b"")
+                    + b"Ctrl-C: stopping after this step and saving a checkpoint "
                     b"(Ctrl-C again stops at once, losing the steps since the last checkpoint)\n",
                 )
 

@@ -72,7 +72,7 @@ def test_compare_table_matches_the_runs_logs(sweep, tmp_path, capsys):
         assert row["val ppl"] == f"{math.exp(min(val)):.2f}"
         seconds = max(r["train/time"] for r in logs if "train/time" in r)
         h, rest = divmod(round(seconds), 3600)
-        assert row["wall time"] == f"{h}:{rest // 60:02d}:{rest % 60:02d}"
+        assert row["train time"] == f"{h}:{rest // 60:02d}:{rest % 60:02d}"
         assert count(row["tokens/s"]) == pytest.approx(train[-1]["train/tokens"] / seconds, rel=0.01)
     png = (tmp_path / "plot.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 20_000

@@ -178,7 +178,7 @@ def test_run_report_summary_reads_the_checkpoint_callbacks(tmp_path):
     report._last_validation_step = 12
     lines = report.summary(trainer, SimpleNamespace(tokens_seen=8 * 32 * 8))
     assert lines[0].startswith("training finished at step 12: 8 steps (resumed at step 4) in ")
-    assert lines[0].endswith(" s, 2,048 training tokens")
+    assert lines[0].endswith(" s (training and validation), 2,048 training tokens")
     assert lines[1:] == [
         "final val/loss 1.5000 at step 12, best 1.2346 at step 6",
         f"last checkpoint: {tmp_path / 'last.ckpt'}",

@@ -167,7 +167,8 @@ def test_summary_on_the_console_and_in_train_log_matches_the_metrics(fresh_and_r
         steps, start = 6 * (i + 1), 6 * i
         resumed = re.escape(f" (resumed at step {start})") if start else ""
         pattern = (
-            rf"training finished at step {steps}: 6 steps{resumed} in [\d.]+ s, ([\d,]+) training tokens\n"
+            rf"training finished at step {steps}: 6 steps{resumed} in [\d.]+ s \(training and validation\), "
+            r"([\d,]+) training tokens\n"
             rf"  final val/loss ([\d.]+) at step {steps}, best ([\d.]+) at step (\d+)\n"
             r"  last checkpoint: (.+)\n"
             r"  best checkpoint: (.+)\n"
