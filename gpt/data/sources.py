@@ -161,9 +161,18 @@ def open_binary(path: Path) -> tuple[BinaryIO, BinaryIO]:
     return raw, raw
 
 
-def not_text(path: Path) -> str | None:
-    """Why the file at `path` (gzip-compressed or not) is not text: a byte that is not UTF-8 or a NUL
-    byte; None when it is text. Read in pieces, as the corpus is; a broken gzip stream is an error."""
+class NotUTF8(ValueError):
+    """A byte that is not UTF-8, at `offset` of the (decompressed) file."""
+
+    def __init__(self, offset: int) -> None:
+        super().__init__(f"not UTF-8 near offset {offset}")
+        self.offset = offset
+
+
+def text_pieces(path: Path) -> Iterator[tuple[str, bytes, int]]:
+    """The file's text decoded (strict UTF-8) piece by piece, as (text, its bytes, bytes read from
+    the disk so far); the last piece is empty. NotUTF8 for a byte that is not UTF-8, a UserError for
+    a broken gzip stream."""
     stream, raw = open_binary(path)
     decoder = codecs.getincrementaldecoder("utf-8")()
     seen = 0
@@ -173,15 +182,28 @@ def not_text(path: Path) -> str | None:
                 data = stream.read(READ_BYTES)
             except (OSError, EOFError, zlib.error) as e:
                 raise _bad_gzip(path, e) from None
-            if b"\x00" in data:
-                return f"a NUL byte at offset {seen + data.index(0)}"
             try:
-                decoder.decode(data, final=not data)
+                text = decoder.decode(data, final=not data)
             except UnicodeDecodeError as e:
-                return f"not UTF-8 near offset {seen + e.start}"
+                raise NotUTF8(seen + e.start) from None
+            yield text, data, raw.tell()
             seen += len(data)
             if not data:
-                return None
+                return
+
+
+def not_text(path: Path) -> str | None:
+    """Why the file at `path` (gzip-compressed or not) is not text: a byte that is not UTF-8 or a NUL
+    byte; None when it is text. Read in pieces, as the corpus is; a broken gzip stream is an error."""
+    seen = 0
+    try:
+        for _, data, _ in text_pieces(path):
+            if b"\x00" in data:
+                return f"a NUL byte at offset {seen + data.index(0)}"
+            seen += len(data)
+    except NotUTF8 as e:
+        return str(e)
+    return None
 
 
 def text_files(cfg: DataConfig, files: list[Path]) -> tuple[list[Path], list[str]]:
@@ -231,26 +253,15 @@ def _bad_gzip(path: Path, e: Exception) -> UserError:
 
 def read_text_file(path: Path, progress: Callable[[int], None]) -> Iterator[str]:
     """One document: the file's text, decoded (strict UTF-8) piece by piece."""
-    stream, raw = open_binary(path)
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    done, seen = 0, 0
-    with stream, raw:
-        while True:
-            try:
-                data = stream.read(READ_BYTES)
-            except (OSError, EOFError, zlib.error) as e:
-                raise _bad_gzip(path, e) from None
-            try:
-                text = decoder.decode(data, final=not data)
-            except UnicodeDecodeError as e:
-                raise _bad_utf8(path, seen + e.start) from None
-            seen += len(data)
-            progress(raw.tell() - done)
-            done = raw.tell()
+    done = 0
+    try:
+        for text, _, read in text_pieces(path):
+            progress(read - done)
+            done = read
             if text:
                 yield _check_text(path, text)
-            if not data:
-                return
+    except NotUTF8 as e:
+        raise _bad_utf8(path, e.offset) from None
 
 
 def jsonl_rows(path: Path, progress: Callable[[int], None] | None = None) -> Iterator[tuple[int, Any]]:
