@@ -266,6 +266,8 @@ def main(cfg: DictConfig) -> None:
             fit(cfg, run_dir, run_config, rank_zero)
     except KeyboardInterrupt:  # Ctrl-C while the data is prepared or the model built
         if rank_zero:
+            if sys.stdout.isatty():
+                print()  # below the ^C the terminal echoed
             log.warning("stopped by Ctrl-C before training started")
         sys.exit(EXIT_INTERRUPTED)
 
@@ -302,6 +304,8 @@ def fit(cfg: DictConfig, run_dir: str, run_config: dict[str, str], rank_zero: bo
         # Lightning turns a KeyboardInterrupt into sys.exit(1); a second Ctrl-C raises one mid-step.
         if isinstance(e, SystemExit) and not isinstance(e.__context__, KeyboardInterrupt):
             raise
+        if sys.stdout.isatty():
+            print()  # below the ^C the terminal echoed
         if stop is not None and stop.aborted:
             what = f"stopped at once by a second Ctrl-C during step {trainer.global_step + 1}"
         else:
@@ -318,11 +322,11 @@ def report_stop(trainer: L.Trainer, run_dir: str, what: str) -> None:
     if not trainer.is_global_zero:
         return
     newest = newest_checkpoint(run_dir)
+    command = resume_command_of_this_run(run_dir)
     if newest is None:
-        log.warning(f"{what}; nothing was saved")
+        log.warning(f"{what}; no checkpoint was saved yet, so this starts it again: {command}")
         return
     step = saved_step(str(newest))
-    command = resume_command_of_this_run(run_dir)
     if step == trainer.global_step:
         log.warning(f"{what}, saved as {newest}; continue with: {command}")
     else:

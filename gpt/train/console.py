@@ -79,10 +79,11 @@ class DropMessages(logging.Filter):
         return not any(text in record.getMessage() for text in self.texts)
 
 
-# Lines Lightning logs about a stop or a save that say something false here.
+# Lines Lightning logs about a stop or a save that say something false here, by logger (None: that
+# of Lightning's rank_zero_info, which `import lightning` sets).
 FALSE_LINES = {
     # Logged when a second Ctrl-C stops a run: train.py says what stopped and how to continue.
-    rank_zero.log.name: ("Detected KeyboardInterrupt, attempting graceful shutdown",),
+    None: ("Detected KeyboardInterrupt, attempting graceful shutdown",),
     # Logged by Trainer.save_checkpoint (SLURM's requeue checkpoint) when not told to save weights
     # only: it is about saving everything, which is what a resume needs, and nothing is loaded.
     "lightning.pytorch.trainer.connectors.checkpoint_connector": ("`weights_only` was not set",),
@@ -90,10 +91,11 @@ FALSE_LINES = {
 
 
 def quiet_stops(resuming_in_place: bool) -> None:
-    """Drop Lightning's false lines about stops and saves; when a run resumes from its own run dir,
-    also its warning that the checkpoint directory "exists and is not empty" (it is this run's)."""
+    """Call after `import lightning`: drop Lightning's false lines about stops and saves; when a run
+    resumes from its own run dir, also its warning that the checkpoint directory "exists and is not
+    empty" (it is this run's)."""
     for name, texts in FALSE_LINES.items():
-        logger = logging.getLogger(name)
+        logger = rank_zero.log if name is None else logging.getLogger(name)
         if not any(isinstance(f, DropMessages) and f.texts == texts for f in logger.filters):
             logger.addFilter(DropMessages(*texts))
     if resuming_in_place:

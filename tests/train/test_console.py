@@ -284,3 +284,23 @@ def test_lightnings_switches_decide_over_the_bar_and_the_summary(tiny_corpus, tm
     assert not of(build("b", "trainer.enable_model_summary=false"), LightningModelSummary)
     (bar,) = of(build("c", "+trainer.enable_progress_bar=true"), LightningProgressBar)
     assert type(bar) is ProgressBar and not bar.terminal_only
+
+
+def test_lightnings_false_lines_about_a_stop_are_dropped_whatever_was_imported_first():
+    """train.py's logging config imports gpt.train.console before Lightning, which then renames the
+    logger of its rank_zero_info: the filter must find the logger Lightning logs to."""
+    code = (
+        "import logging, sys\n"
+        "import gpt.train.console as console\n"
+        "logging.basicConfig(level=logging.INFO, stream=sys.stdout, format='%(message)s')\n"
+        "import lightning\n"
+        "from lightning.pytorch.utilities.rank_zero import rank_zero_info\n"
+        "console.quiet_stops(resuming_in_place=False)\n"
+        "rank_zero_info('\\nDetected KeyboardInterrupt, attempting graceful shutdown ...')\n"
+        "rank_zero_info('a line that stays')\n"
+        "logging.getLogger('lightning.pytorch.trainer.connectors.checkpoint_connector').info(\n"
+        "    '`weights_only` was not set, defaulting to `False`.')\n"
+    )
+    proc = run_script("-c", code, cwd=Path.cwd())
+    assert_ok(proc)
+    assert proc.stdout.split("\n") == ["a line that stays", ""]
