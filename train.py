@@ -266,10 +266,15 @@ def main(cfg: DictConfig) -> None:
             fit(cfg, run_dir, run_config, rank_zero)
     except KeyboardInterrupt:  # Ctrl-C while the data is prepared or the model built
         if rank_zero:
-            if sys.stdout.isatty():
-                print()  # below the ^C the terminal echoed
+            below_ctrl_c_echo()
             log.warning("stopped by Ctrl-C before training started")
         sys.exit(EXIT_INTERRUPTED)
+
+
+def below_ctrl_c_echo() -> None:
+    """On a terminal, start a new line below the ^C it echoed."""
+    if sys.stdout.isatty():
+        print()
 
 
 def fit(cfg: DictConfig, run_dir: str, run_config: dict[str, str], rank_zero: bool) -> None:
@@ -301,12 +306,15 @@ def fit(cfg: DictConfig, run_dir: str, run_config: dict[str, str], rank_zero: bo
         report_stop(trainer, run_dir, f"stopped by {what} after step {trainer.global_step}")
         sys.exit(EXIT_INTERRUPTED if what == CTRL_C else EXIT_PREEMPTED)
     except (KeyboardInterrupt, SystemExit) as e:
-        # Lightning turns a KeyboardInterrupt into sys.exit(1); a second Ctrl-C raises one mid-step.
-        if isinstance(e, SystemExit) and not isinstance(e.__context__, KeyboardInterrupt):
+        # Lightning turns a KeyboardInterrupt into sys.exit(1); a second Ctrl-C raises one mid-step,
+        # or while on_exception.ckpt is saved after the stop (Lightning lets that one through).
+        interrupt = e.__context__ if isinstance(e, SystemExit) else e
+        if not isinstance(interrupt, KeyboardInterrupt):
             raise
-        if sys.stdout.isatty():
-            print()  # below the ^C the terminal echoed
-        if stop is not None and stop.aborted:
+        below_ctrl_c_echo()
+        if stop is not None and stop.aborted and isinstance(interrupt.__context__, SIGTERMException):
+            what = f"stopped at once by a second Ctrl-C while saving after step {trainer.global_step}"
+        elif stop is not None and stop.aborted:
             what = f"stopped at once by a second Ctrl-C during step {trainer.global_step + 1}"
         else:
             what = f"stopped by Ctrl-C before training started at step {trainer.global_step}"

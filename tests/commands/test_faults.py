@@ -298,15 +298,20 @@ def test_ctrl_c_while_a_checkpoint_is_written_then_sigterm_in_validation(corpus,
     assert_equals_straight(run, straight)
 
 
+@pytest.mark.parametrize(
+    "second, when",
+    [("INT@train:13", "during step 14"), ("INT@save:on_exception.ckpt", "while saving after step 14")],
+    ids=["in-the-step", "while-saving"],
+)
 def test_a_second_ctrl_c_stops_at_once_and_the_run_continues_from_its_newest_checkpoint(
-    corpus, straight, tmp_path
+    corpus, straight, tmp_path, second, when
 ):
     run = tmp_path / "twice"
-    proc = signalled(corpus, run, "INT@train:13,INT@train:13", 130)
+    proc = signalled(corpus, run, f"INT@train:13,{second}", 130)
     line = proc.stdout.strip().splitlines()[-1]
     newest = newest_checkpoint(run)
     assert line == (
-        f"stopped at once by a second Ctrl-C during step 14; continue from step 10 ({newest}) "
+        f"stopped at once by a second Ctrl-C {when}; continue from step 10 ({newest}) "
         f"with: {continue_command(corpus, run)}"
     )
     assert line in (run / "train.log").read_text()
