@@ -1,36 +1,5 @@
-"""Corpus -> token shards + meta.json, streamed, in parallel, cached.
-
-`prepare(cfg)` is the one prepare step: `python prepare.py data=...` and the data module's
-`prepare_data()` both call it. It
-
-1. finds the sources: Tiny Shakespeare, a file, a folder (recursive, include/exclude globs: text
-   and source code by default), or a Hugging Face dataset. A text or code file is one document,
-   `.jsonl` lines and dataset rows one document each; any of the files may be gzip-compressed
-   (`.gz`). A folder's files that are not UTF-8 text are skipped, counted in meta.json;
-2. cuts documents longer than `doc_chars` at a line break into parts (a big file is read and
-   tokenized piece by piece, and a one-file corpus gets a validation split); a character
-   vocabulary is read from the corpus first, in a separate streamed pass (or, given one, the
-   corpus is checked against it);
-3. tokenizes parts in batches on a pool of threads (tiktoken releases the GIL), in order, with
-   memory bounded by the batches in flight, never by the corpus;
-4. sends parts to val at random (a `split_seed`-ed stream of draws, one per part, so the split
-   does not depend on threads or batch sizes) such that val gets `val_fraction` of the parts, to
-   within one part; a corpus of fewer than 10 documents (Tiny Shakespeare is one) is split by
-   characters instead: the last `val_fraction` of its text is held out and the two sides are
-   tokenized apart, as nanoGPT does, so that val holds the same text whatever the tokenizer
-   (unless the corpus is larger than 16M tokens, which are split by part so that memory stays
-   bounded). Split by document, both splits get at least one part. Parts of different documents,
-   or non-adjacent parts of one document, are separated by the tokenizer's end-of-text token (a
-   blank line, "\\n\\n", for characters); adjacent parts of one document are joined without one;
-5. writes `{split}-NNNNN.bin` shards (uint16 when the vocabulary fits, else uint32) into a temporary
-   folder that is renamed into `cache_dir/<name>-<tokenizer>-<fingerprint>/` once complete, so an
-   interrupted prepare never leaves a folder a later run would trust. The fingerprint covers the
-   sources (path, size, mtime), the tokenizer and every setting that changes the output; a second
-   run with the same fingerprint returns at once.
-
-The command line is `prepare.py` at the repository root, next to train.py: it composes the same
-conf/data presets and calls `prepare`.
-"""
+"""Corpus -> token shards + meta.json, streamed, in parallel, cached under a fingerprint: the one
+prepare step of prepare.py and the data modules (its steps: docs/design.md, "The prepare step")."""
 
 from __future__ import annotations
 

@@ -1,26 +1,6 @@
-"""Cross-entropy through the LM head without materialising the logits of the whole batch.
-
-Why: the plain loss, F.cross_entropy(lm_head(hidden).float(), targets), holds fp32 logits of shape
-(tokens, vocab) and, for the backward, their log-softmax and then their gradient. For model=medium at
-16 x 1024 tokens x 50,257 vocab that is 3.3 GB per copy, more than the weights, the optimizer state
-and often the activations together.
-
-How: fused_linear_cross_entropy loops over chunks of tokens. For each chunk it computes the chunk's
-logits (hidden_chunk @ weight.T, in the inputs' dtype, as nn.Linear would), their log-softmax in
-fp32, the chunk's loss, and right away the gradients: dlogits = softmax - onehot (zero on ignored
-rows), grad_hidden_chunk = dlogits @ weight and grad_weight += dlogits.T @ hidden_chunk (accumulated
-in fp32). The chunk's logits are then dropped: the forward saves only grad_hidden and grad_weight,
-and the backward multiplies them by grad_output. Peak memory holds one chunk's logits, not all.
-
-How big a chunk: by default as many tokens as keep one chunk's logits at LOGITS_PER_CHUNK elements
-(64 MB in fp32): 333 tokens of a 50,257 vocabulary. A batch whose logits all fit in one chunk (a
-character vocabulary: 65 entries) has nothing to save, and takes the plain path, F.cross_entropy,
-which is faster there than the loop's own bookkeeping.
-
-The same idea as Liger-Kernel's fused linear cross-entropy (liger_kernel.ops.fused_linear_cross_entropy).
-That package needs Triton and a GPU, so it cannot run on CPU or MPS; the idea is a few dozen lines of
-plain PyTorch, written here by hand.
-"""
+"""Cross-entropy through the LM head chunk by chunk, without the (tokens, vocab) logits of the whole
+batch: each chunk's logits, loss and gradients are computed in the forward and dropped
+(docs/design.md, "The loss without the logits")."""
 
 from __future__ import annotations
 

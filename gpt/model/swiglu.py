@@ -1,17 +1,5 @@
-"""The SwiGLU feed-forward's second half, c_proj(silu(gate) * up), with a backward that recomputes
-the elementwise part instead of keeping it.
-
-Why: autograd through `c_proj(F.silu(gate) * up)` keeps, for the backward of every layer, c_fc's
-output (gate and up: 2 x hidden_dim numbers per token), silu(gate) (hidden_dim) and the product
-(hidden_dim): 4 x hidden_dim per token, the largest share of a block's activations. This Function
-keeps only c_fc's output and recomputes silu and the product in the backward, elementwise work that
-is cheap next to the block's matmuls. For model=medium (hidden_dim 2,048) at 4 x 1024 tokens in
-fp32 that is 12 layers x 4,096 tokens x 4,096 x 4 bytes = 805 MB less at the peak of a step.
-
-The same trade as Liger-Kernel's SwiGLU (which keeps the product for c_proj, so it saves half of
-this) and as activation recomputation in general; under torch.compile, Inductor's partitioner makes
-it by itself. Liger needs Triton and a GPU; this is a few lines of plain PyTorch, on any device.
-"""
+"""SwiGLU's second half, c_proj(silu(gate) * up), whose backward recomputes the elementwise part
+instead of keeping it (docs/design.md, "SwiGLU's backward")."""
 
 from __future__ import annotations
 

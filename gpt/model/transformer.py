@@ -3,20 +3,9 @@
 Pre-norm blocks (norm -> attention -> residual, norm -> FFN -> residual), causal self-attention
 through F.scaled_dot_product_attention, SwiGLU or GELU FFN, learned / sinusoidal / rotary
 positions, final norm and an LM head optionally tied to the token embedding. Parameter names
-follow GPT-2 (wte, wpe, h, ln_1, attn.c_attn, attn.c_proj, ln_2, mlp, ln_f, lm_head).
-
-Attention masks. Plain causal attention (training on text) passes no mask: `is_causal=True` keeps
-SDPA on its flash kernel. Everything else (left padding, the KV cache, packed rows of several
-examples, a prefix LM's bidirectional prompt) is one dense boolean mask (B or 1, 1, T, keys) given
-to F.scaled_dot_product_attention. On CUDA the flash kernel refuses any mask, but the
-memory-efficient kernel takes an arbitrary one (SDPA turns it into an additive bias, aligned as the
-kernel needs), so a masked batch runs on memory-efficient attention, never on the math kernel that
-materializes the scores; tests/model checks this on a GPU in bf16. FlexAttention (a block mask that
-skips fully masked tiles) would be faster for rows of many short examples, but it is only fast
-under torch.compile, needs a block mask built per batch, and its API still moves between torch
-releases; the dense mask costs B*T*T bytes, works the same on CPU, CUDA and MPS, eager or
-compiled, on every torch this project supports, and keeps this file plain PyTorch.
-"""
+follow GPT-2 (wte, wpe, h, ln_1, attn.c_attn, attn.c_proj, ln_2, mlp, ln_f, lm_head). Plain causal
+attention passes no mask (flash kernel); everything else is one dense boolean mask (why:
+docs/design.md, "Attention masks")."""
 
 from __future__ import annotations
 

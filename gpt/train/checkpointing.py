@@ -20,22 +20,8 @@ from gpt.train.signals import validates_after_step
 
 class PeriodicCheckpoint(ModelCheckpoint):
     """Lightning's ModelCheckpoint, which also saves (its top-k file and last.ckpt) after the final
-    step, so that `every_n_train_steps: 250` with max_steps=300 ends with last.ckpt and
-    step-300.ckpt at step 300, not 250; and which saves a step that is validated after that
-    validation.
-
-    Lightning saves `last` when training ends only if it never saved it in that process. The final
-    save is made where the periodic ones are, after the optimizer step of step max_steps, or when
-    training ends normally short of max_steps (max_epochs, max_time, early stopping). A run stopped
-    by an exception or a signal before its last step reaches neither.
-
-    Lightning saves every N steps in on_train_batch_end, before the step's validation; a run
-    resumed from such a checkpoint takes that validation as done (its loop fast-forwards over it),
-    so one killed during the validation never had it. Here the save of a step that Lightning is
-    about to validate waits for the end of that validation, where the run resumes after it. Meant
-    for a checkpoint monitored on `step` or not at all: one on a validation metric keeps
-    Lightning's own timing.
-    """
+    step, and saves a step that is validated after that validation
+    (docs/design.md, "Periodic checkpoints")."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -67,23 +67,10 @@ def muon_lr_ratio(adjust_lr_fn: str | None, shape: torch.Size) -> float:
 
 
 class Muon(torch.optim.Optimizer):
-    """torch.optim.Muon with its Newton-Schulz iteration in `ns_dtype` instead of always bf16.
-
-    torch's Muon casts to bf16 inside a module-level function its step calls, with no argument or
-    method to override, so a subclass would have to replace the whole step anyway. This class is
-    that step: same hyperparameters, defaults, param-group keys and state ("momentum_buffer"), so
-    either optimizer loads the other's state_dict (checkpoints written with torch.optim.Muon
-    resume here), and with ns_dtype=torch.bfloat16 its updates are bit for bit torch's.
-
-    ns_dtype is not saved in the state_dict: it is a property of the device the run is on, so a
-    run resumed on another machine uses what that machine computes fast.
-
-    Like fused AdamW it can skip a step on the device (`_step_supports_amp_scaling`): where the
-    attribute `found_inf` (a tensor, as GradScaler and NonFiniteGuard set it) is nonzero, every
-    weight and momentum buffer keeps its value, bit for bit, with no read of the flag on the host;
-    where it is zero the step is the same as without it. `grad_scale`, when set, divides the
-    gradients first (GradScaler's unscaling).
-    """
+    """torch.optim.Muon with its Newton-Schulz iteration in `ns_dtype` instead of always bf16; the same
+    state_dict, and bit for bit torch's with ns_dtype=torch.bfloat16. Where the tensor attribute
+    `found_inf` is nonzero the step changes nothing; `grad_scale` divides the gradients first
+    (docs/design.md, "Muon in our own step")."""
 
     _step_supports_amp_scaling = True
 

@@ -1,25 +1,6 @@
-"""Signals that stop or checkpoint a run act at the end of an optimizer step, never inside one.
-
-A Python signal handler runs between two bytecodes of whatever the main thread is doing: a
-forward, a backward, an optimizer step half applied, a checkpoint write. Lightning's own handling
-acts there. Ctrl-C raises KeyboardInterrupt mid-step, and the checkpoint saved on that exception
-holds a step half taken: Lightning's `batch_progress.total` counters one ahead of the optimizer
-steps (its `reset_on_restart` rewinds only the epoch's `current` ones, and with
-check_val_every_n_epoch=null validation is scheduled on `total`, so every later validation of the
-resumed run came one step early), the logger's step one ahead, the step's tokens counted and its
-dropout drawn, its update not made. SIGTERM sets a flag that Lightning's validation loop obeys
-after its next batch, so a validation under way was cut short and never repeated; SLURM's requeue
-signal (SIGUSR1) saved its checkpoint from inside the handler, mid-step like Ctrl-C's.
-
-`StopOnSignal` takes those signals over once training starts. A handler only records what was
-asked; the request is carried out at the end of the optimizer step, after the step's validation
-when it has one: there a stop raises Lightning's SIGTERMException (which is where Lightning's
-SIGTERM ends a run that is not validating), and `CheckpointOnException` saves a checkpoint that
-resumes exactly; a requeue saves Lightning's hpc_ckpt_N.ckpt and requeues the job, as Lightning
-does. A second Ctrl-C stops at once (KeyboardInterrupt), saving nothing: the run continues from
-its newest checkpoint. On several processes the ranks agree (an all-reduce) on logging steps, so
-that each stops after the same step, at no cost between logging steps.
-"""
+"""Ctrl-C, SIGTERM and SLURM's requeue signal act at the end of an optimizer step (after its
+validation), never inside one: a handler only records the signal, `StopOnSignal` acts on it
+(why: docs/design.md, "Signals act between steps")."""
 
 from __future__ import annotations
 
