@@ -8,7 +8,6 @@ ends its completion with the end-of-text token, where generation stops."""
 from __future__ import annotations
 
 import json
-import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -17,11 +16,11 @@ from typing import Any
 import torch
 
 from gpt.config import GenerateConfig
-from gpt.data.pairs import Template, format_prompt, get_template, template_of
 from gpt.errors import UserError
 from gpt.generate.text import encode_prompts, generate_text
 from gpt.model.transformer import GPT
 from gpt.runs.checkpoint import describe_checkpoint, find_checkpoint, load_run
+from gpt.templates import Template, format_prompt, get_template, template_of, unescape
 from gpt.tokenizer import Tokenizer
 
 SEPARATOR = "---------------\n"
@@ -52,11 +51,6 @@ def resolve_device(device: str) -> torch.device:
 def write_stdout(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
-
-
-def unescape(text: str) -> str:
-    """\\n, \\t and \\\\ typed on the command line (Hydra keeps them as written) -> newline, tab, \\."""
-    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m[1]], text)
 
 
 def read_prompt_file(path: Path) -> list[str]:
