@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from gpt.config import FROM_CHECKPOINT, DataConfig, DecodeConfig, EvaluateConfig
-from gpt.data.pairs import Template, get_template, read_examples, template_of
+from gpt.data.pairs import read_examples
 from gpt.data.sources import data_root, find_files
 from gpt.errors import UserError
 from gpt.evaluate.bpb import bpb_data, bpb_metrics, bpb_windows, score_bpb
@@ -43,6 +43,7 @@ from gpt.runs.checkpoint import (
     load_model,
     read_checkpoint,
 )
+from gpt.templates import Template, get_template, template_of
 
 
 def saved_data_format(path: Path) -> dict[str, Any] | None:

@@ -285,7 +285,7 @@ def test_the_evaluate_entry_in_conf_is_off_until_configured_and_checked(tmp_path
 
 def test_without_examples_the_evaluation_says_so_once_and_does_nothing(monkeypatch):
     said = []
-    monkeypatch.setattr("gpt.train.callbacks._report", said.append)
+    monkeypatch.setattr("gpt.train.callbacks.evaluate.report", said.append)
     trainer = SimpleNamespace(strategy=None, datamodule=None, global_step=4)
     assert held_out_examples(None) is None
     callback = Evaluate(every_n_steps=2)
