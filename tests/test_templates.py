@@ -35,3 +35,12 @@ def test_a_named_template_and_its_record_write_the_same_prompt():
 def test_a_bad_template_is_refused(spec):
     with pytest.raises(ConfigError):
         get_template(spec)
+
+
+def test_the_checkpoints_template_is_spelled_checkpoint_and_null_means_the_same():
+    from gpt.config import FROM_CHECKPOINT, GenerateConfig
+
+    assert FROM_CHECKPOINT == "checkpoint"
+    assert GenerateConfig().template == "checkpoint"
+    assert GenerateConfig(template=None).template == "checkpoint"  # the spelling before 0.5
+    assert GenerateConfig(template="none").template == "none"

@@ -4,7 +4,6 @@ eval/<task>/<metric>."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -12,24 +11,24 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
 
-from gpt.config import BPB_WINDOWS, EVAL_TASKS, DataConfig, DecodeConfig
-from gpt.data.pairs import PreparedPairs, read_examples
+from gpt.config import FROM_CHECKPOINT, DataConfig, DecodeConfig, check_eval_task
+from gpt.data.pairs import PreparedPairs, data_format
 from gpt.data.sources import data_root, find_files
 from gpt.errors import ConfigError, UserError
-from gpt.evaluate.bpb import bpb_data, bpb_metrics, bpb_windows, score_bpb
-from gpt.evaluate.choice import (
-    choice_metrics,
-    choice_sums,
-    encode_choices,
-    hellaswag_file,
-    read_choices,
-    read_hellaswag,
-    score_choices,
-)
-from gpt.evaluate.command import write_jsonl
-from gpt.evaluate.decode import evaluate
+from gpt.evaluate.bpb import bpb_data, bpb_windows
+from gpt.evaluate.choice import hellaswag_file
 from gpt.evaluate.examples import EvalExample, encode_examples, example_from_tokens
-from gpt.templates import Template, get_template, template_of
+from gpt.evaluate.results import write_jsonl
+from gpt.evaluate.tasks import (
+    CHOICE_TASKS,
+    additive,
+    prompt_template,
+    read_choice_examples,
+    read_pairs,
+    score,
+    task_metrics,
+)
+from gpt.templates import Template
 from gpt.train.callbacks.lines import report
 
 # What callbacks.evaluate.path should be, by task.
@@ -84,21 +83,14 @@ class Evaluate(L.Callback):
         task: str = "generate",
         path: str | None = None,
         limit: int | None = 64,
-        template: str | None = None,
+        template: str | None = FROM_CHECKPOINT,
         fields: Mapping[str, str] | None = None,
         windows: str = "val",
         decoding: DecodeConfig | Mapping[str, Any] | None = None,
     ) -> None:
         if every_n_steps is not None and every_n_steps < 0:
             raise ValueError(f"callbacks.evaluate.every_n_steps={every_n_steps} must be >= 1 (or null: off)")
-        if limit is not None and limit < 1:
-            raise ValueError(f"callbacks.evaluate.limit={limit} must be >= 1 (or null: all)")
-        if task not in EVAL_TASKS:
-            raise ConfigError(f"callbacks.evaluate.task={task!r} is not one of {', '.join(EVAL_TASKS)}")
-        if windows not in BPB_WINDOWS:
-            raise ConfigError(
-                f"callbacks.evaluate.windows={windows!r} is not one of {', '.join(BPB_WINDOWS)}"
-            )
+        check_eval_task(task, limit, windows, "callbacks.evaluate.")
         self.every_n_steps, self.task, self.path, self.limit = (
             every_n_steps or None,
             task,
@@ -120,7 +112,9 @@ class Evaluate(L.Callback):
                 if self.path
                 else str(hellaswag_file(data_root(DataConfig())))
             )
-        self.template, self.fields = template, dict(fields) if fields is not None else None
+        # null: the spelling before `checkpoint`, the same thing.
+        self.template = template or FROM_CHECKPOINT
+        self.fields = dict(fields) if fields is not None else None
         # From conf/ a plain mapping, checked as evaluate.py's keys are.
         mapping = isinstance(decoding, Mapping)
         self.decoding = DecodeConfig(**decoding) if mapping else decoding or DecodeConfig()
@@ -166,42 +160,37 @@ class Evaluate(L.Callback):
         return cfg if isinstance(cfg, DataConfig) and cfg.source == "pairs" else None
 
     def prompt_template(self, datamodule: Any, pl_module: L.LightningModule) -> Template:
-        """`template`, else the module's saved data_format, else the training data's, else plain."""
-        if self.template:
-            return get_template(self.template)
+        """`template`; for `checkpoint` the module's saved data_format, else the training data's
+        template, else plain."""
         fmt = getattr(pl_module, "hparams", {}).get("data_format")
-        if isinstance(fmt, Mapping):
-            return template_of(dict(fmt))
-        data = self.data_config(datamodule)
-        return get_template(data.template if data is not None else "plain")
+        if not isinstance(fmt, Mapping):
+            data = self.data_config(datamodule)
+            fmt = data_format(data) if data is not None else None
+        return prompt_template(self.template, fmt)[0]
 
     def read(self, datamodule: Any, pl_module: L.LightningModule) -> Sequence[Any] | None:
         """What the task scores: examples (generate, hellaswag, mc) or windows (bpb); None: nothing."""
         path = self.path
-        if self.task in ("hellaswag", "mc"):
+        if self.task in CHOICE_TASKS:
             file = Path(path).expanduser()
-            examples = (
-                read_hellaswag(file) if self.task == "hellaswag" else read_choices(file, self.fields or {})
-            )
-            for example in examples[: self.limit]:  # a row the model cannot score stops it here, not mid-run
-                encode_choices(pl_module.tokenizer, example, pl_module.model.config.block_size)
-            return examples[: self.limit]
+            # With the tokenizer: a row the model cannot score stops it here, not mid-run.
+            tokenizer, block_size = pl_module.tokenizer, pl_module.model.config.block_size
+            return read_choice_examples(self.task, file, self.fields, self.limit, tokenizer, block_size)
         if self.task == "bpb":
             train_data = getattr(datamodule, "cfg", None)
             if path is None and not (isinstance(train_data, DataConfig) and train_data.source != "pairs"):
                 return None
             data = bpb_data(DataConfig(source="text", path=path), None, Path(path)) if path else train_data
-            return bpb_windows(
-                data, pl_module.tokenizer, pl_module.model.config.block_size, self.windows, self.limit
-            )
+            block_size = pl_module.model.config.block_size
+            return bpb_windows(data, pl_module.tokenizer, block_size, self.windows, self.limit)
         if path is None:
             examples = held_out_examples(datamodule)
             return None if examples is None else examples[: self.limit]
         data = self.data_config(datamodule)
         fields = self.fields if self.fields is not None else (data.fields if data is not None else {})
         cfg = DataConfig(source="pairs", path=path, fields=fields)
-        rows = read_examples(cfg, find_files(cfg), self.prompt_template(datamodule, pl_module))
-        return encode_examples(islice(rows, self.limit), pl_module.tokenizer)
+        rows = read_pairs(cfg, find_files(cfg), self.prompt_template(datamodule, pl_module), self.limit)
+        return encode_examples(rows, pl_module.tokenizer)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
         step = trainer.global_step
@@ -220,28 +209,18 @@ class Evaluate(L.Callback):
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         step = self._last_step = trainer.global_step
-        model, tokenizer = pl_module.model, pl_module.tokenizer
-        if self.task == "generate":
-            metrics = self.generate(trainer, pl_module, step)
-        else:
+        if additive(self.task):
             # This rank's share, then the sums over all ranks: every rank computes the same metrics.
             share = self.examples[trainer.global_rank :: trainer.world_size]
-            was_training = model.training
-            model.eval()
-            try:
-                if self.task == "bpb":
-                    sums = score_bpb(model, tokenizer, share, self.decoding.batch_size)
-                else:
-                    sums = choice_sums(score_choices(model, tokenizer, share, self.decoding.batch_size))
-            finally:
-                model.train(was_training)
+            sums = score(self.task, pl_module.model, pl_module.tokenizer, share, self.decoding).sums
             names = sorted(sums)
             local = torch.tensor(
                 [float(sums[k]) for k in names], dtype=torch.float64, device=pl_module.device
             )
             total = trainer.strategy.reduce(local, reduce_op="sum")
-            sums = dict(zip(names, total.tolist(), strict=True))
-            metrics = bpb_metrics(sums) if self.task == "bpb" else choice_metrics(sums)
+            metrics = task_metrics(self.task, dict(zip(names, total.tolist(), strict=True)))
+        else:
+            metrics = self.generate(trainer, pl_module, step)
         if trainer.is_global_zero:
             flat = {f"eval/{self.task}/{name}": value for name, value in metrics.items()}
             # Straight to the loggers, as lit_module logs train/ metrics: at this step, on every logger.
@@ -254,10 +233,10 @@ class Evaluate(L.Callback):
 
     def generate(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> dict[str, float]:
         """Rank zero generates and scores (the others wait): {method/metric: value} on rank zero."""
-        flat: dict[str, float] = {}
+        metrics: dict[str, float] = {}
         if trainer.is_global_zero:
-            metrics, records = evaluate(pl_module.model, pl_module.tokenizer, self.examples, self.decoding)
-            flat = {f"{m}/{k}": value for m, scores in metrics.items() for k, value in scores.items()}
-            write_jsonl(Path(trainer.default_root_dir) / "evals" / f"step-{step}.jsonl", records)
+            scored = score(self.task, pl_module.model, pl_module.tokenizer, self.examples, self.decoding)
+            metrics = task_metrics(self.task, scored.sums)
+            write_jsonl(Path(trainer.default_root_dir) / "evals" / f"step-{step}.jsonl", scored.records)
         trainer.strategy.barrier("callbacks.evaluate")
-        return flat
+        return metrics
