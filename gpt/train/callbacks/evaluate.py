@@ -57,7 +57,8 @@ class Evaluate(L.Callback):
     its metrics as eval/<task>/<metric> to every logger (the CSV log, wandb). every_n_steps None
     (or 0) turns it off.
 
-    The tasks, as evaluate.py runs them (docs/evaluation.md):
+    Reading and scoring are gpt.evaluate.tasks', which evaluate.py calls too; this callback decides
+    when, on which ranks, and where the results go. The tasks (docs/evaluation.md):
     - generate: complete `limit` prompt -> completion pairs with each method of `decoding`; metrics
       eval/generate/<method>/<metric>, each example's outputs in <run dir>/evals/step-N.jsonl. The
       pairs: the file `path` (read with `template` and `fields`, by default the training data's),
