@@ -463,8 +463,6 @@ def check_eval_task(task: str, limit: int | None, windows: str, prefix: str = ""
     _one_of(f"{prefix}windows", windows, BPB_WINDOWS)
 
 
-
-
 @dataclass
 class DecodeConfig(SamplingConfig):
     """How an evaluation generates: which methods, and their settings. The sampling settings
