@@ -330,6 +330,11 @@ def sampling_config(sampling: SamplingConfig | None = None, **settings: Any) -> 
     return replace(sampling, **settings) if settings else sampling
 
 
+# template=checkpoint (generate.py, callbacks.evaluate; data.template for evaluate.py): the prompt
+# template saved with the checkpoint. null, its spelling before 0.5, means the same.
+FROM_CHECKPOINT = "checkpoint"
+
+
 @dataclass
 class GenerateConfig(SamplingConfig):
     # The sampling settings (temperature, top_k, ...) are SamplingConfig's, as top-level keys.
@@ -341,9 +346,10 @@ class GenerateConfig(SamplingConfig):
     prompt: str = "\n"
     # A file of prompts, one per line, or .jsonl with a "prompt" field per line; replaces `prompt`.
     prompt_file: str | None = None
-    # How each prompt is written: null = as in the checkpoint's training pairs (if it has them);
-    # none = as typed; or a template (plain, alpaca, chatml) or format string such as 'Q: {prompt}\nA: '.
-    template: str | None = None
+    # How each prompt is written: checkpoint = as in the checkpoint's training pairs (as typed if it
+    # has none); none = as typed; or a template (plain, alpaca, chatml) or format string such as
+    # 'Q: {prompt}\nA: '.
+    template: str | None = FROM_CHECKPOINT
     # Tokens to generate per row (>= 1).
     max_new_tokens: int = 500
     # Generation of a row ends where the first of these strings starts (or at end-of-text).
@@ -372,6 +378,7 @@ class GenerateConfig(SamplingConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.prompt_file = _home(self.prompt_file)  # ckpt, runs_dir: in gpt.runs.checkpoint.find_checkpoint
+        self.template = FROM_CHECKPOINT if self.template is None else self.template
         _check(self.max_new_tokens >= 1, f"max_new_tokens={self.max_new_tokens} must be >= 1")
         _check(all(self.stop), "stop strings must not be empty; remove the empty one from stop=[...]")
         _check(self.num_beams >= 1, f"num_beams={self.num_beams} must be >= 1")
@@ -447,8 +454,13 @@ EVAL_TASKS = ("generate", "hellaswag", "mc", "bpb")
 BPB_WINDOWS = ("val", "all")
 
 EVAL_METHODS = ("greedy", "beam", "sampled")
-# data.template=checkpoint: the prompt template saved with the checkpoint (plain when it has none).
-FROM_CHECKPOINT = "checkpoint"
+
+
+def check_eval_task(task: str, limit: int | None, windows: str, prefix: str = "") -> None:
+    """The keys evaluate.py and callbacks.evaluate share (`prefix` names where they are set)."""
+    _one_of(f"{prefix}task", task, EVAL_TASKS)
+    _check(limit is None or limit >= 1, f"{prefix}limit={limit} must be >= 1 (or null: all)")
+    _one_of(f"{prefix}windows", windows, BPB_WINDOWS)
 
 
 @dataclass
@@ -523,7 +535,7 @@ class EvaluateConfig(DecodeConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.ckpt, self.out = self.ckpt or None, _home(self.out) or None
-        _one_of("task", self.task, EVAL_TASKS)
+        check_eval_task(self.task, self.limit, self.windows)
         data = self.data
         if self.task == "generate":
             _check(
@@ -557,6 +569,4 @@ class EvaluateConfig(DecodeConfig):
                 "task=bpb scores a text corpus: pass data=shakespeare, data=text data.path=FILE or "
                 "data=hf data.path=NAME, or no data for the checkpoint's own",
             )
-        _check(self.limit is None or self.limit >= 1, f"limit={self.limit} must be >= 1 (or null: all)")
-        _one_of("windows", self.windows, BPB_WINDOWS)
         _one_of("dtype", self.dtype, ("float32", "bfloat16", "float16"))

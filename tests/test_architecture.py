@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # Lowest first: a module may import its own layer and the layers before it, never one after it.
 LAYERS = ["base", "model", "data", "interop", "runs", "generate", "evaluate", "train"]
-BASE = {"errors", "config", "tokenizer"}
+BASE = {"errors", "config", "tokenizer", "templates"}
 # The public API re-exports from the layers; the `python -m gpt.X` shims only run a root script.
 EXEMPT = {"gpt", "gpt.prepare", "gpt.export", "gpt.compare"}
 # generate.py, evaluate.py and load_model start fast
@@ -65,6 +65,32 @@ def test_an_upward_import_is_seen(tmp_path):
     path = tmp_path / "kv_cache.py"
     path.write_text("from gpt import config\n\ndef f():\n    from gpt.train import optim\n")
     assert upward("gpt.model.kv_cache", path) == ["gpt.train.optim"]
+
+
+def reached(start: set[str]) -> set[str]:
+    """The gpt modules that importing `start` loads, directly or through another gpt module."""
+    seen, todo = set(), list(start)
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in ALL:
+            continue
+        seen.add(name)
+        todo += [m for m in imports(ALL[name]) if m.startswith("gpt.")]
+        # importing gpt.a.b runs gpt/__init__.py and gpt/a/__init__.py first
+        parts = name.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]
+    return seen
+
+
+def test_nothing_on_the_generate_path_imports_data():
+    # generate.py and load_model need the checkpoint and its template, not data preparation.
+    start = {name for name in LIBRARY if layer(name) in ("generate", "runs")}
+    wrong = sorted(name for name in reached(start) if name.split(".")[1:2] == ["data"])
+    assert not wrong, f"the generate path loads {wrong}"
+
+
+def test_a_data_import_on_the_generate_path_is_seen():
+    assert "gpt.data.pairs" in reached({"gpt.evaluate.examples"})
 
 
 def roots(path: Path) -> set[str]:

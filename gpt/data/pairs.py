@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import string
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -34,84 +33,9 @@ from gpt.config import PAIR_FIELDS, DataConfig
 from gpt.data.encode import token_dtype
 from gpt.data.prepare import CachedData, cache_name, fingerprint, write_atomically
 from gpt.data.sources import find_files, jsonl_rows
-from gpt.errors import ConfigError, UserError
+from gpt.errors import UserError
+from gpt.templates import Template, get_template
 from gpt.tokenizer import CharTokenizer, Tokenizer, get_tokenizer
-
-# ----------------------------------------------------------------------------- templates
-
-
-@dataclass(frozen=True)
-class Template:
-    """How the parts of a row become text.
-
-    prompt: a single-turn prompt, a format string over {prompt} (and, for Alpaca rows, {instruction}
-    and {input}); prompt_with_input: the same for Alpaca rows with a non-empty input (None: `prompt`);
-    turn: a chat turn that is not the assistant's, over {role} and {content}; reply: the text before
-    each assistant turn (not trained on).
-    """
-
-    prompt: str
-    prompt_with_input: str | None = None
-    turn: str = "{content}\n"
-    reply: str = ""
-
-    def render_prompt(self, fields: dict[str, str]) -> str:
-        fmt = self.prompt_with_input if fields.get("input") and self.prompt_with_input else self.prompt
-        return fmt.format_map(fields)
-
-
-ALPACA_HEAD = (
-    "Below is an instruction that describes a task{paired}. "
-    "Write a response that appropriately completes the request.\n\n### Instruction:\n{{instruction}}\n\n"
-)
-TEMPLATES = {
-    # The prompt as it is, the completion right after it.
-    "none": Template(prompt="{prompt}", turn="{content}"),
-    # The prompt, a line break, the completion.
-    "plain": Template(prompt="{prompt}\n"),
-    # Stanford Alpaca's prompt (also litgpt's "alpaca" style).
-    "alpaca": Template(
-        prompt=ALPACA_HEAD.format(paired="") + "### Response:\n",
-        prompt_with_input=ALPACA_HEAD.format(paired=", paired with an input that provides further context")
-        + "### Input:\n{input}\n\n### Response:\n",
-        turn="### Instruction:\n{content}\n\n",
-        reply="### Response:\n",
-    ),
-    # ChatML; the end-of-text token closes each assistant turn.
-    "chatml": Template(
-        prompt="<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n",
-        turn="<|im_start|>{role}\n{content}<|im_end|>\n",
-        reply="<|im_start|>assistant\n",
-    ),
-}
-PROMPT_KEYS = {"prompt", "instruction", "input"}
-
-
-def unescape(text: str) -> str:
-    r"""`\n` and `\t` typed in a format string on the command line, where a shell and Hydra keep them
-    as two characters, are a line break and a tab."""
-    return text.replace("\\n", "\n").replace("\\t", "\t")
-
-
-def get_template(spec: str) -> Template:
-    """A named template (none, plain, alpaca, chatml) or a format string over {prompt} such as
-    'Q: {prompt}\\nA: ' ({instruction} and {input} too, for Alpaca rows)."""
-    if spec in TEMPLATES:
-        return TEMPLATES[spec]
-    fmt = unescape(spec)
-    try:
-        keys = {name for _, name, _, _ in string.Formatter().parse(fmt) if name is not None}
-    except ValueError as e:
-        raise ConfigError(f"template {spec!r} is not a format string ({e}); write {{ as {{{{") from None
-    if not keys & {"prompt", "instruction"} or keys - PROMPT_KEYS:
-        raise ConfigError(
-            f"template {spec!r} is neither one of {', '.join(TEMPLATES)} nor a format string over "
-            "{prompt} (with {instruction} and {input} for Alpaca rows), such as 'Q: {prompt}\\nA: '"
-        )
-    return Template(
-        prompt=fmt, turn=fmt.replace("{prompt}", "{content}").replace("{instruction}", "{content}")
-    )
-
 
 # ----------------------------------------------------------------------------- the checkpoint's record
 
@@ -120,16 +44,6 @@ def data_format(cfg: DataConfig) -> dict[str, Any]:
     """What a checkpoint keeps of how its prompts were written: the template's strings (not only its
     name, so that a later change to a named template does not change old models), plain data."""
     return {"template": cfg.template, **asdict(get_template(cfg.template))}
-
-
-def template_of(fmt: dict[str, Any]) -> Template:
-    return Template(**{k: fmt[k] for k in ("prompt", "prompt_with_input", "turn", "reply")})
-
-
-def format_prompt(fmt: dict[str, Any] | Template, prompt: str) -> str:
-    """A user's prompt as the model saw prompts in training (`fmt`: a checkpoint's data_format)."""
-    template = fmt if isinstance(fmt, Template) else template_of(fmt)
-    return template.render_prompt({"prompt": prompt, "instruction": prompt, "input": ""})
 
 
 # ----------------------------------------------------------------------------- rows -> examples

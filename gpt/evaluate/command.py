@@ -9,32 +9,30 @@ acc, acc_norm) and bpb (bits per byte, loss and perplexity on a corpus's validat
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields, replace
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from gpt.config import FROM_CHECKPOINT, DataConfig, DecodeConfig, EvaluateConfig
-from gpt.data.pairs import Template, get_template, read_examples, template_of
-from gpt.data.sources import data_root, find_files
+from gpt.config import DataConfig, DecodeConfig, EvaluateConfig
+from gpt.data.sources import data_root
 from gpt.errors import UserError
-from gpt.evaluate.bpb import bpb_data, bpb_metrics, bpb_windows, score_bpb
-from gpt.evaluate.choice import (
-    choice_metrics,
-    choice_sums,
-    hellaswag_file,
-    read_choices,
-    read_hellaswag,
-    score_choices,
-)
-from gpt.evaluate.decode import default_max_new_tokens, evaluate
+from gpt.evaluate.bpb import bpb_data, bpb_windows
+from gpt.evaluate.choice import hellaswag_file
+from gpt.evaluate.decode import default_max_new_tokens
 from gpt.evaluate.examples import encode_examples
 from gpt.evaluate.metrics import METRICS
+from gpt.evaluate.results import write_json, write_jsonl
+from gpt.evaluate.tasks import (
+    pair_files,
+    prompt_template,
+    read_choice_examples,
+    read_pairs,
+    score,
+    task_metrics,
+)
 from gpt.generate.command import resolve_device
 from gpt.runs.checkpoint import (
     checkpoint_data_format,
@@ -49,26 +47,6 @@ def saved_data_format(path: Path) -> dict[str, Any] | None:
     """The prompt format a checkpoint was trained with, read before its weights are (so that a bad
     row is found first), or None: a checkpoint of plain text, an older one, a Hugging Face dir."""
     return None if path.is_dir() else checkpoint_data_format(read_checkpoint(path, mmap=True), path)
-
-
-def prompt_template(spec: str, fmt: dict[str, Any] | None) -> tuple[Template, str]:
-    """(template, how to name it): data.template as given, or for `checkpoint` the checkpoint's own
-    (plain when it saved none)."""
-    if spec != FROM_CHECKPOINT:
-        return get_template(spec), spec
-    if fmt is not None:
-        return template_of(fmt), f"{fmt.get('template', 'custom')} (the checkpoint's)"
-    return get_template("plain"), "plain (the checkpoint saved none)"
-
-
-def pair_files(cfg: DataConfig) -> list[Path]:
-    path = Path(cfg.path)
-    if not path.exists():
-        raise UserError(
-            f"data.path {str(path)!r} does not exist; pass a .jsonl file of prompt -> completion pairs "
-            "(or a folder of them)"
-        )
-    return find_files(cfg)
 
 
 def run_dir_of(checkpoint: Path) -> Path:
@@ -101,18 +79,6 @@ def format_table(metrics: dict[str, dict[str, float]]) -> str:
         cells = (f"{metrics[m][name]:>{c}.2f}" for m, c in zip(methods, cols, strict=True))
         lines.append("  ".join([f"{name:<{width}}", *cells]))
     return "\n".join(lines)
-
-
-def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def decode_settings(cfg: DecodeConfig) -> DecodeConfig:
@@ -153,7 +119,7 @@ def run_generate(cfg: EvaluateConfig, path: Path, device: torch.device) -> Resul
     assert cfg.data is not None  # EvaluateConfig checks it
     files = pair_files(cfg.data)
     template, template_name = prompt_template(cfg.data.template, saved_data_format(path))
-    rows = list(islice(read_examples(cfg.data, files, template), cfg.limit))
+    rows = read_pairs(cfg.data, files, template, cfg.limit)
     if not rows:
         raise UserError(f"data.path {cfg.data.path} holds no examples; each line must be one JSON pair")
     model, tokenizer = load_model(path, device=device, dtype=getattr(torch, cfg.dtype))
@@ -174,15 +140,18 @@ def run_generate(cfg: EvaluateConfig, path: Path, device: torch.device) -> Resul
         f"max_new_tokens {settings.max_new_tokens}",
         file=sys.stderr,
     )
-    metrics, records = evaluate(model, tokenizer, examples, settings, progress=True)
+    scored = score("generate", model, tokenizer, examples, settings, progress=True)
     info = {
         "data": str(cfg.data.path),
         "examples": len(examples),
         "template": template_name,
         "settings": asdict(settings),
     }
-    flat = {f"{method}/{name}": value for method, scores in metrics.items() for name, value in scores.items()}
-    return Result(flat, format_table(metrics), info, records)
+    by_method: dict[str, dict[str, float]] = {}
+    for name, value in scored.sums.items():
+        method, metric = name.split("/")
+        by_method.setdefault(method, {})[metric] = value
+    return Result(scored.sums, format_table(by_method), info, scored.records)
 
 
 def run_choice(cfg: EvaluateConfig, path: Path, device: torch.device) -> Result:
@@ -195,17 +164,17 @@ def run_choice(cfg: EvaluateConfig, path: Path, device: torch.device) -> Result:
         if not file.is_file():
             rows = "HellaSwag's rows" if cfg.task == "hellaswag" else "multiple-choice rows"
             raise UserError(f"data.path {file} is not a file; pass a .jsonl file of {rows}")
-    examples = read_hellaswag(file) if cfg.task == "hellaswag" else read_choices(file, cfg.data.fields)
-    examples = examples[: cfg.limit]
+    names = cfg.data.fields if cfg.task == "mc" else None
+    examples = read_choice_examples(cfg.task, file, names, cfg.limit)
     model, tokenizer = load_model(path, device=device, dtype=getattr(torch, cfg.dtype))
     print(f"checkpoint: {describe_checkpoint(path)}", file=sys.stderr)
     print(f"evaluating {len(examples)} examples of {file}", file=sys.stderr)
-    records = score_choices(model, tokenizer, examples, cfg.batch_size, progress=True)
-    metrics = choice_metrics(choice_sums(records))
+    scored = score(cfg.task, model, tokenizer, examples, decode_settings(cfg), progress=True)
+    metrics = task_metrics(cfg.task, scored.sums)
     chance = 100 * sum(1 / len(e.choices) for e in examples) / len(examples)
     table = format_rows([*metrics.items(), ("chance", chance)])
     info = {"data": str(file), "examples": len(examples), "chance": chance, "batch_size": cfg.batch_size}
-    return Result(metrics, table, info, records)
+    return Result(metrics, table, info, scored.records)
 
 
 def run_bpb(cfg: EvaluateConfig, path: Path, device: torch.device) -> Result:
@@ -219,8 +188,8 @@ def run_bpb(cfg: EvaluateConfig, path: Path, device: torch.device) -> Result:
     corpus = data.path or data.source
     what = "the checkpoint's training data, " if cfg.data is None else ""
     print(f"evaluating {len(windows)} {cfg.windows} windows of {what}{corpus}", file=sys.stderr)
-    sums = score_bpb(model, tokenizer, windows, cfg.batch_size, progress=True)
-    metrics = bpb_metrics(sums)
+    sums = score("bpb", model, tokenizer, windows, decode_settings(cfg), progress=True).sums
+    metrics = task_metrics("bpb", sums)
     info = {
         "data": str(corpus),
         "windows": cfg.windows,

@@ -8,7 +8,6 @@ ends its completion with the end-of-text token, where generation stops."""
 from __future__ import annotations
 
 import json
-import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,12 +15,12 @@ from typing import Any
 
 import torch
 
-from gpt.config import GenerateConfig
-from gpt.data.pairs import Template, format_prompt, get_template, template_of
+from gpt.config import FROM_CHECKPOINT, GenerateConfig
 from gpt.errors import UserError
 from gpt.generate.text import encode_prompts, generate_text
 from gpt.model.transformer import GPT
 from gpt.runs.checkpoint import describe_checkpoint, find_checkpoint, load_run
+from gpt.templates import Template, format_prompt, get_template, template_of, unescape
 from gpt.tokenizer import Tokenizer
 
 SEPARATOR = "---------------\n"
@@ -52,11 +51,6 @@ def resolve_device(device: str) -> torch.device:
 def write_stdout(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
-
-
-def unescape(text: str) -> str:
-    """\\n, \\t and \\\\ typed on the command line (Hydra keeps them as written) -> newline, tab, \\."""
-    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m[1]], text)
 
 
 def read_prompt_file(path: Path) -> list[str]:
@@ -95,16 +89,17 @@ def read_prompts(cfg: GenerateConfig) -> list[str]:
     return [unescape(cfg.prompt)]
 
 
-def prompt_template(spec: str | None, data_format: dict[str, Any] | None) -> Template | None:
+def prompt_template(spec: str, data_format: dict[str, Any] | None) -> Template | None:
     """The template prompts are written with (None: as typed), said in one line on stderr.
 
-    spec: GenerateConfig.template (None: the checkpoint's data_format, if it has one)."""
-    if spec is None and data_format is None:
+    spec: GenerateConfig.template (checkpoint: the checkpoint's data_format, if it has one)."""
+    mine = spec == FROM_CHECKPOINT
+    if mine and data_format is None:
         return None
-    template = get_template(spec) if spec is not None else template_of(data_format)
+    template = template_of(data_format) if mine else get_template(spec)
     if template.prompt == "{prompt}":  # "none": the prompt as it is
         return None
-    which = f"{spec!r}" if spec is not None else f"the checkpoint's ({data_format.get('template')!r})"
+    which = f"the checkpoint's ({data_format.get('template')!r})" if mine else f"{spec!r}"
     print(f"template: {which} writes each prompt; template=none leaves them as typed", file=sys.stderr)
     return template
 
@@ -148,7 +143,7 @@ def sample(cfg: GenerateConfig, write: Callable[[str], object] = write_stdout) -
     dashes, and return the generated texts. A batch of one row is streamed as it is decoded."""
     device = resolve_device(cfg.device)
     prompts = [] if cfg.interactive else read_prompts(cfg)  # a bad prompt file fails before loading
-    if cfg.template is not None:
+    if cfg.template != FROM_CHECKPOINT:
         get_template(cfg.template)  # a bad template too
     path = find_checkpoint(cfg.ckpt, cfg.runs_dir)
     print(f"checkpoint: {describe_checkpoint(path)}", file=sys.stderr)  # stdout: generated text only

@@ -19,11 +19,11 @@ from typing import Any
 import torch
 
 from gpt.config import ARCHITECTURE, DataConfig, ModelConfig, OptimConfig
-from gpt.data.pairs import template_of
 from gpt.errors import UserError, first_line
 from gpt.interop.hf import is_hf_dir
 from gpt.interop.load import load_hf_dir
 from gpt.model.transformer import GPT
+from gpt.templates import template_of
 from gpt.tokenizer import Tokenizer, tokenizer_from_dict
 
 # Where a run dir names its checkpoint for inference (generate, export, load_model).
@@ -192,7 +192,7 @@ class LoadedRun:
     model: GPT
     tokenizer: Tokenizer
     # How its training prompts were written (gpt.data.pairs.data_format; format a prompt with
-    # gpt.data.pairs.format_prompt); None for a model trained on text, and for Hugging Face dirs.
+    # gpt.templates.format_prompt); None for a model trained on text, and for Hugging Face dirs.
     data_format: dict[str, Any] | None
     # The file (or Hugging Face dir) loaded.
     path: Path

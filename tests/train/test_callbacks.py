@@ -261,20 +261,25 @@ def test_the_evaluate_entry_in_conf_is_off_until_configured_and_checked(tmp_path
     assert isinstance(callback, Evaluate)
     assert callback.every_n_steps is None and callback.path is None
     assert callback.decoding == DecodeConfig()
+    assert callback.template == "checkpoint" and Evaluate(template=None).template == "checkpoint"
+    with pytest.raises(ValueError, match=r"callbacks.evaluate.limit=0 must be >= 1 \(or null: all\)"):
+        Evaluate(limit=0)
+    with pytest.raises(ValueError, match="callbacks.evaluate.windows='some' is not one of val, all"):
+        Evaluate(windows="some")
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text('{"prompt": "a", "completion": "b"}\n')
     callback = instantiate(
         compose_train(
             "callbacks.evaluate.every_n_steps=50",
             f"callbacks.evaluate.path={pairs}",
-            "callbacks.evaluate.decoding.methods=[greedy,beam]",
-            "callbacks.evaluate.decoding.num_beams=2",
+            "+callbacks.evaluate.decoding.methods=[greedy,beam]",
+            "+callbacks.evaluate.decoding.num_beams=2",
         ).callbacks.evaluate
     )
     assert callback.every_n_steps == 50 and callback.decoding.methods == ["greedy", "beam"]
     assert callback.decoding.num_beams == 2
     with pytest.raises(InstantiationException, match="num_beams=0 must be >= 1"):
-        instantiate(compose_train("callbacks.evaluate.decoding.num_beams=0").callbacks.evaluate)
+        instantiate(compose_train("+callbacks.evaluate.decoding.num_beams=0").callbacks.evaluate)
     with pytest.raises(InstantiationException, match="callbacks.evaluate.path=nope.jsonl does not exist"):
         instantiate(
             compose_train(
@@ -285,7 +290,7 @@ def test_the_evaluate_entry_in_conf_is_off_until_configured_and_checked(tmp_path
 
 def test_without_examples_the_evaluation_says_so_once_and_does_nothing(monkeypatch):
     said = []
-    monkeypatch.setattr("gpt.train.callbacks._report", said.append)
+    monkeypatch.setattr("gpt.train.callbacks.evaluate.report", said.append)
     trainer = SimpleNamespace(strategy=None, datamodule=None, global_step=4)
     assert held_out_examples(None) is None
     callback = Evaluate(every_n_steps=2)
