@@ -5,12 +5,13 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-import train  # registers the schemas
+import train
 from gpt.config import DataConfig, GenerateConfig, ModelConfig, OptimConfig
 from gpt.errors import ConfigError
 from gpt.model.transformer import GPT
 from gpt.runs.checkpoint import find_checkpoint
 from gpt.train.checks import check_trainer_args
+from gpt.train.setup import choose_precision, vocab_size
 from tests.helpers import CONF, compose_train
 
 
@@ -161,7 +162,7 @@ def instantiate_in(run_dir: Path, *overrides: str):
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(run_dir)
     HydraConfig.instance().set_config(cfg)
-    train.choose_precision(cfg, cfg.model.n_embd, [])
+    choose_precision(cfg.trainer, cfg.model.n_embd, [])
     callbacks = {k: hydra.utils.instantiate(c) for k, c in cfg.callbacks.items()}
     loggers = {k: hydra.utils.instantiate(c) for k, c in cfg.logger.items()}
     trainer = hydra.utils.instantiate(
@@ -193,10 +194,10 @@ def test_every_logger_option_keeps_csv(tmp_path, logger):
 
 
 def test_vocab_size_follows_tokenizer_or_pads_upward():
-    assert train.vocab_size(None, 65) == 65
-    assert train.vocab_size(128, 65) == 128
+    assert vocab_size(None, 65) == 65
+    assert vocab_size(128, 65) == 128
     with pytest.raises(ConfigError, match="model.vocab_size=64 is smaller than the tokenizer's 65 tokens"):
-        train.vocab_size(64, 65)
+        vocab_size(64, 65)
 
 
 def test_fsdp_preset_shards_each_block():

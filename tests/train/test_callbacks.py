@@ -16,7 +16,6 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
-import train  # noqa: F401  (registers the config schemas)
 from gpt.config import DataConfig, DecodeConfig, OptimConfig, SamplingConfig
 from gpt.data.pairs import data_format
 from gpt.errors import NonFiniteError
