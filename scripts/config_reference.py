@@ -141,6 +141,8 @@ def scan_scripts() -> tuple[list[Command], list[tuple[Path, str | None, str, str
             func = node.func
             attr = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
             kw = _keywords(node)
+            if str(kw.get("config_path")).startswith("pkg://"):
+                continue  # python -m gpt.evaluate: the configs of a root script, as the package ships them
             if attr == "main" and isinstance(kw.get("config_name"), str):
                 config_dir = (path.parent / str(kw.get("config_path") or ".")).resolve()
                 rel = path.relative_to(ROOT).as_posix()

@@ -35,13 +35,13 @@ from gpt.evaluate.choice import (
 from gpt.evaluate.decode import default_max_new_tokens, evaluate
 from gpt.evaluate.examples import encode_examples
 from gpt.evaluate.metrics import METRICS
-from gpt.generate.command import resolve_device
 from gpt.runs.checkpoint import (
     checkpoint_data_format,
     describe_checkpoint,
     find_checkpoint,
     load_model,
     read_checkpoint,
+    resolve_device,
 )
 
 

@@ -15,9 +15,9 @@ import torch
 from gpt.config import DataConfig, GenerateConfig
 from gpt.data.pairs import data_format, get_template
 from gpt.errors import ConfigError, UserError
-from gpt.generate.command import SEPARATOR, interactive, resolve_device, sample
+from gpt.generate.command import SEPARATOR, interactive, sample
 from gpt.generate.text import generate_text
-from gpt.runs.checkpoint import load_model, load_run, save_weights_checkpoint
+from gpt.runs.checkpoint import load_model, load_run, resolve_device, save_weights_checkpoint
 from gpt.tokenizer import CharTokenizer
 from tests.helpers import CHARS, ROOT, tiny_model
 

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from export import export_checkpoint
 from gpt.config import ExportConfig, GenerateConfig
 from gpt.errors import UserError
 from gpt.generate.command import sample
@@ -18,6 +17,7 @@ from gpt.interop.export import bpe_merge_of, export, write_gpt2_tokenizer
 from gpt.interop.hf import hf_format, model_config_from_hf
 from gpt.interop.load import load_hf_model
 from gpt.runs.checkpoint import load_model
+from gpt.runs.export import export_checkpoint
 from gpt.tokenizer import CharTokenizer, TiktokenTokenizer
 from gpt.train.init_from import resolve_init
 from tests.helpers import assert_one_line_exit, command, run_script, tiny_config, tiny_model
