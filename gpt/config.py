@@ -46,7 +46,7 @@ class ModelConfig:
     # Width of the residual stream.
     n_embd: int = 128
     # Context length in tokens: the longest sequence the model attends to.
-    block_size: int = 256
+    block_size: int = 64
     # None until the tokenizer is known: train.py fills it from the prepared data.
     vocab_size: int | None = None
     # learned, sinusoidal (fixed) or rope (rotary, applied to queries and keys).

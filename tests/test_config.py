@@ -26,6 +26,10 @@ def test_model_presets_validate(model):
     assert isinstance(model_cfg, ModelConfig)
 
 
+def test_model_config_defaults_are_the_default_preset():
+    assert train.to_dataclasses(compose_train())[0] == ModelConfig()
+
+
 @pytest.mark.parametrize(
     ("preset", "vocab", "low", "high"),
     [
