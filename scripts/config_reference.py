@@ -364,7 +364,10 @@ class Reference:
             schema = schema or self.schema_for(None, name, command)
         if schema is not None:
             out += [f"Schema `gpt.config.{schema.__name__}`:", ""]
-            out += self.schema_table(schema, "", {})
+            # A default the primary config sets over the schema's (evaluate.yaml's num_beams), beside it.
+            names = {f.name for f in dataclasses.fields(schema)}
+            own = {k: [(path.name, v)] for k, v in data.items() if k in names}
+            out += self.schema_table(schema, "", own)
             out.append("")
         keys = [(k, v) for k, v in data.items() if k not in ("defaults", "hydra")]
         if keys:

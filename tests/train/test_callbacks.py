@@ -259,7 +259,8 @@ def test_the_evaluate_entry_in_conf_is_off_until_configured_and_checked(tmp_path
     callback = instantiate(compose_train().callbacks.evaluate)
     assert isinstance(callback, Evaluate)
     assert callback.every_n_steps is None and callback.path is None
-    assert callback.decoding == DecodeConfig()
+    # evaluate.py's decoding defaults (conf/evaluate.yaml), not generate.py's (DecodingConfig's)
+    assert callback.decoding == DecodeConfig(max_new_tokens=None, batch_size=16, num_beams=4)
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text('{"prompt": "a", "completion": "b"}\n')
     callback = instantiate(
