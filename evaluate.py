@@ -8,30 +8,18 @@ python evaluate.py ckpt=RUN data.path=test.jsonl methods=[greedy,beam] num_beams
 from __future__ import annotations
 
 import hydra
-from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from gpt.config import DataConfig, EvaluateConfig
 from gpt.errors import exit_on_user_error
-from gpt.evaluate.command import evaluate_checkpoint
-
-cs = ConfigStore.instance()
-cs.store(name="_schema", node=EvaluateConfig)
-cs.store(group="data", name="_schema", node=DataConfig)
+from gpt.evaluate.__main__ import run  # `python -m gpt.evaluate`'s body, schemas registered there
 
 
-def to_config(cfg: DictConfig) -> EvaluateConfig:
-    """The composed config as the dataclass. data=pairs without a data.path (the default) is no data
-    given: the task's own (hellaswag: its validation set; bpb: the checkpoint's training data)."""
-    if cfg.data.source == "pairs" and OmegaConf.select(cfg, "data.path", throw_on_missing=False) is None:
-        cfg.data = None
-    return OmegaConf.to_object(cfg)
-
-
+# conf/ of this checkout, so that it runs without gpt being installed (python -m gpt.evaluate reads
+# the copy that ships as gpt.conf).
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    evaluate_checkpoint(to_config(cfg))
+    run(cfg)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ class ModelConfig:
     # Width of the residual stream.
     n_embd: int = 128
     # Context length in tokens: the longest sequence the model attends to.
-    block_size: int = 256
+    block_size: int = 64
     # None until the tokenizer is known: train.py fills it from the prepared data.
     vocab_size: int | None = None
     # learned, sinusoidal (fixed) or rope (rotary, applied to queries and keys).
@@ -336,12 +336,56 @@ FROM_CHECKPOINT = "checkpoint"
 
 
 @dataclass
-class GenerateConfig(SamplingConfig):
-    # The sampling settings (temperature, top_k, ...) are SamplingConfig's, as top-level keys.
-    # A checkpoint file, a run dir, or None for the newest run under runs_dir.
+class DecodingConfig(SamplingConfig):
+    """The decoding settings generate.py and evaluation share (and SamplingConfig's). These defaults
+    are evaluation's (evaluate.py, callbacks.evaluate, DecodeConfig in Python); generate.py's own are
+    in conf/generate.yaml."""
+
+    # Tokens generated per row at most (>= 1; generation also stops at end-of-text). None (evaluation
+    # only): the longest reference's tokens plus a margin (a quarter of it, at least 8), at most
+    # block_size.
+    max_new_tokens: int | None = None
+    # Rows generated together: generate, prompts x num_samples; evaluate, examples (by greedy and
+    # sampled; beam search takes one example at a time).
+    batch_size: int = 16
+    # Beams kept by beam search: generate, > 1 searches (deterministic; the sampling knobs are
+    # ignored); evaluate, the `beam` method's.
+    num_beams: int = 4
+    # Beam search ranks finished beams by log-probability / length ** length_penalty.
+    length_penalty: float = 1.0
+    # Seeds a torch.Generator for this command only (evaluate: the `sampled` method's, so that the
+    # same settings sample the same outputs).
+    seed: int = 1337
+
+
+@dataclass
+class CheckpointConfig:
+    """Which checkpoint, in which dtype: the keys export.py, generate.py and evaluate.py share (as
+    top-level keys: ckpt=..., dtype=...)."""
+
+    # A checkpoint file, a run dir, a Hugging Face dir, or None for the newest run under runs_dir.
     ckpt: str | None = None
     # Where the newest run is looked for when ckpt is None.
     runs_dir: str = "runs"
+    # float32, bfloat16 or float16: the weights' dtype (generate, evaluate: to compute in, the last two
+    # for GPUs; export: as written).
+    dtype: str = "float32"
+
+
+@dataclass
+class InferenceConfig(CheckpointConfig):
+    """Which checkpoint, on which device, in which dtype: generate.py's and evaluate.py's keys."""
+
+    # auto: cuda when available, else cpu; or a torch device such as cuda:1.
+    device: str = "auto"
+
+
+@dataclass
+class GenerateConfig(DecodingConfig, InferenceConfig):
+    """generate.py's keys: the decoding settings (temperature, top_k, num_beams, ...) are
+    DecodingConfig's, the checkpoint's (ckpt, runs_dir, device, dtype) InferenceConfig's, as
+    top-level keys."""
+
     # The text to continue; "-" reads it from stdin.
     prompt: str = "\n"
     # A file of prompts, one per line, or .jsonl with a "prompt" field per line; replaces `prompt`.
@@ -350,36 +394,26 @@ class GenerateConfig(SamplingConfig):
     # has none); none = as typed; or a template (plain, alpaca, chatml) or format string such as
     # 'Q: {prompt}\nA: '.
     template: str | None = FROM_CHECKPOINT
-    # Tokens to generate per row (>= 1).
-    max_new_tokens: int = 500
     # Generation of a row ends where the first of these strings starts (or at end-of-text).
     stop: list[str] = field(default_factory=list)
-    # > 1: beam search (deterministic; the sampling knobs are ignored).
-    num_beams: int = 1
-    # Beam search ranks by log-probability / length ** length_penalty.
-    length_penalty: float = 1.0
-    # Seeds a torch.Generator for this command only.
-    seed: int = 1337
     # Continuations per prompt, separated by a line of dashes.
     num_samples: int = 1
-    # Rows (prompts x num_samples) generated together.
-    batch_size: int = 8
     # A REPL: each line typed is added to the conversation, and the model continues it.
     interactive: bool = False
     # KV cache; False recomputes the whole context every token (the reference path).
     use_cache: bool = True
     # torch.compile the decode step (for GPUs; compiling takes ~30 s on a CPU).
     compile: bool = False
-    # auto: cuda when available, else cpu; or a torch device such as cuda:1.
-    device: str = "auto"
-    # float32, bfloat16 or float16 (the last two for GPUs).
-    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.prompt_file = _home(self.prompt_file)  # ckpt, runs_dir: in gpt.runs.checkpoint.find_checkpoint
         self.template = FROM_CHECKPOINT if self.template is None else self.template
-        _check(self.max_new_tokens >= 1, f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        # None is evaluation's (fitted to the references): generation has no references.
+        _check(
+            self.max_new_tokens is not None and self.max_new_tokens >= 1,
+            f"max_new_tokens={self.max_new_tokens} must be >= 1",
+        )
         _check(all(self.stop), "stop strings must not be empty; remove the empty one from stop=[...]")
         _check(self.num_beams >= 1, f"num_beams={self.num_beams} must be >= 1")
         _check(self.num_samples >= 1, f"num_samples={self.num_samples} must be >= 1")
@@ -402,16 +436,14 @@ EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
-class ExportConfig:
-    # A checkpoint file, a run dir, a Hugging Face dir, or None for the newest run under runs_dir.
-    ckpt: str | None = None
-    runs_dir: str = "runs"
+class ExportConfig(CheckpointConfig):
+    """export.py's keys: the checkpoint (ckpt, runs_dir) and the exported weights' dtype are
+    CheckpointConfig's."""
+
     # The folder to write the Hugging Face directory into (required).
     out: str | None = None
     # auto, gpt2 or llama; auto: whichever expresses the model (gpt.interop.hf checks the name).
     format: str = "auto"
-    # The dtype of the exported weights.
-    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         # `ckpt=` and `out=` (empty) are null, as before the keys were Hydra's. ckpt and runs_dir get
@@ -464,23 +496,12 @@ def check_eval_task(task: str, limit: int | None, windows: str, prefix: str = ""
 
 
 @dataclass
-class DecodeConfig(SamplingConfig):
-    """How an evaluation generates: which methods, and their settings. The sampling settings
-    (temperature, top_k, ...) are SamplingConfig's and apply to the `sampled` method only."""
+class DecodeConfig(DecodingConfig):
+    """How an evaluation generates: which methods, and their settings (DecodingConfig's; the
+    sampling settings, temperature, top_k, ..., apply to the `sampled` method only)."""
 
     # Decoding methods to compare, each scored on its own: greedy, beam (beam search), sampled.
     methods: list[str] = field(default_factory=lambda: ["greedy"])
-    # Tokens generated per example at most (generation also stops at end-of-text). None: the longest
-    # reference's tokens plus a margin (a quarter of it, at least 8), at most the model's block_size.
-    max_new_tokens: int | None = None
-    # Examples generated together by greedy and sampled (beam search takes one example at a time).
-    batch_size: int = 16
-    # beam: beams kept.
-    num_beams: int = 4
-    # beam: finished beams are ranked by log-probability / length ** length_penalty.
-    length_penalty: float = 1.0
-    # sampled: seeds its torch.Generator, so that the same settings sample the same outputs.
-    seed: int = 1337
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -502,17 +523,14 @@ class DecodeConfig(SamplingConfig):
 
 
 @dataclass
-class EvaluateConfig(DecodeConfig):
+class EvaluateConfig(DecodeConfig, InferenceConfig):
     """evaluate.py's keys: the decoding settings (methods, num_beams, temperature, ...) are
-    DecodeConfig's, as top-level keys (task=generate only, but batch_size: every task)."""
+    DecodeConfig's, as top-level keys (task=generate only, but batch_size: every task); the
+    checkpoint's (ckpt, runs_dir, device, dtype) InferenceConfig's."""
 
     # generate (complete prompt -> completion pairs; exact match, chrF, BLEU), hellaswag (its
     # validation set; acc, acc_norm), mc (a multiple-choice JSONL file) or bpb (bits per byte on a corpus).
     task: str = "generate"
-    # A checkpoint file, a run dir, a Hugging Face dir, or None for the newest run under runs_dir.
-    ckpt: str | None = None
-    # Where the newest run is looked for when ckpt is None.
-    runs_dir: str = "runs"
     # The task's data. generate: the pairs (data.path, a .jsonl file or a folder; data.fields;
     # data.template `checkpoint`, the default, formats prompts as the checkpoint was trained). mc: the
     # JSONL file (data.path; data.fields renames context, choices, label). hellaswag: data.path, else
@@ -527,10 +545,6 @@ class EvaluateConfig(DecodeConfig):
     # The folder the results are written to (<task>.json, and each example's outputs as JSONL);
     # None: <run dir>/evals/ beside the checkpoint.
     out: str | None = None
-    # auto: cuda when available, else cpu; or a torch device such as cuda:1.
-    device: str = "auto"
-    # float32, bfloat16 or float16 (the last two for GPUs).
-    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -141,6 +141,8 @@ def scan_scripts() -> tuple[list[Command], list[tuple[Path, str | None, str, str
             func = node.func
             attr = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
             kw = _keywords(node)
+            if str(kw.get("config_path")).startswith("pkg://"):
+                continue  # python -m gpt.evaluate: the configs of a root script, as the package ships them
             if attr == "main" and isinstance(kw.get("config_name"), str):
                 config_dir = (path.parent / str(kw.get("config_path") or ".")).resolve()
                 rel = path.relative_to(ROOT).as_posix()
@@ -362,7 +364,10 @@ class Reference:
             schema = schema or self.schema_for(None, name, command)
         if schema is not None:
             out += [f"Schema `gpt.config.{schema.__name__}`:", ""]
-            out += self.schema_table(schema, "", {})
+            # A default the primary config sets over the schema's (evaluate.yaml's num_beams), beside it.
+            names = {f.name for f in dataclasses.fields(schema)}
+            own = {k: [(path.name, v)] for k, v in data.items() if k in names}
+            out += self.schema_table(schema, "", own)
             out.append("")
         keys = [(k, v) for k, v in data.items() if k not in ("defaults", "hydra")]
         if keys:

@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -143,6 +144,8 @@ def compose_train(*overrides: str):
     """train.py's config as Hydra composes it, with the hydra node."""
     from hydra import compose, initialize_config_dir
 
+    import train  # noqa: F401  (registers the schemas, as train.py does)
+
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose("train", overrides=list(overrides), return_hydra_config=True)
 
@@ -167,6 +170,23 @@ def command(
         run((to_object or OmegaConf.to_object)(cfg))
 
     return main
+
+
+def generate_config(**settings: Any):
+    """generate.py's config as conf/generate.yaml composes it (its own decoding defaults), with these
+    fields replaced (validated again)."""
+    from dataclasses import replace
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    from gpt.config import GenerateConfig
+
+    ConfigStore.instance().store(name="_schema", node=GenerateConfig)
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("generate")
+    return replace(OmegaConf.to_object(cfg), **settings)
 
 
 # ----------------------------------------------------------------------------- training runs
@@ -223,12 +243,13 @@ def bare_trainer(root: Path, **kwargs):
 def build_in_process(
     corpus: Path, run_dir: Path, *overrides: str, ckpt_path: str | None = None, base: list[str] = BASE
 ):
-    """train.build with `base` (BASE: text) in this process, as @hydra.main would call it: (trainer,
-    module, datamodule). `ckpt_path`: the checkpoint train.fit would resume from."""
+    """gpt.train.setup.build with `base` (BASE: text) in this process, on the config train.py would
+    hand it: (trainer, module, datamodule). `ckpt_path`: the checkpoint train.py would resume from."""
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
     import train
+    from gpt.train.setup import build
 
     cfg = compose_train(*base, f"data.path={corpus}", *overrides)
     with open_dict(cfg):
@@ -237,11 +258,11 @@ def build_in_process(
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]  # as @hydra.main hands it to train.py
-    return train.build(cfg, ckpt_path)
+    return build(train.to_job(cfg), train.hydra_run(cfg), ckpt_path)
 
 
 def fit(corpus: Path, run_dir: Path, *overrides: str, base: list[str] = BASE):
-    """train.build + fit in this process (seconds, not a subprocess): returns the module."""
+    """build_in_process + fit (seconds, not a subprocess): returns the module."""
     trainer, module, datamodule = build_in_process(corpus, run_dir, *overrides, base=base)
     trainer.fit(module, datamodule=datamodule)
     return module

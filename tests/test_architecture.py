@@ -1,17 +1,26 @@
 """The layering of docs/architecture.md, checked on the source: imports point one way, the library
-imports no Hydra, and the inference side imports no Lightning."""
+imports no Hydra and never reaches into the checkout, and the inference side imports no Lightning."""
 
 from __future__ import annotations
 
 import ast
+import re
+import sys
 from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 # Lowest first: a module may import its own layer and the layers before it, never one after it.
 LAYERS = ["base", "model", "data", "interop", "runs", "generate", "evaluate", "train"]
 BASE = {"errors", "config", "tokenizer", "templates"}
-# The public API re-exports from the layers; the `python -m gpt.X` shims only run a root script.
-EXEMPT = {"gpt", "gpt.prepare", "gpt.export", "gpt.compare"}
+# The public API re-exports from the layers.
+EXEMPT = {"gpt"}
+# Entry points in the package, like the root scripts: they compose a Hydra config and call the library.
+ENTRIES = {"gpt.evaluate.__main__"}
 # generate.py, evaluate.py and load_model start fast
 NO_LIGHTNING = {"model", "generate", "interop", "runs", "evaluate"}
 
@@ -98,8 +107,25 @@ def roots(path: Path) -> set[str]:
 
 
 def test_library_imports_no_hydra():
-    wrong = [name for name, path in ALL.items() if roots(path) & {"hydra", "omegaconf"}]
+    wrong = [
+        name for name, path in ALL.items() if name not in ENTRIES and roots(path) & {"hydra", "omegaconf"}
+    ]
     assert not wrong, f"Hydra belongs to the root scripts, not {wrong}"
+
+
+def test_library_does_not_reach_into_the_checkout():
+    """No runpy of a root script, no path built from a module's own file: an installed package has no
+    checkout around it."""
+    reach = re.compile(r"__file__|parents\[")
+    wrong = [n for n, path in ALL.items() if "runpy" in roots(path) or reach.search(path.read_text("utf-8"))]
+    assert not wrong, f"these reach out of gpt/: {wrong}"
+
+
+def test_the_wheel_lists_every_package():
+    """pyproject.toml lists the packages (conf/ ships as gpt.conf): a new one must be added there."""
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "gpt").rglob("__init__.py")}
+    assert listed == found | {"gpt.conf"}
 
 
 def test_inference_side_imports_no_lightning():

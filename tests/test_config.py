@@ -5,13 +5,14 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-import train  # registers the schemas
+import train
 from gpt.config import DataConfig, GenerateConfig, ModelConfig, OptimConfig
 from gpt.errors import ConfigError
 from gpt.model.transformer import GPT
 from gpt.runs.checkpoint import find_checkpoint
 from gpt.train.checks import check_trainer_args
-from tests.helpers import CONF, compose_train
+from gpt.train.setup import choose_precision, vocab_size
+from tests.helpers import CONF, compose_train, generate_config
 
 
 def group_options(group: str) -> list[str]:
@@ -23,6 +24,10 @@ def test_model_presets_validate(model):
     cfg = compose_train(f"model={model}")
     model_cfg, _, _ = train.to_dataclasses(cfg)
     assert isinstance(model_cfg, ModelConfig)
+
+
+def test_model_config_defaults_are_the_default_preset():
+    assert train.to_dataclasses(compose_train())[0] == ModelConfig()
 
 
 @pytest.mark.parametrize(
@@ -118,7 +123,7 @@ def test_tilde_in_config_paths_is_the_home_folder(tmp_path, monkeypatch):
     assert (data.path, data.root, data.cache_dir) == tuple(
         str(tmp_path / n) for n in ("corpus", "data", "cache")
     )
-    assert GenerateConfig(prompt_file="~/prompts.txt").prompt_file == str(tmp_path / "prompts.txt")
+    assert generate_config(prompt_file="~/prompts.txt").prompt_file == str(tmp_path / "prompts.txt")
     assert DataConfig(source="hf", path="user/dataset").path == "user/dataset"  # not a path: unchanged
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     (tmp_path / "run" / "checkpoints" / "last.ckpt").write_bytes(b"")
@@ -161,7 +166,7 @@ def instantiate_in(run_dir: Path, *overrides: str):
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(run_dir)
     HydraConfig.instance().set_config(cfg)
-    train.choose_precision(cfg, cfg.model.n_embd, [])
+    choose_precision(cfg.trainer, cfg.model.n_embd, [])
     callbacks = {k: hydra.utils.instantiate(c) for k, c in cfg.callbacks.items()}
     loggers = {k: hydra.utils.instantiate(c) for k, c in cfg.logger.items()}
     trainer = hydra.utils.instantiate(
@@ -193,10 +198,10 @@ def test_every_logger_option_keeps_csv(tmp_path, logger):
 
 
 def test_vocab_size_follows_tokenizer_or_pads_upward():
-    assert train.vocab_size(None, 65) == 65
-    assert train.vocab_size(128, 65) == 128
+    assert vocab_size(None, 65) == 65
+    assert vocab_size(128, 65) == 128
     with pytest.raises(ConfigError, match="model.vocab_size=64 is smaller than the tokenizer's 65 tokens"):
-        train.vocab_size(64, 65)
+        vocab_size(64, 65)
 
 
 def test_fsdp_preset_shards_each_block():

@@ -38,9 +38,10 @@ def test_a_bad_template_is_refused(spec):
 
 
 def test_the_checkpoints_template_is_spelled_checkpoint_and_null_means_the_same():
-    from gpt.config import FROM_CHECKPOINT, GenerateConfig
+    from gpt.config import FROM_CHECKPOINT
+    from tests.helpers import generate_config
 
     assert FROM_CHECKPOINT == "checkpoint"
-    assert GenerateConfig().template == "checkpoint"
-    assert GenerateConfig(template=None).template == "checkpoint"  # the spelling before 0.5
-    assert GenerateConfig(template="none").template == "none"
+    assert generate_config().template == "checkpoint"
+    assert generate_config(template=None).template == "checkpoint"  # the spelling before 0.5
+    assert generate_config(template="none").template == "none"

@@ -33,13 +33,13 @@ from gpt.evaluate.tasks import (
     score,
     task_metrics,
 )
-from gpt.generate.command import resolve_device
 from gpt.runs.checkpoint import (
     checkpoint_data_format,
     describe_checkpoint,
     find_checkpoint,
     load_model,
     read_checkpoint,
+    resolve_device,
 )
 
 

@@ -19,33 +19,11 @@ from gpt.config import FROM_CHECKPOINT, GenerateConfig
 from gpt.errors import UserError
 from gpt.generate.text import encode_prompts, generate_text
 from gpt.model.transformer import GPT
-from gpt.runs.checkpoint import describe_checkpoint, find_checkpoint, load_run
+from gpt.runs.checkpoint import describe_checkpoint, find_checkpoint, load_run, resolve_device
 from gpt.templates import Template, format_prompt, get_template, template_of, unescape
 from gpt.tokenizer import Tokenizer
 
 SEPARATOR = "---------------\n"
-
-
-def resolve_device(device: str) -> torch.device:
-    """`auto`, or a device this machine has: checked before the checkpoint is loaded."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"device={device!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise UserError(f"device={device} but torch finds no CUDA GPU here; use device=cpu or auto")
-        if dev.index is not None and dev.index >= count:
-            raise UserError(
-                f"device={device} but this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}; "
-                "pick one of those"
-            )
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"device={device} but MPS is not available on this machine; use device=cpu or auto")
-    return dev
 
 
 def write_stdout(text: str) -> None:

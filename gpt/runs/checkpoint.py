@@ -299,3 +299,25 @@ def save_weights_checkpoint(
     state_dict = {f"model.{k}": v.detach().cpu() for k, v in model.state_dict().items()}
     torch.save({"hyper_parameters": hparams, "state_dict": state_dict}, path)
     return path
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto`, or a device this machine has: checked before the checkpoint is loaded."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"device={device!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(f"device={device} but torch finds no CUDA GPU here; use device=cpu or auto")
+        if dev.index is not None and dev.index >= count:
+            raise UserError(
+                f"device={device} but this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}; "
+                "pick one of those"
+            )
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device={device} but MPS is not available on this machine; use device=cpu or auto")
+    return dev

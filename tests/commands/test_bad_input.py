@@ -265,7 +265,7 @@ CASES = {
     ),
     # On a GPU machine the message names its GPUs, else it says there are none.
     "generate-more-devices-than-exist": generate("device=cuda:99", message="device=cuda:99 but"),
-    # prepare (the deprecated `python -m gpt.prepare`: tests/commands/test_deprecated.py)
+    # prepare
     "prepare-unknown-key": command(
         "prepare.py", "data.tokenizr=char", message="Key 'tokenizr' not in 'DataConfig'"
     ),

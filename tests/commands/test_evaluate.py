@@ -11,9 +11,9 @@ import pytest
 import torch
 from hydra.core.config_store import ConfigStore
 
-from evaluate import to_config
 from gpt.config import DataConfig, EvaluateConfig
 from gpt.data.pairs import data_format
+from gpt.evaluate.__main__ import to_config
 from gpt.evaluate.command import evaluate_checkpoint
 from gpt.runs.checkpoint import save_weights_checkpoint
 from gpt.tokenizer import CharTokenizer

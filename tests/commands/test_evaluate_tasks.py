@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from hydra.core.config_store import ConfigStore
 
-from evaluate import to_config
 from gpt.config import DataConfig, EvaluateConfig
 from gpt.evaluate import choice
+from gpt.evaluate.__main__ import to_config
 from gpt.evaluate.command import evaluate_checkpoint
 from gpt.runs.metrics import read_metrics
 from tests.helpers import assert_ok, assert_one_line_exit, command, last_line, run_script, write_corpus

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt.config import DataConfig, GenerateConfig
+from gpt.config import DataConfig
 from gpt.data.pairs import data_format
 from gpt.data.pairs_datamodule import IGNORE, PackedRows
 from gpt.generate.command import sample
@@ -28,6 +28,7 @@ from tests.helpers import (
     build_in_process,
     final_state,
     fit,
+    generate_config,
     losses,
     run_script,
     start_script,
@@ -123,7 +124,7 @@ def test_train_saves_the_template_and_generate_writes_prompts_with_it_and_stops_
     # of what generate.py runs. The prefill gives "o", "o" gives "k", "k" gives end-of-text: 3 of 20.
     forward, calls = GPT.forward, []
     monkeypatch.setattr(GPT, "forward", lambda self, *a, **kw: calls.append(1) or forward(self, *a, **kw))
-    cfg = GenerateConfig(ckpt=str(trained / "run"), prompt="12345", max_new_tokens=20, temperature=0.0)
+    cfg = generate_config(ckpt=str(trained / "run"), prompt="12345", max_new_tokens=20, temperature=0.0)
     assert sample(cfg, write=lambda _: None) == ["ok"]
     assert len(calls) == 3
 

@@ -1,5 +1,5 @@
 """The training system: DDP == one process, accumulation, seeds, optimizers, compile and sweeps,
-as train.py runs them (a subprocess, or train.build in this process). Kills, preemption and NaNs:
+as train.py runs them (a subprocess, or gpt.train.setup.build in this process). Kills, preemption and NaNs:
 test_faults.py. The pieces on their own: tests/train/."""
 
 from __future__ import annotations

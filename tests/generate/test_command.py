@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt.config import DataConfig, GenerateConfig
+from gpt.config import DataConfig
 from gpt.data.pairs import data_format, get_template
 from gpt.errors import ConfigError, UserError
-from gpt.generate.command import SEPARATOR, interactive, resolve_device, sample
+from gpt.generate.command import SEPARATOR, interactive, sample
 from gpt.generate.text import generate_text
-from gpt.runs.checkpoint import load_model, load_run, save_weights_checkpoint
+from gpt.runs.checkpoint import load_model, load_run, resolve_device, save_weights_checkpoint
 from gpt.tokenizer import CharTokenizer
-from tests.helpers import CHARS, ROOT, tiny_model
+from tests.helpers import CHARS, ROOT, generate_config, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def ckpt(tmp_path_factory) -> Path:
 
 def run(ckpt: Path, **kw) -> tuple[str, list[str]]:
     out: list[str] = []
-    texts = sample(GenerateConfig(ckpt=str(ckpt), device="cpu", **kw), write=out.append)
+    texts = sample(generate_config(ckpt=str(ckpt), device="cpu", **kw), write=out.append)
     return "".join(out), texts
 
 
@@ -84,11 +84,11 @@ def test_bad_prompt_files_are_one_line_errors(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
     with pytest.raises(UserError, match=r'bad.jsonl:2: expected a JSON object with a "prompt" string'):
-        sample(GenerateConfig(ckpt=str(tmp_path), prompt_file=str(bad)))
+        sample(generate_config(ckpt=str(tmp_path), prompt_file=str(bad)))
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     with pytest.raises(UserError, match="holds no prompts"):
-        sample(GenerateConfig(ckpt=str(tmp_path), prompt_file=str(empty)))
+        sample(generate_config(ckpt=str(tmp_path), prompt_file=str(empty)))
 
 
 def test_stop_strings_from_the_command_line_understand_newlines(ckpt):
@@ -124,7 +124,7 @@ def test_bad_values_are_refused(override, message):
     with pytest.raises(
         ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
     ):
-        GenerateConfig(**override)
+        generate_config(**override)
 
 
 def test_prompt_from_stdin_and_one_line_error(ckpt, tmp_path):
@@ -163,7 +163,7 @@ def test_interactive_session_continues_the_conversation(ckpt, tmp_path):
 
 def test_interactive_on_a_terminal_prompts_and_ends_its_line(ckpt, capsys):
     model, tok = load_model(ckpt)
-    cfg = GenerateConfig(ckpt=str(ckpt), interactive=True, max_new_tokens=8, temperature=0, prompt="")
+    cfg = generate_config(ckpt=str(ckpt), interactive=True, max_new_tokens=8, temperature=0, prompt="")
     typed = iter(["ROMEO: hi\n", "and?\n", ""])  # "" is Ctrl-D
     out: list[str] = []
     texts = interactive(model, tok, cfg, torch.Generator(), out.append, lambda: next(typed), tty=True)
@@ -239,7 +239,7 @@ def test_a_template_given_replaces_the_checkpoints_and_a_bad_one_is_refused(pair
 
 def test_interactive_writes_each_line_with_the_template(pairs_ckpt):
     model, tok = load_model(pairs_ckpt)
-    cfg = GenerateConfig(ckpt=str(pairs_ckpt), interactive=True, max_new_tokens=8, temperature=0, prompt="")
+    cfg = generate_config(ckpt=str(pairs_ckpt), interactive=True, max_new_tokens=8, temperature=0, prompt="")
     typed = iter(["hi\n", ""])
     out: list[str] = []
     template = get_template(QA)

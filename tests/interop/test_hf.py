@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from export import export_checkpoint
-from gpt.config import ExportConfig, GenerateConfig
+from gpt.config import ExportConfig
 from gpt.errors import UserError
 from gpt.generate.command import sample
 from gpt.generate.tokens import generate
@@ -18,9 +17,10 @@ from gpt.interop.export import bpe_merge_of, export, write_gpt2_tokenizer
 from gpt.interop.hf import hf_format, model_config_from_hf
 from gpt.interop.load import load_hf_model
 from gpt.runs.checkpoint import load_model
+from gpt.runs.export import export_checkpoint
 from gpt.tokenizer import CharTokenizer, TiktokenTokenizer
 from gpt.train.init_from import resolve_init
-from tests.helpers import assert_one_line_exit, command, run_script, tiny_config, tiny_model
+from tests.helpers import assert_one_line_exit, command, generate_config, run_script, tiny_config, tiny_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -232,7 +232,7 @@ def test_train_init_from_then_generate_and_export(tmp_path, tiny_corpus, capsys)
     torch.testing.assert_close(trained["model.wte.weight"], hf_wte, rtol=0, atol=1e-6)
 
     # generate.py's code path, on the Hugging Face dir itself.
-    cfg = GenerateConfig(ckpt=str(path), prompt="Hello", max_new_tokens=5, temperature=0)
+    cfg = generate_config(ckpt=str(path), prompt="Hello", max_new_tokens=5, temperature=0)
     capsys.readouterr()
     (text,) = sample(cfg, write=lambda _: None)
     assert capsys.readouterr().err.splitlines() == [f"checkpoint: {path} (Hugging Face)"]

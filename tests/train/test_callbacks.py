@@ -16,7 +16,6 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
-import train  # noqa: F401  (registers the config schemas)
 from gpt.config import DataConfig, DecodeConfig, OptimConfig, SamplingConfig
 from gpt.data.pairs import data_format
 from gpt.errors import NonFiniteError
@@ -272,14 +271,14 @@ def test_the_evaluate_entry_in_conf_is_off_until_configured_and_checked(tmp_path
         compose_train(
             "callbacks.evaluate.every_n_steps=50",
             f"callbacks.evaluate.path={pairs}",
-            "+callbacks.evaluate.decoding.methods=[greedy,beam]",
-            "+callbacks.evaluate.decoding.num_beams=2",
+            "callbacks.evaluate.decoding.methods=[greedy,beam]",
+            "callbacks.evaluate.decoding.num_beams=2",
         ).callbacks.evaluate
     )
     assert callback.every_n_steps == 50 and callback.decoding.methods == ["greedy", "beam"]
     assert callback.decoding.num_beams == 2
     with pytest.raises(InstantiationException, match="num_beams=0 must be >= 1"):
-        instantiate(compose_train("+callbacks.evaluate.decoding.num_beams=0").callbacks.evaluate)
+        instantiate(compose_train("callbacks.evaluate.decoding.num_beams=0").callbacks.evaluate)
     with pytest.raises(InstantiationException, match="callbacks.evaluate.path=nope.jsonl does not exist"):
         instantiate(
             compose_train(
