@@ -7,12 +7,16 @@ cache) unless the caller chose otherwise: conftest.py imports it before any test
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -76,12 +80,49 @@ def split_tokens(prepared, split: str) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=prepared.meta["dtype"])
 
 
+def write_rows(path: Path, rows: list, gz: bool = False) -> Path:
+    """One JSON object per line (a str row is written as it is); gzip-compressed if `gz`."""
+    text = "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
+    path.write_bytes(gzip.compress(text.encode()) if gz else text.encode())
+    return path
+
+
+def fake_trainer(
+    world: int = 1,
+    rank: int = 0,
+    accumulate: int = 1,
+    max_steps: int = -1,
+    processed: int = 0,
+    device: str = "cpu",
+) -> SimpleNamespace:
+    """What a data module reads of a Trainer (`processed`: micro-batches of epoch 0 trained on), on a
+    device this machine need not have."""
+    current = SimpleNamespace(processed=processed)
+    return SimpleNamespace(
+        world_size=world,
+        global_rank=rank,
+        accumulate_grad_batches=accumulate,
+        max_steps=max_steps,
+        current_epoch=0,
+        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=SimpleNamespace(current=current))),
+        strategy=SimpleNamespace(root_device=torch.device(device)),
+        num_devices=world,
+    )
+
+
 def text_cfg(path: str | Path, tmp_path: Path, **kw) -> DataConfig:
     """data=text on `path`, cached under tmp_path/cache."""
     return DataConfig(source="text", path=str(path), cache_dir=str(tmp_path / "cache"), **kw)
 
 
 # ----------------------------------------------------------------------------- commands
+
+
+def free_port() -> int:
+    """A port nothing listens on (connections to it are refused at once)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_script(

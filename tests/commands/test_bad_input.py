@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from gpt.errors import EXIT_USER_ERROR
 from gpt.interop.export import export
 from gpt.runs.checkpoint import save_weights_checkpoint
 from gpt.tokenizer import CharTokenizer, TiktokenTokenizer
-from tests.helpers import run_script, tiny_model, write_corpus
+from tests.helpers import free_port, run_script, tiny_model, write_corpus
 
 
 @dataclass(frozen=True)
@@ -344,13 +343,6 @@ CASES = {
     "bench-generate-no-repeats": command("bench/bench_generate.py", "repeats=0", message="each must be >= 1"),
     "bench-prepare-negative-size": command("bench/bench_prepare.py", "mb=-1", message="mb must be > 0"),
 }
-
-
-def free_port() -> int:
-    """A port nothing listens on (connections to it are refused at once)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

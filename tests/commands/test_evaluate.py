@@ -17,7 +17,7 @@ from gpt.data.pairs import data_format
 from gpt.evaluate.command import evaluate_checkpoint
 from gpt.runs.checkpoint import save_weights_checkpoint
 from gpt.tokenizer import CharTokenizer
-from tests.helpers import CHARS, assert_ok, assert_one_line_exit, command, run_script, tiny_model
+from tests.helpers import CHARS, assert_ok, assert_one_line_exit, command, run_script, tiny_model, write_rows
 
 ROWS = [
     {"prompt": "Who is there?", "completion": "Nay, answer me."},
@@ -28,13 +28,6 @@ METRIC_ROWS = ["exact_match", "token_accuracy", "chrf", "bleu"]
 
 ConfigStore.instance().store(group="data", name="_schema", node=DataConfig)  # as evaluate.py does
 evaluate = command("evaluate", EvaluateConfig, evaluate_checkpoint, to_object=to_config)
-
-
-def write_rows(path: Path, rows: list) -> Path:
-    path.write_text(
-        "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8"
-    )
-    return path
 
 
 @pytest.fixture

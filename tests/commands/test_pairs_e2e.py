@@ -32,6 +32,7 @@ from tests.helpers import (
     run_script,
     start_script,
     wait_for,
+    write_rows,
 )
 
 # As typed on a command line: a backslash and an n, which the template turns into a line break.
@@ -55,11 +56,6 @@ EXTRA = [
     "trainer.val_check_interval=20",
     "callbacks.last.every_n_train_steps=10",
 ]
-
-
-def write_rows(path: Path, rows: list[dict[str, str]]) -> Path:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    return path
 
 
 def answered_ok(n: int, seed: int) -> list[dict[str, str]]:
