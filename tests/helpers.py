@@ -10,9 +10,12 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import select
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -138,6 +141,83 @@ def run_script(
     for name in unset:
         full_env.pop(name, None)
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+class _ForkServer:
+    """tests/forkserver.py, started on first use in this process (one per xdist worker)."""
+
+    servers: dict[tuple[str, ...], _ForkServer] = {}
+
+    def __init__(self, preload: tuple[str, ...]):
+        self.preload = preload
+        self.proc: subprocess.Popen | None = None
+        self.buffer = b""
+
+    @classmethod
+    def get(cls, preload: tuple[str, ...]) -> _ForkServer:
+        return cls.servers.setdefault(preload, cls(preload))
+
+    def request(self, message: dict) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            env = os.environ | {"PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+            self.proc = subprocess.Popen(
+                [sys.executable, str(ROOT / "tests" / "forkserver.py"), *self.preload],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                env=env,
+                bufsize=0,
+            )
+            self.buffer = b""
+        self.proc.stdin.write(json.dumps(message).encode() + b"\n")
+
+    def answer(self, timeout: float | None = None) -> dict:
+        """The server's next line; TimeoutError after `timeout` seconds without one."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self.buffer:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not select.select([fd], [], [], wait)[0]:
+                raise TimeoutError
+            chunk = os.read(fd, 65536)
+            assert chunk, f"tests/forkserver.py ended (exit {self.proc.wait()})"
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return json.loads(line)
+
+
+def run_forked(
+    *args: str,
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    unset: tuple[str, ...] = (),
+    timeout: float = 300,
+    preload: tuple[str, ...] = (),
+) -> subprocess.CompletedProcess:
+    """run_script's answer (exit code, stdout, stderr of a process of its own), from a child forked
+    off a warm Python that has imported torch, numpy and hydra already (tests/forkserver.py): a second
+    instead of several for a command that exits early. For a command run to its end and checked for
+    what it prints or exits with; a test of signals, DDP, a terminal or stdin uses run_script.
+    `preload`: modules the warm Python imports too (each list has a server of its own)."""
+    cmd = [sys.executable, *(str(ROOT / a) if a.endswith(".py") else a for a in args)]
+    full_env = os.environ | {"PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"} | (env or {})
+    for name in unset:
+        full_env.pop(name, None)
+    with tempfile.TemporaryDirectory() as out:
+        outputs = {"stdout": str(Path(out) / "stdout"), "stderr": str(Path(out) / "stderr")}
+        server = _ForkServer.get(preload)
+        server.request({"args": cmd[1:], "cwd": str(cwd), "env": full_env} | outputs)
+        pid = server.answer()["pid"]
+        try:
+            rc = server.answer(timeout)["rc"]
+            timed_out = False
+        except TimeoutError:
+            os.kill(pid, signal.SIGKILL)
+            rc = server.answer()["rc"]
+            timed_out = True
+        stdout, stderr = (Path(outputs[k]).read_text(errors="replace") for k in ("stdout", "stderr"))
+    if timed_out:
+        raise subprocess.TimeoutExpired(cmd, timeout, output=stdout, stderr=stderr)
+    return subprocess.CompletedProcess(cmd, rc, stdout, stderr)
 
 
 def start_script(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
