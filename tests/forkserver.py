@@ -52,6 +52,10 @@ def run(request: dict) -> None:
         main = types.ModuleType("__main__")
         sys.modules["__main__"] = main
         exec(compile(args[1], "<string>", "exec"), main.__dict__)
+    elif args[0] == "-m":
+        sys.argv = [args[1], *args[2:]]  # runpy puts the module's path in argv[0]
+        sys.path[0] = os.getcwd()  # as python -m does
+        runpy.run_module(args[1], run_name="__main__", alter_sys=True)
     else:
         sys.argv = list(args)
         sys.path[0] = os.path.dirname(os.path.abspath(args[0]))  # as python script.py does

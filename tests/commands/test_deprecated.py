@@ -12,7 +12,7 @@ import pytest
 from compare import new_argv
 from gpt.runs.checkpoint import save_weights_checkpoint
 from gpt.tokenizer import CharTokenizer
-from tests.helpers import run_script, tiny_model
+from tests.helpers import run_forked, tiny_model
 
 
 def deprecation_lines(stderr: str) -> list[str]:
@@ -30,10 +30,10 @@ def assert_same_as_new(old, new, note: str) -> None:
 
 def test_python_m_gpt_prepare(tmp_path, tiny_corpus):
     args = ["data=text", f"data.path={tiny_corpus}", "data.tokenizer=char", f"data.cache_dir={tmp_path}/c"]
-    first = run_script("prepare.py", *args, cwd=tmp_path)  # prepares; the next two find it cached
+    first = run_forked("prepare.py", *args, cwd=tmp_path)  # prepares; the next two find it cached
     assert first.returncode == 0 and first.stdout.startswith("prepared "), first.stderr[-2000:]
-    new = run_script("prepare.py", *args, cwd=tmp_path)
-    old = run_script("-m", "gpt.prepare", *args, cwd=tmp_path)
+    new = run_forked("prepare.py", *args, cwd=tmp_path)
+    old = run_forked("-m", "gpt.prepare", *args, cwd=tmp_path)
     assert new.stdout.startswith("cached ")
     note = "note: python -m gpt.prepare is deprecated and goes in the next release; use python prepare.py"
     assert_same_as_new(old, new, note)
@@ -47,9 +47,9 @@ def test_python_m_gpt_export(tmp_path):
     tokenizer = CharTokenizer("".join(chr(c) for c in range(40, 90)))
     ckpt = save_weights_checkpoint(tiny_model(pos_emb="rope"), tokenizer, tmp_path / "rope.ckpt")
     args = [f"ckpt={ckpt}", "out=exported", "dtype=bfloat16"]  # the same keys, old and new
-    new = run_script("export.py", *args, cwd=tmp_path)
+    new = run_forked("export.py", *args, cwd=tmp_path)
     written = digests(tmp_path / "exported")
-    old = run_script("-m", "gpt.export", *args, cwd=tmp_path)
+    old = run_forked("-m", "gpt.export", *args, cwd=tmp_path)
     note = "note: python -m gpt.export is deprecated and goes in the next release; use python export.py"
     assert_same_as_new(old, new, note)
     assert new.stdout.startswith("wrote llama format") and digests(tmp_path / "exported") == written
@@ -94,10 +94,10 @@ OLD_FLAGS = "RUN_DIR... --out PLOT is deprecated and goes in the next release; u
 def test_old_compare_forms(tmp_path, old, note):
     for run in (0, 1):
         fake_run(tmp_path / "sweep" / str(run), n_layer=run + 1)
-    new = run_script(*COMPARE_NEW, cwd=tmp_path)
+    new = run_forked(*COMPARE_NEW, cwd=tmp_path)
     plot = (tmp_path / "plots" / "p.png").read_bytes()
     (tmp_path / "plots" / "p.png").unlink()
-    assert_same_as_new(run_script(*old, cwd=tmp_path), new, note)
+    assert_same_as_new(run_forked(*old, cwd=tmp_path), new, note)
     assert new.stdout.splitlines()[2].split()[:2] == ["0", "1"]  # run 0, model.n_layer=1
     assert (tmp_path / "plots" / "p.png").read_bytes() == plot and plot.startswith(b"\x89PNG")
 
