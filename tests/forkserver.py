@@ -3,9 +3,9 @@
 sent, forks a child that runs the script as `python script.py args` would, in a process of its own:
 its own working directory, environment, stdout and stderr files, exit code and interpreter shutdown.
 
-Lightning and gpt are not imported here unless the caller names them (`preload`): the order of their
-imports is the script's own (console.py depends on it), and a test that checks what a command
-imports sees what a fresh process imports.
+Lightning and gpt are not imported here: the order of their imports is the script's own (console.py
+depends on it). Not for what needs a fresh interpreter: sitecustomize, import-time environment
+variables and warnings, or a check of what a command imports.
 
 Protocol, one JSON object a line: a request {"args", "cwd", "env", "stdout", "stderr"} on stdin;
 the answers {"pid": child} at once, then {"rc": exit code, or -signal as subprocess reports it}.
@@ -27,9 +27,6 @@ import hydra  # noqa: F401
 import numpy  # noqa: F401
 import omegaconf  # noqa: F401
 import torch  # noqa: F401
-
-for name in sys.argv[1:]:  # what the caller's commands also import, such as lightning
-    __import__(name)
 
 
 def run(request: dict) -> None:

@@ -146,22 +146,15 @@ def run_script(
 class _ForkServer:
     """tests/forkserver.py, started on first use in this process (one per xdist worker)."""
 
-    servers: dict[tuple[str, ...], _ForkServer] = {}
-
-    def __init__(self, preload: tuple[str, ...]):
-        self.preload = preload
+    def __init__(self):
         self.proc: subprocess.Popen | None = None
         self.buffer = b""
-
-    @classmethod
-    def get(cls, preload: tuple[str, ...]) -> _ForkServer:
-        return cls.servers.setdefault(preload, cls(preload))
 
     def request(self, message: dict) -> None:
         if self.proc is None or self.proc.poll() is not None:
             env = os.environ | {"PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
             self.proc = subprocess.Popen(
-                [sys.executable, str(ROOT / "tests" / "forkserver.py"), *self.preload],
+                [sys.executable, str(ROOT / "tests" / "forkserver.py")],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 env=env,
@@ -185,26 +178,28 @@ class _ForkServer:
         return json.loads(line)
 
 
+_FORK_SERVER = _ForkServer()
+
+
 def run_forked(
     *args: str,
     cwd: Path,
     env: dict[str, str] | None = None,
     unset: tuple[str, ...] = (),
     timeout: float = 300,
-    preload: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess:
     """run_script's answer (exit code, stdout, stderr of a process of its own), from a child forked
     off a warm Python that has imported torch, numpy and hydra already (tests/forkserver.py): a second
     instead of several for a command that exits early. For a command run to its end and checked for
-    what it prints or exits with; a test of signals, DDP, a terminal or stdin uses run_script.
-    `preload`: modules the warm Python imports too (each list has a server of its own)."""
+    what it prints or exits with; a test of signals, DDP, a terminal, stdin, sitecustomize or of what
+    a fresh process imports uses run_script."""
     cmd = [sys.executable, *(str(ROOT / a) if a.endswith(".py") else a for a in args)]
     full_env = os.environ | {"PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"} | (env or {})
     for name in unset:
         full_env.pop(name, None)
     with tempfile.TemporaryDirectory() as out:
         outputs = {"stdout": str(Path(out) / "stdout"), "stderr": str(Path(out) / "stderr")}
-        server = _ForkServer.get(preload)
+        server = _FORK_SERVER
         server.request({"args": cmd[1:], "cwd": str(cwd), "env": full_env} | outputs)
         pid = server.answer()["pid"]
         try:
