@@ -7,12 +7,19 @@ cache) unless the caller chose otherwise: conftest.py imports it before any test
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
+import select
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -77,12 +84,49 @@ def split_tokens(prepared, split: str) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=prepared.meta["dtype"])
 
 
+def write_rows(path: Path, rows: list, gz: bool = False) -> Path:
+    """One JSON object per line (a str row is written as it is); gzip-compressed if `gz`."""
+    text = "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
+    path.write_bytes(gzip.compress(text.encode()) if gz else text.encode())
+    return path
+
+
+def fake_trainer(
+    world: int = 1,
+    rank: int = 0,
+    accumulate: int = 1,
+    max_steps: int = -1,
+    processed: int = 0,
+    device: str = "cpu",
+) -> SimpleNamespace:
+    """What a data module reads of a Trainer (`processed`: micro-batches of epoch 0 trained on), on a
+    device this machine need not have."""
+    current = SimpleNamespace(processed=processed)
+    return SimpleNamespace(
+        world_size=world,
+        global_rank=rank,
+        accumulate_grad_batches=accumulate,
+        max_steps=max_steps,
+        current_epoch=0,
+        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=SimpleNamespace(current=current))),
+        strategy=SimpleNamespace(root_device=torch.device(device)),
+        num_devices=world,
+    )
+
+
 def text_cfg(path: str | Path, tmp_path: Path, **kw) -> DataConfig:
     """data=text on `path`, cached under tmp_path/cache."""
     return DataConfig(source="text", path=str(path), cache_dir=str(tmp_path / "cache"), **kw)
 
 
 # ----------------------------------------------------------------------------- commands
+
+
+def free_port() -> int:
+    """A port nothing listens on (connections to it are refused at once)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_script(
@@ -98,6 +142,78 @@ def run_script(
     for name in unset:
         full_env.pop(name, None)
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+class _ForkServer:
+    """tests/forkserver.py, started on first use in this process (one per xdist worker)."""
+
+    def __init__(self):
+        self.proc: subprocess.Popen | None = None
+        self.buffer = b""
+
+    def request(self, message: dict) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            env = os.environ | {"PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+            self.proc = subprocess.Popen(
+                [sys.executable, str(ROOT / "tests" / "forkserver.py")],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                env=env,
+                bufsize=0,
+            )
+            self.buffer = b""
+        self.proc.stdin.write(json.dumps(message).encode() + b"\n")
+
+    def answer(self, timeout: float | None = None) -> dict:
+        """The server's next line; TimeoutError after `timeout` seconds without one."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self.buffer:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not select.select([fd], [], [], wait)[0]:
+                raise TimeoutError
+            chunk = os.read(fd, 65536)
+            assert chunk, f"tests/forkserver.py ended (exit {self.proc.wait()})"
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return json.loads(line)
+
+
+_FORK_SERVER = _ForkServer()
+
+
+def run_forked(
+    *args: str,
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    unset: tuple[str, ...] = (),
+    timeout: float = 300,
+) -> subprocess.CompletedProcess:
+    """run_script's answer (exit code, stdout, stderr of a process of its own), from a child forked
+    off a warm Python that has imported torch, numpy and hydra already (tests/forkserver.py): a second
+    instead of several for a command that exits early. For a command run to its end and checked for
+    what it prints or exits with; a test of signals, DDP, a terminal, stdin, sitecustomize or of what
+    a fresh process imports uses run_script."""
+    cmd = [sys.executable, *(str(ROOT / a) if a.endswith(".py") else a for a in args)]
+    full_env = os.environ | {"PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"} | (env or {})
+    for name in unset:
+        full_env.pop(name, None)
+    with tempfile.TemporaryDirectory() as out:
+        outputs = {"stdout": str(Path(out) / "stdout"), "stderr": str(Path(out) / "stderr")}
+        server = _FORK_SERVER
+        server.request({"args": cmd[1:], "cwd": str(cwd), "env": full_env} | outputs)
+        pid = server.answer()["pid"]
+        try:
+            rc = server.answer(timeout)["rc"]
+            timed_out = False
+        except TimeoutError:
+            os.kill(pid, signal.SIGKILL)
+            rc = server.answer()["rc"]
+            timed_out = True
+        stdout, stderr = (Path(outputs[k]).read_text(errors="replace") for k in ("stdout", "stderr"))
+    if timed_out:
+        raise subprocess.TimeoutExpired(cmd, timeout, output=stdout, stderr=stderr)
+    return subprocess.CompletedProcess(cmd, rc, stdout, stderr)
 
 
 def start_script(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen:

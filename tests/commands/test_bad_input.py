@@ -2,16 +2,16 @@
 and one line on stderr that says what was wrong and what to do, never a traceback, and changes
 nothing already saved.
 
-Each case runs the real command in a subprocess against one finished tiny run (built once for the
-module) and compares a snapshot of every file under the working folder (the run dir, the prepared
-data cache, an export, the inputs the cases read) before and after.
+Each case runs the real command in a process of its own (forked off a warm Python: run_forked)
+against one finished tiny run (built once for the module) and compares a snapshot of every file
+under the working folder (the run dir, the prepared data cache, an export, the inputs the cases
+read) before and after.
 """
 
 from __future__ import annotations
 
 import hashlib
 import shutil
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from gpt.errors import EXIT_USER_ERROR
 from gpt.interop.export import export
 from gpt.runs.checkpoint import save_weights_checkpoint
 from gpt.tokenizer import CharTokenizer, TiktokenTokenizer
-from tests.helpers import run_script, tiny_model, write_corpus
+from tests.helpers import free_port, run_forked, run_script, tiny_model, write_corpus
 
 
 @dataclass(frozen=True)
@@ -346,13 +346,6 @@ CASES = {
 }
 
 
-def free_port() -> int:
-    """A port nothing listens on (connections to it are refused at once)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> dict[str, str]:
     """A folder with one finished tiny run and everything the cases read; returns the paths the
@@ -444,7 +437,8 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case: Case, work: dict
     args = [a.format(**work) for a in case.args]
     env = {k: v.format(**work) for k, v in case.env.items()}
     before = snapshot(root)
-    proc = run_script(*args, cwd=root, env=env, timeout=60)  # offline cases must not wait on the network
+    # timeout: offline cases must not wait on the network
+    proc = run_forked(*args, cwd=root, env=env, timeout=60)
     after = snapshot(root)
 
     report = f"stdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-4000:]}"

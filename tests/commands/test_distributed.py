@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from tests.helpers import (
     assert_ok,
     assert_same_weights,
     final_state,
+    free_port,
     losses,
     run_script,
     train_cmd,
@@ -133,12 +133,6 @@ def test_fsdp2_on_two_cpus_matches_ddp_saves_full_weights_and_resumes(corpus, tm
     finish(train(corpus, killed, *TWO_CPUS, "trainer=fsdp2"))
     assert losses(killed) == losses(fsdp)
     assert_same_weights(final_state(killed), final_state(fsdp))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def two_nodes(corpus: Path, run: Path, port: int) -> list[subprocess.Popen]:

@@ -19,6 +19,7 @@ from tests.helpers import (
     assert_ok,
     assert_same_weights,
     last_line,
+    run_forked,
     run_script,
     train_args,
     write_corpus,
@@ -31,7 +32,7 @@ def trained(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("work")
     write_corpus(work / "corpus.txt")
     # Periodic checkpoints every 5 steps of 12: the final step is not one of them.
-    proc = run_script(*train_args(work / "corpus.txt", "callbacks.last.every_n_train_steps=5"), cwd=work)
+    proc = run_forked(*train_args(work / "corpus.txt", "callbacks.last.every_n_train_steps=5"), cwd=work)
     assert_ok(proc)
     return work
 
@@ -71,7 +72,7 @@ def test_the_final_step_is_saved_and_generate_names_it(trained):
     assert last["global_step"] == final["global_step"] == 12
     assert_same_weights(last["state_dict"], final["state_dict"])
 
-    proc = run_script("generate.py", f"ckpt={run}", "max_new_tokens=5", cwd=trained)
+    proc = run_forked("generate.py", f"ckpt={run}", "max_new_tokens=5", cwd=trained)
     assert_ok(proc)
     assert f"checkpoint: {ckpts / 'last.ckpt'} (step 12)" in proc.stderr.splitlines()
     assert "checkpoint:" not in proc.stdout
@@ -79,16 +80,16 @@ def test_the_final_step_is_saved_and_generate_names_it(trained):
 
 
 def test_generate_streams_from_newest_run(trained):
-    proc = run_script("generate.py", "prompt=ROMEO:", "max_new_tokens=50", "seed=7", cwd=trained)
+    proc = run_forked("generate.py", "prompt=ROMEO:", "max_new_tokens=50", "seed=7", cwd=trained)
     assert_ok(proc)
     assert proc.stdout.startswith("ROMEO:")
     assert len(proc.stdout) == len("ROMEO:") + 50 + 1  # char model: one character per token
-    again = run_script("generate.py", "prompt=ROMEO:", "max_new_tokens=50", "seed=7", cwd=trained)
+    again = run_forked("generate.py", "prompt=ROMEO:", "max_new_tokens=50", "seed=7", cwd=trained)
     assert again.stdout == proc.stdout
 
 
 def test_unquoted_special_characters_say_how_to_quote(trained):
-    proc = run_script("generate.py", "prompt=Où?", cwd=trained)
+    proc = run_forked("generate.py", "prompt=Où?", cwd=trained)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         """error: could not parse the override 'prompt=Où?'; put the value in quotes inside the """
@@ -102,14 +103,14 @@ def test_unquoted_special_characters_say_how_to_quote(trained):
 def test_a_prompt_hydra_cannot_read_gets_forms_that_work(trained, prompt, tmp_path):
     """prompt="..." as the shell passes it on (quotes gone): every form the error line offers
     continues exactly that prompt."""
-    proc = run_script("generate.py", f"prompt={prompt}", cwd=trained)
+    proc = run_forked("generate.py", f"prompt={prompt}", cwd=trained)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     (line,) = proc.stderr.strip().splitlines()
     settings = ("max_new_tokens=5", "temperature=0")
     quoted = re.search(r"in quotes inside the argument: '(.*?)', or", line)
     assert (quoted is None) == ("'" in prompt)  # an apostrophe cannot be quoted on a command line
     if quoted:
-        assert_continues(run_script("generate.py", quoted[1], *settings, cwd=trained), prompt)
+        assert_continues(run_forked("generate.py", quoted[1], *settings, cwd=trained), prompt)
     echo = re.search(r"\((echo .*) \| python generate\.py prompt=-\)", line)[1]
     command = " ".join(map(shlex.quote, [sys.executable, str(ROOT / "generate.py"), "prompt=-", *settings]))
     piped = subprocess.run(
@@ -119,7 +120,7 @@ def test_a_prompt_hydra_cannot_read_gets_forms_that_work(trained, prompt, tmp_pa
     assert "prompt_file=FILE from a file (one per line)" in line
     (tmp_path / "prompts.txt").write_text(prompt + "\n", encoding="utf-8")
     prompt_file = f"prompt_file={tmp_path / 'prompts.txt'}"
-    assert_continues(run_script("generate.py", prompt_file, *settings, cwd=trained), prompt)
+    assert_continues(run_forked("generate.py", prompt_file, *settings, cwd=trained), prompt)
 
 
 def assert_continues(proc, prompt: str) -> None:
@@ -129,7 +130,7 @@ def assert_continues(proc, prompt: str) -> None:
 
 def test_generate_with_explicit_checkpoint_and_samples(trained):
     ckpt = run_dir_of(trained) / "checkpoints" / "last.ckpt"
-    proc = run_script(
+    proc = run_forked(
         "generate.py",
         f"ckpt={ckpt}",
         "prompt=To be",
@@ -157,7 +158,7 @@ def test_generate_imports_no_lightning(trained):
 
 def test_resume_from_checkpoint_continues_steps(trained, tmp_path):
     run = run_dir_of(trained)
-    proc = run_script(
+    proc = run_forked(
         *train_args(
             trained / "corpus.txt",
             "trainer.max_steps=16",
@@ -172,7 +173,7 @@ def test_resume_from_checkpoint_continues_steps(trained, tmp_path):
 
 
 def test_unknown_key_is_one_line_and_nonzero(tmp_path):
-    proc = run_script("train.py", "model.n_layr=2", cwd=tmp_path)
+    proc = run_forked("train.py", "model.n_layr=2", cwd=tmp_path)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
@@ -182,12 +183,12 @@ def test_unknown_key_is_one_line_and_nonzero(tmp_path):
 
 def test_generate_without_any_run_says_how_to_get_one(tmp_path):
     # The other bad inputs of every command: tests/commands/test_bad_input.py.
-    proc = run_script("generate.py", cwd=tmp_path)
+    proc = run_forked("generate.py", cwd=tmp_path)
     assert proc.returncode == 2 and "no checkpoint under runs/" in last_line(proc.stderr)
 
 
 def test_bf16_mixed_on_cpu(tiny_corpus, tmp_path):
-    proc = run_script(
+    proc = run_forked(
         *train_args(
             tiny_corpus,
             "trainer.precision=bf16-mixed",
@@ -225,7 +226,7 @@ def test_wandb_offline_without_account_and_continued_on_resume(tiny_corpus, tmp_
     env = {"HOME": str(tmp_path / "home"), "NETRC": str(tmp_path / "none")}
     run = tmp_path / "run"
     for steps in (4, 6):  # the second command resumes the first run
-        proc = run_script(
+        proc = run_forked(
             *train_args(tiny_corpus, "logger=wandb", f"trainer.max_steps={steps}", f"hydra.run.dir={run}"),
             cwd=tmp_path,
             env=env,

@@ -17,7 +17,15 @@ from gpt.evaluate.__main__ import to_config
 from gpt.evaluate.command import evaluate_checkpoint
 from gpt.runs.checkpoint import save_weights_checkpoint
 from gpt.tokenizer import CharTokenizer
-from tests.helpers import CHARS, assert_ok, assert_one_line_exit, command, run_script, tiny_model
+from tests.helpers import (
+    CHARS,
+    assert_ok,
+    assert_one_line_exit,
+    command,
+    run_forked,
+    tiny_model,
+    write_rows,
+)
 
 ROWS = [
     {"prompt": "Who is there?", "completion": "Nay, answer me."},
@@ -28,13 +36,6 @@ METRIC_ROWS = ["exact_match", "token_accuracy", "chrf", "bleu"]
 
 ConfigStore.instance().store(group="data", name="_schema", node=DataConfig)  # as evaluate.py does
 evaluate = command("evaluate", EvaluateConfig, evaluate_checkpoint, to_object=to_config)
-
-
-def write_rows(path: Path, rows: list) -> Path:
-    path.write_text(
-        "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8"
-    )
-    return path
 
 
 @pytest.fixture
@@ -54,7 +55,7 @@ def files(root: Path) -> set[str]:
 
 
 def test_the_command_prints_a_table_and_writes_the_outputs_beside_the_run(work):
-    done = run_script(
+    done = run_forked(
         "evaluate.py", "ckpt=run", "data.path=test.jsonl", "methods=[greedy,beam]", "num_beams=2", cwd=work
     )
     assert_ok(done)
@@ -82,7 +83,7 @@ def test_the_command_prints_a_table_and_writes_the_outputs_beside_the_run(work):
 
 
 def test_python_m_gpt_evaluate_is_the_same_command(work):
-    done = run_script(
+    done = run_forked(
         "-m", "gpt.evaluate", "ckpt=run", "data.path=test.jsonl", "limit=2", "out=here", cwd=work
     )
     assert_ok(done)
@@ -153,7 +154,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(work, capsys, monkeypa
 
 
 def test_bad_input_in_a_subprocess_too(work):
-    done = run_script("evaluate.py", "ckpt=run", "data.path=test.jsonl", "methods=[greedy,nucleus]", cwd=work)
+    done = run_forked("evaluate.py", "ckpt=run", "data.path=test.jsonl", "methods=[greedy,nucleus]", cwd=work)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip().splitlines() == [
         "error: methods: 'nucleus' is not a decoding method; choose among greedy, beam, sampled, e.g. "

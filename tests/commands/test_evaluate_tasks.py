@@ -18,7 +18,15 @@ from gpt.evaluate import choice
 from gpt.evaluate.__main__ import to_config
 from gpt.evaluate.command import evaluate_checkpoint
 from gpt.runs.metrics import read_metrics
-from tests.helpers import assert_ok, assert_one_line_exit, command, last_line, run_script, write_corpus
+from tests.helpers import (
+    assert_ok,
+    assert_one_line_exit,
+    command,
+    last_line,
+    run_forked,
+    run_script,
+    write_corpus,
+)
 
 FIXTURES = Path(__file__).resolve().parents[1] / "evaluate" / "fixtures"
 HELLASWAG = FIXTURES / "hellaswag_mini.jsonl"
@@ -36,7 +44,7 @@ def work(tmp_path_factory) -> Path:
     """A finished default-data run in work/run (12 steps of experiment=tiny) and a text corpus."""
     work = tmp_path_factory.mktemp("tasks")
     write_corpus(work / "corpus.txt")
-    assert_ok(run_script(*TRAIN, "hydra.run.dir=run", cwd=work))
+    assert_ok(run_forked(*TRAIN, "hydra.run.dir=run", cwd=work))
     return work
 
 
@@ -52,7 +60,7 @@ def last_val_bpb(run: Path) -> float:
 
 
 def test_bpb_of_a_finished_run_is_its_last_val_bpb(work):
-    done = run_script("-m", "gpt.evaluate", "task=bpb", "ckpt=run", cwd=work)
+    done = run_forked("-m", "gpt.evaluate", "task=bpb", "ckpt=run", cwd=work)
     assert_ok(done)
     expected = last_val_bpb(work / "run")
     shown = table(done.stdout)
@@ -69,7 +77,7 @@ def test_bpb_of_a_finished_run_is_its_last_val_bpb(work):
 
 
 def test_bpb_on_another_corpus_every_token_once(work):
-    done = run_script(
+    done = run_forked(
         "evaluate.py", "task=bpb", "ckpt=run", "data=text", "data.path=corpus.txt", "windows=all", cwd=work
     )
     assert_ok(done)
@@ -78,7 +86,7 @@ def test_bpb_on_another_corpus_every_token_once(work):
     assert result["data"] == "corpus.txt" and result["windows"] == "all"
     # one byte per character token (the corpus is ASCII): every byte of the val split but the first
     assert result["bytes"] == result["tokens"] > 0
-    limited = run_script(
+    limited = run_forked(
         "evaluate.py", "task=bpb", "ckpt=run", "data=text", "data.path=corpus.txt", "limit=3", cwd=work
     )
     assert_ok(limited)
@@ -107,7 +115,7 @@ def test_hellaswag_and_mc_files_then_compare_shows_them(work, tmp_path):
 
     bpe = TiktokenTokenizer("r50k_base")
     save_weights_checkpoint(tiny_model(vocab_size=bpe.vocab_size), bpe, work / "bpe/checkpoints/last.ckpt")
-    done = run_script("evaluate.py", "task=hellaswag", "ckpt=bpe", f"data.path={HELLASWAG}", cwd=work)
+    done = run_forked("evaluate.py", "task=hellaswag", "ckpt=bpe", f"data.path={HELLASWAG}", cwd=work)
     assert_ok(done)
     shown = table(done.stdout)
     assert list(shown) == ["acc", "acc_norm", "chance"] and shown["chance"] == 25.0
@@ -121,7 +129,7 @@ def test_hellaswag_and_mc_files_then_compare_shows_them(work, tmp_path):
 
     (tmp_path / "plain.jsonl").write_text("".join(json.dumps(r) + "\n" for r in SHAKESPEARE_MC[:2]))
     (tmp_path / "renamed.jsonl").write_text(json.dumps(SHAKESPEARE_MC[2]) + "\n")
-    done = run_script(
+    done = run_forked(
         "-m",
         "gpt.evaluate",
         "task=mc",
@@ -139,10 +147,10 @@ def test_hellaswag_and_mc_files_then_compare_shows_them(work, tmp_path):
         f"data.path={tmp_path / 'renamed.jsonl'}",
         "data.fields={context: question, choices: options, label: answer}",
     ]
-    assert_ok(run_script("evaluate.py", *renamed, cwd=work))
+    assert_ok(run_forked("evaluate.py", *renamed, cwd=work))
     assert json.loads((work / "run/evals/mc-renamed.json").read_text())["chance"] == 50.0
 
-    done = run_script("compare.py", "runs=[run]", f"out={tmp_path}/plot.png", cwd=work)
+    done = run_forked("compare.py", "runs=[run]", f"out={tmp_path}/plot.png", cwd=work)
     assert_ok(done)
     header, _, row = done.stdout.strip().splitlines()
     for column in ("mc-plain/acc_norm", "mc-renamed/acc"):
@@ -225,7 +233,7 @@ def test_the_callback_logs_a_task_to_csv_and_wandb_offline(tmp_path):
     env = {"HOME": str(tmp_path / "home"), "NETRC": str(tmp_path / "none")}
     rows = SHAKESPEARE_MC[:2] * 3  # 6 examples, in Tiny Shakespeare's characters
     (tmp_path / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    done = run_script(
+    done = run_forked(
         *TRAIN,
         "logger=wandb",
         "hydra.run.dir=run",
@@ -248,7 +256,7 @@ def test_the_callback_logs_a_task_to_csv_and_wandb_offline(tmp_path):
 
 
 def test_a_row_the_model_cannot_score_stops_training_before_it_starts(tmp_path):
-    done = run_script(
+    done = run_forked(
         *TRAIN,
         "hydra.run.dir=run",
         "callbacks.evaluate.every_n_steps=6",
@@ -285,7 +293,7 @@ def test_under_ddp_the_callback_shares_out_and_sums_to_evaluate_py(tmp_path):
     assert_ok(done)
     (logged,) = [r for r in read_metrics(tmp_path / "run") if "eval/bpb/bpb" in r]
     assert int(logged["step"]) == 4
-    single = run_script(
+    single = run_forked(
         "evaluate.py", "task=bpb", "ckpt=run", "data=text", "data.path=corpus.txt", "limit=7", cwd=tmp_path
     )
     assert_ok(single)

@@ -26,6 +26,7 @@ from tests.helpers import (
     assert_same_weights,
     final_state,
     losses,
+    run_forked,
     run_script,
     train_cmd,
     write_corpus,
@@ -50,7 +51,7 @@ def corpus(tmp_path_factory) -> Path:
 def straight(corpus, tmp_path_factory) -> Path:
     """The uninterrupted run every interrupted one must end equal to."""
     run = tmp_path_factory.mktemp("straight") / "run"
-    assert_ok(run_script(*train_cmd(corpus, run, *EXTRA), cwd=run.parent))
+    assert_ok(run_forked(*train_cmd(corpus, run, *EXTRA), cwd=run.parent))
     return run
 
 
@@ -113,7 +114,7 @@ def test_sigkill_during_a_step_then_same_command_resumes_bit_identical(corpus, s
     interrupted_at = torch.load(newest_checkpoint(run), weights_only=True)["global_step"]
     assert 20 <= interrupted_at < STEPS
 
-    assert_ok(run_script(*train_cmd(corpus, run, *EXTRA), cwd=tmp_path))  # the same command again
+    assert_ok(run_forked(*train_cmd(corpus, run, *EXTRA), cwd=tmp_path))  # the same command again
     assert_equals_straight(run, straight)
     assert len(list((run / "csv").glob("version_*"))) == 2
 
@@ -125,7 +126,7 @@ def test_sigkill_during_a_checkpoint_write_resumes_from_the_last_complete_one(co
 
     # Meanwhile a second training on the same run dir is refused and changes nothing.
     before = snapshot(run)
-    second = run_script(*train_cmd(corpus, run, *EXTRA), cwd=tmp_path)
+    second = run_forked(*train_cmd(corpus, run, *EXTRA), cwd=tmp_path)
     assert second.returncode == 2, second.stderr
     last = second.stderr.strip().splitlines()[-1]
     assert last.startswith("error: another training (pid ") and str(run) in last
@@ -142,7 +143,7 @@ def test_sigkill_during_a_checkpoint_write_resumes_from_the_last_complete_one(co
     # its final name: it must be skipped too.
     shutil.copy(partial, run / "checkpoints" / "step-20.ckpt")
 
-    resumed = run_script(*train_cmd(corpus, run, *EXTRA), cwd=tmp_path)  # lock released by the kill
+    resumed = run_forked(*train_cmd(corpus, run, *EXTRA), cwd=tmp_path)  # lock released by the kill
     assert_ok(resumed)
     assert "skipping unreadable checkpoint" in resumed.stderr and "step-20.ckpt" in resumed.stderr
     assert f"resuming from {run}/checkpoints/best-step=20.ckpt" in resumed.stdout
@@ -229,7 +230,7 @@ def test_sigusr1_under_slurm_saves_requeues_and_the_relaunch_resumes(corpus, str
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr[-3000:]
-    assert_ok(run_script(*train_cmd(corpus, run, *EXTRA), cwd=tmp_path, env=slurm))  # the requeued job
+    assert_ok(run_forked(*train_cmd(corpus, run, *EXTRA), cwd=tmp_path, env=slurm))  # the requeued job
     assert_equals_straight(run, straight)
 
 
@@ -276,7 +277,7 @@ def test_ctrl_c_in_a_step_then_in_validation_resumes_bit_identical(corpus, strai
     assert "validation at step 20: val/loss" in second.stdout
     assert_stopped_after(second, run, 20, "Ctrl-C", corpus)
 
-    final = run_script(*train_cmd(corpus, run, *EXTRA), cwd=tmp_path)
+    final = run_forked(*train_cmd(corpus, run, *EXTRA), cwd=tmp_path)
     assert_ok(final)
     assert "validation at step 20" not in final.stdout  # done before the stop, not repeated
     assert "exists and is not empty" not in final.stderr
@@ -294,7 +295,7 @@ def test_ctrl_c_while_a_checkpoint_is_written_then_sigterm_in_validation(corpus,
     second = signalled(corpus, run, "TERM@val:20", 143)
     assert_stopped_after(second, run, 20, "SIGTERM", corpus)
 
-    assert_ok(run_script(*train_cmd(corpus, run, *EXTRA), cwd=tmp_path))
+    assert_ok(run_forked(*train_cmd(corpus, run, *EXTRA), cwd=tmp_path))
     assert_equals_straight(run, straight)
 
 
@@ -317,7 +318,7 @@ def test_a_second_ctrl_c_stops_at_once_and_the_run_continues_from_its_newest_che
     assert line in (run / "train.log").read_text()
     assert not (run / "checkpoints" / "on_exception.ckpt").exists()  # a half-taken step is not saved
 
-    assert_ok(run_script(*train_cmd(corpus, run, *EXTRA), cwd=tmp_path))
+    assert_ok(run_forked(*train_cmd(corpus, run, *EXTRA), cwd=tmp_path))
     assert_equals_straight(run, straight)
 
 
@@ -329,7 +330,7 @@ def test_sigkill_during_validation_resumes_with_that_validation(corpus, straight
     assert not (run / "checkpoints" / "step-20.ckpt").exists()
     assert torch.load(newest_checkpoint(run), weights_only=True)["global_step"] == 10
 
-    assert_ok(run_script(*train_cmd(corpus, run, *EXTRA), cwd=tmp_path))
+    assert_ok(run_forked(*train_cmd(corpus, run, *EXTRA), cwd=tmp_path))
     assert_equals_straight(run, straight)
 
 
@@ -345,7 +346,7 @@ def test_slurm_requeue_signal_in_a_step_saves_after_it(corpus, straight, tmp_pat
     assert torch.load(hpc, weights_only=True)["global_step"] == 14
     assert newest_checkpoint(run) == hpc
 
-    resumed = run_script(*train_cmd(corpus, run, *EXTRA), cwd=tmp_path, env=env)
+    resumed = run_forked(*train_cmd(corpus, run, *EXTRA), cwd=tmp_path, env=env)
     assert_ok(resumed)
     assert f"resuming from {hpc}" in resumed.stdout
     assert_equals_straight(run, straight)
@@ -418,14 +419,14 @@ def small_mount(tmp_path):
 
 def test_full_or_read_only_output_is_reported_before_training(corpus, tmp_path, small_mount):
     full = small_mount("size=4m")
-    proc = run_script(*train_cmd(corpus, full / "run", *EXTRA), cwd=tmp_path)
+    proc = run_forked(*train_cmd(corpus, full / "run", *EXTRA), cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert "MB free but 6 checkpoints of the model and its optimizer state need about" in last
     assert not (full / "run" / "checkpoints").exists() and not (full / "run" / "csv").exists()
 
     read_only = small_mount("ro,size=4m")
-    proc = run_script(*train_cmd(corpus, read_only / "run", *EXTRA), cwd=tmp_path)
+    proc = run_forked(*train_cmd(corpus, read_only / "run", *EXTRA), cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: Read-only file system") and "choose another location" in last

@@ -30,9 +30,11 @@ from tests.helpers import (
     fit,
     generate_config,
     losses,
+    run_forked,
     run_script,
     start_script,
     wait_for,
+    write_rows,
 )
 
 # As typed on a command line: a backslash and an n, which the template turns into a line break.
@@ -56,11 +58,6 @@ EXTRA = [
     "trainer.val_check_interval=20",
     "callbacks.last.every_n_train_steps=10",
 ]
-
-
-def write_rows(path: Path, rows: list[dict[str, str]]) -> Path:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    return path
 
 
 def answered_ok(n: int, seed: int) -> list[dict[str, str]]:
@@ -91,7 +88,7 @@ def trained(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("pairs")
     write_rows(work / "train.jsonl", answered_ok(300, seed=0))
     write_rows(work / "test.jsonl", answered_ok(20, seed=1))
-    proc = run_script(*pairs_cmd(work / "train.jsonl", work / "run", *EXTRA), cwd=work)
+    proc = run_forked(*pairs_cmd(work / "train.jsonl", work / "run", *EXTRA), cwd=work)
     assert_ok(proc)
     assert "pairs: 270 training and 30 validation examples" in proc.stdout + proc.stderr
     return work
@@ -109,12 +106,12 @@ def test_train_saves_the_template_and_generate_writes_prompts_with_it_and_stops_
     # Greedy: the run's template writes the prompt; "ok" and then the end-of-text token, where
     # generation stops, 18 of the 20 new tokens unused (the final line break is generate.py's).
     common = ["generate.py", "ckpt=run", "prompt=12345", "max_new_tokens=20", "temperature=0"]
-    templated = run_script(*common, cwd=trained)
+    templated = run_forked(*common, cwd=trained)
     assert_ok(templated)
     assert templated.stdout == "Q: 12345\nA: ok\n"
     assert "template: the checkpoint's" in templated.stderr
 
-    plain = run_script(*common, "template=none", cwd=trained)
+    plain = run_forked(*common, "template=none", cwd=trained)
     assert_ok(plain)
     assert plain.stdout.startswith("12345") and not plain.stdout.startswith("Q: ")
     assert "template:" not in plain.stderr
@@ -130,7 +127,7 @@ def test_train_saves_the_template_and_generate_writes_prompts_with_it_and_stops_
 
 
 def test_evaluate_writes_prompts_with_the_run_template(trained):
-    proc = run_script("evaluate.py", "ckpt=run", "data.path=test.jsonl", "limit=5", cwd=trained)
+    proc = run_forked("evaluate.py", "ckpt=run", "data.path=test.jsonl", "limit=5", cwd=trained)
     assert_ok(proc)
     table = [line.split() for line in proc.stdout.strip().splitlines()]
     assert table[0] == ["metric", "greedy"]
@@ -160,7 +157,7 @@ def kill_then_resume(args: list[str], run: Path, cwd: Path) -> None:
         proc.wait()
     interrupted_at = torch.load(newest_checkpoint(run), weights_only=True)["global_step"]
     assert 10 <= interrupted_at < STEPS
-    assert_ok(run_script(*args, cwd=cwd))  # the same command again
+    assert_ok(run_forked(*args, cwd=cwd))  # the same command again
 
 
 def assert_equals_straight(run: Path, straight: Path) -> None:
@@ -179,7 +176,7 @@ def test_sigkill_then_the_same_command_ends_bit_identical(trained, tmp_path):
 @pytest.mark.slow
 def test_sigkill_then_the_same_command_ends_bit_identical_without_packing(trained, tmp_path):
     args = [*EXTRA, "data.packing=false"]
-    assert_ok(run_script(*pairs_cmd(trained / "train.jsonl", tmp_path / "straight", *args), cwd=tmp_path))
+    assert_ok(run_forked(*pairs_cmd(trained / "train.jsonl", tmp_path / "straight", *args), cwd=tmp_path))
     run = tmp_path / "killed"
     kill_then_resume(pairs_cmd(trained / "train.jsonl", run, *args), run, tmp_path)
     assert_equals_straight(run, tmp_path / "straight")
@@ -266,7 +263,7 @@ def test_fine_tune_a_character_run_on_pairs(tmp_path):
     vocab = old_tokenizer.vocab_size
 
     run = tmp_path / "tuned"
-    proc = run_script(
+    proc = run_forked(
         *pairs_cmd(pairs, run, f"init_from={tmp_path / 'pre'}", "trainer.max_steps=2", "optim.lr=1e-30"),
         cwd=tmp_path,
     )

@@ -18,6 +18,7 @@ from tests.helpers import (
     final_state,
     fit,
     losses,
+    run_forked,
     run_script,
     train_cmd,
 )
@@ -26,7 +27,7 @@ from tests.helpers import (
 def test_ddp_two_processes_match_one_process(tiny_corpus, tmp_path):
     common = ["trainer.max_steps=10", "model.dropout=0.0", "trainer.accelerator=cpu"]
     assert_ok(
-        run_script(*train_cmd(tiny_corpus, tmp_path / "one", *common, "data.batch_size=8"), cwd=tmp_path)
+        run_forked(*train_cmd(tiny_corpus, tmp_path / "one", *common, "data.batch_size=8"), cwd=tmp_path)
     )
     assert_ok(
         run_script(
@@ -50,7 +51,7 @@ def test_ddp_two_processes_match_one_process(tiny_corpus, tmp_path):
 
 
 def test_sweep_makes_one_run_per_value(tiny_corpus, tmp_path):
-    proc = run_script(
+    proc = run_forked(
         *train_cmd(
             tiny_corpus,
             tmp_path / "unused",
@@ -95,7 +96,7 @@ def test_sweep_on_two_devices_with_ddp_spawn(tiny_corpus, tmp_path):
 
 def test_compile_runs_and_checkpoints_load_without_it(tiny_corpus, tmp_path):
     assert_ok(
-        run_script(
+        run_forked(
             *train_cmd(tiny_corpus, tmp_path / "run", "compile=true", "trainer.max_steps=3"), cwd=tmp_path
         )
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import lightning as L
 import lightning.fabric.utilities.data as lightning_data
@@ -20,7 +19,7 @@ from gpt.data.datamodule import (
     val_offsets,
 )
 from gpt.errors import ConfigError, UserError
-from tests.helpers import bare_trainer, split_tokens, text_cfg
+from tests.helpers import bare_trainer, fake_trainer, split_tokens, text_cfg
 
 
 def test_windows_are_shifted_by_one(tiny_corpus, tmp_path):
@@ -174,18 +173,6 @@ def test_datamodule_gives_each_rank_its_own_windows(tiny_corpus, tmp_path, monke
         assert offsets[0] != offsets[1]
 
 
-def fake_trainer(device: str, devices: int = 1) -> SimpleNamespace:
-    """What the data module reads of a Trainer, on a device this machine need not have."""
-    return SimpleNamespace(
-        strategy=SimpleNamespace(root_device=torch.device(device)),
-        num_devices=devices,
-        global_rank=0,
-        world_size=devices,
-        max_steps=10,
-        accumulate_grad_batches=1,
-    )
-
-
 @pytest.mark.parametrize(
     ("device", "devices", "cpus", "workers"),
     [("cpu", 1, 16, 0), ("cuda", 1, 16, 4), ("cuda", 8, 16, 1), ("cuda", 2, 6, 2), ("cuda", 1, 1, 1)],
@@ -195,7 +182,7 @@ def test_auto_num_workers_follows_the_trainers_device(
 ):
     monkeypatch.setattr(lightning_data, "_num_cpus_available", lambda: cpus)
     dm = GPTDataModule(text_cfg(tiny_corpus, tmp_path, tokenizer="char", val_windows=8), block_size=32)
-    dm.trainer = fake_trainer(device, devices)
+    dm.trainer = fake_trainer(world=devices, max_steps=10, device=device)
     dm.setup("fit")
     assert dm.cfg.num_workers is None and dm.num_workers == workers
     loader = dm.train_dataloader()  # built, not iterated: no worker starts

@@ -3,13 +3,10 @@ packing, the batch's keys, step_tokens across devices and accumulation, resuming
 
 from __future__ import annotations
 
-import gzip
-import json
 import random
 import re
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
@@ -22,14 +19,9 @@ from gpt.data.pairs import data_format, prepare_pairs
 from gpt.data.pairs_datamodule import IGNORE, PackedRows, Packing, PairsDataModule, StreamSampler, best_fit
 from gpt.errors import UserError
 from gpt.tokenizer import CharTokenizer, TiktokenTokenizer
+from tests.helpers import fake_trainer, write_rows
 
 PAIRS = [("What is 2+2?", "4"), ("Name a colour.", "Blue, or green."), ("Say nothing.", "")]
-
-
-def write_rows(path: Path, rows: list, gz: bool = False) -> Path:
-    text = "".join(json.dumps(row) + "\n" for row in rows)
-    path.write_bytes(gzip.compress(text.encode()) if gz else text.encode())
-    return path
 
 
 def pairs_cfg(path: Path, tmp_path: Path, **kw) -> DataConfig:
@@ -63,23 +55,6 @@ def in_read_order(prepared) -> list[tuple[list[int], list[bool]]]:
             ids, completion = examples[i]
             found[index] = (ids.tolist(), completion.tolist())
     return [found[i] for i in range(len(found))]
-
-
-def fake_trainer(
-    world: int = 1, rank: int = 0, accumulate: int = 1, max_steps: int = -1, processed: int = 0
-) -> SimpleNamespace:
-    """What the data module reads of a Trainer (`processed`: micro-batches of epoch 0 trained on)."""
-    current = SimpleNamespace(processed=processed)
-    return SimpleNamespace(
-        world_size=world,
-        global_rank=rank,
-        accumulate_grad_batches=accumulate,
-        max_steps=max_steps,
-        current_epoch=0,
-        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=SimpleNamespace(current=current))),
-        strategy=SimpleNamespace(root_device=torch.device("cpu")),
-        num_devices=world,
-    )
 
 
 def datamodule(prepared, cfg: DataConfig, block_size: int = 16, **trainer) -> PairsDataModule:

@@ -17,7 +17,7 @@ from gpt.data.encode import CHAR_SEPARATOR, cut
 from gpt.data.prepare import fingerprint, prepare
 from gpt.errors import UserError
 from gpt.tokenizer import CharTokenizer, TiktokenTokenizer
-from tests.helpers import run_script, split_tokens, text_cfg
+from tests.helpers import run_forked, split_tokens, text_cfg
 
 
 def r50k() -> TiktokenTokenizer:
@@ -582,11 +582,11 @@ def test_missing_path_and_empty_folder_are_one_clear_line(tmp_path):
 def test_command_line_prepares_once_then_hits_the_cache(tiny_corpus, tmp_path):
     args = ["prepare.py", "data=text", f"data.path={tiny_corpus}", "data.tokenizer=char"]
     args.append(f"data.cache_dir={tmp_path / 'cache'}")
-    first = run_script(*args, cwd=tmp_path)
+    first = run_forked(*args, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     assert first.stdout.strip().splitlines()[-1].startswith("prepared ")
     assert "36,000 train and 4,000 val tokens (uint16, 2 shards)" in first.stdout
-    second = run_script(*args, cwd=tmp_path)
+    second = run_forked(*args, cwd=tmp_path)
     assert second.returncode == 0 and second.stdout.startswith("cached ")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "corpus.txt"]  # no run folder, no log file
 
@@ -596,14 +596,14 @@ def test_command_line_expands_a_quoted_tilde(tiny_corpus, tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     args = ["prepare.py", "data=text", 'data.path="~/corpus.txt"', "data.tokenizer=char"]
-    proc = run_script(*args, 'data.cache_dir="~/cache"', cwd=elsewhere, env={"HOME": str(tmp_path)})
+    proc = run_forked(*args, 'data.cache_dir="~/cache"', cwd=elsewhere, env={"HOME": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr
     assert f"prepared {tmp_path / 'cache'}" in proc.stdout
     assert list(elsewhere.iterdir()) == []  # no folder named ~
 
 
 def test_command_line_error_is_one_line(tmp_path):
-    proc = run_script("prepare.py", "data=text", f"data.path={tmp_path / 'nope'}", cwd=tmp_path)
+    proc = run_forked("prepare.py", "data=text", f"data.path={tmp_path / 'nope'}", cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: data.path ") and proc.stderr.endswith(
         " does not exist; pass a text file or a folder of text files\n"

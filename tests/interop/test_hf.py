@@ -20,7 +20,14 @@ from gpt.runs.checkpoint import load_model
 from gpt.runs.export import export_checkpoint
 from gpt.tokenizer import CharTokenizer, TiktokenTokenizer
 from gpt.train.init_from import resolve_init
-from tests.helpers import assert_one_line_exit, command, generate_config, run_script, tiny_config, tiny_model
+from tests.helpers import (
+    assert_one_line_exit,
+    command,
+    generate_config,
+    run_forked,
+    tiny_config,
+    tiny_model,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -222,7 +229,7 @@ def test_train_init_from_then_generate_and_export(tmp_path, tiny_corpus, capsys)
     Hugging Face dirs and runs trained from them."""
     path, theirs = hf_gpt2(tmp_path, vocab_size=50257)
     # lr 1e-12: one step leaves the weights where the checkpoint put them (within float rounding).
-    proc = run_script("train.py", *init_from_args(tiny_corpus, path), "hydra.run.dir=run", cwd=tmp_path)
+    proc = run_forked("train.py", *init_from_args(tiny_corpus, path), "hydra.run.dir=run", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"initialized from {path}" in proc.stdout
     trained = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)["state_dict"]
@@ -271,13 +278,13 @@ def init_from_args(corpus: Path, path: Path, *shape: str) -> list[str]:
 @pytest.mark.slow
 def test_cli_refuses_mismatched_init_from_and_generates_from_hf_dir(tmp_path, tiny_corpus):
     path, _ = hf_gpt2(tmp_path, vocab_size=50257)
-    refused = run_script("train.py", *init_from_args(tiny_corpus, path, "model.n_layer=12"), cwd=tmp_path)
+    refused = run_forked("train.py", *init_from_args(tiny_corpus, path, "model.n_layer=12"), cwd=tmp_path)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert refused.stderr.strip().splitlines()[-1] == (
         f"error: model.n_layer=12 but init_from={path} has n_layer=2; "
         "leave out model= to use the checkpoint's config"
     )
-    gen = run_script("generate.py", f"ckpt={path}", "prompt=Hello", "max_new_tokens=5", cwd=tmp_path)
+    gen = run_forked("generate.py", f"ckpt={path}", "prompt=Hello", "max_new_tokens=5", cwd=tmp_path)
     assert gen.returncode == 0 and gen.stdout.startswith("Hello"), gen.stderr[-2000:]
 
 

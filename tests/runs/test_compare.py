@@ -13,7 +13,7 @@ from gpt.config import CompareConfig
 from gpt.runs.checkpoint import load_model
 from gpt.runs.compare import Run, compare_runs, read_evals, table, tokens_axis, wall_seconds
 from gpt.runs.metrics import read_metrics
-from tests.helpers import assert_one_line_exit, command, run_script, write_corpus
+from tests.helpers import assert_one_line_exit, command, run_forked, write_corpus
 
 main = command("compare", CompareConfig, compare_runs)
 
@@ -34,7 +34,7 @@ SWEEP = [
 def sweep(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("compare")
     write_corpus(work / "corpus.txt")
-    proc = run_script(
+    proc = run_forked(
         "train.py", *SWEEP, f"data.path={work / 'corpus.txt'}", f"hydra.sweep.dir={work / 'sweep'}", cwd=work
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

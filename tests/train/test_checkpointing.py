@@ -61,7 +61,7 @@ def test_checkpoints_are_written_beside_their_target_and_renamed(tmp_path, monke
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["last.ckpt"]
 
 
-def fake_trainer(saved: list[Path], fails: Exception | None = None) -> SimpleNamespace:
+def saving_trainer(saved: list[Path], fails: Exception | None = None) -> SimpleNamespace:
     def save_checkpoint(path, weights_only=None):
         assert weights_only is False  # everything a resume needs (and no line about it)
         if fails:
@@ -78,9 +78,9 @@ def fake_trainer(saved: list[Path], fails: Exception | None = None) -> SimpleNam
 def test_on_exception_checkpoint_is_saved_on_a_stop_then_removed_by_a_finished_run(tmp_path):
     saved: list[Path] = []
     callback = CheckpointOnException(str(tmp_path))
-    callback.on_exception(fake_trainer(saved), None, SIGTERMException())
+    callback.on_exception(saving_trainer(saved), None, SIGTERMException())
     assert saved == [tmp_path / "on_exception.ckpt"] and saved_step(str(saved[0])) == 3
-    callback.teardown(fake_trainer(saved), None, "fit")  # a later run of the same dir finishes
+    callback.teardown(saving_trainer(saved), None, "fit")  # a later run of the same dir finishes
     assert list(tmp_path.iterdir()) == []
 
 
@@ -89,14 +89,14 @@ def test_no_on_exception_checkpoint_of_a_step_cut_short(tmp_path, error):
     """A second Ctrl-C, a crash or a NaN can come in the middle of a step: the run continues from
     its newest periodic checkpoint instead."""
     saved: list[Path] = []
-    CheckpointOnException(str(tmp_path)).on_exception(fake_trainer(saved), None, error)
+    CheckpointOnException(str(tmp_path)).on_exception(saving_trainer(saved), None, error)
     assert saved == [] and list(tmp_path.iterdir()) == []
 
 
 def test_a_failed_on_exception_save_only_warns(tmp_path):
     callback = CheckpointOnException(str(tmp_path))
     with pytest.warns(UserWarning, match=r"could not save .*on_exception.ckpt: \[Errno 28\] disk full"):
-        callback.on_exception(fake_trainer([], OSError(28, "disk full")), None, SIGTERMException())
+        callback.on_exception(saving_trainer([], OSError(28, "disk full")), None, SIGTERMException())
     assert list(tmp_path.iterdir()) == []
 
 
