@@ -7,6 +7,8 @@ cache) unless the caller chose otherwise: conftest.py imports it before any test
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import gzip
 import json
 import os
@@ -145,11 +147,13 @@ def run_script(
 
 
 class _ForkServer:
-    """tests/forkserver.py, started on first use in this process (one per xdist worker)."""
+    """tests/forkserver.py, started on first use; `busy` while a child of it runs."""
 
     def __init__(self):
         self.proc: subprocess.Popen | None = None
         self.buffer = b""
+        self.busy = False
+        self.child = 0
 
     def request(self, message: dict) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -179,7 +183,78 @@ class _ForkServer:
         return json.loads(line)
 
 
-_FORK_SERVER = _ForkServer()
+# One per command running at once in this process (one xdist worker): most tests need one, a test
+# that starts a second command while the first runs gets a second server.
+_FORK_SERVERS: list[_ForkServer] = []
+
+
+class Forked:
+    """A command started by start_forked, handled as a subprocess.Popen: pid, send_signal, kill,
+    poll, wait, returncode, and communicate for its stdout and stderr once it has ended."""
+
+    def __init__(self, cmd: list[str], cwd: Path, env: dict[str, str]):
+        self.args, self.returncode = cmd, None
+        self._out = tempfile.TemporaryDirectory()
+        self._files = {k: Path(self._out.name) / k for k in ("stdout", "stderr")}
+        idle = [s for s in _FORK_SERVERS if not s.busy]
+        if not idle:
+            _FORK_SERVERS.append(_ForkServer())
+        self._server = idle[0] if idle else _FORK_SERVERS[-1]
+        self._server.busy = True
+        request = {"args": cmd[1:], "cwd": str(cwd), "env": env}
+        self._server.request(request | {k: str(f) for k, f in self._files.items()})
+        self.pid = self._server.child = self._server.answer()["pid"]
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            with contextlib.suppress(TimeoutError):
+                self._ended(self._server.answer(0))
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            try:
+                self._ended(self._server.answer(timeout))
+            except TimeoutError:
+                raise subprocess.TimeoutExpired(self.args, timeout) from None
+        return self.returncode
+
+    def _ended(self, message: dict) -> None:
+        self.returncode = message["rc"]
+        self._server.busy = False
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        self.wait(timeout)
+        return tuple(f.read_text(errors="replace") for f in self._files.values())
+
+
+@atexit.register
+def _stop_fork_servers() -> None:
+    """Children a failed test left running (a training blocked on purpose), then the servers."""
+    for server in _FORK_SERVERS:
+        if server.busy:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(server.child, signal.SIGKILL)
+        if server.proc is not None:
+            server.proc.kill()
+
+
+def start_forked(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, unset: tuple[str, ...] = ()
+) -> Forked:
+    """run_forked in the background: for a test that signals or stops the command."""
+    cmd = [sys.executable, *(str(ROOT / a) if a.endswith(".py") else a for a in args)]
+    full_env = os.environ | {"PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"} | (env or {})
+    for name in unset:
+        full_env.pop(name, None)
+    return Forked(cmd, cwd, full_env)
 
 
 def run_forked(
@@ -190,48 +265,29 @@ def run_forked(
     timeout: float = 300,
 ) -> subprocess.CompletedProcess:
     """run_script's answer (exit code, stdout, stderr of a process of its own), from a child forked
-    off a warm Python that has imported torch, numpy and hydra already (tests/forkserver.py): a second
-    instead of several for a command that exits early. For a command run to its end and checked for
-    what it prints or exits with; a test of signals, DDP, a terminal, stdin, sitecustomize or of what
-    a fresh process imports uses run_script."""
-    cmd = [sys.executable, *(str(ROOT / a) if a.endswith(".py") else a for a in args)]
-    full_env = os.environ | {"PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"} | (env or {})
-    for name in unset:
-        full_env.pop(name, None)
-    with tempfile.TemporaryDirectory() as out:
-        outputs = {"stdout": str(Path(out) / "stdout"), "stderr": str(Path(out) / "stderr")}
-        server = _FORK_SERVER
-        server.request({"args": cmd[1:], "cwd": str(cwd), "env": full_env} | outputs)
-        pid = server.answer()["pid"]
-        try:
-            rc = server.answer(timeout)["rc"]
-            timed_out = False
-        except TimeoutError:
-            os.kill(pid, signal.SIGKILL)
-            rc = server.answer()["rc"]
-            timed_out = True
-        stdout, stderr = (Path(outputs[k]).read_text(errors="replace") for k in ("stdout", "stderr"))
-    if timed_out:
-        raise subprocess.TimeoutExpired(cmd, timeout, output=stdout, stderr=stderr)
-    return subprocess.CompletedProcess(cmd, rc, stdout, stderr)
+    off a warm Python that has imported torch, numpy, hydra and torchmetrics already
+    (tests/forkserver.py): a second and a half instead of four and a half for a tiny training run. A
+    sitecustomize.py on env's PYTHONPATH is imported first, as Python does; under DDP the other ranks
+    are fresh processes Lightning starts. A test of a terminal, stdin, or of what a fresh process
+    imports or warns about at its start uses run_script."""
+    proc = start_forked(*args, cwd=cwd, env=env, unset=unset)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        stdout, stderr = proc.communicate()
+        raise subprocess.TimeoutExpired(proc.args, timeout, output=stdout, stderr=stderr) from None
+    stdout, stderr = proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
-def start_script(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """run_script in the background (stdout discarded, stderr piped): for a test that stops it."""
-    cmd = [sys.executable, *(str(ROOT / a) if a.endswith(".py") else a for a in args)]
-    full_env = os.environ | {"PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"} | (env or {})
-    return subprocess.Popen(
-        cmd, cwd=cwd, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
-
-
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+def wait_for(path: Path, proc: Forked | subprocess.Popen, timeout: float = 300) -> None:
     """Until `path` exists, while `proc` still runs."""
     deadline = time.time() + timeout
     while not path.exists():
         if proc.poll() is not None:
             raise AssertionError(
-                f"exit {proc.returncode} before {path} existed:\n{proc.stderr.read()[-3000:]}"
+                f"exit {proc.returncode} before {path} existed:\n{proc.communicate()[1][-3000:]}"
             )
         assert time.time() < deadline, f"no {path} after {timeout} s"
         time.sleep(0.02)

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT, assert_ok, run_forked
+
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 QUICKSTART = [
     "pip install torch --index-url https://download.pytorch.org/whl/cpu"
@@ -221,9 +222,8 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder with the example run (and a copy of it, so that there are runs to compare) and a
     prompt file, where every documented command runs."""
     cwd = tmp_path_factory.mktemp("docs")
-    overrides = " ".join(f"{k}={v}" for k, v in (TINY_TRAIN | {"model.pos_emb": "rope"}).items())
-    done = run_shell(f'"{sys.executable}" "{ROOT / "train.py"}" {overrides} hydra.run.dir={EXAMPLE_RUN}', cwd)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    overrides = [f"{k}={v}" for k, v in (TINY_TRAIN | {"model.pos_emb": "rope"}).items()]
+    assert_ok(run_forked("train.py", *overrides, f"hydra.run.dir={EXAMPLE_RUN}", cwd=cwd))
     shutil.copytree(cwd / EXAMPLE_RUN, cwd / "runs/2026-11-21/15-30-00")
     (cwd / "prompts.txt").write_text("ROMEO:\nJULIET:\n", encoding="utf-8")
     return cwd
@@ -238,6 +238,7 @@ def command_params() -> list:
     return params
 
 
+@pytest.mark.xdist_group("documented-commands")  # one worker, one workdir
 @pytest.mark.parametrize("command", command_params())
 def test_documented_command_runs(command: DocCommand, workdir: Path) -> None:
     number = len(list(workdir.glob("runs/doc-*"))) + 1

@@ -24,7 +24,10 @@ from gpt.errors import EXIT_USER_ERROR
 from gpt.interop.export import export
 from gpt.runs.checkpoint import save_weights_checkpoint
 from gpt.tokenizer import CharTokenizer, TiktokenTokenizer
-from tests.helpers import free_port, run_forked, run_script, tiny_model, write_corpus
+from tests.helpers import free_port, run_forked, tiny_model, write_corpus
+
+# Its tests share costly module fixtures: one xdist worker runs them all, the fixtures once.
+pytestmark = pytest.mark.xdist_group(__name__)
 
 
 @dataclass(frozen=True)
@@ -356,7 +359,7 @@ def work(tmp_path_factory) -> dict[str, str]:
     paths["corpus"] = str(corpus)
     fill = lambda args: [a.format(**paths) for a in args]  # noqa: E731
 
-    proc = run_script(*fill(TRAIN), cwd=root)
+    proc = run_forked(*fill(TRAIN), cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = Path(paths["run"], "checkpoints", "last.ckpt")
     # The r50k_base tokens of the corpus, so that train-checkpoint-of-another-vocabulary finds them

@@ -4,11 +4,16 @@ import json
 import os
 import subprocess
 
+import pytest
+
 from tests.helpers import ROOT
 
 STAGES = {"matmul", "train", "shakespeare", "generate", "pytest_gpu"}
 
 
+# Slow: five stages, each a process of its own that imports torch and Lightning afresh, a training
+# to the Shakespeare target and a compiled decode (50 s on 2 cores). CI runs it in the slow tier.
+@pytest.mark.slow
 def test_device_script_dry_run_writes_every_stage(tmp_path):
     proc = subprocess.run(
         ["bash", "bench/device.sh", "--dry-run"],

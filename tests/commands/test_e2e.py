@@ -25,6 +25,9 @@ from tests.helpers import (
     write_corpus,
 )
 
+# Its tests share costly module fixtures: one xdist worker runs them all, the fixtures once.
+pytestmark = pytest.mark.xdist_group(__name__)
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
@@ -203,7 +206,7 @@ def test_bf16_mixed_on_cpu(tiny_corpus, tmp_path):
 
 
 def test_ddp_two_processes_one_run_dir(tiny_corpus, tmp_path):
-    proc = run_script(
+    proc = run_forked(
         *train_args(
             tiny_corpus,
             "trainer.accelerator=cpu",

@@ -24,9 +24,11 @@ from tests.helpers import (
     command,
     last_line,
     run_forked,
-    run_script,
     write_corpus,
 )
+
+# Its tests share costly module fixtures: one xdist worker runs them all, the fixtures once.
+pytestmark = pytest.mark.xdist_group(__name__)
 
 FIXTURES = Path(__file__).resolve().parents[1] / "evaluate" / "fixtures"
 HELLASWAG = FIXTURES / "hellaswag_mini.jsonl"
@@ -275,7 +277,7 @@ def test_under_ddp_the_callback_shares_out_and_sums_to_evaluate_py(tmp_path):
     """2 processes each score half of the windows; the summed bpb logged at the end equals
     evaluate.py's on the final checkpoint (the same weights), in one process."""
     write_corpus(tmp_path / "corpus.txt")
-    done = run_script(
+    done = run_forked(
         *TRAIN,
         "data.val_windows=16",
         "trainer.accelerator=cpu",

@@ -1,6 +1,7 @@
-"""Faults in real train.py processes: SIGKILL during a step and during a checkpoint write, SIGTERM,
-each followed by the same command, which must end equal to an uninterrupted run; NaN losses; a
-second training on a busy run dir; a full or read-only output location."""
+"""Faults in train.py processes of their own (forked off a warm Python, tests/forkserver.py):
+SIGKILL during a step and during a checkpoint write, SIGTERM, Ctrl-C, SLURM's SIGUSR1, each followed
+by the same command, which must end equal to an uninterrupted run; NaN losses; a second training on
+a busy run dir; a full or read-only output location."""
 
 from __future__ import annotations
 
@@ -22,15 +23,20 @@ from gpt.runs.metrics import read_metrics
 from gpt.train.resume import python_command
 from tests.helpers import (
     ROOT,
+    Forked,
     assert_ok,
     assert_same_weights,
     final_state,
     losses,
     run_forked,
-    run_script,
+    start_forked,
     train_cmd,
+    wait_for,
     write_corpus,
 )
+
+# Its tests share costly module fixtures: one xdist worker runs them all, the fixtures once.
+pytestmark = pytest.mark.xdist_group(__name__)
 
 # The last step is not a periodic one (every 10): a resumed run must still end with it saved.
 STEPS = 35
@@ -84,24 +90,12 @@ def snapshot(directory: Path) -> dict[str, str]:
 
 def train_until(
     corpus: Path, run_dir: Path, extra: list[str], checkpoint: str, env: dict[str, str] | None = None
-) -> subprocess.Popen:
+) -> Forked:
     """Start training in the background; return once checkpoints/<checkpoint> exists (or, with a
     GPT_FAULT_MARKER in env, once that file does)."""
-    cmd = [
-        sys.executable,
-        *(str(ROOT / a) if a.endswith(".py") else a for a in train_cmd(corpus, run_dir, *extra)),
-    ]
-    env = os.environ | {"PYTHONPATH": str(ROOT)} | (env or {})
-    proc = subprocess.Popen(
-        cmd, cwd=run_dir.parent, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
-    target = run_dir / "checkpoints" / checkpoint
-    if "GPT_FAULT_MARKER" in env:
-        target = Path(env["GPT_FAULT_MARKER"])
-    deadline = time.time() + 300
-    while not target.exists():
-        assert proc.poll() is None and time.time() < deadline, "training ended before it could be stopped"
-        time.sleep(0.02)
+    proc = start_forked(*train_cmd(corpus, run_dir, *extra), cwd=run_dir.parent, env=env)
+    marker = (env or {}).get("GPT_FAULT_MARKER")
+    wait_for(Path(marker) if marker else run_dir / "checkpoints" / checkpoint, proc)
     return proc
 
 
@@ -157,15 +151,7 @@ def test_sigterm_saves_exits_143_and_the_printed_command_resumes_bit_identical(c
         str(ROOT / "train.py"),
         *(a for a in train_cmd(corpus, tmp_path, *EXTRA)[1:] if "hydra.run" not in a),
     ]
-    env = os.environ | {"PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(
-        [sys.executable, *args],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    proc = start_forked(*args, cwd=tmp_path)
     deadline = time.time() + 300
     while not (found := list(tmp_path.glob("runs/*/*/checkpoints/step-10.ckpt"))):
         assert proc.poll() is None and time.time() < deadline, "training ended before it could be stopped"
@@ -182,11 +168,7 @@ def test_sigterm_saves_exits_143_and_the_printed_command_resumes_bit_identical(c
     assert command == shlex.join([python_command(), *args, f"hydra.run.dir={run.relative_to(tmp_path)}"])
     assert (run / "checkpoints" / "on_exception.ckpt").is_file()
 
-    assert_ok(
-        subprocess.run(
-            shlex.split(command), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-        )
-    )
+    assert_ok(run_forked(*shlex.split(command)[1:], cwd=tmp_path))  # the command after `python`
     assert_equals_straight(run, straight)
     assert list(tmp_path.glob("runs/*/*")) == [run]  # resumed in place, no new run dir
     assert not (run / "checkpoints" / "on_exception.ckpt").exists()  # removed once finished
@@ -238,7 +220,7 @@ def signalled(corpus: Path, run: Path, faults: str, exit_code: int, env: dict[st
     """train.py on `run` (the straight run's command), sending itself the signals of `faults`
     (GPT_FAULT_SIGNALS, see fault_injection/sitecustomize.py); it must exit with `exit_code`."""
     env = FAULTS | {"GPT_FAULT_SIGNALS": faults} | (env or {})
-    proc = run_script(*train_cmd(corpus, run, *EXTRA), cwd=run.parent, env=env)
+    proc = run_forked(*train_cmd(corpus, run, *EXTRA), cwd=run.parent, env=env)
     assert proc.returncode == exit_code, (
         f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     )
@@ -357,7 +339,7 @@ NAN_RUN = ["trainer.max_steps=8", "trainer.val_check_interval=4", "callbacks.las
 
 def test_injected_nan_stops_naming_the_step_and_the_last_good_checkpoint(corpus, tmp_path):
     run = tmp_path / "nan"
-    proc = run_script(
+    proc = run_forked(
         *train_cmd(corpus, run, *NAN_RUN), cwd=tmp_path, env=FAULTS | {"GPT_FAULT_NAN_AT_STEP": "5"}
     )
     assert proc.returncode == 3, proc.stderr[-3000:]
@@ -377,7 +359,7 @@ def test_injected_nan_is_skipped_when_asked(corpus, tmp_path):
     run = tmp_path / "skip"
     extra = [*NAN_RUN, "callbacks.nonfinite.action=skip", "callbacks.last.every_n_train_steps=1"]
     extra += ["callbacks.last.save_top_k=-1"]
-    proc = run_script(
+    proc = run_forked(
         *train_cmd(corpus, run, *extra), cwd=tmp_path, env=FAULTS | {"GPT_FAULT_NAN_AT_STEP": "5"}
     )
     assert_ok(proc)

@@ -31,11 +31,13 @@ from tests.helpers import (
     generate_config,
     losses,
     run_forked,
-    run_script,
-    start_script,
+    start_forked,
     wait_for,
     write_rows,
 )
+
+# Its tests share costly module fixtures: one xdist worker runs them all, the fixtures once.
+pytestmark = pytest.mark.xdist_group(__name__)
 
 # As typed on a command line: a backslash and an n, which the template turns into a line break.
 TEMPLATE = "Q: {prompt}\\nA: "
@@ -149,7 +151,7 @@ def test_evaluate_writes_prompts_with_the_run_template(trained):
 
 def kill_then_resume(args: list[str], run: Path, cwd: Path) -> None:
     """Start train.py with `args`, SIGKILL it once step 10 is saved, run the same command again."""
-    proc = start_script(*args, cwd=cwd)
+    proc = start_forked(*args, cwd=cwd)
     try:
         wait_for(run / "checkpoints/step-10.ckpt", proc)
     finally:
@@ -216,7 +218,7 @@ def test_the_step_is_the_same_however_it_is_split(tmp_path):
         path, tmp_path / "acc", *common, "data.batch_size=2", "trainer.accumulate_grad_batches=2", base=base
     ).model.state_dict()
     ddp = ["trainer.devices=2", "trainer.strategy=ddp", "data.batch_size=2"]
-    assert_ok(run_script(*pairs_cmd(path, tmp_path / "ddp", *common, *ddp), cwd=tmp_path, timeout=600))
+    assert_ok(run_forked(*pairs_cmd(path, tmp_path / "ddp", *common, *ddp), cwd=tmp_path, timeout=600))
 
     # The split matters: the 4 rows of a step hold different numbers of counted targets, so the
     # halves that the micro-batches (rows 0-1, 2-3) or the ranks (rows 0 and 2, 1 and 3) see differ.

@@ -19,7 +19,6 @@ from tests.helpers import (
     fit,
     losses,
     run_forked,
-    run_script,
     train_cmd,
 )
 
@@ -30,7 +29,7 @@ def test_ddp_two_processes_match_one_process(tiny_corpus, tmp_path):
         run_forked(*train_cmd(tiny_corpus, tmp_path / "one", *common, "data.batch_size=8"), cwd=tmp_path)
     )
     assert_ok(
-        run_script(
+        run_forked(
             *train_cmd(
                 tiny_corpus,
                 tmp_path / "two",
@@ -75,13 +74,13 @@ def test_sweep_makes_one_run_per_value(tiny_corpus, tmp_path):
 def test_sweep_on_two_devices_with_ddp_spawn(tiny_corpus, tmp_path):
     devices = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=3"]
     sweep = ["-m", "optim.lr=1e-3,3e-3", f"hydra.sweep.dir={tmp_path}/sweep"]
-    refused = run_script(
+    refused = run_forked(
         *train_cmd(tiny_corpus, tmp_path / "x", *sweep, *devices, "trainer.strategy=ddp"), cwd=tmp_path
     )
     assert refused.returncode == 2 and "trainer.strategy=ddp_spawn" in refused.stderr.strip().splitlines()[-1]
     # strategy=auto (the default) spawns the ranks of each job
     assert_ok(
-        run_script(
+        run_forked(
             *train_cmd(tiny_corpus, tmp_path / "x", *sweep, *devices),
             cwd=tmp_path,
             timeout=600,

@@ -22,6 +22,9 @@ from gpt.runs.checkpoint import load_model
 from gpt.tokenizer import TiktokenTokenizer
 from tests.helpers import tiny_model
 
+# Its tests share costly module fixtures: one xdist worker runs them all, the fixtures once.
+pytestmark = pytest.mark.xdist_group(__name__)
+
 lm_eval = pytest.importorskip("lm_eval")
 
 FIXTURES = Path(__file__).parent / "fixtures"

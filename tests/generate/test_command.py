@@ -21,6 +21,9 @@ from gpt.runs.checkpoint import load_model, load_run, resolve_device, save_weigh
 from gpt.tokenizer import CharTokenizer
 from tests.helpers import CHARS, ROOT, generate_config, tiny_model
 
+# Its tests share costly module fixtures: one xdist worker runs them all, the fixtures once.
+pytestmark = pytest.mark.xdist_group(__name__)
+
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:

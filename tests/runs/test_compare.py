@@ -15,6 +15,9 @@ from gpt.runs.compare import Run, compare_runs, read_evals, table, tokens_axis, 
 from gpt.runs.metrics import read_metrics
 from tests.helpers import assert_one_line_exit, command, run_forked, write_corpus
 
+# Its tests share costly module fixtures: one xdist worker runs them all, the fixtures once.
+pytestmark = pytest.mark.xdist_group(__name__)
+
 main = command("compare", CompareConfig, compare_runs)
 
 SWEEP = [

@@ -25,6 +25,9 @@ from gpt.runs.metrics import read_metrics
 from gpt.train.callbacks import ModelSummary, ProgressBar
 from tests.helpers import FAST, ROOT, assert_ok, build_in_process, run_script, train_args, write_corpus
 
+# Its tests share costly module fixtures: one xdist worker runs them all, the fixtures once.
+pytestmark = pytest.mark.xdist_group(__name__)
+
 # A piece of each warning gpt/train/console.py and gpt/train/wandb_logger.py silence.
 SILENCED = (
     "try installing [litlogger]",  # Lightning's advertisement, logged at every Trainer creation
