@@ -122,10 +122,13 @@ def test_library_does_not_reach_into_the_checkout():
 
 
 def test_the_wheel_lists_every_package():
-    """pyproject.toml lists the packages (conf/ ships as gpt.conf): a new one must be added there."""
+    """pyproject.toml lists the packages (conf/ and its folders ship as gpt.conf): a new one must be
+    added there."""
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "gpt").rglob("__init__.py")}
-    assert listed == found | {"gpt.conf"}
+    folders = [ROOT / "conf", *(d for d in (ROOT / "conf").rglob("*") if d.is_dir() and d.name != "__pycache__")]
+    conf = {".".join(("gpt", *d.relative_to(ROOT).parts)) for d in folders}
+    assert listed == found | conf
 
 
 def test_inference_side_imports_no_lightning():
