@@ -126,7 +126,8 @@ def test_the_wheel_lists_every_package():
     added there."""
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "gpt").rglob("__init__.py")}
-    folders = [ROOT / "conf", *(d for d in (ROOT / "conf").rglob("*") if d.is_dir() and d.name != "__pycache__")]
+    conf_dirs = (d for d in (ROOT / "conf").rglob("*") if d.is_dir() and d.name != "__pycache__")
+    folders = [ROOT / "conf", *conf_dirs]
     conf = {".".join(("gpt", *d.relative_to(ROOT).parts)) for d in folders}
     assert listed == found | conf
 
