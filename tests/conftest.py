@@ -12,23 +12,28 @@ import torch
 from tests.helpers import SHAKESPEARE, write_corpus
 
 
+def cpus() -> int:
+    """The CPUs this process may use (all of them where the OS cannot say, as on macOS)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """In an xdist worker: the CPUs shared out between the workers, for torch here and in every
-    process a test starts (OMP_NUM_THREADS), unless set already. Two workers each running OpenMP
-    threads on every core make a tiny training run up to ten times slower: the threads of one wait,
-    spinning, for the threads the other holds."""
+    process a test starts (OMP_NUM_THREADS), unless set already. With two workers each running OpenMP
+    threads on both cores of a 2-core machine, a fault test that takes 2.5 s alone took 22 s: the
+    threads of one spin, waiting, on the cores the other holds."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
-        threads = max(len(os.sched_getaffinity(0)) // workers, 1)
+        threads = max(cpus() // workers, 1)
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """-n auto (pyproject.toml's addopts): one worker per CPU this process may use, at least 2 (a test
-    spends part of its time waiting on the processes it starts), at most 8 (each worker keeps a
-    warm Python of about 1 GB, tests/forkserver.py)."""
-    return min(max(len(os.sched_getaffinity(0)), 2), 8)
+    spends part of its time waiting on the processes it starts), at most 8 (each worker keeps,
+    beside itself, a warm Python of 0.4 GB: tests/forkserver.py)."""
+    return min(max(cpus(), 2), 8)
 
 
 @pytest.fixture

@@ -193,7 +193,7 @@ class Forked:
     poll, wait, returncode, and communicate for its stdout and stderr once it has ended."""
 
     def __init__(self, cmd: list[str], cwd: Path, env: dict[str, str]):
-        self.args, self.returncode = cmd, None
+        self.args, self.returncode, self._output = cmd, None, None
         self._out = tempfile.TemporaryDirectory()
         self._files = {k: Path(self._out.name) / k for k in ("stdout", "stderr")}
         idle = [s for s in _FORK_SERVERS if not s.busy]
@@ -232,7 +232,10 @@ class Forked:
 
     def communicate(self, timeout: float | None = None) -> tuple[str, str]:
         self.wait(timeout)
-        return tuple(f.read_text(errors="replace") for f in self._files.values())
+        if self._output is None:
+            self._output = tuple(f.read_text(errors="replace") for f in self._files.values())
+            self._out.cleanup()
+        return self._output
 
 
 @atexit.register
@@ -281,7 +284,7 @@ def run_forked(
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
-def wait_for(path: Path, proc: Forked | subprocess.Popen, timeout: float = 300) -> None:
+def wait_for(path: Path, proc: Forked, timeout: float = 300) -> None:
     """Until `path` exists, while `proc` still runs."""
     deadline = time.time() + timeout
     while not path.exists():
