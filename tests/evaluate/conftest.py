@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from gpt.config import DataConfig
-from gpt.data.pairs import Example, encode_example, get_template, row_example
+from gpt.data.pairs import Example, encode_example, row_example
 from gpt.model.transformer import GPT
+from gpt.templates import get_template
 from gpt.tokenizer import CharTokenizer
 from tests.helpers import tiny_config
 
