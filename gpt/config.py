@@ -430,6 +430,42 @@ class GenerateConfig(DecodingConfig, InferenceConfig):
         _one_of("dtype", self.dtype, ("float32", "bfloat16", "float16"))
 
 
+# The command serve.py (conf/serve.yaml).
+
+
+@dataclass
+class ServeConfig(InferenceConfig):
+    """serve.py's keys: the checkpoint (ckpt, runs_dir, device, dtype) and the server's."""
+
+    # The address to listen on: 127.0.0.1 takes connections from this machine only; 0.0.0.0 from
+    # anywhere (then set api_key).
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Clients must send "Authorization: Bearer <api_key>" (None: the GPT_API_KEY environment
+    # variable; no key at all: no check).
+    api_key: str | None = None
+    # The model's name in /v1/models and in requests (None: the checkpoint's run dir as found).
+    model_name: str | None = None
+    # How a chat's messages are written: checkpoint = as in the checkpoint's training pairs (a model
+    # trained on text: each message's content on a line of its own); or a template (plain, alpaca,
+    # chatml) or a format string.
+    template: str = FROM_CHECKPOINT
+    # Requests decoded together (continuous batching); more wait in a queue.
+    max_batch: int = 8
+    # Requests that may wait; one more is refused with 429 and Retry-After.
+    max_queue: int = 64
+    # A request body larger than this is refused with 413.
+    max_body_bytes: int = 1_000_000
+
+    def __post_init__(self) -> None:
+        _check(0 < self.port < 65536, f"port={self.port} must be in 1..65535")
+        _check(self.max_batch >= 1, f"max_batch={self.max_batch} must be >= 1")
+        _check(self.max_queue >= 0, f"max_queue={self.max_queue} must be >= 0")
+        _check(self.max_body_bytes >= 1024, f"max_body_bytes={self.max_body_bytes} must be >= 1024")
+        _check(self.api_key != "", "api_key must not be empty; drop it to serve without a key")
+        _one_of("dtype", self.dtype, ("float32", "bfloat16", "float16"))
+
+
 # The commands export.py and compare.py (conf/export.yaml, conf/compare.yaml).
 
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")

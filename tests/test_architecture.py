@@ -15,14 +15,14 @@ else:  # pragma: no cover
 
 ROOT = Path(__file__).resolve().parents[1]
 # Lowest first: a module may import its own layer and the layers before it, never one after it.
-LAYERS = ["base", "model", "data", "interop", "runs", "generate", "evaluate", "train"]
+LAYERS = ["base", "model", "data", "interop", "runs", "generate", "evaluate", "serve", "train"]
 BASE = {"errors", "config", "tokenizer", "templates"}
 # The public API re-exports from the layers.
 EXEMPT = {"gpt"}
 # Entry points in the package, like the root scripts: they compose a Hydra config and call the library.
 ENTRIES = {"gpt.evaluate.__main__"}
-# generate.py, evaluate.py and load_model start fast
-NO_LIGHTNING = {"model", "generate", "interop", "runs", "evaluate"}
+# generate.py, evaluate.py, serve.py and load_model start fast
+NO_LIGHTNING = {"model", "generate", "interop", "runs", "evaluate", "serve"}
 
 
 def modules() -> dict[str, Path]:

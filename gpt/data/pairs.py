@@ -72,7 +72,7 @@ class Example:
         return next(text for text, trained in reversed(self.segments) if trained)
 
 
-def _merge(segments: list[tuple[str, bool]]) -> tuple[tuple[str, bool], ...]:
+def merge_segments(segments: list[tuple[str, bool]]) -> tuple[tuple[str, bool], ...]:
     merged: list[tuple[str, bool]] = []
     for text, trained in segments:
         if merged and merged[-1][1] == trained:
@@ -108,7 +108,7 @@ def row_example(row: Any, names: dict[str, str], template: Template, where: str)
             '{"prompt": "...", "completion": "..."}'
         )
     if names["messages"] in row:
-        return Example(_merge(chat_segments(row[names["messages"]], names, template, where)), where)
+        return Example(merge_segments(chat_segments(row[names["messages"]], names, template, where)), where)
     if names["instruction"] in row and names["output"] in row:
         instruction, extra = text("instruction"), text("input", optional=True)
         prompt = instruction + (f"\n\n{extra}" if extra else "")
@@ -125,12 +125,14 @@ def row_example(row: Any, names: dict[str, str], template: Template, where: str)
             f"source/target, messages; it has {', '.join(map(repr, row)) or 'none'}); map yours with "
             "data.fields, e.g. 'data.fields={prompt: question, completion: answer}'"
         )
-    return Example(_merge([(template.render_prompt(fields), False), (completion, True)]), where)
+    return Example(merge_segments([(template.render_prompt(fields), False), (completion, True)]), where)
 
 
 def chat_segments(
-    messages: Any, names: dict[str, str], template: Template, where: str
+    messages: Any, names: dict[str, str], template: Template, where: str, whole: bool = True
 ) -> list[tuple[str, bool]]:
+    """A chat's turns as segments (text, trained on); whole=False takes a conversation still
+    waiting for its assistant turn (serving), which training and evaluation refuse."""
     if not isinstance(messages, list) or not messages:
         raise UserError(f"{where}: {names['messages']!r} is not a non-empty list of turns")
     segments = []
@@ -146,7 +148,7 @@ def chat_segments(
             segments += [(template.reply, False), (content, True)]
         else:
             segments.append((template.turn.format(role=role, content=content), False))
-    if not any(trained for _, trained in segments):
+    if whole and not any(trained for _, trained in segments):
         raise UserError(f"{where} has no assistant turn, so nothing to learn; every chat needs one")
     return segments
 

@@ -342,6 +342,18 @@ CASES = {
     "compare-corrupt-log": command(
         *("compare.py", "runs=[{broken}/log]", "out={plots}/compare.png"), message="csv/ is not readable"
     ),
+    # serve.py: refused before the model is loaded or a port is taken
+    "serve-port-out-of-range": command(
+        "serve.py", "ckpt={run}", "port=70000", message="port=70000 must be in"
+    ),
+    "serve-no-batch": command("serve.py", "ckpt={run}", "max_batch=0", message="max_batch=0 must be >= 1"),
+    "serve-empty-key": command("serve.py", "ckpt={run}", "api_key=''", message="api_key must not be empty"),
+    "serve-bad-template": command(
+        "serve.py", "ckpt={run}", "template=Q:", message="template 'Q:' is neither one of none, plain"
+    ),
+    "serve-missing-checkpoint": command(
+        "serve.py", "ckpt={inputs}/missing.ckpt", message="missing.ckpt does not exist"
+    ),
     # the benchmarks: refused before anything is generated or timed
     "bench-train-no-warmup": command("bench/bench_train.py", "warmup=0", message="each must be >= 1"),
     "bench-generate-no-repeats": command("bench/bench_generate.py", "repeats=0", message="each must be >= 1"),

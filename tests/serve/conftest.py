@@ -1,0 +1,57 @@
+"""A tiny trained run, and serve.py started on it as a user would (forked off the warm Python of
+tests/forkserver.py), bound to 127.0.0.1 on a free port, stopped after the test."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers import assert_ok, free_port, run_forked, start_forked, train_cmd, write_corpus
+
+
+@pytest.fixture(scope="session")
+def served_run(tmp_path_factory) -> Path:
+    """50 steps of experiment=tiny (block_size 32) on the Shakespeare sample: its run dir."""
+    work = tmp_path_factory.mktemp("served")
+    run = work / "run"
+    assert_ok(
+        run_forked(*train_cmd(write_corpus(work / "corpus.txt"), run, "trainer.max_steps=50"), cwd=work)
+    )
+    return run
+
+
+@contextlib.contextmanager
+def serving(run: Path, *overrides: str) -> Iterator[str]:
+    """serve.py on `run` until the block ends: its base URL once /health answers."""
+    port = free_port()
+    proc = start_forked("serve.py", f"ckpt={run}", f"port={port}", *overrides, cwd=run.parent)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, f"serve.py exited {proc.returncode}:\n{proc.communicate()[1][-3000:]}"
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, "serve.py did not answer /health in 120 s"
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except Exception:  # noqa: BLE001  stopped for good, whatever the way
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def server(served_run) -> Iterator[Callable[..., contextlib.AbstractContextManager[str]]]:
+    """serving() on the tiny run, with overrides: `with server("api_key=k") as url: ...`."""
+    yield lambda *overrides: serving(served_run, *overrides)

@@ -1,0 +1,174 @@
+"""serve.py through the official `openai` client, as users' tools talk to it: completions and chat,
+streamed and not, the same tokens as generate.py, 8 clients at once, and every error status."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from gpt.generate.text import generate_text
+from gpt.runs.checkpoint import load_model
+from tests.serve.conftest import serving
+
+pytestmark = pytest.mark.xdist_group(__name__)  # one server for the module's tests
+KEY = "sekret"
+
+
+@pytest.fixture(scope="module")
+def url(served_run):
+    with serving(served_run, f"api_key={KEY}", "max_body_bytes=4096") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(url) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def model_name(client) -> str:
+    (model,) = client.models.list().data
+    return model.id
+
+
+@pytest.fixture(scope="module")
+def local(served_run):
+    """The same checkpoint in this process: what generate.py computes."""
+    return load_model(served_run)
+
+
+def alone(local, prompt: str, max_tokens: int, **settings) -> str:
+    model, tokenizer = local
+    return generate_text(model, tokenizer, prompt, max_tokens, **settings)
+
+
+def test_models_lists_the_run(model_name, served_run):
+    assert model_name == "run" and served_run.name == "run"
+
+
+def test_completion_is_generate_pys_and_streams_the_same_text(client, model_name, local):
+    done = client.completions.create(model=model_name, prompt="ROMEO:", max_tokens=20, temperature=0)
+    assert done.choices[0].text == alone(local, "ROMEO:", 20, temperature=0)
+    assert done.choices[0].finish_reason in ("length", "stop")
+    assert done.usage.prompt_tokens == 6 and done.usage.total_tokens == 6 + done.usage.completion_tokens
+    chunks = list(
+        client.completions.create(
+            model=model_name, prompt="ROMEO:", max_tokens=20, temperature=0, stream=True
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks) == done.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == done.choices[0].finish_reason
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+
+
+def test_sampling_with_a_seed_is_generate_pys_too(client, model_name, local):
+    settings = dict(temperature=0.9, top_p=0.9, seed=7)
+    done = client.completions.create(model=model_name, prompt="JULIET:", max_tokens=15, **settings)
+    expected = alone(local, "JULIET:", 15, temperature=0.9, top_p=0.9, top_k=None, seed=7)
+    assert done.choices[0].text == expected
+
+
+def test_a_stop_string_ends_the_text_before_it(client, model_name, local):
+    free = alone(local, "To be", 20, temperature=0)
+    stop = free[3:5]
+    done = client.completions.create(
+        model=model_name, prompt="To be", max_tokens=20, temperature=0, stop=[stop]
+    )
+    assert done.choices[0].text == free[: free.index(stop)] and done.choices[0].finish_reason == "stop"
+
+
+def test_chat_streams_the_reply_to_the_conversation(client, model_name, local):
+    messages = [{"role": "user", "content": "Who art thou?"}]
+    done = client.chat.completions.create(model=model_name, messages=messages, max_tokens=12, temperature=0)
+    # A model trained on text gets each message's content on a line of its own.
+    assert done.choices[0].message.content == alone(local, "Who art thou?\n", 12, temperature=0)
+    assert done.choices[0].message.role == "assistant"
+    stream = client.chat.completions.create(
+        model=model_name, messages=messages, max_tokens=12, temperature=0, stream=True
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in stream)
+    assert text == done.choices[0].message.content
+
+
+def test_eight_clients_at_once_get_what_each_would_alone(client, model_name, local):
+    cases = [
+        ("ROMEO:", 20),
+        ("A", 25),
+        ("What light through yonder", 7),
+        ("O", 30),
+        ("JULIET:\nAy me", 14),
+        ("Thou", 9),
+        ("First Citizen:", 15),
+        ("\n", 28),
+    ]
+
+    def ask(case):
+        prompt, n = case
+        chunks = client.completions.create(
+            model=model_name, prompt=prompt, max_tokens=n, temperature=0, stream=True
+        )
+        return "".join(c.choices[0].text for c in chunks)
+
+    with ThreadPoolExecutor(len(cases)) as pool:
+        got = list(pool.map(ask, cases))
+    assert got == [alone(local, p, n, temperature=0) for p, n in cases]
+
+
+def test_a_client_that_goes_away_frees_its_row(url, client, model_name):
+    body = {"model": model_name, "prompt": "A", "max_tokens": 30, "temperature": 1.0, "stream": True}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=headers, timeout=30) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        next(r.iter_lines())
+    for _ in range(100):
+        if httpx.get(f"{url}/health").json()["active"] == 0:
+            break
+        threading.Event().wait(0.05)
+    assert httpx.get(f"{url}/health").json() == {"status": "ok", "active": 0, "queued": 0}
+
+
+def test_errors_have_openais_shape_and_status(url, client, model_name):
+    bad_key = openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as e:
+        bad_key.models.list()
+    assert e.value.body["code"] == "invalid_api_key"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="gpt-4", prompt="x", max_tokens=2)
+    assert e.value.body == {
+        "message": f"the model 'gpt-4' does not exist; this server has {model_name!r}",
+        "type": "not_found_error",
+        "param": "model",
+        "code": "model_not_found",
+    }
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=model_name, prompt="x", max_tokens=2, temperature=3)
+    assert e.value.body["param"] == "temperature"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=model_name, prompt="x" * 20, max_tokens=20)
+    assert e.value.body["code"] == "context_length_exceeded" and "32 tokens" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=model_name, messages=[{"role": "wizard", "content": "x"}])
+    assert e.value.body["param"].startswith("messages")
+    with pytest.raises(openai.APIStatusError) as e:
+        client.completions.create(model=model_name, prompt="x" * 5000, max_tokens=2)
+    assert e.value.status_code == 413 and e.value.body["code"] == "request_too_large"
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=model_name, prompt="x", max_tokens=2, n=2)
+    assert httpx.get(f"{url}/health").json()["active"] == 0
+
+
+def test_a_full_queue_answers_429_with_retry_after(served_run):
+    with serving(served_run, "max_batch=1", "max_queue=0") as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        name = client.models.list().data[0].id
+        body = {"model": name, "prompt": "A", "max_tokens": 31, "temperature": 1.0, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as r:
+            next(r.iter_lines())  # the one row is taken
+            with pytest.raises(openai.RateLimitError) as e:
+                client.completions.create(model=name, prompt="B", max_tokens=2)
+            assert e.value.response.headers["retry-after"] == "1"
+            assert e.value.body["code"] == "queue_full"
