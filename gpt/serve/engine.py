@@ -121,8 +121,13 @@ class Engine:
         """Admit newcomers, sample one token for every row, then compute every row's next logits."""
         self._admit()
         for i, row in enumerate(self.rows):
-            if row is not None and not self._sample(row):
-                self.rows[i] = None
+            if row is None:
+                continue
+            piece, finish = self._sample(row)
+            if finish is not None:
+                self.rows[i] = None  # free before the request hears it is done
+            if piece or finish is not None:
+                row.request.on_text(piece, finish)
         self._advance()
 
     def _admit(self) -> None:
@@ -145,27 +150,22 @@ class Engine:
             stream = TextStream(self.tokenizer, request.stop)
             self.rows[i] = _Row(request, window, cache_len, stream, generator, logits)
 
-    def _sample(self, row: _Row) -> bool:
-        """Draw the row's next token and pass on its text; False once the row is finished."""
+    def _sample(self, row: _Row) -> tuple[str, str | None]:
+        """Draw the row's next token: (its final text, the finish reason or None)."""
         request = row.request
         if request.cancelled:
-            request.on_text("", "cancelled")
-            return False
+            return "", "cancelled"
         s = request.sampling
         logits = row.logits[None, : self.tokenizer.vocab_size]  # (1, V)
         token = int(sample_next(logits, s.temperature, s.top_k, s.top_p, s.min_p, row.generator)[0])
         request.completion_tokens += 1
         piece = row.stream.push(token)
         if token == self.tokenizer.eot_token or row.stream.done:
-            request.on_text(piece + row.stream.flush(), "stop")
-            return False
+            return piece + row.stream.flush(), "stop"
         if request.completion_tokens >= request.max_tokens:
-            request.on_text(piece + row.stream.flush(), "length")
-            return False
-        if piece:
-            request.on_text(piece, None)
+            return piece + row.stream.flush(), "length"
         row.window.append(token)
-        return True
+        return piece, None
 
     def _advance(self) -> None:
         """Every live row's logits for its next token: one batched decode step for the rows that
