@@ -153,6 +153,8 @@ def plan(command: DocCommand) -> tuple[str, str]:
         return "skip", "a benchmark: minutes on a quiet machine (run it yourself)"
     if script is None:
         return "skip", "not a command of this repository"
+    if script.group(1) == "serve.py" and "--cfg" not in text:
+        return "skip", "a server: it runs until stopped (tests/serve/ starts one and talks to it)"
     if "$STDLIB" in text or command.setup:
         return "slow", "the worked example on the standard library: minutes of tokenizing and training"
     if script.group(1) == "scripts/make_pairs.py":
