@@ -161,11 +161,11 @@ def test_errors_have_openais_shape_and_status(url, client, model_name):
     assert httpx.get(f"{url}/health").json()["active"] == 0
 
 
-def test_a_full_queue_answers_429_with_retry_after(served_run):
-    with serving(served_run, "max_batch=1", "max_queue=0") as url:
+def test_a_full_queue_answers_429_with_retry_after(long_run):
+    with serving(long_run, "max_batch=1", "max_queue=0") as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
         name = client.models.list().data[0].id
-        body = {"model": name, "prompt": "A", "max_tokens": 31, "temperature": 1.0, "stream": True}
+        body = {"model": name, "prompt": "A", "max_tokens": 2000, "temperature": 1.0, "stream": True}
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as r:
             next(r.iter_lines())  # the one row is taken
             with pytest.raises(openai.RateLimitError) as e:

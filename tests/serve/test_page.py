@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, assert_ok, run_forked, train_cmd, write_corpus
+from tests.helpers import ROOT
 from tests.serve.conftest import serving
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -37,16 +37,10 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """serve.py, ready, on a tiny model with a context of 2048 tokens (an answer of 1000 streams for
-    a second or two, to watch it grow and stop it; the next turn still fits) and GPT-2's BPE (it
-    encodes any text, markup included); stopped afterwards."""
-    work = tmp_path_factory.mktemp("page")
-    corpus = write_corpus(work / "corpus.txt")
-    long = ["trainer.max_steps=5", "model.block_size=2048", "data.batch_size=2", "data.val_windows=2"]
-    long += ["data.tokenizer=r50k_base", "data.val_fraction=0.25"]  # a validation window of 2049 tokens
-    assert_ok(run_forked(*train_cmd(corpus, work / "run", *long), cwd=work))
-    with serving(work / "run", f"api_key={KEY}") as url:
+def server(long_run):
+    """serve.py on the long-context model (the next turn after a stopped answer of 1000 tokens still
+    fits), ready; stopped afterwards."""
+    with serving(long_run, f"api_key={KEY}") as url:
         yield url
 
 
