@@ -448,7 +448,15 @@ class Reference:
     def render(self) -> str:
         out = [BEGIN, ""]
         out += ["## Commands", ""]
-        order = ["train.py", "generate.py", "evaluate.py", "serve.py", "prepare.py", "export.py", "compare.py"]
+        order = [
+            "train.py",
+            "generate.py",
+            "evaluate.py",
+            "serve.py",
+            "prepare.py",
+            "export.py",
+            "compare.py",
+        ]
         rank = {name: i for i, name in enumerate(order)}
         for command in sorted(self.commands, key=lambda c: (rank.get(c.script, len(order)), c.script)):
             out += self.command_section(command)

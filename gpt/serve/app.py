@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -228,7 +229,7 @@ def create_app(
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "active": engine.active, "queued": engine.queued}
+        return {"status": "ok", "active": engine.active, "queued": engine.queued, "pid": os.getpid()}
 
     page_html = resources.files("gpt.serve").joinpath(PAGE).read_text(encoding="utf-8")
 
