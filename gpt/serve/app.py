@@ -32,6 +32,7 @@ from gpt.serve.engine import Request as EngineRequest
 from gpt.templates import Template
 from gpt.tokenizer import Tokenizer
 
+ENGINE_FAILED = "generation failed on the server (its log has the traceback); try again"
 PAGE = "chat.html"  # beside this module, shipped as package data
 
 
@@ -205,6 +206,8 @@ def create_app(
                     text += piece
             finally:
                 request.cancel()
+            if finish == "error":
+                raise ApiError(500, ENGINE_FAILED, code="engine_error")
             return {"object": name, **common, "choices": [choice(text, finish, False)], "usage": usage()}
 
         async def events() -> AsyncIterator[bytes]:
@@ -212,7 +215,10 @@ def create_app(
                 finish = None
                 while finish is None:
                     piece, finish = await pieces.get()
-                    if piece or finish:
+                    if finish == "error":  # the status is sent already: OpenAI's error event
+                        error = ApiError(500, ENGINE_FAILED, code="engine_error").response().body
+                        yield format_sse_event(data_str=error.decode())
+                    elif piece or finish:
                         chunk = {
                             "object": f"{name}.chunk" if kind == "chat" else name,
                             **common,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import traceback
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ class QueueFull(Exception):
 class Request:
     """One completion: prompt tokens in; text pieces out through on_text(piece, finish_reason),
     finish_reason None until the last call ("stop": end-of-text or a stop string; "length":
-    max_tokens; "cancelled")."""
+    max_tokens; "cancelled"; "error": the engine failed, its traceback on stderr)."""
 
     ids: list[int]
     max_tokens: int
@@ -115,7 +116,21 @@ class Engine:
                         self.wake.wait()
                     if not self.running:
                         return
-                self.step()
+                try:
+                    self.step()
+                except Exception:  # noqa: BLE001  a bug must not hang every client: fail them, go on
+                    traceback.print_exc()
+                    self._fail_all()
+
+    def _fail_all(self) -> None:
+        """End every request with finish reason "error" and start from an empty cache."""
+        with self.wake:
+            failed = [row.request for row in self.rows if row is not None] + list(self.waiting)
+            self.waiting.clear()
+        self.rows = [None] * len(self.rows)
+        self.cache.reset()
+        for request in failed:
+            request.on_text("", "error")
 
     def step(self) -> None:
         """Admit newcomers, sample one token for every row, then compute every row's next logits."""

@@ -112,3 +112,25 @@ def test_the_rows_are_computed_on_the_models_dtype(model):
         assert engine.cache.k[0].dtype == torch.float32 and engine.cache.k[0].shape[0] == 2
     finally:
         engine.close()
+
+
+def test_a_failing_step_ends_every_request_with_an_error_and_the_engine_goes_on(model, capsys):
+    engine = Engine(model, TOKENIZER, max_batch=2)
+    try:
+        broken, collect = Collect(), Collect()
+        step = engine.step
+
+        def fail_once() -> None:
+            engine.step = step
+            raise RuntimeError("a bug")
+
+        engine.step = fail_once
+        engine.submit(Request(TOKENIZER.encode("a"), 5, broken))
+        assert broken.done.wait(30) and broken.finish == "error"
+        engine.submit(Request(TOKENIZER.encode("b"), 5, collect, SamplingConfig(temperature=0.0)))
+        assert collect.done.wait(30)
+        assert collect.text == reference(model, 0, "b", 5, {"temperature": 0.0}, [])
+        assert engine.active == 0
+    finally:
+        engine.close()
+    assert "RuntimeError: a bug" in capsys.readouterr().err
