@@ -31,7 +31,7 @@ def long_run(tmp_path_factory) -> Path:
     """A tiny model with a context of 2048 tokens and GPT-2's BPE (it encodes any text): an answer
     of 1000 tokens streams for a second or more, time to act while it runs."""
     work = tmp_path_factory.mktemp("long")
-    overrides = ["trainer.max_steps=5", "model.block_size=2048", "data.batch_size=2", "data.val_windows=2"]
+    overrides = ["trainer.max_steps=1", "model.block_size=2048", "data.batch_size=1", "data.val_windows=1"]
     overrides += ["data.tokenizer=r50k_base", "data.val_fraction=0.25"]  # a validation window of 2049
     assert_ok(run_forked(*train_cmd(write_corpus(work / "corpus.txt"), work / "run", *overrides), cwd=work))
     return work / "run"
