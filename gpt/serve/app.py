@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from gpt.config import SamplingConfig
 from gpt.data.pairs import Example, chat_segments, encode_example, merge_segments
 from gpt.errors import UserError
+from gpt.generate.text import encode_prompts
 from gpt.serve.engine import Engine, QueueFull
 from gpt.serve.engine import Request as EngineRequest
 from gpt.templates import Template
@@ -143,12 +144,9 @@ def create_app(
 
     def encode(text: str) -> list[int]:
         try:
-            ids = tokenizer.encode(text)
+            return encode_prompts(tokenizer, [text])[0]  # refuses a prompt of no tokens
         except UserError as e:
             raise ApiError(400, str(e), "prompt") from None
-        if not ids:
-            raise ApiError(400, "the prompt encodes to no tokens", "prompt")
-        return ids
 
     def start(body: Sampling, ids: list[int], default_max: int) -> tuple[EngineRequest, asyncio.Queue]:
         max_tokens = body.max_tokens or default_max

@@ -14,6 +14,7 @@ import pytest
 
 from gpt.generate.text import generate_text
 from gpt.runs.checkpoint import load_model
+from gpt.templates import format_prompt, get_template
 from tests.serve.conftest import serving
 
 pytestmark = pytest.mark.xdist_group(__name__)  # one server for the module's tests
@@ -197,3 +198,20 @@ def test_a_full_queue_answers_429_with_retry_after(long_run):
                 client.completions.create(model=client.models.list().data[0].id, prompt="B", max_tokens=2)
             assert e.value.response.headers["retry-after"] == "1"
             assert e.value.body["code"] == "queue_full"
+
+
+def test_the_model_name_and_the_chat_template_are_the_servers_choice(long_run):
+    """template=chatml writes a chat as a model fine-tuned on messages rows saw it (its prompt the
+    chatml template's); model_name= is the name clients use."""
+    model, tokenizer = load_model(long_run)
+    prompt = format_prompt(get_template("chatml"), "Who is there?")
+    expected = generate_text(model, tokenizer, prompt, 8, temperature=0)
+    with serving(long_run, "template=chatml", "model_name=tiny-chat") as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["tiny-chat"]
+        messages = [{"role": "user", "content": "Who is there?"}]
+        done = client.chat.completions.create(
+            model="tiny-chat", messages=messages, max_tokens=8, temperature=0
+        )
+        assert done.choices[0].message.content == expected
+        assert done.usage.prompt_tokens == len(tokenizer.encode(prompt))
