@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from filelock import FileLock
 
 from gpt.config import DataConfig, ModelConfig
 from gpt.data.sources import SHAKESPEARE_FILE
@@ -119,6 +120,22 @@ def fake_trainer(
 def text_cfg(path: str | Path, tmp_path: Path, **kw) -> DataConfig:
     """data=text on `path`, cached under tmp_path/cache."""
     return DataConfig(source="text", path=str(path), cache_dir=str(tmp_path / "cache"), **kw)
+
+
+def made_once(tmp_path_factory, name: str, make: Callable[[Path], None]) -> Path:
+    """The folder `name` that make(folder) fills, made once for the whole test run: the xdist
+    workers of one run share a temporary root, and the first to get there makes it while the
+    others wait on a file lock (pytest-xdist's recipe for a session fixture run once)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's root, above each worker's own folder
+    folder = root / f"once-{name}"
+    with FileLock(f"{folder}.lock"):
+        if not (folder / ".done").is_file():
+            folder.mkdir(exist_ok=True)
+            make(folder)
+            (folder / ".done").touch()
+    return folder
 
 
 # ----------------------------------------------------------------------------- commands

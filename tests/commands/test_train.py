@@ -71,13 +71,17 @@ def test_sweep_makes_one_run_per_value(tiny_corpus, tmp_path):
     assert lrs == [1e-3, 3e-3]
 
 
+def test_a_sweep_on_two_devices_refuses_strategy_ddp_in_one_line(tiny_corpus, tmp_path):
+    devices = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=3", "trainer.strategy=ddp"]
+    sweep = ["-m", "optim.lr=1e-3,3e-3", f"hydra.sweep.dir={tmp_path}/sweep"]
+    refused = run_forked(*train_cmd(tiny_corpus, tmp_path / "x", *sweep, *devices), cwd=tmp_path)
+    assert refused.returncode == 2 and "trainer.strategy=ddp_spawn" in refused.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow  # 29 s: two jobs, each spawning two ranks
 def test_sweep_on_two_devices_with_ddp_spawn(tiny_corpus, tmp_path):
     devices = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=3"]
     sweep = ["-m", "optim.lr=1e-3,3e-3", f"hydra.sweep.dir={tmp_path}/sweep"]
-    refused = run_forked(
-        *train_cmd(tiny_corpus, tmp_path / "x", *sweep, *devices, "trainer.strategy=ddp"), cwd=tmp_path
-    )
-    assert refused.returncode == 2 and "trainer.strategy=ddp_spawn" in refused.stderr.strip().splitlines()[-1]
     # strategy=auto (the default) spawns the ranks of each job
     assert_ok(
         run_forked(

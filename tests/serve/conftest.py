@@ -12,29 +12,33 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import assert_ok, free_port, run_forked, start_forked, train_cmd, write_corpus
+from tests.helpers import assert_ok, free_port, made_once, run_forked, start_forked, train_cmd, write_corpus
 
 
+def train_served(work: Path) -> None:
+    """50 steps of experiment=tiny (block_size 32) on the Shakespeare sample, into work/run."""
+    corpus = write_corpus(work / "corpus.txt")
+    assert_ok(run_forked(*train_cmd(corpus, work / "run", "trainer.max_steps=50"), cwd=work))
+
+
+def train_long(work: Path) -> None:
+    """A tiny model with a context of 2048 tokens and GPT-2's BPE (it encodes any text), into
+    work/run: an answer of 1000 tokens streams for a second or more, time to act while it runs."""
+    overrides = ["trainer.max_steps=1", "model.block_size=2048", "data.batch_size=1", "data.val_windows=1"]
+    overrides += ["data.tokenizer=r50k_base", "data.val_fraction=0.25"]  # a validation window of 2049
+    assert_ok(run_forked(*train_cmd(write_corpus(work / "corpus.txt"), work / "run", *overrides), cwd=work))
+
+
+# Trained once per test run, whichever worker comes first: the modules here are xdist groups that
+# may run on different workers.
 @pytest.fixture(scope="session")
 def served_run(tmp_path_factory) -> Path:
-    """50 steps of experiment=tiny (block_size 32) on the Shakespeare sample: its run dir."""
-    work = tmp_path_factory.mktemp("served")
-    run = work / "run"
-    assert_ok(
-        run_forked(*train_cmd(write_corpus(work / "corpus.txt"), run, "trainer.max_steps=50"), cwd=work)
-    )
-    return run
+    return made_once(tmp_path_factory, "served", train_served) / "run"
 
 
 @pytest.fixture(scope="session")
 def long_run(tmp_path_factory) -> Path:
-    """A tiny model with a context of 2048 tokens and GPT-2's BPE (it encodes any text): an answer
-    of 1000 tokens streams for a second or more, time to act while it runs."""
-    work = tmp_path_factory.mktemp("long")
-    overrides = ["trainer.max_steps=1", "model.block_size=2048", "data.batch_size=1", "data.val_windows=1"]
-    overrides += ["data.tokenizer=r50k_base", "data.val_fraction=0.25"]  # a validation window of 2049
-    assert_ok(run_forked(*train_cmd(write_corpus(work / "corpus.txt"), work / "run", *overrides), cwd=work))
-    return work / "run"
+    return made_once(tmp_path_factory, "long", train_long) / "run"
 
 
 @contextlib.contextmanager
