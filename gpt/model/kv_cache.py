@@ -2,9 +2,9 @@
 
 The model holds no inference state: generation creates a `KVCache`, each attention layer writes
 its new keys and values at their slots, and `GPT.forward` advances the position once, after the
-layer loop. Storage is allocated once for the whole generation and attention always reads all of
-it (masked), so shapes never change and a compiled decode step never recompiles; the position is
-a tensor for the same reason (gpt-fast's `input_pos`).
+layer loop. Storage is allocated once for the whole generation. A compiled decode step attends over
+all of it (masked), so shapes never change and it never recompiles; the position is a tensor for
+the same reason (gpt-fast's `input_pos`). Eagerly, attention reads only the slots filled so far.
 """
 
 from __future__ import annotations

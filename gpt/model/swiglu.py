@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt.model.autocast import autocast_inputs
+from gpt.model.linear import linear
 
 
 class _SwiGLUProjection(torch.autograd.Function):
@@ -47,7 +48,7 @@ def swiglu_projection(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.T
     """
     if not torch.is_grad_enabled():
         gate, up = gate_up.chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, weight, bias)
+        return linear(F.silu(gate) * up, weight, bias)
     gate_up, weight, bias = autocast_inputs(gate_up, weight, bias)  # (gpt/model/autocast.py)
     with torch.autocast(gate_up.device.type, enabled=False):
         return _SwiGLUProjection.apply(gate_up, weight, bias)

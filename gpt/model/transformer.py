@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from gpt.config import ModelConfig
 from gpt.model.kv_cache import KVCache
+from gpt.model.linear import Linear
 from gpt.model.swiglu import swiglu_projection
 
 # ----------------------------------------------------------------------------- helpers
@@ -94,8 +95,8 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.head_dim = config.head_dim
         self.dropout = config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(
@@ -118,6 +119,8 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v, slots)  # (B, nh, max_len, hs)
+            if mask is not None and mask.size(-1) < k.size(2):  # the slots filled so far, eagerly
+                k, v = k[:, :, : mask.size(-1)], v[:, :, : mask.size(-1)]
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -138,8 +141,8 @@ class SwiGLU(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 2 * config.hidden_dim, bias=config.bias)  # gate and up, fused
-        self.c_proj = nn.Linear(config.hidden_dim, config.n_embd, bias=config.bias)
+        self.c_fc = Linear(config.n_embd, 2 * config.hidden_dim, bias=config.bias)  # gate and up, fused
+        self.c_proj = Linear(config.hidden_dim, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -153,8 +156,8 @@ class GeluMLP(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, config.hidden_dim, bias=config.bias)
-        self.c_proj = nn.Linear(config.hidden_dim, config.n_embd, bias=config.bias)
+        self.c_fc = Linear(config.n_embd, config.hidden_dim, bias=config.bias)
+        self.c_proj = Linear(config.hidden_dim, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -206,7 +209,7 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = make_norm(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         self.init_weights()
@@ -296,7 +299,11 @@ class GPT(nn.Module):
             rope = (cos, sin)
         mask = None  # plain causal attention: SDPA's is_causal fast path
         if kv_cache is not None or pad is not None or segments is not None or prefix is not None:
-            n_keys = T if kv_cache is None else kv_cache.max_len
+            n_keys = T
+            if kv_cache is not None:
+                # Eagerly, attention reads the slots filled so far; compiled, the whole cache (masked),
+                # so that shapes never change.
+                n_keys = kv_cache.max_len if torch.compiler.is_compiling() else end
             mask = attention_mask(slots, n_keys, pad, segments, prefix)
         x = self.drop(x)
         for block in self.h:

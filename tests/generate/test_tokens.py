@@ -8,6 +8,7 @@ from gpt.generate.tokens import (
     Context,
     apply_repetition_penalty,
     beam_search,
+    draw,
     generate,
     sample_next,
 )
@@ -251,6 +252,22 @@ def test_top_k_top_p_and_min_p_keep_only_allowed_tokens():
     assert draws(min_p=0.5) == {0, 1}  # at least half as likely as the best (0.25)
     assert draws(min_p=0.25) == {0, 1, 2}
     assert {sample_next(logits, 1.0, generator=g).item() for _ in range(2000)} == {0, 1, 2, 3}
+
+
+def test_draws_follow_the_weights_and_never_pick_a_zero_one():
+    """draw: 40000 rows at once, each frequency within 4 standard deviations of its weight, and
+    what sample_next gives with top_k and top_p is the filtered, renormalized distribution."""
+    n = 40_000
+    g = torch.Generator().manual_seed(0)
+    weights = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.15, 0.05, 0.0])
+    counts = torch.bincount(draw(weights.expand(n, -1), g), minlength=7)
+    for got, p in zip(counts.tolist(), weights.tolist(), strict=True):
+        assert abs(got - n * p) <= 4 * (n * p * (1 - p)) ** 0.5, counts  # 0 exactly for a zero weight
+    assert draw(torch.tensor([[0.0, 0.0, 1e-30, 0.0]]), g).item() == 2  # the only token with weight
+    logits = torch.log(torch.tensor([0.05, 0.5, 0.15, 0.3])).expand(n, -1)
+    counts = torch.bincount(sample_next(logits, 1.0, top_k=3, top_p=0.7, generator=g), minlength=4)
+    for got, p in zip(counts.tolist(), (0, 0.5 / 0.8, 0, 0.3 / 0.8), strict=True):
+        assert abs(got - n * p) <= 4 * (n * p * (1 - p)) ** 0.5, counts
 
 
 def test_repetition_penalty_values_and_effect():
