@@ -1,11 +1,17 @@
-"""Generation speed: tokens/s cached vs uncached and batch 1 vs 8, and process start to first token.
+"""Generation speed: tokens/s cached vs uncached and for batches of 1, 8 and 16, beside the bound that
+memory bandwidth puts on one row; and process start to first token.
 
 python bench/bench_generate.py                       # table on stdout, JSON in bench/results/
 python bench/bench_generate.py out=/tmp/gen.json repeats=5 compile=true    # knobs: conf/bench_generate.yaml
 
-Needs no training: it saves random-weight checkpoints of the `small` preset (the decoding runs)
-and the `nano` preset (start to first token, through a real `python generate.py` subprocess) in
-the plain format train.py writes. Speed does not depend on what the weights learned.
+Needs no training: it saves random-weight checkpoints of a GPT-2-shaped 45M-parameter model (GPT-2's
+vocabulary and context, 6 layers of 512: the decoding runs) and of the `nano` preset (start to first
+token, through a real `python generate.py` subprocess) in the plain format train.py writes. Speed
+does not depend on what the weights learned.
+
+The bound: decoding one row reads every weight once per token, so tokens/s cannot exceed the memory
+read bandwidth divided by the weights' bytes. The bandwidth is measured here, as the fastest of two
+reductions (sum, max) over a buffer 16 times the CPU's last-level cache or larger, best of 10.
 """
 
 from __future__ import annotations
@@ -30,26 +36,60 @@ sys.path.insert(0, str(ROOT))
 from machine import describe, summary  # noqa: E402
 from model_presets import model_preset  # noqa: E402
 
+from gpt.config import ModelConfig  # noqa: E402
 from gpt.errors import ConfigError, exit_on_user_error  # noqa: E402
 from gpt.generate.tokens import generate  # noqa: E402
 from gpt.model.transformer import GPT  # noqa: E402
 from gpt.runs.checkpoint import load_model, save_weights_checkpoint  # noqa: E402
-from gpt.tokenizer import CharTokenizer  # noqa: E402
+from gpt.tokenizer import CharTokenizer, get_tokenizer  # noqa: E402
 
 # The 65 characters of Tiny Shakespeare: the vocabulary of the default data (shakespeare_char).
 SHAKESPEARE_CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-PROMPT = "ROMEO:\nBut, soft"  # 16 characters = 16 tokens
+PROMPT = "ROMEO:\nBut, soft"  # 16 characters, 7 tokens of GPT-2
+# The decoding runs' model: GPT-2's tokenizer and context, 6 layers of 512 (45.5M parameters).
+GPT2_SHAPED = ModelConfig(n_layer=6, n_head=8, n_embd=512, block_size=1024)
+GPT2_TOKENIZER = "r50k_base"
 
 
 def random_checkpoint(name: str, folder: Path) -> Path:
-    """A checkpoint of the `name` preset with random weights (seeded), made once and reused."""
+    """A checkpoint with random weights (seeded), made once and reused: the `name` preset with the
+    Tiny Shakespeare characters, or name="gpt2-shaped" (GPT2_SHAPED, GPT-2's tokenizer)."""
     path = folder / f"{name}-random.ckpt"
     if not path.is_file():
-        tokenizer = CharTokenizer(SHAKESPEARE_CHARS)
+        if name == "gpt2-shaped":
+            tokenizer, config = get_tokenizer(GPT2_TOKENIZER), GPT2_SHAPED
+        else:
+            tokenizer, config = CharTokenizer(SHAKESPEARE_CHARS), model_preset(name)
         torch.manual_seed(0)
-        model = GPT(replace(model_preset(name), vocab_size=tokenizer.vocab_size))
+        model = GPT(replace(config, vocab_size=tokenizer.vocab_size))
         save_weights_checkpoint(model, tokenizer, path)
     return path
+
+
+def read_bandwidth(repeats: int = 10) -> tuple[float, str]:
+    """Bytes per second the CPU reads from memory: (the fastest, the reduction that gave it), over a
+    float32 buffer of at least 512 MiB and 16 times the last-level cache."""
+    size = max(512 * 2**20, 16 * last_level_cache())
+    x = torch.ones(size // 4)
+    best = {}
+    for name, read in (("sum", torch.sum), ("max", torch.amax)):
+        read(x)  # warm
+        for _ in range(repeats):
+            start = time.perf_counter()
+            read(x)
+            best[name] = max(best.get(name, 0.0), size / (time.perf_counter() - start))
+    name = max(best, key=best.get)
+    return best[name], name
+
+
+def last_level_cache() -> int:
+    """Bytes of the largest CPU cache Linux reports (0 elsewhere)."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip()
+        unit = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        sizes.append(int(text.rstrip("KMG")) * unit)
+    return max(sizes, default=0)
 
 
 def time_decoding(model, prompt_ids, batch, new_tokens, use_cache, repeats, compile=False):
@@ -98,13 +138,17 @@ def main(args: DictConfig) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    small_ckpt = random_checkpoint("small", Path(args.ckpt_dir or results))
+    gpt2_ckpt = random_checkpoint("gpt2-shaped", Path(args.ckpt_dir or results))
     nano_ckpt = random_checkpoint("nano", Path(args.ckpt_dir or results))
-    model, tokenizer = load_model(small_ckpt)
+    model, tokenizer = load_model(gpt2_ckpt)
     prompt_ids = tokenizer.encode(PROMPT)
     n = args.new_tokens
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied: counted once
+    bandwidth, reduction = read_bandwidth()
+    bound = bandwidth / weight_bytes  # tokens/s of one row if reading the weights were all it took
 
     runs = [("cached", 1, True, False), ("uncached", 1, False, False), ("cached", 8, True, False)]
+    runs.append(("cached", 16, True, False))
     if args.compile:
         runs.append(("cached+compile", 1, True, True))
     rows, tokens = [], {}
@@ -130,7 +174,11 @@ def main(args: DictConfig) -> None:
         "date": datetime.date.today().isoformat(),
         "machine": describe(),
         "setup": {
-            "model": "small (6 layers, 384 wide, block 256), random weights, 65-character vocabulary",
+            "model": (
+                f"GPT-2-shaped: {GPT2_SHAPED.n_layer} layers, {GPT2_SHAPED.n_embd} wide, block "
+                f"{GPT2_SHAPED.block_size}, {GPT2_TOKENIZER} ({tokenizer.vocab_size} tokens), "
+                f"{model.num_params(exclude_positions=False) / 1e6:.1f}M parameters, random weights"
+            ),
             "prompt_tokens": len(prompt_ids),
             "new_tokens": n,
             "sampling": "temperature 0.8, top_k 200",
@@ -138,8 +186,16 @@ def main(args: DictConfig) -> None:
             "statistic": "best of the runs (tokens_per_s), median (median_tokens_per_s)",
         },
         "decoding": rows,
+        "bandwidth_bound": {
+            "weights_mb": round(weight_bytes / 1e6, 1),
+            "read_gb_per_s": round(bandwidth / 1e9, 1),
+            "read_by": reduction,
+            "tokens_per_s": round(bound, 1),
+            "batch1_share": round(speed[("cached", 1)] / bound, 3),
+        },
         "cached_over_uncached": round(speed[("cached", 1)] / speed[("uncached", 1)], 2),
         "batch8_over_batch1": round(speed[("cached", 8)] / speed[("cached", 1)], 2),
+        "batch16_over_batch1": round(speed[("cached", 16)] / speed[("cached", 1)], 2),
         "cached_equals_uncached_tokens": bool(torch.equal(tokens[("cached", 1)], tokens[("uncached", 1)])),
         "first_token_seconds_nano": {
             "best": round(min(first_token), 3),
@@ -149,15 +205,23 @@ def main(args: DictConfig) -> None:
     }
 
     print(f"on {summary(result['machine'])}")
-    print(f"small model, {len(prompt_ids)}-token prompt, {n} new tokens, best of {args.repeats} runs")
+    print(f"{result['setup']['model']}")
+    print(f"{len(prompt_ids)}-token prompt, {n} new tokens, best of {args.repeats} runs")
     print(f"{'mode':<16}{'batch':>6}{'seconds':>10}{'tokens/s':>11}{'median tok/s':>14}")
     for r in rows:
         print(
             f"{r['mode']:<16}{r['batch']:>6}{r['seconds']:>10.2f}{r['tokens_per_s']:>11.1f}"
             f"{r['median_tokens_per_s']:>14.1f}"
         )
+    b = result["bandwidth_bound"]
+    print(
+        f"bandwidth bound, batch 1: {b['weights_mb']:.0f} MB of weights per token at "
+        f"{b['read_gb_per_s']:.1f} GB/s (read by {b['read_by']}) = {b['tokens_per_s']:.1f} tokens/s; "
+        f"measured {speed[('cached', 1)]:.1f} = {100 * b['batch1_share']:.0f}% of it"
+    )
     print(f"cached / uncached (batch 1): {result['cached_over_uncached']:.1f}x")
     print(f"batch 8 / batch 1 (cached, tokens/s): {result['batch8_over_batch1']:.1f}x")
+    print(f"batch 16 / batch 1 (cached, tokens/s): {result['batch16_over_batch1']:.1f}x")
     first = result["first_token_seconds_nano"]
     print(f"start to first token, model=nano: best {first['best']:.2f} s, median {first['median']:.2f} s")
     out = Path(args.out or results / "generate.json")
