@@ -10,8 +10,11 @@ block_size // 2 tokens prefilled again, alone); when the cache's last slot is us
 moved left by the padding they all have. Sampling is per row, with the request's own settings and
 seeded generator, so what a request gets does not depend on what else runs.
 
-The engine runs in a thread of its own (model steps block); `submit` and `Request.cancel` may be
-called from any thread, and a request's `on_text` is called from the engine's.
+The engine's loop runs in a thread of its own (model steps block), or, with start=False, in the
+thread that calls `run` (serve.py: the main thread, the HTTP server in another; torch's parallel
+regions run at half speed in a second thread once the main one has run any). `submit` and
+`Request.cancel` may be called from any thread, and a request's `on_text` is called from the
+engine's.
 """
 
 from __future__ import annotations
@@ -68,7 +71,9 @@ class _Row:
 
 
 class Engine:
-    def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch: int = 16, max_queue: int = 64) -> None:
+    def __init__(
+        self, model: GPT, tokenizer: Tokenizer, max_batch: int = 16, max_queue: int = 64, start: bool = True
+    ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.block = model.config.block_size
         self.max_queue = max_queue
@@ -80,8 +85,10 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.wake = threading.Condition()
         self.running = True
-        self.thread = threading.Thread(target=self._loop, name="gpt-engine", daemon=True)
-        self.thread.start()
+        self.thread = None
+        if start:
+            self.thread = threading.Thread(target=self.run, name="gpt-engine", daemon=True)
+            self.thread.start()
 
     # ------------------------------------------------------------------------- any thread
 
@@ -104,17 +111,20 @@ class Engine:
         with self.wake:
             self.running = False
             self.wake.notify()
-        self.thread.join()
+        if self.thread is not None:
+            self.thread.join()
 
     # ------------------------------------------------------------------------- the engine's thread
 
-    def _loop(self) -> None:
+    def run(self, until: Callable[[], bool] = lambda: False) -> None:
+        """The engine's loop, in the calling thread: until close() or, checked every half second
+        while idle, until() is true."""
         with torch.inference_mode():
             while True:
                 with self.wake:
-                    while self.running and not self.waiting and not self.active:
-                        self.wake.wait()
-                    if not self.running:
+                    while self.running and not self.waiting and not self.active and not until():
+                        self.wake.wait(0.5)
+                    if not self.running or until():
                         return
                 try:
                     self.step()

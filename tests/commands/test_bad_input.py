@@ -357,6 +357,7 @@ CASES = {
     # the benchmarks: refused before anything is generated or timed
     "bench-train-no-warmup": command("bench/bench_train.py", "warmup=0", message="each must be >= 1"),
     "bench-generate-no-repeats": command("bench/bench_generate.py", "repeats=0", message="each must be >= 1"),
+    "bench-serve-no-clients": command("bench/bench_serve.py", "clients=[]", message="each must be >= 1"),
     "bench-prepare-negative-size": command("bench/bench_prepare.py", "mb=-1", message="mb must be > 0"),
 }
 

@@ -4,6 +4,7 @@ streamed and not, the same tokens as generate.py, 8 clients at once, and every e
 from __future__ import annotations
 
 import contextlib
+import signal
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +16,7 @@ import pytest
 from gpt.generate.text import generate_text
 from gpt.runs.checkpoint import load_model
 from gpt.templates import format_prompt, get_template
+from tests.helpers import free_port, last_line, run_forked, start_forked
 from tests.serve.conftest import serving
 
 pytestmark = pytest.mark.xdist_group(__name__)  # one server for the module's tests
@@ -215,3 +217,32 @@ def test_the_model_name_and_the_chat_template_are_the_servers_choice(long_run):
         )
         assert done.choices[0].message.content == expected
         assert done.usage.prompt_tokens == len(tokenizer.encode(prompt))
+
+
+def test_host_is_where_it_listens_a_taken_port_is_one_line_and_ctrl_c_exits_130(served_run):
+    port, host = free_port(), "127.0.0.2"  # a loopback address other than the default 127.0.0.1
+    proc = start_forked(
+        "serve.py", f"ckpt={served_run}", f"port={port}", f"host={host}", cwd=served_run.parent
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"http://{host}:{port}/health", timeout=1).status_code == 200:
+                    break
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        with pytest.raises(httpx.ConnectError):  # nothing listens on the default address
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+        taken = run_forked(
+            "serve.py", f"ckpt={served_run}", f"port={port}", f"host={host}", cwd=served_run.parent
+        )
+        assert taken.returncode == 2, taken.stderr
+        assert last_line(taken.stderr) == (
+            f"error: cannot listen on {host}:{port}: Address already in use; choose another port= (or host=)"
+        )
+        assert "checkpoint:" not in taken.stderr  # refused before the model was loaded
+    finally:
+        proc.send_signal(signal.SIGINT)
+    assert proc.wait(30) == 130
