@@ -62,7 +62,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         y = torch.ops.mkldnn._linear_pointwise(x2.contiguous(), packed(weight), bias, "none", [None], "")
     else:
         if rows == 1:
-            x2 = x2.repeat(2, 1)  # two columns: MKL's multithreaded GEMM, not its single-threaded GEMV
+            x2 = torch.cat([x2, x2])  # two columns: MKL's multithreaded GEMM, not its one-thread GEMV
         y = (weight @ x2.T).T[:rows].contiguous()  # (rows, out)
         if bias is not None:
             y += bias
