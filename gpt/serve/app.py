@@ -148,8 +148,18 @@ def create_app(
         except UserError as e:
             raise ApiError(400, str(e), "prompt") from None
 
-    def start(body: Sampling, ids: list[int], default_max: int) -> tuple[EngineRequest, asyncio.Queue]:
+    def start(
+        kind: str, body: Sampling, ids: list[int], default_max: int
+    ) -> tuple[EngineRequest, asyncio.Queue]:
         max_tokens = body.max_tokens or default_max
+        if len(ids) >= block:
+            raise ApiError(
+                400,
+                f"the prompt's {len(ids)} tokens leave no room for an answer in the model's context of "
+                f"{block} tokens; shorten the prompt",
+                "messages" if kind == "chat" else "prompt",
+                "context_length_exceeded",
+            )
         if len(ids) + max_tokens > block:
             raise ApiError(
                 400,
@@ -177,7 +187,7 @@ def create_app(
         return request, pieces
 
     async def answer(kind: str, body: Sampling, ids: list[int], default_max: int):
-        request, pieces = start(body, ids, default_max)
+        request, pieces = start(kind, body, ids, default_max)
         name = "chat.completion" if kind == "chat" else "text_completion"
         common = {
             "id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",

@@ -181,6 +181,13 @@ def test_errors_have_openais_shape_and_status(url, client, model_name):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=model_name, prompt="x" * 20, max_tokens=20)
     assert e.value.body["code"] == "context_length_exceeded" and "32 tokens" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:  # no room left at all: max_tokens is not the fix
+        client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "x" * 40}])
+    assert e.value.body["code"] == "context_length_exceeded" and e.value.body["param"] == "messages"
+    assert e.value.body["message"] == (
+        "the prompt's 41 tokens leave no room for an answer in the model's context of 32 tokens; "
+        "shorten the prompt"
+    )
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=model_name, messages=[{"role": "wizard", "content": "x"}])
     assert e.value.body["param"].startswith("messages")

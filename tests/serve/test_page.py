@@ -57,6 +57,13 @@ def browser():
     driver.quit()
 
 
+@pytest.fixture(scope="module")
+def small_server(served_run):
+    """serve.py, no key, on the model of 32 tokens of context: a conversation outgrows it at once."""
+    with serving(served_run) as url:
+        yield url
+
+
 @pytest.fixture
 def page(browser, server):
     """The page freshly loaded, no key stored, with each request body it sends kept in __bodies."""
@@ -259,3 +266,34 @@ def test_the_page_comes_from_the_server_and_asks_nothing_of_another_origin(serve
     loaded = page.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
     assert any(u.endswith("/v1/chat/completions") for u in loaded), loaded
     assert all(u.startswith(server + "/") for u in loaded), loaded
+
+
+def test_a_conversation_past_the_context_leaves_out_its_oldest_turns(small_server, browser):
+    browser.get(small_server + "/")
+    browser.execute_script("sessionStorage.clear()")
+    browser.get(small_server + "/")
+    record_bodies(browser)
+    wait(browser, lambda: text(el(browser, "model")) == "run")
+    set_field(browser, "max-tokens", 6)
+    el(browser, "input").send_keys("Who is there?" + Keys.ENTER)  # 14 tokens, with its newline
+    first = answered(browser, 1)
+    el(browser, "input").send_keys("Speak again." + Keys.ENTER)  # 14 + 7 + 13 + 6 > 32: refused, then
+    second = answered(browser, 2)  # asked again without the first exchange
+    assert text(el(browser, "error")) == "" and text(second)
+    classes = [c.split() for _, c, _ in messages(browser)]
+    assert ["forgotten" in c for c in classes] == [True, True, False, False]
+    bodies = browser.execute_script("return window.__bodies")
+    assert [b["messages"] for b in bodies] == [
+        [{"role": "user", "content": "Who is there?"}],
+        [
+            {"role": "user", "content": "Who is there?"},
+            {"role": "assistant", "content": text(first)},
+            {"role": "user", "content": "Speak again."},
+        ],
+        [{"role": "user", "content": "Speak again."}],
+    ]
+    # A message too long on its own: the server's line, the turn taken back, nothing more left out.
+    el(browser, "input").send_keys("A" * 40 + Keys.ENTER)
+    wait(browser, lambda: "shorten the prompt" in text(el(browser, "error")))
+    assert len(messages(browser)) == 4 and el(browser, "input").get_property("value") == "A" * 40
+    assert ["forgotten" in c.split() for _, c, _ in messages(browser)] == [True, True, False, False]
