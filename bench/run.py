@@ -1,6 +1,6 @@
 """Run every benchmark, one after the other, and print a summary; JSON goes to bench/results/.
 
-    python bench/run.py                 # train (Lightning vs plain), generate, prepare
+    python bench/run.py                 # train (Lightning vs plain), generate, serve, prepare
     python bench/run.py only=[train]    # some of them (conf/bench_run.yaml)
 
 Each benchmark runs in its own process, so none inherits another's threads, caches or memory.
@@ -22,7 +22,12 @@ from gpt.errors import ConfigError, exit_on_user_error  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
-SCRIPTS = {"train": "bench_train.py", "generate": "bench_generate.py", "prepare": "bench_prepare.py"}
+SCRIPTS = {
+    "train": "bench_train.py",
+    "generate": "bench_generate.py",
+    "serve": "bench_serve.py",
+    "prepare": "bench_prepare.py",
+}
 
 
 def summary(name: str, result: dict) -> list[str]:
