@@ -74,13 +74,14 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
     Inverse transform sampling: one uniform number per row, found in the running sum of the weights.
     torch.multinomial draws one exponential number per weight instead (50257 of them for GPT-2's
     vocabulary, 1 ms per row on a CPU core), which made sampling cost more than a decode step of
-    the model for a batch. The sum is in float64 so that even the least likely token keeps its
-    share; an index of zero weight is never drawn (u < the total; the first cumulative weight
-    above u is where a weight was added).
+    the model for a batch. The sum is in float64 (float32 on Apple's MPS, which has no float64) so
+    that even the least likely token keeps its share; an index of zero weight is never drawn (u < the
+    total; the first cumulative weight above u is where a weight was added).
     """
-    cdf = probs.double().cumsum(dim=-1)  # (B, n)
+    dtype = torch.float32 if probs.device.type == "mps" else torch.float64
+    cdf = probs.to(dtype).cumsum(dim=-1)  # (B, n)
     total = cdf[:, -1:]
-    u = torch.rand(total.shape, generator=generator, dtype=torch.float64, device=probs.device) * total
+    u = torch.rand(total.shape, generator=generator, dtype=dtype, device=probs.device) * total
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # < total, even rounded
     return torch.searchsorted(cdf, u, right=True).squeeze(-1)
 
