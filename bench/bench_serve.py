@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -80,8 +81,6 @@ class Server:
     """serve.py on a free port of 127.0.0.1 until close()."""
 
     def __init__(self, ckpt: Path, max_batch: int) -> None:
-        import socket
-
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
