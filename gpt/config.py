@@ -16,6 +16,7 @@ from gpt.errors import ConfigError
 POS_EMBS = ("learned", "sinusoidal", "rope")
 NORMS = ("layernorm", "rmsnorm")
 FFNS = ("swiglu", "gelu")
+ARCHS = ("decoder", "encoder_decoder")
 SCHEDULES = ("cosine", "wsd", "constant")
 OPTIMIZERS = ("adamw", "muon")
 MUON_NS_DTYPES = ("auto", "float32", "bfloat16")
@@ -72,6 +73,14 @@ class ModelConfig:
     init_std: float = 0.02
     # Prefix LM: the prompt (each example's, or generation's) attends both ways; the rest is causal.
     prefix_lm: bool = False
+    # decoder (decoder-only, GPT) or encoder_decoder (the original Transformer's: an encoder reads the
+    # prompt both ways, the decoder writes the completion with cross-attention to it; data=pairs only).
+    arch: str = "decoder"
+    # encoder_decoder: the encoder's blocks (n_layer counts the decoder's); None = n_layer.
+    n_enc_layer: int | None = None
+    # encoder_decoder: the token that starts every decoder input (train.py sets it to the
+    # tokenizer's end-of-text token, as BART starts with its end-of-sequence token).
+    decoder_start: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("n_layer", "n_head", "n_embd", "block_size"):
@@ -89,6 +98,24 @@ class ModelConfig:
         _check(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1)")
         _check(self.vocab_size is None or self.vocab_size >= 1, f"model.vocab_size={self.vocab_size} < 1")
         _check(self.ffn_hidden is None or self.ffn_hidden >= 1, f"model.ffn_hidden={self.ffn_hidden} < 1")
+        _one_of("model.arch", self.arch, ARCHS)
+        if self.arch == "encoder_decoder":
+            _check(
+                self.n_enc_layer is None or self.n_enc_layer >= 1,
+                f"model.n_enc_layer={self.n_enc_layer} must be >= 1 (or null: n_layer)",
+            )
+            _check(
+                not self.prefix_lm,
+                "model.prefix_lm=true is a decoder-only option (the prompt read both ways inside the "
+                "decoder); model.arch=encoder_decoder reads the prompt both ways with its encoder already",
+            )
+
+    @property
+    def encoder_layers(self) -> int:
+        """The encoder's blocks: 0 for a decoder-only model."""
+        if self.arch != "encoder_decoder":
+            return 0
+        return self.n_layer if self.n_enc_layer is None else self.n_enc_layer
 
     @property
     def head_dim(self) -> int:
@@ -107,7 +134,7 @@ class ModelConfig:
 # weights fit a model only if these agree (dropout, norm_eps, rope_base and init_std do not matter).
 ARCHITECTURE = (
     "n_layer", "n_head", "n_embd", "block_size", "vocab_size", "pos_emb", "norm", "ffn", "ffn_hidden",
-    "bias", "tie_embeddings",
+    "bias", "tie_embeddings", "arch", "n_enc_layer",
 )  # fmt: skip
 
 

@@ -3,11 +3,17 @@
     python scripts/make_pairs.py numbers                 # data/numbers/{train,test}.jsonl
     python scripts/make_pairs.py numbers --max 99999 --test 1000 --seed 1
     python scripts/make_pairs.py dialogue                # data/dialogue/{train,test}.jsonl
+    python scripts/make_pairs.py reverse                 # data/reverse/{train,test}.jsonl
 
 numbers: numbers as digits -> the same numbers in English words ("4071" -> "four thousand
 seventy-one"), American usage without "and". The numbers 0..max are shuffled with the seed; the
 first --test go to test.jsonl, the rest to train.jsonl, so no test number is ever trained on
 (training holds out its own val split from train.jsonl).
+
+reverse: strings of 4 to --length lowercase letters, each paired with itself reversed ("stone" ->
+"enots"): a task where every output token depends on one input token far from it, so the model must
+read the whole source. --count distinct strings drawn with the seed; the first --test go to
+test.jsonl.
 
 dialogue: Tiny Shakespeare's speeches (blocks between blank lines, each opening with its speaker),
 each as the prompt to the speech that answers it; pairs longer than --max-chars are left out. Pairs
@@ -70,6 +76,19 @@ def numbers(args: argparse.Namespace) -> dict[str, list[dict[str, str]]]:
     return {"test": pairs[: args.test], "train": pairs[args.test :]}
 
 
+def reverse(args: argparse.Namespace) -> dict[str, list[dict[str, str]]]:
+    if not 4 <= args.length <= 64:
+        raise ValueError(f"--length {args.length} must be in 4..64")
+    if not 0 < args.test < args.count <= 100_000:
+        raise ValueError(f"need 0 < --test ({args.test}) < --count ({args.count}) <= 100000")
+    rng = random.Random(args.seed)
+    drawn: dict[str, None] = {}  # distinct strings, in the order drawn
+    while len(drawn) < args.count:
+        drawn["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(4, args.length)))] = None
+    pairs = [{"prompt": s, "completion": s[::-1]} for s in drawn]
+    return {"test": pairs[: args.test], "train": pairs[args.test :]}
+
+
 def dialogue(args: argparse.Namespace) -> dict[str, list[dict[str, str]]]:
     if args.text:
         path = Path(args.text)
@@ -88,18 +107,22 @@ def dialogue(args: argparse.Namespace) -> dict[str, list[dict[str, str]]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("task", choices=("numbers", "dialogue"))
+    parser.add_argument("task", choices=("numbers", "reverse", "dialogue"))
     parser.add_argument("--out", help="folder for train.jsonl and test.jsonl (default: data/TASK)")
     parser.add_argument("--max", type=int, default=9999, help="numbers: the largest number (from 0)")
-    parser.add_argument("--test", type=int, default=500, help="numbers: how many are held out in test.jsonl")
-    parser.add_argument("--seed", type=int, default=0, help="numbers: the shuffle's seed")
+    parser.add_argument(
+        "--test", type=int, default=500, help="numbers, reverse: how many are held out in test.jsonl"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="numbers, reverse: the seed of the draw")
+    parser.add_argument("--count", type=int, default=10_000, help="reverse: how many strings in all")
+    parser.add_argument("--length", type=int, default=16, help="reverse: the longest string")
     parser.add_argument(
         "--text", help="dialogue: the play (default: Tiny Shakespeare in $GPT_DATA_DIR or ./data, fetched)"
     )
     parser.add_argument("--max-chars", type=int, default=240, help="dialogue: the longest pair kept")
     args = parser.parse_args()
     try:
-        splits = numbers(args) if args.task == "numbers" else dialogue(args)
+        splits = {"numbers": numbers, "reverse": reverse, "dialogue": dialogue}[args.task](args)
     except (ValueError, UserError) as e:
         print(f"make_pairs.py: {e}", file=sys.stderr)  # one line, exit 2, nothing written
         sys.exit(2)

@@ -32,6 +32,7 @@ from filelock import FileLock
 from gpt.config import DataConfig, ModelConfig
 from gpt.data.sources import SHAKESPEARE_FILE
 from gpt.errors import EXIT_USER_ERROR
+from gpt.model.encoder_decoder import build_model
 from gpt.model.transformer import GPT
 from gpt.runs.metrics import read_metrics
 
@@ -59,8 +60,9 @@ def tiny_config(**overrides) -> ModelConfig:
 
 
 def tiny_model(seed: int = 0, **overrides) -> GPT:
+    """tiny_config's model (an EncoderDecoder with arch="encoder_decoder"), seeded, in eval mode."""
     torch.manual_seed(seed)
-    return GPT(tiny_config(**overrides)).eval()
+    return build_model(tiny_config(**overrides)).eval()
 
 
 def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:

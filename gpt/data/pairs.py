@@ -230,6 +230,24 @@ class TokenizedExamples:
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
+    @property
+    def source_lengths(self) -> np.ndarray:
+        """Each example's tokens before its last trained segment (the final run of completion
+        tokens, with its end-of-text): the source an encoder-decoder's encoder reads. The rest is
+        its target; the earlier turns of a chat are source."""
+        if not len(self):
+            return np.zeros(0, dtype=np.int64)
+        slot = np.arange(len(self.ids), dtype=np.int64)
+        last_prompt = np.maximum.reduceat(np.where(self.completion, -1, slot), self.offsets[:-1])
+        return np.maximum(last_prompt + 1 - self.offsets[:-1], 0)
+
+    def seq2seq_sizes(self, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """For an encoder-decoder: (the positions each example fills on both sides of a row, the
+        targets it has), each side cut to block_size tokens. An empty source is read as one token."""
+        source = np.minimum(np.maximum(self.source_lengths, 1), block_size)
+        targets = np.minimum(self.lengths - self.source_lengths, block_size)
+        return np.maximum(source, targets), targets
+
     def targets(self, block_size: int, mask_prompt: bool) -> np.ndarray:
         """How many targets with a loss each example has once cut to block_size + 1 tokens: every
         token after its first, or with mask_prompt only those of a completion."""
@@ -260,9 +278,14 @@ class PreparedPairs(CachedData):
     def n_tokens(self, split: str) -> int:
         return self.meta[f"{split}_tokens"]
 
-    def n_truncated(self, block_size: int, split: str = "train") -> int:
-        """Examples longer than a row holds (block_size + 1 tokens), which are cut to fit it."""
-        return int((self.examples(split).lengths > block_size + 1).sum())
+    def n_truncated(self, block_size: int, split: str = "train", seq2seq: bool = False) -> int:
+        """Examples longer than a row holds (block_size + 1 tokens; an encoder-decoder's: block_size
+        each side), which are cut to fit it."""
+        examples = self.examples(split)
+        if seq2seq:
+            source = examples.source_lengths
+            return int(((source > block_size) | (examples.lengths - source > block_size)).sum())
+        return int((examples.lengths > block_size + 1).sum())
 
     def check_fits(self, block_size: int) -> None:
         """Each split needs an example with a completion token among its first block_size + 1 tokens

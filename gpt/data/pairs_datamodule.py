@@ -13,6 +13,12 @@ positions (data.packing=true), none split; the rest of a row is padding. A batch
 - "segments" (B, T) int64: which example of the row a token belongs to (0, 1, ...); -1 on padding.
 - "prefix" (B, T) bool: the input token is in its example's leading prompt, before its first
   trained token (for prefix-LM attention); False on padding.
+- An encoder-decoder's rows (gpt/model/encoder_decoder.py) put each example's source (the tokens
+  before its last trained segment) on a source side: "source", "source_positions" and
+  "source_segments" (B, T), laid out as above; its target (that segment and its end-of-text token)
+  goes to "idx" (model.config.decoder_start, then the target but its last token) and "targets"
+  (the target, all with a loss). There is no "prefix". An example fills the same positions on
+  both sides (the longer side's), so the packing below serves both; each side is cut to block_size.
 - "step_tokens" (B,) int64, all equal: the targets with a loss in the whole optimizer step this
   micro-batch belongs to, over all its micro-batches and ranks. Summing the cross-entropy of a
   micro-batch and scaling by world_size * accumulate_grad_batches / step_tokens makes the step's
@@ -28,6 +34,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -81,12 +88,24 @@ class Packing:
     """
 
     def __init__(
-        self, examples: TokenizedExamples, block_size: int, mask_prompt: bool, packed: bool, seed: int
+        self,
+        examples: TokenizedExamples,
+        block_size: int,
+        mask_prompt: bool,
+        packed: bool,
+        seed: int,
+        seq2seq: bool = False,
     ) -> None:
-        sizes = np.minimum(examples.lengths, block_size + 1) - 1
+        if seq2seq:  # an encoder-decoder's example: the longer of its source and its target
+            sizes, targets = examples.seq2seq_sizes(block_size)
+        else:
+            sizes, targets = (
+                np.minimum(examples.lengths, block_size + 1) - 1,
+                examples.targets(block_size, mask_prompt),
+            )
         self.kept = np.flatnonzero(sizes > 0)  # examples that fill at least one position
         self.sizes = sizes[self.kept]
-        self.targets = examples.targets(block_size, mask_prompt)[self.kept]
+        self.targets = targets[self.kept]
         self.seed = seed
         order = np.argsort(-self.sizes, kind="stable")
         # Layout row of each slot; slots are numbered in the order they were filled.
@@ -114,9 +133,16 @@ class Packing:
 
 
 def build_row(
-    examples: TokenizedExamples, members: np.ndarray, block_size: int, mask_prompt: bool
+    examples: TokenizedExamples,
+    members: np.ndarray,
+    block_size: int,
+    mask_prompt: bool,
+    decoder_start: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """One row of the batch (see the module docstring) from the examples `members`, in order."""
+    """One row of the batch (see the module docstring) from the examples `members`, in order; an
+    encoder-decoder's when decoder_start is given."""
+    if decoder_start is not None:
+        return build_seq2seq_row(examples, members, block_size, decoder_start)
     row = {
         "idx": np.zeros(block_size, dtype=np.int64),
         "targets": np.full(block_size, IGNORE, dtype=np.int64),
@@ -140,6 +166,38 @@ def build_row(
     return row
 
 
+def build_seq2seq_row(
+    examples: TokenizedExamples, members: np.ndarray, block_size: int, decoder_start: int
+) -> dict[str, np.ndarray]:
+    """An encoder-decoder's row (see the module docstring) from the examples `members`, in order."""
+    row = {
+        "idx": np.zeros(block_size, dtype=np.int64),
+        "targets": np.full(block_size, IGNORE, dtype=np.int64),
+        "positions": np.zeros(block_size, dtype=np.int64),
+        "segments": np.full(block_size, -1, dtype=np.int64),
+        "source": np.zeros(block_size, dtype=np.int64),
+        "source_positions": np.zeros(block_size, dtype=np.int64),
+        "source_segments": np.full(block_size, -1, dtype=np.int64),
+    }
+    at_source = at_target = 0
+    for segment, i in enumerate(members.tolist()):
+        ids, completion = examples[i]
+        n_source = len(ids) - int(np.argmin(completion[::-1])) if not completion.all() else 0
+        source = ids[:n_source][:block_size] if n_source else np.array([decoder_start])
+        target = ids[n_source:][:block_size].astype(np.int64)
+        s, t = len(source), len(target)
+        row["source"][at_source : at_source + s] = source
+        row["source_positions"][at_source : at_source + s] = np.arange(s)
+        row["source_segments"][at_source : at_source + s] = segment
+        here = slice(at_target, at_target + t)
+        row["idx"][here] = np.concatenate([[decoder_start], target[:-1]])
+        row["targets"][here] = target
+        row["positions"][here] = np.arange(t)
+        row["segments"][here] = segment
+        at_source, at_target = at_source + s, at_target + t
+    return row
+
+
 # ----------------------------------------------------------------------------- the stream and its sampler
 
 
@@ -159,10 +217,11 @@ class PackedRows(Dataset):
         mask_prompt: bool,
         step_items: int,
         select: list[int] | None = None,
+        decoder_start: int | None = None,
     ) -> None:
         self.examples, self.packing = examples, packing
         self.block_size, self.mask_prompt, self.step_items = block_size, mask_prompt, step_items
-        self.select = select
+        self.select, self.decoder_start = select, decoder_start
         self._epochs: dict[int, EpochRows] = {}
         if select is not None:
             first = self._epoch(0)
@@ -195,7 +254,7 @@ class PackedRows(Dataset):
         return epoch * self.packing.targets_per_epoch + within
 
     def __getitem__(self, g: int) -> dict[str, torch.Tensor]:
-        row = build_row(self.examples, self.members(g), self.block_size, self.mask_prompt)
+        row = build_row(self.examples, self.members(g), self.block_size, self.mask_prompt, self.decoder_start)
         step = g - g % self.step_items
         row["step_tokens"] = np.int64(self.targets_before(step + self.step_items) - self.targets_before(step))
         return {k: torch.from_numpy(np.asarray(v)) for k, v in row.items()}
@@ -224,9 +283,15 @@ class PairsDataModule(GPTDataModule):
     Validation scores the first data.val_windows rows of the val split (all of them when null),
     packed once with split_seed, rows in a seeded order, so that a partial set is not biased towards
     the longest examples, which best-fit places first. The same rows every validation.
+
+    decoder_start: an encoder-decoder's (model.config.decoder_start), for its rows; None: a decoder's.
     """
 
     _prepared: PreparedPairs | None
+
+    def __init__(self, *args: Any, decoder_start: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.decoder_start = decoder_start
 
     @property
     def prepared(self) -> PreparedPairs:
@@ -239,11 +304,12 @@ class PairsDataModule(GPTDataModule):
     def setup(self, stage: str | None = None) -> None:
         cfg, prepared = self.cfg, self.prepared
         self.train_examples, self.val_examples = prepared.examples("train"), prepared.examples("val")
+        seq2seq = self.decoder_start is not None
         self.train_packing = Packing(
-            self.train_examples, self.block_size, cfg.mask_prompt, cfg.packing, self.seed
+            self.train_examples, self.block_size, cfg.mask_prompt, cfg.packing, self.seed, seq2seq
         )
         self.val_packing = Packing(
-            self.val_examples, self.block_size, cfg.mask_prompt, cfg.packing, cfg.split_seed
+            self.val_examples, self.block_size, cfg.mask_prompt, cfg.packing, cfg.split_seed, seq2seq
         )
 
     def _accumulate(self) -> int:
@@ -262,7 +328,12 @@ class PairsDataModule(GPTDataModule):
         cfg = self.cfg
         step_items = world * self._accumulate() * cfg.batch_size
         dataset = PackedRows(
-            self.train_examples, self.train_packing, self.block_size, cfg.mask_prompt, step_items
+            self.train_examples,
+            self.train_packing,
+            self.block_size,
+            cfg.mask_prompt,
+            step_items,
+            decoder_start=self.decoder_start,
         )
         sampler = StreamSampler(self._samples_per_epoch(), rank, world)
         if self._resume is not None:
@@ -282,5 +353,6 @@ class PairsDataModule(GPTDataModule):
             self.cfg.mask_prompt,
             self.cfg.batch_size,
             chosen,
+            self.decoder_start,
         )
         return self._loader(dataset, None)

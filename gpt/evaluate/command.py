@@ -154,6 +154,16 @@ def run_generate(cfg: EvaluateConfig, path: Path, device: torch.device) -> Resul
     return Result(scored.sums, format_table(by_method), info, scored.records)
 
 
+def decoder_only(task: str, model: torch.nn.Module, path: Path) -> None:
+    """Refuse a likelihood task (text, or choices after a context) for an encoder-decoder, which
+    models a completion given a prompt, not text."""
+    if model.config.arch == "encoder_decoder":
+        raise UserError(
+            f"task={task} scores text with a decoder-only model's likelihoods; {path} is an "
+            "encoder_decoder model: evaluate it with task=generate on prompt -> completion pairs"
+        )
+
+
 def run_choice(cfg: EvaluateConfig, path: Path, device: torch.device) -> Result:
     """task=hellaswag or mc: each choice's log-likelihood after the context; acc and acc_norm."""
     if cfg.task == "hellaswag" and cfg.data is None:
@@ -167,6 +177,7 @@ def run_choice(cfg: EvaluateConfig, path: Path, device: torch.device) -> Result:
     names = cfg.data.fields if cfg.task == "mc" else None
     examples = read_choice_examples(cfg.task, file, names, cfg.limit)
     model, tokenizer = load_model(path, device=device, dtype=getattr(torch, cfg.dtype))
+    decoder_only(cfg.task, model, path)
     print(f"checkpoint: {describe_checkpoint(path)}", file=sys.stderr)
     print(f"evaluating {len(examples)} examples of {file}", file=sys.stderr)
     scored = score(cfg.task, model, tokenizer, examples, decode_settings(cfg), progress=True)
@@ -182,6 +193,7 @@ def run_bpb(cfg: EvaluateConfig, path: Path, device: torch.device) -> Result:
     ckpt = None if path.is_dir() else read_checkpoint(path, mmap=True)
     data = bpb_data(cfg.data, ckpt, path)
     model, tokenizer = load_model(path, device=device, dtype=getattr(torch, cfg.dtype))
+    decoder_only(cfg.task, model, path)
     with contextlib.redirect_stdout(sys.stderr):  # the prepare step's progress: stdout holds the table
         windows = bpb_windows(data, tokenizer, model.config.block_size, cfg.windows, cfg.limit, progress=True)
     print(f"checkpoint: {describe_checkpoint(path)}", file=sys.stderr)

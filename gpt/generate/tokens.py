@@ -102,12 +102,14 @@ def prefill(
     kv_cache: KVCache | None,
     pad: torch.Tensor | None = None,
     prefix: torch.Tensor | None = None,
+    **source: torch.Tensor | None,
 ) -> torch.Tensor:
     """Run the whole context idx (B, T) through the model; logits of its last position (B, V).
-    prefix (B, T), bool: a prefix LM's prompt tokens."""
+    prefix (B, T), bool: a prefix LM's prompt tokens. source: an encoder-decoder's source and
+    source_pad when the KV cache does not hold them (the uncached path)."""
     if kv_cache is not None:
         kv_cache.reset()
-    return model(idx, kv_cache=kv_cache, pad=pad, prefix=prefix)[:, -1, :]
+    return model(idx, kv_cache=kv_cache, pad=pad, prefix=prefix, **source)[:, -1, :]
 
 
 def decode_step(
@@ -131,6 +133,11 @@ class Context:
     the next one. The uncached path recomputes everything (the reference); the cached path runs
     only the new token, except after the window slid, when the cache is refilled. Every row holds
     as many generated tokens (`generated`) at its right end; what is before them is the prompt.
+
+    An encoder-decoder reads the prompts with its encoder, once (cropped to block_size like a
+    decoder's): what the rows hold is the decoder's side, model.config.decoder_start followed by
+    the generated tokens, so they all have the same length. The cached path keeps the encoded
+    source in the KV cache; the uncached one encodes it again at every step.
     """
 
     def __init__(
@@ -148,6 +155,11 @@ class Context:
         self.tokens = idx
         self.generated = 0
         self.crop(keep=self.block)
+        self.source: dict[str, torch.Tensor | None] = {}  # the uncached encoder-decoder's source
+        if model.config.arch == "encoder_decoder":
+            self.source = {"source": self.tokens, "source_pad": self.pad}
+            self.tokens = torch.full((idx.size(0), 1), model.config.decoder_start, device=idx.device)
+            self.lengths, self.pad = [1] * idx.size(0), None
         self.cache = None
         if use_cache:
             param = next(model.parameters())
@@ -155,10 +167,15 @@ class Context:
             self.cache = KVCache.for_model(
                 model.config, idx.size(0), max_len, device=param.device, dtype=param.dtype
             )
+            if self.source:
+                model.encode_into(self.cache, **self.source)
+                self.source = {}
         self.step = decode_step
         if compile:
             self.step = compiled_decode_step("inductor" if compile is True else compile)
-        self.logits = prefill(model, self.tokens, self.cache, self.pad, self.prefix())  # (B, V)
+        self.logits = prefill(
+            model, self.tokens, self.cache, self.pad, self.prefix(), **self.source
+        )  # (B, V)
 
     def crop(self, keep: int) -> None:
         """Rows longer than block_size keep their last `keep` tokens; the others stay whole."""
@@ -188,9 +205,9 @@ class Context:
         self.generated += 1
         if max(self.lengths) > self.block:
             self.crop(keep=self.block // 2)
-            self.logits = prefill(self.model, self.tokens, self.cache, self.pad, self.prefix())
+            self.logits = prefill(self.model, self.tokens, self.cache, self.pad, self.prefix(), **self.source)
         elif self.cache is None:
-            self.logits = prefill(self.model, self.tokens, None, self.pad, self.prefix())
+            self.logits = prefill(self.model, self.tokens, None, self.pad, self.prefix(), **self.source)
         else:
             self.logits = self.step(self.model, token[:, None], self.cache, self.pad)
         return self.logits
@@ -203,6 +220,7 @@ class Context:
             self.pad = self.pad[rows]
         if self.cache is not None:
             self.cache.reorder(rows)
+        self.source = {name: None if t is None else t[rows] for name, t in self.source.items()}
         self.logits = self.logits[rows]
 
 

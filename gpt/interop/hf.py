@@ -56,6 +56,13 @@ def hf_format(config: ModelConfig, fmt: str = "auto") -> str:
     Raises a UserError naming the first option neither (or the requested one) can express.
     """
     check_format(fmt)
+    if config.arch == "encoder_decoder":
+        # T5 is the nearest (pre-norm), yet it has relative position buckets, no learned or rotary
+        # positions, and an unscaled attention: no Hugging Face class computes this model.
+        raise UserError(
+            "arch=encoder_decoder has no Hugging Face equivalent (GPT-2 and Llama are decoder-only; T5 "
+            "differs in positions and attention scaling); use this model with generate.py and evaluate.py"
+        )
     if config.pos_emb == "sinusoidal":
         raise UserError("pos_emb=sinusoidal has no Hugging Face equivalent; export needs learned or rope")
     if config.prefix_lm:

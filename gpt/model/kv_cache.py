@@ -5,6 +5,7 @@ its new keys and values at their slots, and `GPT.forward` advances the position 
 layer loop. Storage is allocated once for the whole generation. A compiled decode step attends over
 all of it (masked), so shapes never change and it never recompiles; the position is a tensor for
 the same reason (gpt-fast's `input_pos`). Eagerly, attention reads only the slots filled so far.
+An encoder-decoder's source (cross-attention keys and values) is held here too, computed once.
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.max_len = max_len
         self.pos = torch.zeros((), dtype=torch.long, device=device)  # number of slots already filled
+        # An encoder-decoder's source, set once by encode_into: each decoder layer's cross-attention
+        # keys and values (B, nh, S, hs), and which source slots are real (B, 1, 1, S) bool.
+        self.cross_k: list[torch.Tensor] = []
+        self.cross_v: list[torch.Tensor] = []
+        self.cross_mask: torch.Tensor | None = None
 
     @classmethod
     def for_model(
@@ -59,6 +65,10 @@ class KVCache:
         self.v[layer][:, :, slots] = v
         return self.k[layer], self.v[layer]
 
+    def set_source(self, k: list[torch.Tensor], v: list[torch.Tensor], mask: torch.Tensor) -> None:
+        """Hold an encoder-decoder's source for every decoder step (kept across reset())."""
+        self.cross_k, self.cross_v, self.cross_mask = k, v, mask
+
     def advance(self, n: int) -> None:
         self.pos += n
 
@@ -69,3 +79,7 @@ class KVCache:
         """Keep rows[i] as row i (beam search: each surviving beam takes its parent's cache)."""
         for cache in (*self.k, *self.v):
             cache.copy_(cache[rows])
+        if self.cross_k:
+            self.cross_k = [k[rows] for k in self.cross_k]
+            self.cross_v = [v[rows] for v in self.cross_v]
+            self.cross_mask = self.cross_mask[rows]

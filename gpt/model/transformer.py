@@ -10,6 +10,8 @@ docs/design.md, "Attention masks")."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -186,11 +188,30 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), rope, kv_cache, mask, slots)
         return x + self.mlp(self.ln_2(x))
 
+    def residual_projections(self) -> tuple[nn.Linear, ...]:
+        """The layers that write into the residual stream (scaled down at init)."""
+        return (self.attn.c_proj, self.mlp.c_proj)
+
+
+def scale_residual_projections(blocks: Iterable[nn.Module], std: float) -> None:
+    """GPT-2's init of the projections that write into a stack's residual stream: N(0, std / sqrt(n))
+    for n such writes in the stack (2 per block, attention and FFN; 3 with cross-attention), so that
+    the stream's variance does not grow with depth."""
+    projections = [proj for block in blocks for proj in block.residual_projections()]
+    for proj in projections:
+        nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(len(projections)))
+
+
+# Learned position tables (counted apart by num_params): the decoder's, and an encoder's.
+LEARNED_POSITIONS = ("wpe.weight", "enc_wpe.weight")
+
 
 # ----------------------------------------------------------------------------- GPT
 
 
 class GPT(nn.Module):
+    block_class: type[nn.Module] = Block  # the encoder-decoder's decoder: blocks with cross-attention
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         if config.vocab_size is None:
@@ -207,7 +228,7 @@ class GPT(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.drop = nn.Dropout(config.dropout)
-        self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.h = nn.ModuleList(self.block_class(config, i) for i in range(config.n_layer))
         self.ln_f = make_norm(config)
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -217,7 +238,7 @@ class GPT(nn.Module):
     def init_weights(self) -> None:
         """Every init rule in one place (GPT-2's): N(0, 0.02) for weights and embeddings, zero
         biases, unit norms, and N(0, 0.02 / sqrt(2 * n_layer)) for the projections that write into
-        the residual stream, so its variance does not grow with depth."""
+        the residual stream (scale_residual_projections)."""
         std = self.config.init_std
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -226,16 +247,36 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
             if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
                 module.reset_parameters()
-        for block in self.h:
-            for proj in (block.attn.c_proj, block.mlp.c_proj):
-                nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+        scale_residual_projections(self.h, std)
 
     def num_params(self, exclude_positions: bool = True) -> int:
         """Parameter count, shared (tied) weights counted once; by default without learned positions."""
         n = sum(p.numel() for p in self.parameters())
         if exclude_positions and self.config.pos_emb == "learned":
-            n -= self.wpe.weight.numel()
+            n -= sum(p.numel() for name, p in self.named_parameters() if name in LEARNED_POSITIONS)
         return n
+
+    def embed(
+        self,
+        idx: torch.Tensor,
+        positions: torch.Tensor,
+        wte: nn.Embedding,
+        wpe: nn.Module | torch.Tensor | None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Token embeddings (B, T, C) with positions (T,) or (B, T) added (learned: wpe, an
+        nn.Embedding; sinusoidal: wpe, the table), or with the rotary tables for them (rope)."""
+        x = wte(idx)  # (B, T, C)
+        rope = None
+        if self.config.pos_emb == "learned":
+            x = x + wpe(positions)
+        elif self.config.pos_emb == "sinusoidal":
+            x = x + wpe[positions].to(x.dtype)
+        else:
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (T, hs/2) | (B, T, hs/2)
+            if positions.dim() == 2:
+                cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hs/2): the same for every head
+            rope = (cos, sin)
+        return x, rope
 
     def forward(
         self,
@@ -246,6 +287,7 @@ class GPT(nn.Module):
         segments: torch.Tensor | None = None,
         prefix: torch.Tensor | None = None,
         return_hidden: bool = False,
+        cross: Any = None,
     ) -> torch.Tensor:
         """idx: (B, T) token ids -> logits (B, T, vocab_size), or with return_hidden the final
         hidden states (B, T, n_embd) after ln_f, before lm_head (for gpt.model.loss, which applies
@@ -264,6 +306,9 @@ class GPT(nn.Module):
         can be passed as it comes): prefix tokens also attend to the later prefix tokens of their
         segment (a bidirectional prompt). With a kv_cache the prefix must come whole in the first
         forward (the prefill): later forwards cannot change what cached tokens saw.
+
+        cross: what the decoder blocks of an encoder-decoder attend to; its forward
+        (gpt/model/encoder_decoder.py) passes it, a decoder-only model never does.
         """
         B, T = idx.shape
         if not self.config.prefix_lm:
@@ -286,17 +331,7 @@ class GPT(nn.Module):
 
         if positions is None:  # (T,), or (B, T) when each row starts after its padding
             positions = slots if pad is None else (slots[None, :] - pad[:, None]).clamp(min=0)
-        x = self.wte(idx)  # (B, T, C)
-        rope = None
-        if self.config.pos_emb == "learned":
-            x = x + self.wpe(positions)
-        elif self.config.pos_emb == "sinusoidal":
-            x = x + self.wpe[positions].to(x.dtype)
-        else:
-            cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (T, hs/2) | (B, T, hs/2)
-            if positions.dim() == 2:
-                cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hs/2): the same for every head
-            rope = (cos, sin)
+        x, rope = self.embed(idx, positions, self.wte, getattr(self, "wpe", None))  # (B, T, C)
         mask = None  # plain causal attention: SDPA's is_causal fast path
         if kv_cache is not None or pad is not None or segments is not None or prefix is not None:
             n_keys = T
@@ -307,7 +342,7 @@ class GPT(nn.Module):
             mask = attention_mask(slots, n_keys, pad, segments, prefix)
         x = self.drop(x)
         for block in self.h:
-            x = block(x, rope, kv_cache, mask, slots)
+            x = block(x, rope, kv_cache, mask, slots, *(() if cross is None else (cross,)))
         if kv_cache is not None:
             kv_cache.advance(T)
         x = self.ln_f(x)  # (B, T, C)

@@ -22,6 +22,7 @@ from gpt.config import ARCHITECTURE, DataConfig, ModelConfig, OptimConfig
 from gpt.errors import UserError, first_line
 from gpt.interop.hf import is_hf_dir
 from gpt.interop.load import load_hf_dir
+from gpt.model.encoder_decoder import build_model
 from gpt.model.transformer import GPT
 from gpt.templates import template_of
 from gpt.tokenizer import Tokenizer, tokenizer_from_dict
@@ -228,7 +229,7 @@ def load_run(
     except (KeyError, TypeError) as e:
         raise not_a_checkpoint(ckpt_path, f"it has no {e}") from None
     data_format = checkpoint_data_format(ckpt, ckpt_path)
-    model = GPT(config)
+    model = build_model(config)
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:  # missing, unexpected or mis-shaped weights
@@ -255,7 +256,7 @@ def check_resumable(path: str | Path, config: ModelConfig, tokenizer: Tokenizer)
             "or start a new run dir (hydra.run.dir=...)"
         )
     with torch.device("meta"):
-        ours = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items()}
+        ours = {k: tuple(v.shape) for k, v in build_model(config).state_dict().items()}
     weights = {k: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     saved = {k: tuple(v.shape) for k, v in clean_state_dict(weights).items()}
     if ours == saved:

@@ -27,7 +27,7 @@ import yaml
 
 from gpt.config import CompareConfig, ModelConfig
 from gpt.errors import UserError
-from gpt.model.transformer import GPT
+from gpt.model.encoder_decoder import build_model
 from gpt.runs.checkpoint import newest_checkpoint, read_checkpoint
 from gpt.runs.metrics import read_metrics
 
@@ -95,7 +95,7 @@ def count_params(model_config: dict[str, Any]) -> int:
     """The model's parameter count as the README counts it (no learned positions, tied head once),
     from its config alone: the model is built on the meta device, without memory."""
     with torch.device("meta"):
-        return GPT(ModelConfig(**model_config)).num_params()
+        return build_model(ModelConfig(**model_config)).num_params()
 
 
 def wall_seconds(rows: list[dict[str, float]]) -> float | None:

@@ -57,6 +57,11 @@ def serve(cfg: ServeConfig) -> None:
     path = find_checkpoint(cfg.ckpt, cfg.runs_dir)
     print(f"checkpoint: {describe_checkpoint(path)}", file=sys.stderr)
     run = load_run(path, device=device, dtype=getattr(torch, cfg.dtype))
+    if run.model.config.arch == "encoder_decoder":  # the engine batches decoder-only steps
+        raise UserError(
+            f"{path} is an encoder_decoder model, which serve.py does not serve (it batches decoder-only "
+            "models); sample from it with generate.py, score it with evaluate.py"
+        )
     api_key = cfg.api_key or os.environ.get(API_KEY_VARIABLE) or None
     name = cfg.model_name or run_name(path)
     engine = Engine(run.model, run.tokenizer, cfg.max_batch, cfg.max_queue, start=False)  # run() below

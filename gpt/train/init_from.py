@@ -82,10 +82,16 @@ class InitSource:
             _, weights = read_hf_state_dict(self.path)
         else:
             weights = clean_state_dict(read_checkpoint(self.path, mmap=True, fix=PASS_ANOTHER)["state_dict"])
-        if "wpe.weight" in weights:
-            weights["wpe.weight"] = weights["wpe.weight"][: self.model_config.block_size]
+        for key in ("wpe.weight", "enc_wpe.weight"):  # an encoder-decoder's encoder has its own
+            if key in weights:
+                weights[key] = weights[key][: self.model_config.block_size]
         if self.added_tokens:
-            for key in ("wte.weight", "lm_head.weight"):  # both names of one tensor if tied
+            # Both names of one tensor if tied; an untied encoder-decoder's encoder has its own too.
+            for key in (
+                "wte.weight",
+                "lm_head.weight",
+                *(("enc_wte.weight",) if "enc_wte.weight" in weights else ()),
+            ):
                 w = weights[key]
                 weights[key] = torch.cat([w, w.float().mean(0, keepdim=True).to(w.dtype)])
         return weights

@@ -30,8 +30,8 @@ from torchmetrics import MeanMetric, SumMetric
 from gpt.config import DataConfig, ModelConfig, OptimConfig
 from gpt.data.pairs_datamodule import IGNORE
 from gpt.errors import ConfigError, NonFiniteError
+from gpt.model.encoder_decoder import build_model
 from gpt.model.loss import cross_entropy_per_token, fused_linear_cross_entropy
-from gpt.model.transformer import GPT
 from gpt.tokenizer import Tokenizer, token_byte_lengths, tokenizer_from_dict
 from gpt.train.optim import build_optimizer, build_scheduler
 
@@ -92,7 +92,7 @@ class GPTLitModule(L.LightningModule):
         self.save_hyperparameters()
         self.model_config = ModelConfig(**model)
         self.optim_config = OptimConfig(**optim)
-        self.model = GPT(self.model_config)
+        self.model = build_model(self.model_config)  # GPT, or EncoderDecoder for model.arch=encoder_decoder
         self.tokenizer = tokenizer_from_dict(tokenizer)
         self.register_buffer(
             "token_bytes", token_byte_lengths(self.tokenizer, self.model_config.vocab_size), persistent=False
@@ -127,7 +127,7 @@ class GPTLitModule(L.LightningModule):
             raise ConfigError(
                 f"trainer=fsdp2 needs torch 2.6 or newer (FSDP2); this is torch {torch.__version__}"
             )
-        for block in self.model.h:
+        for block in (*getattr(self.model, "enc_h", ()), *self.model.h):
             fully_shard(block, mesh=mesh["data_parallel"])
         fully_shard(self.model, mesh=mesh["data_parallel"])
 
@@ -170,12 +170,10 @@ class GPTLitModule(L.LightningModule):
         The losses apply lm_head chunk by chunk (gpt.model.loss): no (B, T, V) logits are held."""
         if isinstance(batch, dict):
             x, targets = batch["idx"], batch["targets"]
+            # A decoder's rows have a "prefix"; an encoder-decoder's a "source" side instead.
+            sides = {k: v for k, v in batch.items() if k == "prefix" or k.startswith("source")}
             hidden = self.model(
-                x,
-                positions=batch["positions"],
-                segments=batch["segments"],
-                prefix=batch["prefix"],
-                return_hidden=True,
+                x, positions=batch["positions"], segments=batch["segments"], return_hidden=True, **sides
             )
         else:
             x, targets = batch
@@ -206,7 +204,8 @@ class GPTLitModule(L.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         if isinstance(batch, dict):
             loss = self.step_loss(batch)
-            tokens = (batch["segments"] >= 0).sum()
+            tokens = (batch["segments"] >= 0).sum()  # and an encoder-decoder's source tokens:
+            tokens = tokens + (batch["source_segments"] >= 0).sum() if "source_segments" in batch else tokens
             self._pending_tokens = tokens if self._pending_tokens is None else self._pending_tokens + tokens
         else:
             loss = self.loss(batch)

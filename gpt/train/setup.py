@@ -88,15 +88,20 @@ def choose_precision(trainer: dict[str, Any], width: int, notes: list[str]) -> N
     notes += [f"warning: {warning}"] if warning else []
 
 
-def pairs_notes(prepared: PreparedPairs, block_size: int) -> list[str]:
+def pairs_notes(prepared: PreparedPairs, block_size: int, seq2seq: bool = False) -> list[str]:
     """What the log says of paired data: the examples, and how many a row cannot hold whole."""
     n = prepared.n_examples("train")
     lines = [f"pairs: {n:,} training and {prepared.n_examples('val'):,} validation examples"]
-    cut = prepared.n_truncated(block_size)
+    cut = prepared.n_truncated(block_size, seq2seq=seq2seq)
     if cut:
+        longer = (
+            f"a source or target longer than block_size = {block_size}"
+            if seq2seq
+            else (f"longer than block_size + 1 = {block_size + 1} tokens")
+        )
         lines.append(
-            f"warning: {cut:,} of {n:,} training examples are longer than block_size + 1 = {block_size + 1} "
-            "tokens and were truncated (their ends are not trained on); raise model.block_size to keep them"
+            f"warning: {cut:,} of {n:,} training examples are {longer} and were truncated (their "
+            "ends are not trained on); raise model.block_size to keep them"
         )
     return lines
 
@@ -125,6 +130,17 @@ def check(
             need_eot=pairs,
         )
         model_cfg = init.model_config
+    seq2seq = model_cfg.arch == "encoder_decoder"
+    if seq2seq and not pairs:
+        raise ConfigError(
+            f"model.arch=encoder_decoder trains on prompt -> completion pairs (data=pairs), not on "
+            f"data={data_cfg.source}: its encoder reads each prompt, its decoder writes the completion"
+        )
+    if seq2seq and not data_cfg.mask_prompt:
+        raise ConfigError(
+            "data.mask_prompt=false trains on the prompt tokens, which model.arch=encoder_decoder reads "
+            "with its encoder and never predicts; leave data.mask_prompt=true"
+        )
     if pairs and model_cfg.prefix_lm and not data_cfg.mask_prompt:
         raise ConfigError(
             "model.prefix_lm=true needs data.mask_prompt=true: a prompt token that sees the whole prompt "
@@ -133,12 +149,14 @@ def check(
     choose_precision(job.trainer, model_cfg.n_embd, notes)
     if pairs:
         prepared = prepare_pairs(data_cfg, tokenizer=init.tokenizer if init else None)
-        notes += pairs_notes(prepared, model_cfg.block_size)
+        notes += pairs_notes(prepared, model_cfg.block_size, seq2seq)
     else:
         prepared = prepare(data_cfg, tokenizer=init.tokenizer if init else None)
     prepared.check_fits(model_cfg.block_size)
     tokenizer = prepared.tokenizer()
     model_cfg = replace(model_cfg, vocab_size=vocab_size(model_cfg.vocab_size, tokenizer.vocab_size))
+    if seq2seq:  # the decoder starts from the end-of-text token (pairs need one)
+        model_cfg = replace(model_cfg, decoder_start=tokenizer.eot_token)
     windows, line = val_windows(
         data_cfg.val_windows, device_type(job.trainer["accelerator"]), model_cfg.vocab_size
     )
@@ -168,9 +186,16 @@ def build(
     L.seed_everything(seed, workers=True)
     enable_tf32()
     pairs = isinstance(prepared, PreparedPairs)
-    datamodule = (PairsDataModule if pairs else GPTDataModule)(
-        data_cfg, block_size=model_cfg.block_size, seed=seed, prepared=prepared
-    )
+    if pairs:
+        datamodule = PairsDataModule(
+            data_cfg,
+            block_size=model_cfg.block_size,
+            seed=seed,
+            prepared=prepared,
+            decoder_start=model_cfg.decoder_start,
+        )
+    else:
+        datamodule = GPTDataModule(data_cfg, block_size=model_cfg.block_size, seed=seed, prepared=prepared)
     # A model trained on pairs keeps its prompt template, so that generate.py formats prompts alike.
     # The data config, its val_windows resolved by check(), lets evaluate task=bpb score the same windows.
     module = GPTLitModule.from_configs(

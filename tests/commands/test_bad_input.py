@@ -99,7 +99,8 @@ CASES = {
     "train-unknown-optimizer": train("optim=sgd", message="there is no optim=sgd; choose one of adamw, muon"),
     "train-unknown-model-preset": train("model=tiny", message="there is no model=tiny; choose one of gpt2,"),
     "train-unknown-experiment": train(
-        "experiment=typo", message="there is no experiment=typo; choose one of numbers, shakespeare_char_cpu,"
+        "experiment=typo",
+        message="there is no experiment=typo; choose one of numbers, numbers_seq2seq, shakespeare_char_cpu,",
     ),
     # Hydra would print its own message over several lines and exit with 1.
     "train-unknown-optimizer-with-hydra-full-error-0": train(
@@ -211,6 +212,28 @@ CASES = {
         "model.prefix_lm=true",
         "data.mask_prompt=false",
         message="model.prefix_lm=true needs data.mask_prompt=true",
+    ),
+    "pairs-encoder-decoder-without-mask-prompt": pairs(
+        "model.arch=encoder_decoder",
+        "data.mask_prompt=false",
+        message="data.mask_prompt=false trains on the prompt tokens, which model.arch=encoder_decoder reads",
+    ),
+    "pairs-encoder-decoder-prefix-lm": pairs(
+        "model.arch=encoder_decoder",
+        "model.prefix_lm=true",
+        message="model.prefix_lm=true is a decoder-only option",
+    ),
+    "pairs-init-from-decoder-into-encoder-decoder": pairs(
+        *("init_from={run}", "model.arch=encoder_decoder"),
+        message="model.arch=encoder_decoder but init_from={run} has arch=decoder; leave out model.arch",
+    ),
+    "train-encoder-decoder-on-text": train(
+        "model.arch=encoder_decoder",
+        message="model.arch=encoder_decoder trains on prompt -> completion pairs (data=pairs), not on "
+        "data=text",
+    ),
+    "train-unknown-arch": train(
+        "model.arch=encoder", message="model.arch='encoder' is not one of decoder, encoder_decoder"
     ),
     "pairs-init-from-tiktoken-with-char": pairs(
         *("init_from={inputs}/bpe.ckpt", "data.tokenizer=char"),

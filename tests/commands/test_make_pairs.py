@@ -43,3 +43,27 @@ def test_a_bad_value_is_one_line_and_writes_nothing(tmp_path):
         proc.returncode == 2 and proc.stderr == "make_pairs.py: need 0 < --test (0) < --max (9999) < 10**12\n"
     )
     assert not (tmp_path / "n").exists()
+
+
+def test_reverse_pairs_distinct_strings_with_their_reversal_and_holds_out_the_test_ones(tmp_path):
+    args = (
+        "scripts/make_pairs.py",
+        "reverse",
+        "--out",
+        "r",
+        "--count",
+        "300",
+        "--test",
+        "20",
+        "--length",
+        "6",
+    )
+    assert_ok(run_forked(*args, cwd=tmp_path))
+    train, test = read(tmp_path / "r/train.jsonl"), read(tmp_path / "r/test.jsonl")
+    assert (len(train), len(test)) == (280, 20)
+    prompts = [r["prompt"] for r in train + test]
+    assert len(set(prompts)) == 300 and {len(p) for p in prompts} == {4, 5, 6}
+    assert all(r["completion"] == r["prompt"][::-1] and r["prompt"].isalpha() for r in train + test)
+    proc = run_forked(*args[:2], "--out", "bad", "--length", "3", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr == "make_pairs.py: --length 3 must be in 4..64\n"
+    assert not (tmp_path / "bad").exists()
