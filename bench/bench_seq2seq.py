@@ -68,7 +68,7 @@ def train_and_score(task_dir: Path, run_dir: Path, overrides: list[str], args: D
     run(cmd, ROOT)
     wall = time.perf_counter() - start
     metrics = read_metrics(run_dir)
-    exact = {int(r["step"]) + 1: r[EXACT] for r in metrics if EXACT in r}  # logged after step+1 steps
+    exact = {int(r["step"]): r[EXACT] for r in metrics if EXACT in r}  # step: steps taken
     rates = [r["train/device/batches_per_sec"] for r in metrics if "train/device/batches_per_sec" in r]
     test = run(
         [

@@ -8,7 +8,8 @@ every token.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -222,11 +223,14 @@ class GPTDataModule(L.LightningDataModule):
         devices = self.trainer.num_devices if self.trainer is not None else 1
         return min(4, suggested_max_num_workers(devices))
 
-    def _loader(self, dataset: Dataset, sampler: Sampler | None) -> DataLoader:
+    def _loader(
+        self, dataset: Dataset, sampler: Sampler | None, collate_fn: Callable[[list], Any] | None = None
+    ) -> DataLoader:
         workers = self.num_workers
         return DataLoader(
             dataset,
             batch_size=self.cfg.batch_size,
+            collate_fn=collate_fn,
             sampler=sampler,
             shuffle=False,
             num_workers=workers,

@@ -32,13 +32,13 @@ and each item computes its step's count from the rows alone, without communicati
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from gpt.data.datamodule import GPTDataModule, ResumableSampler
 from gpt.data.pairs import PreparedPairs, TokenizedExamples, prepare_pairs
@@ -198,6 +198,21 @@ def build_seq2seq_row(
     return row
 
 
+def trim_source(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The batch of an encoder-decoder's rows, its source side cut after the last column that holds
+    a token in any row. Sources are placed from the start of each row, and an example fills the
+    positions of its longer side on both: the source side is mostly padding where targets are
+    longer (words for digits), and padding changes nothing (no real query sees it), so the encoder
+    runs on what the batch holds. Done here, on the host, not on the device where it would make
+    the host wait for the device at every step."""
+    batch = default_collate(rows)
+    used = (batch["source_segments"] >= 0).any(dim=0).nonzero()
+    width = int(used.max()) + 1 if len(used) else 1
+    for key in ("source", "source_positions", "source_segments"):
+        batch[key] = batch[key][:, :width]
+    return batch
+
+
 # ----------------------------------------------------------------------------- the stream and its sampler
 
 
@@ -340,7 +355,7 @@ class PairsDataModule(GPTDataModule):
             sampler.load_state_dict(self._resume)
             self._resume = None  # later epochs start from their beginning
         self.train_sampler = sampler
-        return self._loader(dataset, sampler)
+        return self._loader(dataset, sampler, self._collate)
 
     def val_dataloader(self) -> DataLoader:
         rank, world = self._rank_and_world()
@@ -355,4 +370,8 @@ class PairsDataModule(GPTDataModule):
             chosen,
             self.decoder_start,
         )
-        return self._loader(dataset, None)
+        return self._loader(dataset, None, self._collate)
+
+    @property
+    def _collate(self) -> Callable[[list], Any] | None:
+        return trim_source if self.decoder_start is not None else None

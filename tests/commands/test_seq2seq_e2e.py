@@ -120,6 +120,23 @@ def test_bf16_autocast_trains_close_to_fp32(trained, tmp_path):
     assert all(bf16[s] == pytest.approx(fp32[s], rel=0.02) for s in fp32)
 
 
+@pytest.mark.slow
+def test_compile_trains_and_its_checkpoint_generates_without_it(trained, tmp_path):
+    """torch.compile (inductor) of the whole encoder-decoder: its first loss, before any update, is
+    the eager one; the checkpoint holds plain parameter names and generates eagerly."""
+    common = [*SEQ2SEQ, "trainer.max_steps=3", "trainer.val_check_interval=3", "model.dropout=0.0"]
+    for name, extra in (("compiled", ["compile=true"]), ("eager", [])):
+        args = pairs_cmd(trained / "train.jsonl", tmp_path / name, *common, *extra)
+        assert_ok(run_forked(*args, cwd=tmp_path, timeout=900))
+    assert losses(tmp_path / "compiled")[0] == pytest.approx(losses(tmp_path / "eager")[0], rel=1e-5)
+    assert not any("_orig_mod" in k for k in final_state(tmp_path / "compiled"))
+    proc = run_forked(
+        "generate.py", f"ckpt={tmp_path / 'compiled'}", "prompt=1", "max_new_tokens=4", cwd=tmp_path
+    )
+    assert_ok(proc)
+    assert proc.stdout.startswith("Q: 1\nA: ")
+
+
 def test_init_from_an_encoder_decoder_run(trained, tmp_path):
     """A new run from the trained one's weights; lr 1e-30 leaves them as loaded."""
     init = [

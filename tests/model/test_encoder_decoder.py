@@ -221,3 +221,17 @@ def test_an_encoder_decoder_needs_a_source():
     model = seq2seq()
     with pytest.raises(ValueError, match="needs a source"):
         model(torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_a_batch_cuts_its_source_after_the_last_column_in_use_and_the_loss_stays():
+    from gpt.data.pairs_datamodule import trim_source
+
+    model = seq2seq(init_std=0.02)
+    ex = examples([(2, 9), (3, 12), (1, 5), (4, 8)], seed=6)
+    rows = [build_row(ex, np.array(m), 32, True, START) for m in ([0, 1], [2, 3])]
+    full = batch_of(rows)
+    trimmed = trim_source([{k: torch.from_numpy(v) for k, v in r.items()} for r in rows])
+    assert trimmed["source"].shape == (2, 5) and full["source"].shape == (2, 32)  # 2 + 3 source tokens
+    assert torch.equal(trimmed["idx"], full["idx"]) and torch.equal(trimmed["source"], full["source"][:, :5])
+    with torch.no_grad():
+        torch.testing.assert_close(summed_loss(model, trimmed), summed_loss(model, full), rtol=1e-6, atol=0)
