@@ -7,9 +7,12 @@ For each task of scripts/make_pairs.py and each architecture, a real `train.py e
 run (with the architecture's overrides) on the task's training pairs, its held-out exact match
 (greedy) logged every eval_every steps by callbacks.evaluate; then `evaluate.py` on the 500 test
 pairs, which training never saw, greedy and beam (4 beams). Reports per run: parameters, the first
-step whose logged exact match is >= 99%, time per training step (the median over the run of the
-ThroughputMonitor's windows, evaluation excluded), and the test exact match. Prints a markdown table;
-writes JSON to `out`.
+step whose logged exact match is >= 99%, and the test exact match. Time per training step comes
+from short runs of `timing_steps` steps without evaluation, the architectures taking turns,
+`timing_rounds` rounds: the median 10-step window of each run (the ThroughputMonitor's training
+time, validation excluded), the best round kept (a long run's own windows drift with the machine's
+speed). timing_only=true runs only those. Prints a
+markdown table; writes JSON to `out`.
 """
 
 from __future__ import annotations
@@ -49,8 +52,8 @@ def run(cmd: list[str], cwd: Path) -> str:
     return proc.stdout
 
 
-def train_and_score(task_dir: Path, run_dir: Path, overrides: list[str], args: DictConfig) -> dict:
-    cmd = [
+def train_cmd(task_dir: Path, run_dir: Path, overrides: list[str], args: DictConfig) -> list[str]:
+    return [
         str(ROOT / "train.py"),
         "experiment=numbers",
         f"data.path={task_dir / 'train.jsonl'}",
@@ -64,12 +67,26 @@ def train_and_score(task_dir: Path, run_dir: Path, overrides: list[str], args: D
         f"hydra.run.dir={run_dir}",
         *overrides,
     ]
+
+
+def ms_per_step(task_dir: Path, run_dir: Path, overrides: list[str], args: DictConfig) -> float:
+    """Milliseconds per step of a short run (no evaluation, one validation at the end)."""
+    short = [f"trainer.max_steps={args.timing_steps}", f"trainer.val_check_interval={args.timing_steps}"]
+    run([*train_cmd(task_dir, run_dir, overrides, args), *short, "callbacks.evaluate.every_n_steps=0"], ROOT)
+    # The ThroughputMonitor's cumulative training time (validation excluded) and batches, logged
+    # every 10 steps: the median of the 10-step windows after the first (warm-up) one.
+    marks = [(r["train/batches"], r["train/time"]) for r in read_metrics(run_dir) if "train/time" in r]
+    windows = [(t1 - t0) / (b1 - b0) for (b0, t0), (b1, t1) in zip(marks[1:], marks[2:], strict=False)]
+    return 1000 * statistics.median(windows)
+
+
+def train_and_score(task_dir: Path, run_dir: Path, overrides: list[str], args: DictConfig) -> dict:
+    cmd = train_cmd(task_dir, run_dir, overrides, args)
     start = time.perf_counter()
     run(cmd, ROOT)
     wall = time.perf_counter() - start
     metrics = read_metrics(run_dir)
     exact = {int(r["step"]): r[EXACT] for r in metrics if EXACT in r}  # step: steps taken
-    rates = [r["train/device/batches_per_sec"] for r in metrics if "train/device/batches_per_sec" in r]
     test = run(
         [
             str(ROOT / "evaluate.py"),
@@ -85,7 +102,6 @@ def train_and_score(task_dir: Path, run_dir: Path, overrides: list[str], args: D
         "params": build_model(ModelConfig(**hparams["model"])).num_params(),
         "steps_to_99": next((step for step, value in sorted(exact.items()) if value >= 99.0), None),
         "exact_match_by_step": exact,
-        "ms_per_step": round(1000 / statistics.median(rates), 1),
         "command_s": round(wall, 1),
         "test_greedy": float(table["exact_match"][0]),
         "test_beam": float(table["exact_match"][1]),
@@ -99,10 +115,12 @@ def markdown(rows: list[dict], steps: int) -> str:
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
-        reached = r["steps_to_99"] if r["steps_to_99"] is not None else f"not in {steps}"
+        reached = r.get("steps_to_99", "-") if r.get("steps_to_99", "-") is not None else f"not in {steps}"
+        test = [f"{r[k]:.1f}" if k in r else "-" for k in ("test_greedy", "test_beam")]
+        params = f"{r['params'] / 1e6:.2f}M" if "params" in r else "-"
         lines.append(
-            f"| {r['task']} | {r['arch']} | {r['params'] / 1e6:.2f}M | {reached} | {r['ms_per_step']} | "
-            f"{r['test_greedy']:.1f} | {r['test_beam']:.1f} |"
+            f"| {r['task']} | {r['arch']} | {params} | {reached} | {r['ms_per_step']:.1f} | "
+            f"{test[0]} | {test[1]} |"
         )
     return "\n".join(lines)
 
@@ -113,10 +131,10 @@ def main(args: DictConfig) -> None:
     unknown = [t for t in args.tasks if t not in TASKS]
     if unknown:
         raise ConfigError(f"tasks has {unknown[0]!r}; choose from {', '.join(TASKS)}")
-    if min(args.steps, args.eval_every, args.eval_limit) < 1:
+    if min(args.steps, args.eval_every, args.eval_limit, args.timing_steps, args.timing_rounds) < 1:
         raise ConfigError(
-            f"steps={args.steps}, eval_every={args.eval_every}, eval_limit={args.eval_limit}: "
-            "each must be >= 1"
+            f"steps={args.steps}, eval_every={args.eval_every}, eval_limit={args.eval_limit}, "
+            f"timing_steps={args.timing_steps}, timing_rounds={args.timing_rounds}: each must be >= 1"
         )
     out = Path(args.out) if args.out else ROOT / "bench/results/seq2seq.json"
     with tempfile.TemporaryDirectory() as tmp:
@@ -125,10 +143,22 @@ def main(args: DictConfig) -> None:
         for task in args.tasks:
             task_dir = work / task
             run([str(ROOT / "scripts/make_pairs.py"), task, "--out", str(task_dir)], ROOT)
+            task_rows = {
+                arch: {"task": task, "arch": arch, "overrides": list(o)} for arch, o in args.archs.items()
+            }
             for arch, overrides in args.archs.items():
-                print(f"{task} / {arch} ...", file=sys.stderr, flush=True)
-                result = train_and_score(task_dir, work / "runs" / f"{task}-{arch}", list(overrides), args)
-                rows.append({"task": task, "arch": arch, "overrides": list(overrides), **result})
+                if not args.timing_only:
+                    print(f"{task} / {arch} ...", file=sys.stderr, flush=True)
+                    run_dir = work / "runs" / f"{task}-{arch}"
+                    task_rows[arch] |= train_and_score(task_dir, run_dir, list(overrides), args)
+            for r in range(args.timing_rounds):
+                for arch, overrides in args.archs.items():
+                    print(f"{task} / {arch}: timing, round {r + 1}", file=sys.stderr, flush=True)
+                    ms = ms_per_step(task_dir, work / "timing" / f"{task}-{arch}-{r}", list(overrides), args)
+                    task_rows[arch].setdefault("ms_per_step_rounds", []).append(round(ms, 1))
+            for row in task_rows.values():
+                row["ms_per_step"] = min(row["ms_per_step_rounds"])
+            rows += task_rows.values()
     machine = describe()
     table = markdown(rows, args.steps)
     print(f"{datetime.date.today().isoformat()}, {summary(machine)}\n{table}")
