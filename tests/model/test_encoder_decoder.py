@@ -204,7 +204,9 @@ def test_sampling_and_beam_search_cached_equal_uncached():
     assert beams[0] == beams[1] and len(beams[0]) > 0
 
 
-@pytest.mark.parametrize("pos_emb", POS_EMBS)
+@pytest.mark.parametrize(
+    "pos_emb", ["rope", *(pytest.param(p, marks=pytest.mark.slow) for p in POS_EMBS if p != "rope")]
+)  # each trace takes seconds: one in the default run
 def test_compiled_decode_step_traces_once_and_matches_eager(pos_emb):
     """Dynamo's trace with the eager backend: one graph for every step and slide, the source in the cache."""
     model = seq2seq(pos_emb=pos_emb)
