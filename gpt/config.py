@@ -99,6 +99,11 @@ class ModelConfig:
         _check(self.vocab_size is None or self.vocab_size >= 1, f"model.vocab_size={self.vocab_size} < 1")
         _check(self.ffn_hidden is None or self.ffn_hidden >= 1, f"model.ffn_hidden={self.ffn_hidden} < 1")
         _one_of("model.arch", self.arch, ARCHS)
+        _check(
+            self.arch == "encoder_decoder" or self.n_enc_layer is None,
+            f"model.n_enc_layer={self.n_enc_layer} counts an encoder's blocks, and model.arch=decoder has "
+            "none; set model.arch=encoder_decoder, or leave n_enc_layer out",
+        )
         if self.arch == "encoder_decoder":
             _check(
                 self.n_enc_layer is None or self.n_enc_layer >= 1,

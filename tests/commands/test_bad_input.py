@@ -232,6 +232,10 @@ CASES = {
         message="model.arch=encoder_decoder trains on prompt -> completion pairs (data=pairs), not on "
         "data=text",
     ),
+    "train-encoder-layers-without-encoder": train(
+        "model.n_enc_layer=2",
+        message="model.n_enc_layer=2 counts an encoder's blocks, and model.arch=decoder",
+    ),
     "train-unknown-arch": train(
         "model.arch=encoder", message="model.arch='encoder' is not one of decoder, encoder_decoder"
     ),
