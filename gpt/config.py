@@ -173,6 +173,11 @@ PAIR_FIELDS = (
 # The fields of multiple-choice rows (evaluate task=mc), which data.fields can map likewise.
 CHOICE_FIELDS = ("context", "choices", "label")
 SAMPLINGS = ("random", "sequential")
+# data.tokenizer=train: a byte-level BPE trained on the corpus, cut into pieces by one of these
+# patterns (gpt.tokenizer.SPLIT_PATTERNS holds them), with <|endoftext|> its first special token.
+TRAIN_TOKENIZER = "train"
+BPE_PATTERNS = ("gpt4", "gpt2")
+ENDOFTEXT = "<|endoftext|>"
 
 
 @dataclass
@@ -195,8 +200,19 @@ class DataConfig:
     hf_config: str | None = None
     # hf: the dataset split read.
     hf_split: str = "train"
-    # "char" builds a character vocabulary from the corpus; anything else is a tiktoken encoding name.
+    # "char" builds a character vocabulary from the corpus; "train" trains a byte-level BPE on the
+    # corpus's training split (vocab_size, bpe_pattern, special_tokens); anything else is a tiktoken
+    # encoding name.
     tokenizer: str = "char"
+    # tokenizer=train: the tokens of the vocabulary, its 256 bytes and special tokens included (fewer
+    # when the corpus runs out of pairs to merge).
+    vocab_size: int = 16_384
+    # tokenizer=train: how text is cut into pieces before BPE (no token crosses two): gpt4 (GPT-4's
+    # cl100k_base pattern: up to 3 digits a piece, runs of spaces and newlines apart) or gpt2.
+    bpe_pattern: str = "gpt4"
+    # tokenizer=train: special tokens after <|endoftext|> (always the first), such as
+    # "data.special_tokens=['<|user|>','<|assistant|>']"; text never encodes to them.
+    special_tokens: list[str] = field(default_factory=list)
     # Where a named corpus is looked for (and downloaded to when missing); None: env GPT_DATA_DIR,
     # else ./data.
     root: str | None = None
@@ -266,6 +282,8 @@ class DataConfig:
             f"{', '.join(PAIR_FIELDS + CHOICE_FIELDS)}",
         )
         _check(bool(self.include), "data.include is empty: give at least one glob such as '*.txt'")
+        if self.tokenizer == TRAIN_TOKENIZER:
+            self._check_training()
         _check(self.batch_size >= 1, f"data.batch_size={self.batch_size} must be >= 1")
         _check(
             self.num_workers is None or self.num_workers >= 0,
@@ -275,6 +293,32 @@ class DataConfig:
         _check(
             self.val_windows is None or self.val_windows >= 1,
             f"data.val_windows={self.val_windows} must be >= 1 (or null)",
+        )
+
+    def _check_training(self) -> None:
+        """data.tokenizer=train's knobs."""
+        _check(
+            self.source != "pairs",
+            "data.tokenizer=train trains a tokenizer on a text corpus (data=text, shakespeare or hf), not on "
+            "pairs; fine-tune a model trained with one (init_from=RUN), or use char or a tiktoken encoding",
+        )
+        _one_of("data.bpe_pattern", self.bpe_pattern, BPE_PATTERNS)
+        specials = list(self.special_tokens)
+        _check(
+            all(isinstance(s, str) and s for s in specials),
+            f"data.special_tokens={specials!r} must be non-empty strings",
+        )
+        _check(
+            ENDOFTEXT not in specials and len(set(specials)) == len(specials),
+            f"data.special_tokens={specials!r} repeats a token ({ENDOFTEXT} is always the first); "
+            "list each other one once",
+        )
+        need = 256 + 1 + len(specials)
+        _check(
+            self.vocab_size >= need,
+            f"data.vocab_size={self.vocab_size} is too small for a byte-level BPE: its 256 byte tokens "
+            f"and {len(specials) + 1} special token{'s' * bool(specials)} take {need}; use "
+            f"data.vocab_size={need} or more (thousands, to merge anything worth merging)",
         )
 
 

@@ -1,11 +1,13 @@
 """Tokenizers behind one small protocol, described by plain data saved with every checkpoint.
 
 `CharTokenizer` maps each character of a corpus to an id; `TiktokenTokenizer` wraps any tiktoken
-encoding by name. `tokenizer_from_dict(tok.to_dict())` rebuilds exactly the same tokenizer.
+encoding by name; `BPETokenizer` is a byte-level BPE trained on a corpus (gpt.bpe trains it), run by
+tiktoken from ranks it carries. `tokenizer_from_dict(tok.to_dict())` rebuilds exactly the same tokenizer.
 """
 
 from __future__ import annotations
 
+import base64
 import codecs
 from typing import Any, Protocol
 
@@ -13,11 +15,26 @@ import tiktoken
 import tiktoken.load
 import torch
 
+from gpt.config import ENDOFTEXT
 from gpt.errors import UserError
 
 # tiktoken's "gpt2" encoding is r50k_base (same ranks, same split pattern) but is loaded from two
 # other files; one name keeps offline caches and checkpoints simple.
 TIKTOKEN_ALIASES = {"gpt2": "r50k_base"}
+# The pre-tokenization patterns a trained BPE may use (data.bpe_pattern): text is cut into pieces at
+# these, and no merge crosses two pieces. Each is read alike by the two regex engines that run it:
+# tiktoken's (fancy-regex) to encode, Hugging Face tokenizers' (Oniguruma, Ruby syntax) to train and
+# in exports.
+SPLIT_PATTERNS = {
+    # GPT-4's (cl100k_base): letters with one leading non-letter, digits in threes, newlines apart.
+    # tiktoken writes `\p{N}{1,3}+`: Oniguruma reads a `+` after an interval as "one or more times"
+    # (any run of digits), not as possessive; without it the two engines agree, and with nothing
+    # after it in its branch it means the same to tiktoken.
+    "gpt4": r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
+    r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s""",
+    # GPT-2's, as tiktoken writes it for r50k_base.
+    "gpt2": r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s""",
+}
 
 
 # Seconds a vocabulary download may wait to connect or for its next bytes. tiktoken downloads a
@@ -38,9 +55,16 @@ def _read_file(blobpath: str) -> bytes:
     return resp.content
 
 
-def get_encoding(name: str) -> tiktoken.Encoding:
-    """tiktoken.get_encoding: from the cache (TIKTOKEN_CACHE_DIR) or downloaded, with a timeout."""
-    tiktoken.load.read_file = _read_file
+def _read_local_file(blobpath: str) -> bytes:
+    if blobpath.startswith(("http://", "https://")):
+        raise FileNotFoundError(f"{blobpath} is not in tiktoken's cache")
+    return _tiktoken_read_file(blobpath)
+
+
+def get_encoding(name: str, download: bool = True) -> tiktoken.Encoding:
+    """tiktoken.get_encoding: from the cache (TIKTOKEN_CACHE_DIR) or downloaded, with a timeout; with
+    download=False, a vocabulary missing from the cache is a FileNotFoundError."""
+    tiktoken.load.read_file = _read_file if download else _read_local_file
     try:
         return tiktoken.get_encoding(name)
     finally:
@@ -48,7 +72,7 @@ def get_encoding(name: str) -> tiktoken.Encoding:
 
 
 class Tokenizer(Protocol):
-    """What the rest of the package uses of a tokenizer; CharTokenizer and TiktokenTokenizer are the two."""
+    """What the rest of the package uses of a tokenizer: CharTokenizer, TiktokenTokenizer, BPETokenizer."""
 
     vocab_size: int
     eot_token: int | None
@@ -137,6 +161,52 @@ class TiktokenTokenizer:
         return {"kind": "tiktoken", "name": self.name}
 
 
+def ranks_to_text(ranks: dict[bytes, int]) -> str:
+    """Ranks as the text of a .tiktoken file: a line `base64(token) rank` each, by rank."""
+    by_rank = sorted(ranks.items(), key=lambda kv: kv[1])
+    return "".join(f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in by_rank)
+
+
+def ranks_from_text(text: str) -> dict[bytes, int]:
+    return {base64.b64decode(t): int(r) for t, r in (line.split() for line in text.splitlines() if line)}
+
+
+class BPETokenizer(TiktokenTokenizer):
+    """A byte-level BPE trained on a corpus (data.tokenizer=train; gpt.bpe.train_bpe), encoded by
+    tiktoken from its ranks. A tiktoken encoding like the named ones, but its description holds the
+    ranks themselves (as a .tiktoken file's text), its pattern's name and its special tokens: a
+    checkpoint carries the whole tokenizer, with no file to find on another machine.
+
+    Ids: the ranks (0-255 the single bytes, then the merges in the order they were learned), then
+    the special tokens in order, end-of-text first.
+    """
+
+    def __init__(self, ranks: dict[bytes, int], pattern: str, special_tokens: list[str]) -> None:
+        if pattern not in SPLIT_PATTERNS:
+            raise UserError(f"unknown BPE pattern {pattern!r}; use one of {', '.join(SPLIT_PATTERNS)}")
+        if not special_tokens or special_tokens[0] != ENDOFTEXT:
+            raise ValueError(f"a trained BPE's first special token is {ENDOFTEXT}")
+        self.ranks, self.pattern, self.special_tokens = ranks, pattern, list(special_tokens)
+        self.name = f"bpe{len(ranks) + len(special_tokens)}"
+        self.enc = tiktoken.Encoding(
+            self.name,
+            pat_str=SPLIT_PATTERNS[pattern],
+            mergeable_ranks=ranks,
+            special_tokens={s: len(ranks) + i for i, s in enumerate(special_tokens)},
+        )
+        self.vocab_size = self.enc.n_vocab
+        self.eot_token = self.enc.eot_token
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": "bpe",
+            "name": self.name,
+            "pattern": self.pattern,
+            "special_tokens": self.special_tokens,
+            "ranks": ranks_to_text(self.ranks),
+        }
+
+
 def get_tokenizer(name: str, text: str | None = None) -> Tokenizer:
     """'char' (built from `text`) or a tiktoken encoding name."""
     if name == "char":
@@ -152,6 +222,8 @@ def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
         return CharTokenizer(d["chars"], eot=bool(d.get("eot", False)))
     if kind == "tiktoken":
         return TiktokenTokenizer(d["name"])
+    if kind == "bpe":
+        return BPETokenizer(ranks_from_text(d["ranks"]), d["pattern"], d["special_tokens"])
     raise UserError(f"unknown tokenizer description {d!r}; the checkpoint or meta.json is not ours")
 
 

@@ -16,7 +16,7 @@ else:  # pragma: no cover
 ROOT = Path(__file__).resolve().parents[1]
 # Lowest first: a module may import its own layer and the layers before it, never one after it.
 LAYERS = ["base", "model", "data", "interop", "runs", "generate", "evaluate", "serve", "train"]
-BASE = {"errors", "config", "tokenizer", "templates"}
+BASE = {"errors", "config", "tokenizer", "bpe", "templates"}
 # The public API re-exports from the layers.
 EXEMPT = {"gpt"}
 # Entry points in the package, like the root scripts: they compose a Hydra config and call the library.

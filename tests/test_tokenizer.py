@@ -5,10 +5,12 @@ import pytest
 import tiktoken
 import tiktoken.load
 import tiktoken.registry
+import torch
 
 import gpt.tokenizer
 from gpt.errors import UserError
 from gpt.tokenizer import (
+    BPETokenizer,
     CharTokenizer,
     StreamDecoder,
     TiktokenTokenizer,
@@ -122,3 +124,38 @@ def test_token_byte_lengths_are_utf8_bytes_with_zeros_for_end_of_text_and_paddin
     assert enc.eot_token == enc.n_vocab - 1 == 50_256
     expected = [len(enc.decode_single_token_bytes(i)) for i in range(enc.eot_token)]
     assert lengths.tolist() == expected + [0] + [0] * (50_304 - enc.n_vocab)  # not <|endoftext|>'s 13
+
+
+def small_bpe(shakespeare_text: str, specials: tuple[str, ...] = ()) -> BPETokenizer:
+    from gpt.bpe import train_bpe
+
+    return train_bpe([shakespeare_text[:50_000]], 400, "gpt4", ["<|endoftext|>", *specials])
+
+
+def test_trained_bpe_description_is_plain_data_that_rebuilds_it(shakespeare_text, tmp_path):
+    tok = small_bpe(shakespeare_text, ("<|user|>",))
+    d = tok.to_dict()
+    assert (d["kind"], d["name"], d["pattern"], d["special_tokens"]) == (
+        "bpe",
+        "bpe400",
+        "gpt4",
+        ["<|endoftext|>", "<|user|>"],
+    )
+    # The ranks as a .tiktoken file's text, which tiktoken itself reads.
+    (tmp_path / "ranks.tiktoken").write_text(d["ranks"])
+    assert tiktoken.load.load_tiktoken_bpe(str(tmp_path / "ranks.tiktoken")) == tok.ranks
+    # Saved as a checkpoint saves it, loaded with weights_only=True.
+    torch.save({"tokenizer": d}, tmp_path / "t.pt")
+    again = tokenizer_from_dict(torch.load(tmp_path / "t.pt", weights_only=True)["tokenizer"])
+    text = shakespeare_text[-5000:] + " café 🙂 <|endoftext|>"
+    assert again.encode(text) == tok.encode(text) and again.decode(tok.encode(text)) == text
+    assert (again.vocab_size, again.eot_token, again.to_dict()) == (400, 398, d)
+    assert tok.eot_token not in tok.encode("<|endoftext|>")  # special-token text is ordinary text
+
+
+def test_token_byte_lengths_of_a_trained_bpe(shakespeare_text):
+    tok = small_bpe(shakespeare_text)
+    lengths = token_byte_lengths(tok, vocab_size=416)
+    assert lengths[:256].tolist() == [1.0] * 256
+    assert lengths[256:399].tolist() == [len(t) for t in sorted(tok.ranks, key=tok.ranks.get)][256:]
+    assert lengths[399:].tolist() == [0.0] * 17  # end-of-text and padding

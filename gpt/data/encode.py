@@ -82,6 +82,11 @@ class PartCounter:
             yield part
 
 
+def empty_corpus(cfg: DataConfig, files: list[Path]) -> UserError:
+    where = cfg.path if cfg.path else ", ".join(map(str, files))
+    return UserError(f"the corpus ({where}) is empty; give it some text")
+
+
 def token_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 2**16 else "uint32"
 

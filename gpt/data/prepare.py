@@ -18,12 +18,13 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from gpt.config import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, DataConfig
+from gpt.config import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, TRAIN_TOKENIZER, DataConfig
 from gpt.data.encode import (
     CHAR_SEPARATOR,
     PartCounter,
     char_vocabulary,
     check_characters,
+    empty_corpus,
     encode_parts,
     iter_parts,
     make_encoder,
@@ -31,8 +32,9 @@ from gpt.data.encode import (
 )
 from gpt.data.shards import ShardWriter, Splitter
 from gpt.data.sources import find_files, is_folder, text_files
+from gpt.data.train_tokenizer import compression_report, report_line, train_tokenizer, training_key
 from gpt.errors import UserError
-from gpt.tokenizer import CharTokenizer, Tokenizer, get_tokenizer, tokenizer_from_dict
+from gpt.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, get_tokenizer, tokenizer_from_dict
 
 FORMAT_VERSION = 4
 
@@ -145,14 +147,21 @@ def prepare(cfg: DataConfig, tokenizer: Tokenizer | None = None, verbose: bool =
 
     `tokenizer` is used instead of cfg.tokenizer: the tokenizer of a model being fine-tuned (a
     character vocabulary then must hold every character of the corpus), or a BPE tokenizer built
-    in code (tests use it).
+    in code (tests use it). data.tokenizer=train trains one on the training split first; the
+    settings it is trained with are part of the fingerprint, and the trained tokenizer is saved in
+    meta.json with the report of how it compresses the val split.
     """
     files = [] if cfg.source == "hf" else find_files(cfg)
     tok: Tokenizer | None = tokenizer
-    if tok is None and cfg.tokenizer != "char":
+    if tok is None and cfg.tokenizer not in ("char", TRAIN_TOKENIZER):
         tok = get_tokenizer(cfg.tokenizer)  # a character vocabulary is built below, from the corpus
-    tok_key = {"kind": "char"} if tok is None else tok.to_dict() | {"n_vocab": tok.vocab_size}
-    tok_name = "char" if tok is None or isinstance(tok, CharTokenizer) else tok.name
+    if tok is not None:
+        tok_key = tok.to_dict() | {"n_vocab": tok.vocab_size}
+        tok_name = "char" if isinstance(tok, CharTokenizer) else tok.name
+    elif cfg.tokenizer == TRAIN_TOKENIZER:  # trained below, on the corpus
+        tok_key, tok_name = training_key(cfg), f"bpe{cfg.vocab_size}"
+    else:
+        tok_key, tok_name = {"kind": "char"}, "char"
     out = Path(cfg.cache_dir) / f"{cache_name(cfg, files, tok_name)}-{fingerprint(cfg, files, tok_key)}"
     if (out / "meta.json").is_file():
         return Prepared(out, json.loads((out / "meta.json").read_text()))
@@ -167,6 +176,13 @@ def prepare(cfg: DataConfig, tokenizer: Tokenizer | None = None, verbose: bool =
         )
     total = sum(p.stat().st_size for p in files) or None
     t0 = time.perf_counter()
+    training = None
+    if tok is None and cfg.tokenizer == TRAIN_TOKENIZER:
+        meter = Meter(total, "training tokenizer", verbose)
+        try:
+            tok, training = train_tokenizer(cfg, files, meter.read)
+        finally:
+            meter.close()
     if tok is None or isinstance(tok, CharTokenizer):
         meter = Meter(total, "characters", verbose)
         try:
@@ -179,10 +195,15 @@ def prepare(cfg: DataConfig, tokenizer: Tokenizer | None = None, verbose: bool =
 
     def write(folder: Path) -> dict[str, Any]:
         meta = write_shards(cfg, files, tok, folder, total, verbose)
+        if training is not None:
+            paths = [folder / s["file"] for s in meta["shards"]["val"]]
+            meta["tokenizer_training"] = training | compression_report(tok, paths, meta["dtype"])
         return meta | {"skipped": skipped, "seconds": round(time.perf_counter() - t0, 3)}
 
     write_atomically(out, write)
     meta = json.loads((out / "meta.json").read_text())
+    if verbose and isinstance(tok, BPETokenizer) and "tokenizer_training" in meta:
+        print(report_line(tok, meta["tokenizer_training"]))
     if verbose:
         print(
             f"prepared {meta['train_tokens'] + meta['val_tokens']:,} tokens ({tok.vocab_size:,}-token "
@@ -238,8 +259,7 @@ def write_shards(
         for w in writers.values():
             w.close()
     if not counter.has_text:
-        where = cfg.path if cfg.path else ", ".join(map(str, files))
-        raise UserError(f"the corpus ({where}) is empty; give it some text")
+        raise empty_corpus(cfg, files)
     return {
         "format": FORMAT_VERSION,
         "sources": len(files) if cfg.source != "hf" else cfg.path,

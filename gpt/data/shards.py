@@ -19,6 +19,34 @@ from gpt.data.encode import Part
 MIN_DOCUMENTS_TO_SPLIT_BY_DOCUMENT = 10
 MAX_TOKENS_TO_SPLIT_BY_CHARACTERS = 1 << 24
 
+# ----------------------------------------------------------------------------- the split
+
+
+def char_cut(n_chars: int, val_fraction: float) -> int:
+    """Split by characters, where the corpus text (n_chars, separators not counted) is cut: the last
+    int(n_chars * val_fraction) characters go to val."""
+    return n_chars - int(n_chars * val_fraction)
+
+
+class Draws:
+    """Which split each part goes to, split by document: randomized error diffusion. A part goes to
+    val with probability `credit`, the val_fraction accumulated since the last val part, so the count
+    of val parts stays within one of val_fraction x parts, even for a few dozen parts, while which
+    ones is drawn at random. The splitter and the tokenizer trainer (which must not see val) draw
+    the same sequence from the same seed."""
+
+    def __init__(self, val_fraction: float, seed: int) -> None:
+        self.val_fraction = val_fraction
+        self.rng = random.Random(seed)
+        self.credit = 0.0
+
+    def __call__(self) -> str:
+        self.credit += self.val_fraction
+        split = "val" if self.rng.random() < self.credit else "train"
+        self.credit -= split == "val"
+        return split
+
+
 # ----------------------------------------------------------------------------- writing shards
 
 
@@ -73,24 +101,18 @@ class Splitter:
         encode: Callable[[list[str]], list[np.ndarray]],
     ):
         self.writers, self.val_fraction, self.sep, self.encode = writers, val_fraction, sep, encode
-        self.rng = random.Random(seed)
+        self.draw = Draws(val_fraction, seed)
         self.first: list[tuple[Part, np.ndarray, str]] = []
         self.held: dict[str, tuple[Part, np.ndarray] | None] = {"train": None, "val": None}
         self.last: dict[str, Part | None] = {"train": None, "val": None}
         self.n_parts = 0
-        self.credit = 0.0
         self.by_document = False
         self.first_docs: set[int] = set()
         self.first_tokens = 0
 
     def add(self, part: Part, ids: np.ndarray) -> None:
         """Take the next part of the corpus, its text still in it, and its tokens."""
-        # Randomized error diffusion: a part goes to val with probability `credit`, the val_fraction
-        # accumulated since the last val part. The count of val parts stays within one of
-        # val_fraction x parts, even for a few dozen parts, while which ones is drawn at random.
-        self.credit += self.val_fraction
-        split = "val" if self.rng.random() < self.credit else "train"
-        self.credit -= split == "val"
+        split = self.draw()
         self.n_parts += 1
         if self.by_document:
             self._route(part, ids, split)
@@ -139,7 +161,7 @@ class Splitter:
         int(n_tokens * val_fraction) tokens."""
         # Only reached with few documents and tokens, all held in self.first with their text.
         n_chars = sum(len(part.text) for part, _, _ in self.first)
-        cut = n_chars - int(n_chars * self.val_fraction)
+        cut = char_cut(n_chars, self.val_fraction)
         start = 0
         for part, ids, _ in self.first:
             end = start + len(part.text)

@@ -5,7 +5,8 @@ The command that finds and loads the checkpoint is export.py at the repository r
 
 GPT-2 format for learned positions + LayerNorm + GELU + biases, Llama format for RoPE + RMSNorm +
 SwiGLU; anything else stops with one line naming the option in the way. Weights go to
-model.safetensors (a tied head once), plus GPT-2's tokenizer files when the tokenizer is r50k_base.
+model.safetensors (a tied head once), plus GPT-2's tokenizer files when the tokenizer is r50k_base, or
+a tokenizer.json when it is a BPE trained on the corpus (data.tokenizer=train).
 """
 
 from __future__ import annotations
@@ -15,48 +16,12 @@ from pathlib import Path
 
 import torch
 
+from gpt.bpe import bpe_merge_of, byte_to_unicode, hf_tokenizer
 from gpt.interop.hf import TOKENIZER_FILE, hf_config, hf_format, to_hf_state_dict
 from gpt.model.transformer import GPT
-from gpt.tokenizer import CharTokenizer, TiktokenTokenizer, Tokenizer
+from gpt.tokenizer import ENDOFTEXT, BPETokenizer, CharTokenizer, TiktokenTokenizer, Tokenizer
 
-EOT = "<|endoftext|>"
-
-
-def byte_to_unicode() -> dict[int, str]:
-    """GPT-2's printable stand-in for each byte in vocab.json and merges.txt: printable Latin-1
-    bytes stand for themselves, the others (controls, space, ...) are shifted to 256 and up."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    table, shifted = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + shifted)
-            shifted += 1
-    return table
-
-
-def bpe_merge_of(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
-    """The merge that creates `token`: byte-pair encode it with only the merges ranked before it;
-    what is left is the two parts its own merge joins."""
-    limit = ranks[token]
-    parts = [bytes([b]) for b in token]
-    while len(parts) > 2:
-        best, best_rank = None, limit
-        for i in range(len(parts) - 1):
-            rank = ranks.get(parts[i] + parts[i + 1])
-            if rank is not None and rank < best_rank:
-                best, best_rank = i, rank
-        if best is None:
-            break
-        parts[best : best + 2] = [parts[best] + parts[best + 1]]
-    if len(parts) != 2:
-        raise ValueError(f"token {token!r} is not the product of one BPE merge")
-    return parts[0], parts[1]
+EOT = ENDOFTEXT
 
 
 def write_gpt2_tokenizer(tokenizer: TiktokenTokenizer, out: Path, max_length: int) -> None:
@@ -82,6 +47,22 @@ def write_gpt2_tokenizer(tokenizer: TiktokenTokenizer, out: Path, max_length: in
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
+def write_bpe_tokenizer(tokenizer: BPETokenizer, out: Path, max_length: int) -> None:
+    """tokenizer.json (the trained BPE in Hugging Face's format, gpt.bpe.hf_tokenizer) and
+    tokenizer_config.json, which AutoTokenizer loads as a PreTrainedTokenizerFast."""
+    hf_tokenizer(tokenizer).save(str(out / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": max_length,
+        "bos_token": EOT,
+        "eos_token": EOT,
+        "additional_special_tokens": tokenizer.special_tokens[1:],
+        # decode gives the text back as it was: no space dropped before punctuation.
+        "clean_up_tokenization_spaces": False,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
 def export(
     model: GPT,
     tokenizer: Tokenizer,
@@ -101,12 +82,14 @@ def export(
     (out / "config.json").write_text(json.dumps(config, indent=2))
     (out / TOKENIZER_FILE).write_text(json.dumps(tokenizer.to_dict()))
     notes = []
-    if isinstance(tokenizer, TiktokenTokenizer) and tokenizer.name == "r50k_base":
+    if isinstance(tokenizer, BPETokenizer):
+        write_bpe_tokenizer(tokenizer, out, model.config.block_size)
+    elif isinstance(tokenizer, TiktokenTokenizer) and tokenizer.name == "r50k_base":
         write_gpt2_tokenizer(tokenizer, out, model.config.block_size)
     else:
         name = "a character vocabulary" if isinstance(tokenizer, CharTokenizer) else tokenizer.name
         notes.append(
-            f"no Hugging Face tokenizer files written: {name} is only exported for r50k_base; "
-            f"{TOKENIZER_FILE} describes it for this trainer's load_model"
+            f"no Hugging Face tokenizer files written: {name} is only exported for r50k_base and "
+            f"trained BPEs; {TOKENIZER_FILE} describes it for this trainer's load_model"
         )
     return fmt, notes

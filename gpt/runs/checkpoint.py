@@ -9,6 +9,7 @@ config.json is a Hugging Face checkpoint (GPT-2 or Llama, see gpt.interop).
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import warnings
 import zipfile
@@ -140,6 +141,9 @@ def read_checkpoint(path: Path, mmap: bool = False, fix: str = PASS_ANOTHER) -> 
 def describe_tokenizer(d: dict[str, Any]) -> str:
     if d.get("kind") == "char":
         return f"a {len(d.get('chars', ''))}-character vocabulary"
+    if d.get("kind") == "bpe":  # two trained on other corpora (or settings) differ in their ranks
+        digest = hashlib.sha256(str(d.get("ranks")).encode()).hexdigest()[:8]
+        return f"a trained BPE ({d.get('name')}, ranks {digest})"
     return f"tokenizer {d.get('name', d)!r}"
 
 

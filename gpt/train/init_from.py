@@ -8,8 +8,9 @@ takes
   must have the checkpoint's shape; model.FIELD=... without model= changes that field of the
   checkpoint's config (dropout, say, or a shorter block_size: learned positions keep their first
   rows);
-- its tokenizer: data.tokenizer, when given on the command line, must name it, and a character
-  model's vocabulary tokenizes the new corpus. `need_eot` asks for an end-of-text token: a
+- its tokenizer: data.tokenizer, when given on the command line, must name it (`train` for a BPE
+  trained on its corpus, which tokenizes the new corpus as it is: it is not trained again), and a
+  character model's vocabulary tokenizes the new corpus. `need_eot` asks for an end-of-text token: a
   character vocabulary without one gets it as one more id, and the model one more embedding row,
   the mean of the others (as Hugging Face's resize_token_embeddings);
 - its weights, loaded before the first step. The optimizer, the LR schedule and the step count
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from gpt.config import ARCHITECTURE, ModelConfig
+from gpt.config import ARCHITECTURE, TRAIN_TOKENIZER, ModelConfig
 from gpt.errors import UserError, first_line
 from gpt.interop.hf import is_hf_dir, model_config_from_hf
 from gpt.interop.load import (
@@ -44,7 +45,14 @@ from gpt.runs.checkpoint import (
     not_a_checkpoint,
     read_checkpoint,
 )
-from gpt.tokenizer import TIKTOKEN_ALIASES, CharTokenizer, TiktokenTokenizer, Tokenizer, tokenizer_from_dict
+from gpt.tokenizer import (
+    TIKTOKEN_ALIASES,
+    BPETokenizer,
+    CharTokenizer,
+    TiktokenTokenizer,
+    Tokenizer,
+    tokenizer_from_dict,
+)
 
 # What a user is told to do about an init_from that is not a checkpoint.
 PASS_ANOTHER = "pass another init_from=PATH"
@@ -170,15 +178,19 @@ def read_source(source: str) -> tuple[Path, ModelConfig, Tokenizer]:
 def run_tokenizer(source: str, saved: Tokenizer, data_tokenizer: str | None, need_eot: bool) -> Tokenizer:
     """The checkpoint's tokenizer (with an end-of-text token if `need_eot`), which data.tokenizer,
     when given, must name."""
-    if isinstance(saved, TiktokenTokenizer):
+    if isinstance(saved, BPETokenizer):
+        # data.tokenizer=train names it: the checkpoint's trained BPE, not one trained anew on this corpus.
+        name, tokenizer = TRAIN_TOKENIZER, saved
+    elif isinstance(saved, TiktokenTokenizer):
         name, tokenizer = saved.name, saved  # tiktoken encodings have an end-of-text token
     elif isinstance(saved, CharTokenizer):
         name, tokenizer = "char", saved.with_eot() if need_eot else saved
     else:
         raise TypeError(f"unknown tokenizer {saved!r}")
     if data_tokenizer is not None and TIKTOKEN_ALIASES.get(data_tokenizer, data_tokenizer) != name:
+        what = f"a BPE trained on its corpus ({saved.name})" if name == TRAIN_TOKENIZER else name
         raise UserError(
-            f"data.tokenizer={data_tokenizer} but init_from={source} was trained with {name}; "
+            f"data.tokenizer={data_tokenizer} but init_from={source} was trained with {what}; "
             f"set data.tokenizer={name}"
         )
     return tokenizer
