@@ -1,6 +1,6 @@
 """Run every benchmark, one after the other, and print a summary; JSON goes to bench/results/.
 
-    python bench/run.py                 # train (Lightning vs plain), generate, serve, prepare
+    python bench/run.py                 # train (Lightning vs plain), generate, serve, prepare, tokenizer
     python bench/run.py only=[train]    # some of them (conf/bench_run.yaml)
 
 Each benchmark runs in its own process, so none inherits another's threads, caches or memory.
@@ -27,6 +27,7 @@ SCRIPTS = {
     "generate": "bench_generate.py",
     "serve": "bench_serve.py",
     "prepare": "bench_prepare.py",
+    "tokenizer": "bench_tokenizer.py",
 }
 
 

@@ -333,6 +333,52 @@ CASES = {
         message="could not load tiktoken encoding 'cl100k_base'",
         env=OFFLINE,
     ),
+    # prepare, train: data.tokenizer=train (a BPE trained on the corpus)
+    "prepare-trained-tokenizer-vocabulary-too-small": command(
+        *("prepare.py", "data=text", "data.path={corpus}", "data.tokenizer=train", "data.vocab_size=200"),
+        "data.cache_dir={cache}",
+        message="data.vocab_size=200 is too small for a byte-level BPE: its 256 byte tokens and 1 special "
+        "token take 257; use data.vocab_size=257 or more",
+    ),
+    "prepare-trained-tokenizer-special-tokens-too-many": command(
+        *("prepare.py", "data=text", "data.path={corpus}", "data.tokenizer=train", "data.vocab_size=257"),
+        *("data.special_tokens=['<|user|>']", "data.cache_dir={cache}"),
+        message="data.vocab_size=257 is too small for a byte-level BPE: its 256 byte tokens and 2 special "
+        "tokens take 258; use data.vocab_size=258 or more",
+    ),
+    "prepare-trained-tokenizer-repeated-special-token": command(
+        *("prepare.py", "data=text", "data.path={corpus}", "data.tokenizer=train"),
+        *("data.special_tokens=['<|endoftext|>']", "data.cache_dir={cache}"),
+        message="repeats a token (<|endoftext|> is always the first); list each other one once",
+    ),
+    "prepare-trained-tokenizer-unknown-pattern": command(
+        *("prepare.py", "data=text", "data.path={corpus}", "data.tokenizer=train", "data.bpe_pattern=gpt3"),
+        "data.cache_dir={cache}",
+        message="data.bpe_pattern='gpt3' is not one of gpt4, gpt2",
+    ),
+    "prepare-trained-tokenizer-empty-corpus": command(
+        *("prepare.py", "data=text", "data.path={inputs}/empty.txt", "data.tokenizer=train"),
+        "data.cache_dir={cache}",
+        message="empty.txt) is empty; give it some text",
+    ),
+    "prepare-trained-tokenizer-not-utf8": command(
+        *("prepare.py", "data=text", "data.path={inputs}/latin1.txt", "data.tokenizer=train"),
+        "data.cache_dir={cache}",
+        message="latin1.txt is not UTF-8 text (bad byte near offset 2)",
+    ),
+    "new-run-trained-tokenizer-vocabulary-too-small": new_run(
+        "data.tokenizer=train",
+        "data.vocab_size=100",
+        message="data.vocab_size=100 is too small for a byte-level",
+    ),
+    "new-run-trained-tokenizer-empty-corpus": new_run(
+        "data.path={inputs}/empty.txt", "data.tokenizer=train", message="empty.txt) is empty; give it"
+    ),
+    "pairs-trained-tokenizer": pairs(
+        "data.tokenizer=train",
+        message="data.tokenizer=train trains a tokenizer on a text corpus (data=text, shakespeare or "
+        "hf), not on pairs; fine-tune a model trained with one (init_from=RUN), or use char or a tiktoken",
+    ),
     # export: an earlier export is in {export}
     "export-without-out": command("export.py", "ckpt={rope}", message="say where to write the export"),
     "export-unknown-format": command(

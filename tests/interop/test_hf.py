@@ -9,16 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from gpt.bpe import bpe_merge_of, train_bpe
 from gpt.config import ExportConfig
 from gpt.errors import UserError
 from gpt.generate.command import sample
 from gpt.generate.tokens import generate
-from gpt.interop.export import bpe_merge_of, export, write_gpt2_tokenizer
+from gpt.interop.export import export, write_gpt2_tokenizer
 from gpt.interop.hf import hf_format, model_config_from_hf
 from gpt.interop.load import load_hf_model
 from gpt.runs.checkpoint import load_model
 from gpt.runs.export import export_checkpoint
-from gpt.tokenizer import CharTokenizer, TiktokenTokenizer
+from gpt.tokenizer import ENDOFTEXT, CharTokenizer, TiktokenTokenizer
 from gpt.train.init_from import resolve_init
 from tests.helpers import (
     assert_one_line_exit,
@@ -162,6 +163,39 @@ def test_gpt2_tokenizer_files_tokenize_like_tiktoken(tmp_path, shakespeare_text)
     assert theirs.encode(text) == tok.encode(text)
     assert theirs.eos_token_id == tok.eot_token == 50256
     assert len(theirs) == tok.vocab_size
+
+
+@pytest.mark.parametrize("shape", [GPT2_SHAPE, LLAMA_SHAPE], ids=["gpt2", "llama"])
+def test_trained_bpe_export_tokenizes_and_generates_as_ours(tmp_path, shakespeare_text, shape):
+    """A model on a BPE trained on the corpus (data.tokenizer=train), exported: AutoTokenizer gives
+    our ids, and AutoModelForCausalLM's greedy generation, decoded by it, our text."""
+    tok = train_bpe([shakespeare_text[:300_000]], 600, "gpt4", [ENDOFTEXT, "<|user|>"])
+    ours = tiny_model(**shape, vocab_size=tok.vocab_size, block_size=64)
+    randomize(ours, seed=4, scale=0.6)
+    fmt, notes = export(ours, tok, tmp_path / "out")
+    assert notes == [] and (tmp_path / "out" / "tokenizer.json").is_file()
+    theirs_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    text = shakespeare_text[-30_000:] + "\r\n  naïve café 😀 x=1234567\u00a0\u3000end  "
+    assert theirs_tok.encode(text) == tok.encode(text)
+    assert theirs_tok.decode(tok.encode(text)) == text
+    assert (theirs_tok.eos_token_id, len(theirs_tok)) == (tok.eot_token, tok.vocab_size) == (598, 600)
+    assert theirs_tok.convert_tokens_to_ids("<|user|>") == 599
+
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    theirs.generation_config.eos_token_id = None  # generate all the tokens, as ours does
+    prompt = "ROMEO: Wherefore art thou"
+    ids = torch.tensor([tok.encode(prompt)])
+    ours_ids = torch.cat(list(generate(ours, ids, max_new_tokens=40, temperature=0))).tolist()
+    with torch.no_grad():
+        ref = theirs.generate(
+            theirs_tok(prompt, return_tensors="pt").input_ids,
+            do_sample=False,
+            max_new_tokens=40,
+            pad_token_id=0,
+        )
+    assert ref[0, : ids.size(1)].tolist() == ids[0].tolist()
+    assert ours_ids == ref[0, ids.size(1) :].tolist() and len(set(ours_ids)) > 3
+    assert tok.decode(ours_ids) == theirs_tok.decode(ref[0, ids.size(1) :])
 
 
 def test_bpe_merge_of_finds_the_merge_that_made_a_token():
