@@ -11,10 +11,11 @@ from gpt.generate.tokens import beam_search, generate, sample_next
 from gpt.model.kv_cache import KVCache
 from gpt.model.transformer import GPT
 from gpt.runs.checkpoint import load_model
-from gpt.tokenizer import CharTokenizer, TiktokenTokenizer, get_tokenizer
+from gpt.tokenizer import BPETokenizer, CharTokenizer, TiktokenTokenizer, get_tokenizer
 
 __all__ = [
     "GPT",
+    "BPETokenizer",
     "CharTokenizer",
     "DataConfig",
     "GenerateConfig",

@@ -73,7 +73,7 @@ def test_generate_from_the_checkpoint_alone(work):
     )
     assert_ok(proc)
     model, tok = load_model(work["there"] / "model.ckpt")
-    assert proc.stdout == generate_text(model, tok, "ROMEO:", 20, temperature=0) + "\n"
+    assert proc.stdout == "ROMEO:" + generate_text(model, tok, "ROMEO:", 20, temperature=0) + "\n"
 
 
 def test_evaluate_bpb_on_another_corpus_from_the_checkpoint_alone(work, tmp_path):
