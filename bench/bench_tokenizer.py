@@ -201,8 +201,8 @@ def main(args: DictConfig) -> None:
         unique = sum(len(t.encode("utf-8")) for _, t in kept)
         held_mb = sum(len(t.encode("utf-8")) for t in held) / 1e6
         print(
-            f"corpus: {size / 1e6:.1f} MB of training text ({unique / 1e6:.1f} MB of {len(kept):,} stdlib "
-            f"files, repeated), {held_mb:.1f} MB held out ({len(held):,} files)",
+            f"corpus: {size / 1e6:.1f} MB of training text (from {unique / 1e6:.1f} MB in {len(kept):,} "
+            f"stdlib files, repeated as needed), {held_mb:.1f} MB held out ({len(held):,} files)",
             flush=True,
         )
         tok, runs = train(tmp / "corpus", args, tmp)
