@@ -120,6 +120,10 @@ def cache_name(cfg: DataConfig, files: list[Path], tok_name: str) -> str:
     return f"{name}-{tok_name}"
 
 
+def cache_path(cfg: DataConfig, files: list[Path], tok_name: str, tok_key: dict[str, Any]) -> Path:
+    return Path(cfg.cache_dir) / f"{cache_name(cfg, files, tok_name)}-{fingerprint(cfg, files, tok_key)}"
+
+
 class Meter:
     """The progress bar: bytes read (the bar) and tokens written per second (its postfix)."""
 
@@ -162,9 +166,17 @@ def prepare(cfg: DataConfig, tokenizer: Tokenizer | None = None, verbose: bool =
         tok_key, tok_name = training_key(cfg), f"bpe{cfg.vocab_size}"
     else:
         tok_key, tok_name = {"kind": "char"}, "char"
-    out = Path(cfg.cache_dir) / f"{cache_name(cfg, files, tok_name)}-{fingerprint(cfg, files, tok_key)}"
+    out = cache_path(cfg, files, tok_name, tok_key)
     if (out / "meta.json").is_file():
         return Prepared(out, json.loads((out / "meta.json").read_text()))
+    if isinstance(tok, BPETokenizer) and cfg.tokenizer == TRAIN_TOKENIZER:
+        # A checkpoint's trained tokenizer on its own data config (evaluate task=bpb): the data
+        # prepared when it was trained, if that is still in the cache, holds the same tokens.
+        trained = cache_path(cfg, files, f"bpe{cfg.vocab_size}", training_key(cfg))
+        if (trained / "meta.json").is_file():
+            meta = json.loads((trained / "meta.json").read_text())
+            if meta["tokenizer"] == tok.to_dict():
+                return Prepared(trained, meta)
 
     files, skipped = text_files(cfg, files)
     if skipped:

@@ -142,6 +142,19 @@ def test_trained_data_equals_a_direct_encode_and_is_cached_by_its_settings(tmp_p
     assert with_user.enc._special_tokens == {"<|endoftext|>": 398, "<|user|>": 399}
 
 
+def test_a_checkpoints_trained_tokenizer_finds_the_data_it_was_trained_with(tmp_path, shakespeare_text):
+    """evaluate task=bpb on a run's own data gives prepare the run's tokenizer: the data prepared
+    when it was trained is used, not tokenized again; another tokenizer prepares anew."""
+    write_docs(tmp_path / "docs", varied_docs(shakespeare_text, 20))
+    cfg = trained_cfg(tmp_path / "docs", tmp_path)
+    first = prepare(cfg, verbose=False)
+    again = prepare(cfg, tokenizer=first.tokenizer(), verbose=False)
+    assert again.dir == first.dir and not again.fresh
+    other = prepare(trained_cfg(tmp_path / "docs", tmp_path, vocab_size=500), verbose=False).tokenizer()
+    elsewhere = prepare(cfg, tokenizer=other, verbose=False)
+    assert elsewhere.fresh and elsewhere.dir != first.dir and elsewhere.meta["tokenizer"] == other.to_dict()
+
+
 def test_the_same_corpus_and_settings_give_a_byte_identical_tokenizer(tmp_path, shakespeare_text):
     (tmp_path / "play.txt").write_text(shakespeare_text[:200_000], encoding="utf-8")
     metas = [
