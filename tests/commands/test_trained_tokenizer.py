@@ -127,3 +127,21 @@ def test_init_from_keeps_the_checkpoints_tokenizer(work, tmp_path):
         f"error: data.tokenizer=char but init_from={work['there'] / 'model.ckpt'} was trained with a BPE "
         "trained on its corpus (bpe512); set data.tokenizer=train"
     )
+
+
+def test_pairs_fine_tune_from_the_checkpoint_with_its_tokenizer(work, tmp_path):
+    rows = [{"prompt": f"{i} + {i}", "completion": f" = {2 * i}"} for i in range(40)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = run_forked(
+        *MODEL,
+        "data=pairs",
+        f"data.path={tmp_path / 'pairs.jsonl'}",
+        f"init_from={work['there'] / 'model.ckpt'}",
+        "trainer.max_steps=1",
+        "hydra.run.dir=run",
+        cwd=tmp_path,
+    )
+    assert_ok(proc)
+    model, tok = load_model(tmp_path / "run")
+    assert tok.to_dict()["name"] == "bpe512" and tok.eot_token == 511
+    assert model.config.vocab_size == 512  # no token added: the BPE has its end-of-text token
