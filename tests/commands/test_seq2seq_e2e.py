@@ -108,6 +108,7 @@ def test_ddp_on_two_processes_equals_one(trained, tmp_path):
     assert all(two[s] == pytest.approx(one[s], rel=1e-5) for s in one)
 
 
+@pytest.mark.slow
 def test_bf16_autocast_trains_close_to_fp32(trained, tmp_path):
     common = [*SEQ2SEQ, "trainer.max_steps=4", "model.dropout=0.0", "trainer.val_check_interval=4"]
     path = trained / "train.jsonl"
@@ -137,6 +138,7 @@ def test_compile_trains_and_its_checkpoint_generates_without_it(trained, tmp_pat
     assert proc.stdout.startswith("Q: 1\nA: ")
 
 
+@pytest.mark.slow
 def test_init_from_an_encoder_decoder_run(trained, tmp_path):
     """A new run from the trained one's weights; lr 1e-30 leaves them as loaded."""
     init = [
@@ -159,6 +161,7 @@ def test_init_from_an_encoder_decoder_run(trained, tmp_path):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -76,6 +76,7 @@ def test_generate_from_the_checkpoint_alone(work):
     assert proc.stdout == "ROMEO:" + generate_text(model, tok, "ROMEO:", 20, temperature=0) + "\n"
 
 
+@pytest.mark.slow
 def test_evaluate_bpb_on_another_corpus_from_the_checkpoint_alone(work, tmp_path):
     other = write_corpus(tmp_path / "other.txt")
     proc = run_forked(
@@ -95,6 +96,7 @@ def test_export_for_transformers_from_the_checkpoint_alone(work, shakespeare_tex
     assert theirs.encode(text) == tok.encode(text)
 
 
+@pytest.mark.slow
 def test_init_from_keeps_the_checkpoints_tokenizer(work, tmp_path):
     """A run started from the checkpoint on another corpus tokenizes it with the checkpoint's BPE
     (data.tokenizer=train names it; it is not trained again on the new corpus)."""
@@ -129,6 +131,7 @@ def test_init_from_keeps_the_checkpoints_tokenizer(work, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_pairs_fine_tune_from_the_checkpoint_with_its_tokenizer(work, tmp_path):
     rows = [{"prompt": f"{i} + {i}", "completion": f" = {2 * i}"} for i in range(40)]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
