@@ -204,8 +204,9 @@ class GPTLitModule(L.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         if isinstance(batch, dict):
             loss = self.step_loss(batch)
-            tokens = (batch["segments"] >= 0).sum()  # and an encoder-decoder's source tokens:
-            tokens = tokens + (batch["source_segments"] >= 0).sum() if "source_segments" in batch else tokens
+            tokens = (batch["segments"] >= 0).sum()
+            if "source_segments" in batch:  # an encoder-decoder's source tokens count too
+                tokens = tokens + (batch["source_segments"] >= 0).sum()
             self._pending_tokens = tokens if self._pending_tokens is None else self._pending_tokens + tokens
         else:
             loss = self.loss(batch)
