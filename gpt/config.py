@@ -15,7 +15,7 @@ from gpt.errors import ConfigError
 
 POS_EMBS = ("learned", "sinusoidal", "rope")
 NORMS = ("layernorm", "rmsnorm")
-FFNS = ("swiglu", "gelu")
+FFNS = ("swiglu", "gelu", "relu2")
 ARCHS = ("decoder", "encoder_decoder")
 SCHEDULES = ("cosine", "wsd", "constant")
 OPTIMIZERS = ("adamw", "muon")
@@ -54,10 +54,11 @@ class ModelConfig:
     pos_emb: str = "learned"
     # rmsnorm or layernorm: pre-norm in every block, and a final norm.
     norm: str = "rmsnorm"
-    # swiglu, or gelu (GPT-2's MLP).
+    # swiglu, gelu (GPT-2's MLP) or relu2 (the same MLP with relu(x)**2, as in the modded-nanogpt
+    # speedrun and Primer).
     ffn: str = "swiglu"
-    # FFN hidden width; None = 4*n_embd for gelu, 8/3*n_embd rounded up to a multiple of 64 for swiglu
-    # (the same parameter count as the 4x GELU MLP).
+    # FFN hidden width; None = 4*n_embd for gelu and relu2, 8/3*n_embd rounded up to a multiple of 64
+    # for swiglu (the same parameter count as the 4x MLP).
     ffn_hidden: int | None = None
     # Biases in the linear layers and LayerNorm.
     bias: bool = False
@@ -67,6 +68,19 @@ class ModelConfig:
     tie_embeddings: bool = True
     # Epsilon of the norms.
     norm_eps: float = 1e-5
+    # RMSNorm of each head's queries and keys before attention (and before rotary positions), as in
+    # Qwen3, OLMo 2 and the modded-nanogpt speedrun.
+    qk_norm: bool = False
+    # Logits capped smoothly at +-c: c * tanh(logits / c), in training's loss and in generation alike
+    # (Gemma 2; modded-nanogpt used 30, then 15). None: uncapped.
+    logit_softcap: float | None = None
+    # The projections that write into the residual stream (attention's and the FFN's c_proj) start at
+    # zero, so every block starts as the identity (modded-nanogpt).
+    zero_init_proj: bool = False
+    # A second token embedding whose vectors are mixed into every layer's attention values, with two
+    # learned scalars per layer: v = a * v + b * embedding (modded-nanogpt). Adds vocab_size * n_embd
+    # parameters.
+    value_embeds: bool = False
     # RoPE frequency base.
     rope_base: float = 10000.0
     # Std of the normal init; projections into the residual stream get init_std / sqrt(2 n_layer).
@@ -98,6 +112,10 @@ class ModelConfig:
         _check(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1)")
         _check(self.vocab_size is None or self.vocab_size >= 1, f"model.vocab_size={self.vocab_size} < 1")
         _check(self.ffn_hidden is None or self.ffn_hidden >= 1, f"model.ffn_hidden={self.ffn_hidden} < 1")
+        _check(
+            self.logit_softcap is None or self.logit_softcap > 0,
+            f"model.logit_softcap={self.logit_softcap} must be > 0 (or null: no cap)",
+        )
         _one_of("model.arch", self.arch, ARCHS)
         _check(
             self.arch == "encoder_decoder" or self.n_enc_layer is None,
@@ -108,6 +126,11 @@ class ModelConfig:
             _check(
                 self.n_enc_layer is None or self.n_enc_layer >= 1,
                 f"model.n_enc_layer={self.n_enc_layer} must be >= 1 (or null: n_layer)",
+            )
+            _check(
+                not self.value_embeds,
+                "model.value_embeds=true is a decoder-only option here; leave it out with "
+                "model.arch=encoder_decoder",
             )
             _check(
                 not self.prefix_lm,
@@ -130,16 +153,17 @@ class ModelConfig:
     def hidden_dim(self) -> int:
         if self.ffn_hidden is not None:
             return self.ffn_hidden
-        if self.ffn == "gelu":
+        if self.ffn in ("gelu", "relu2"):
             return 4 * self.n_embd
         return -(-8 * self.n_embd // 3 // 64) * 64
 
 
 # The ModelConfig fields that decide which weights a model has and their shapes: a checkpoint's
-# weights fit a model only if these agree (dropout, norm_eps, rope_base and init_std do not matter).
+# weights fit a model only if these agree (dropout, norm_eps, rope_base, init_std, zero_init_proj and
+# logit_softcap do not).
 ARCHITECTURE = (
     "n_layer", "n_head", "n_embd", "block_size", "vocab_size", "pos_emb", "norm", "ffn", "ffn_hidden",
-    "bias", "tie_embeddings", "arch", "n_enc_layer",
+    "bias", "tie_embeddings", "arch", "n_enc_layer", "qk_norm", "value_embeds",
 )  # fmt: skip
 
 

@@ -87,6 +87,10 @@ class CrossAttention(nn.Module):
         self.c_kv = Linear(config.n_embd, 2 * config.n_embd, bias=config.bias)  # keys and values, fused
         self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.qk_norm = config.qk_norm
+        if config.qk_norm:  # as in self-attention
+            self.q_norm = nn.RMSNorm(config.head_dim, eps=config.norm_eps)
+            self.k_norm = nn.RMSNorm(config.head_dim, eps=config.norm_eps)
 
     def keys_values(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """memory (B, S, C) -> keys, values, each (B, nh, S, hs)."""
@@ -94,7 +98,7 @@ class CrossAttention(nn.Module):
         k, v = self.c_kv(memory).split(C, dim=2)
         k = k.view(B, S, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, S, hs)
         v = v.view(B, S, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, S, hs)
-        return k, v
+        return (self.k_norm(k) if self.qk_norm else k), v
 
     def forward(
         self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
@@ -102,6 +106,8 @@ class CrossAttention(nn.Module):
         """x (B, T, C); k, v (B, nh, S, hs); mask (B, 1, T or 1, S) bool or None -> (B, T, C)."""
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        if self.qk_norm:
+            q = self.q_norm(q)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
         )  # (B, nh, T, hs)
@@ -167,7 +173,7 @@ class EncoderDecoder(GPT):
     def init_weights(self) -> None:
         super().init_weights()
         if hasattr(self, "enc_h"):  # not yet when GPT.__init__ calls this
-            scale_residual_projections(self.enc_h, self.config.init_std)
+            scale_residual_projections(self.enc_h, self.config.init_std, self.config.zero_init_proj)
 
     def encode(
         self,

@@ -19,6 +19,11 @@ def default_chunk_size(vocab_size: int) -> int:
     return max(1, LOGITS_PER_CHUNK // vocab_size)
 
 
+def soft_cap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(logits / cap): logits bounded smoothly in (-cap, cap); unchanged when cap is None."""
+    return logits if cap is None else cap * torch.tanh(logits / cap)
+
+
 def _chunk_nats(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, ...]:
     """logits (n, V) fp32 -> (nats (n,), 0 where ignored; log-probabilities (n, V); counted (n,) bool).
     log_softmax, as F.cross_entropy computes it (on a CPU it is also 2 to 3 times faster than
@@ -35,21 +40,23 @@ def cross_entropy_per_token(
     targets: torch.Tensor,
     chunk_size: int | None = None,
     ignore_index: int = -100,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """The nats of every token (N,), fp32, 0 where ignored, chunk by chunk; no gradient (evaluation)."""
+    """The nats of every token (N,), fp32, 0 where ignored, chunk by chunk; no gradient (evaluation).
+    softcap: the model's logit cap (soft_cap), applied to each chunk's logits."""
     hidden, weight = autocast_inputs(hidden, weight)
     chunk_size = chunk_size or default_chunk_size(weight.size(0))
     out = []
     with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
         for start in range(0, hidden.size(0), chunk_size):
-            logits = (hidden[start : start + chunk_size] @ weight.T).float()  # (n, V)
+            logits = soft_cap((hidden[start : start + chunk_size] @ weight.T).float(), softcap)  # (n, V)
             out.append(_chunk_nats(logits, targets[start : start + chunk_size], ignore_index)[0])
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size, ignore_index):
+    def forward(ctx, hidden, weight, targets, chunk_size, ignore_index, softcap):
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
@@ -58,6 +65,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             h = hidden[start : start + chunk_size]  # (n, C)
             t = targets[start : start + chunk_size]  # (n,)
             logits = (h @ weight.T).float()  # (n, V), fp32 (a copy when the inputs are bf16/fp16)
+            if softcap is not None:
+                capped = torch.tanh(logits.div_(softcap))  # (n, V), in place of the logits
+                logits = capped * softcap
             nats, logprobs, counted = _chunk_nats(logits, t, ignore_index)
             del logits  # (a bf16 model's fp32 copy, or the matmul's output: either way one chunk)
             loss += nats.sum()
@@ -66,6 +76,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             dlogits = logprobs.exp_()  # softmax, in place of the log-probabilities
             dlogits[torch.arange(len(t), device=t.device), t.clamp(min=0)] -= 1.0  # - onehot
             dlogits *= counted[:, None]  # ignored rows get no gradient
+            if softcap is not None:  # through the cap: d(c tanh(z / c)) / dz = 1 - tanh(z / c)**2
+                dlogits *= 1 - capped.square_()
             dlogits = dlogits.to(hidden.dtype)
             if need_hidden:
                 grad_hidden[start : start + chunk_size] = dlogits @ weight
@@ -88,7 +100,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             grad_hidden.mul_(grad_output.to(grad_hidden.dtype))
         if grad_weight is not None:
             grad_weight.mul_(grad_output.to(grad_weight.dtype))
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 def fused_linear_cross_entropy(
@@ -97,9 +109,11 @@ def fused_linear_cross_entropy(
     targets: torch.Tensor,
     chunk_size: int | None = None,
     ignore_index: int = -100,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """F.cross_entropy(hidden @ weight.T, targets, reduction="sum", ignore_index=ignore_index), fp32,
-    computed chunk_size tokens at a time (default: default_chunk_size(V)).
+    """F.cross_entropy(soft_cap(hidden @ weight.T, softcap), targets, reduction="sum",
+    ignore_index=ignore_index), fp32, computed chunk_size tokens at a time (default:
+    default_chunk_size(V)).
 
     hidden (N, C), weight (V, C) (the LM head, possibly tied to the embedding), targets (N,) long.
     Returns the summed nats over the targets that are not ignore_index (0 when all are ignored); the
@@ -110,9 +124,9 @@ def fused_linear_cross_entropy(
     hidden, weight = autocast_inputs(hidden, weight)
     chunk_size = chunk_size or default_chunk_size(weight.size(0))
     if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
-        return cross_entropy_per_token(hidden, weight, targets, chunk_size, ignore_index).sum()
+        return cross_entropy_per_token(hidden, weight, targets, chunk_size, ignore_index, softcap).sum()
     if chunk_size >= hidden.size(0):  # one chunk: nothing to save over the plain path, which is faster
-        logits = (hidden @ weight.T).float()
+        logits = soft_cap((hidden @ weight.T).float(), softcap)
         return F.cross_entropy(logits, targets, reduction="sum", ignore_index=ignore_index)
     with torch.autocast(hidden.device.type, enabled=False):
-        return _FusedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size, ignore_index)
+        return _FusedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size, ignore_index, softcap)

@@ -1,8 +1,10 @@
 """A decoder-only transformer in plain PyTorch.
 
 Pre-norm blocks (norm -> attention -> residual, norm -> FFN -> residual), causal self-attention
-through F.scaled_dot_product_attention, SwiGLU or GELU FFN, learned / sinusoidal / rotary
-positions, final norm and an LM head optionally tied to the token embedding. Parameter names
+through F.scaled_dot_product_attention, SwiGLU, GELU or squared-ReLU FFN, learned / sinusoidal /
+rotary positions, final norm and an LM head optionally tied to the token embedding. Options from
+the GPT-2 speedrun records (docs/architecture.md, "Options"): QK-norm, a logit soft cap,
+zero-initialised residual projections, value embeddings. Parameter names
 follow GPT-2 (wte, wpe, h, ln_1, attn.c_attn, attn.c_proj, ln_2, mlp, ln_f, lm_head). Plain causal
 attention passes no mask (flash kernel); everything else is one dense boolean mask (why:
 docs/design.md, "Attention masks")."""
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from gpt.config import ModelConfig
 from gpt.model.kv_cache import KVCache
 from gpt.model.linear import Linear
+from gpt.model.loss import soft_cap
 from gpt.model.swiglu import swiglu_projection
 
 # ----------------------------------------------------------------------------- helpers
@@ -100,6 +103,12 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.qk_norm = config.qk_norm
+        if config.qk_norm:  # over each head's dim, as Qwen3's q_norm / k_norm
+            self.q_norm = nn.RMSNorm(config.head_dim, eps=config.norm_eps)
+            self.k_norm = nn.RMSNorm(config.head_dim, eps=config.norm_eps)
+        if config.value_embeds:  # v = ve_mix[0] * v + ve_mix[1] * value embedding (GPT.init_weights)
+            self.ve_mix = nn.Parameter(torch.empty(2))
 
     def forward(
         self,
@@ -108,15 +117,22 @@ class CausalSelfAttention(nn.Module):
         kv_cache: KVCache | None = None,
         mask: torch.Tensor | None = None,
         slots: torch.Tensor | None = None,
+        ve: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x (B, T, C). mask: which keys each query sees, (B or 1, 1, T, keys), None for plain causal
         attention. With a kv_cache, the new keys and values are written at cache `slots` (T,) and
-        the queries attend over the whole preallocated cache, so shapes never change."""
+        the queries attend over the whole preallocated cache, so shapes never change. ve (B, T, C):
+        the value embeddings of these tokens (config.value_embeds), mixed into the values before they
+        are cached."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
+        if ve is not None:
+            v = self.ve_mix[0] * v + self.ve_mix[1] * ve  # (B, T, C)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
@@ -154,16 +170,20 @@ class SwiGLU(nn.Module):
 
 
 class GeluMLP(nn.Module):
-    """The GPT-2 MLP: Linear -> GELU (tanh approximation) -> Linear."""
+    """The GPT-2 MLP: Linear -> GELU (tanh approximation) -> Linear; with ffn=relu2, relu(x)**2 in
+    place of the GELU (So et al., 2021, "Primer"; the modded-nanogpt speedrun)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.c_fc = Linear(config.n_embd, config.hidden_dim, bias=config.bias)
         self.c_proj = Linear(config.hidden_dim, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
+        self.relu2 = config.ffn == "relu2"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        h = self.c_fc(x)
+        h = F.relu(h).square() if self.relu2 else F.gelu(h, approximate="tanh")
+        return self.dropout(self.c_proj(h))
 
 
 # ----------------------------------------------------------------------------- block
@@ -184,8 +204,9 @@ class Block(nn.Module):
         kv_cache: KVCache | None = None,
         mask: torch.Tensor | None = None,
         slots: torch.Tensor | None = None,
+        ve: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rope, kv_cache, mask, slots)
+        x = x + self.attn(self.ln_1(x), rope, kv_cache, mask, slots, ve)
         return x + self.mlp(self.ln_2(x))
 
     def residual_projections(self) -> tuple[nn.Linear, ...]:
@@ -193,13 +214,16 @@ class Block(nn.Module):
         return (self.attn.c_proj, self.mlp.c_proj)
 
 
-def scale_residual_projections(blocks: Iterable[nn.Module], std: float) -> None:
+def scale_residual_projections(blocks: Iterable[nn.Module], std: float, zero: bool = False) -> None:
     """GPT-2's init of the projections that write into a stack's residual stream: N(0, std / sqrt(n))
     for n such writes in the stack (2 per block, attention and FFN; 3 with cross-attention), so that
-    the stream's variance does not grow with depth."""
+    the stream's variance does not grow with depth. zero (config.zero_init_proj): all zero instead."""
     projections = [proj for block in blocks for proj in block.residual_projections()]
     for proj in projections:
-        nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(len(projections)))
+        if zero:
+            nn.init.zeros_(proj.weight)
+        else:
+            nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(len(projections)))
 
 
 # Learned position tables (counted apart by num_params): the decoder's, and an encoder's.
@@ -218,6 +242,8 @@ class GPT(nn.Module):
             raise ValueError("ModelConfig.vocab_size must be set (from the tokenizer) before building a GPT")
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        if config.value_embeds:
+            self.wve = nn.Embedding(config.vocab_size, config.n_embd)  # shared by every layer's values
         if config.pos_emb == "learned":
             self.wpe = nn.Embedding(config.block_size, config.n_embd)
         elif config.pos_emb == "sinusoidal":
@@ -238,7 +264,8 @@ class GPT(nn.Module):
     def init_weights(self) -> None:
         """Every init rule in one place (GPT-2's): N(0, 0.02) for weights and embeddings, zero
         biases, unit norms, and N(0, 0.02 / sqrt(2 * n_layer)) for the projections that write into
-        the residual stream (scale_residual_projections)."""
+        the residual stream (scale_residual_projections), or zero with config.zero_init_proj. Value
+        embeddings' mixes start at (0.5, 0.5), as in modded-nanogpt."""
         std = self.config.init_std
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -247,7 +274,9 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
             if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
                 module.reset_parameters()
-        scale_residual_projections(self.h, std)
+            if isinstance(module, CausalSelfAttention) and hasattr(module, "ve_mix"):
+                nn.init.constant_(module.ve_mix, 0.5)
+        scale_residual_projections(self.h, std, self.config.zero_init_proj)
 
     def num_params(self, exclude_positions: bool = True) -> int:
         """Parameter count, shared (tied) weights counted once; by default without learned positions."""
@@ -341,9 +370,16 @@ class GPT(nn.Module):
                 n_keys = kv_cache.max_len if torch.compiler.is_compiling() else end
             mask = attention_mask(slots, n_keys, pad, segments, prefix)
         x = self.drop(x)
+        extra: tuple[Any, ...] = ()
+        if cross is not None:  # what an encoder-decoder's decoder blocks attend to
+            extra = (cross,)
+        elif self.config.value_embeds:
+            extra = (self.wve(idx),)  # (B, T, C), mixed into every layer's attention values
         for block in self.h:
-            x = block(x, rope, kv_cache, mask, slots, *(() if cross is None else (cross,)))
+            x = block(x, rope, kv_cache, mask, slots, *extra)
         if kv_cache is not None:
             kv_cache.advance(T)
         x = self.ln_f(x)  # (B, T, C)
-        return x if return_hidden else self.lm_head(x)  # (B, T, vocab_size)
+        if return_hidden:
+            return x
+        return soft_cap(self.lm_head(x), self.config.logit_softcap)  # (B, T, vocab_size)

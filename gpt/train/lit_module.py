@@ -184,14 +184,23 @@ class GPTLitModule(L.LightningModule):
     def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """A text batch's mean cross-entropy."""
         hidden, y = self.hidden_and_targets(batch)
-        nats = fused_linear_cross_entropy(hidden.flatten(0, 1), self.model.lm_head.weight, y.flatten())
+        nats = fused_linear_cross_entropy(
+            hidden.flatten(0, 1),
+            self.model.lm_head.weight,
+            y.flatten(),
+            softcap=self.model.config.logit_softcap,
+        )
         return nats / y.numel()
 
     def summed_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """An example batch's cross-entropy summed over its counted targets (fp32), in nats."""
         hidden, targets = self.hidden_and_targets(batch)
         return fused_linear_cross_entropy(
-            hidden.flatten(0, 1), self.model.lm_head.weight, targets.flatten(), ignore_index=IGNORE
+            hidden.flatten(0, 1),
+            self.model.lm_head.weight,
+            targets.flatten(),
+            ignore_index=IGNORE,
+            softcap=self.model.config.logit_softcap,
         )
 
     def step_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -263,7 +272,11 @@ class GPTLitModule(L.LightningModule):
         # number; and, for bits per byte, the nats and UTF-8 bytes of those that are text.
         hidden, targets = self.hidden_and_targets(batch)
         nats = cross_entropy_per_token(
-            hidden.flatten(0, 1), self.model.lm_head.weight, targets.flatten(), ignore_index=IGNORE
+            hidden.flatten(0, 1),
+            self.model.lm_head.weight,
+            targets.flatten(),
+            ignore_index=IGNORE,
+            softcap=self.model.config.logit_softcap,
         )  # (B * T,), 0 where IGNORE
         counted = targets.flatten() != IGNORE
         n_bytes = self.token_bytes[targets.flatten().clamp(min=0)] * counted
