@@ -24,20 +24,31 @@ BENCH_KEYS = {
     "tokenizer": {"mb", "vocab_size", "pattern", "repeats", "holdout", "out"},
     "serve": {"out", "ckpt_dir", "clients", "requests_per_client", "max_tokens", "transformers"},
     "run": {"only"},
+    "recipe": {"nanogpt_dir", "nanogpt_commit", "nanogpt_args", "ours", "rounds", "cpu_kind"}
+    | {"max_ratio", "max_val_loss", "work_dir", "out"},
 }
 
 
-@pytest.fixture(scope="module")
-def bench_train():
-    """bench/bench_train.py as a module (its folder on sys.path, as when it runs)."""
+def load_bench(name: str):
+    """bench/<name>.py as a module (its folder on sys.path, as when it runs)."""
     sys.path.insert(0, str(ROOT / "bench"))
     try:
-        spec = importlib.util.spec_from_file_location("bench_train", ROOT / "bench" / "bench_train.py")
+        spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         yield module
     finally:
         sys.path.remove(str(ROOT / "bench"))
+
+
+@pytest.fixture(scope="module")
+def bench_train():
+    yield from load_bench("bench_train")
+
+
+@pytest.fixture(scope="module")
+def bench_recipe():
+    yield from load_bench("bench_recipe")
 
 
 def compose_bench(name: str, *overrides: str):
@@ -96,3 +107,57 @@ def test_bench_train_reads_every_preset_name_from_conf_model(bench_train):
         cfg = compose("bench_train", [f"presets=[{','.join(names)}]"])
         assert bench_train.presets(cfg, cuda=False) == names
         assert OmegaConf.to_container(cfg.presets) == names
+
+
+# What nanoGPT's train.py and ours print, cut from real runs of the two recipes.
+NANOGPT_OUTPUT = """\
+step 1750: train loss 1.7453, val loss 1.8947
+saving checkpoint to out-shakespeare-char
+iter 1900: loss 1.7716, time 46.10ms, mfu 0.01%
+step 2000: train loss 1.7355, val loss 1.8861
+saving checkpoint to out-shakespeare-char
+iter 2000: loss 1.7006, time 2011.55ms, mfu 0.01%
+"""
+OURS_OUTPUT = """\
+validation at step 380: val/loss 1.8790, val/ppl 6.5470, val/bpb 2.7108
+training finished at step 380: 380 steps in 41.2 s (training and validation), 389,120 training tokens
+  final val/loss 1.8790 at step 380, best 1.8790 at step 380
+  last checkpoint: runs/x/checkpoints/last.ckpt
+"""
+
+
+def test_bench_recipe_reads_each_recipes_final_val_loss(bench_recipe):
+    assert bench_recipe.nanogpt_val_loss(NANOGPT_OUTPUT) == 1.8861
+    assert bench_recipe.ours_val_loss(OURS_OUTPUT) == 1.8790
+    # No summary (a run stopped after its validation): the last validation line.
+    assert bench_recipe.ours_val_loss(OURS_OUTPUT.split("training finished")[0]) == 1.8790
+    assert bench_recipe.nanogpt_val_loss("iter 0: loss 4.2\n") is None
+    assert bench_recipe.ours_val_loss("run dir: runs/x\n") is None
+
+
+def test_bench_recipe_without_nanogpt_says_how_to_get_it_in_one_line(bench_recipe, tmp_path, capsys):
+    commit = compose_bench("recipe").nanogpt_commit
+    for where in (str(tmp_path / "nowhere"), str(tmp_path)):  # missing, and without nanoGPT's files
+        cfg = compose_bench("recipe", f"nanogpt_dir={where}")
+        with pytest.raises(SystemExit) as exited:
+            bench_recipe.main.__wrapped__(cfg)
+        assert exited.value.code != 0
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err
+        assert f"git clone https://github.com/karpathy/nanoGPT {where}" in err and commit in err
+    for name in bench_recipe.NANOGPT_FILES:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("")
+    assert bench_recipe.missing_nanogpt(str(tmp_path), commit) is None
+    assert "nanogpt_dir is not set" in bench_recipe.missing_nanogpt(None, commit)
+
+
+def test_bench_recipe_cpu_kind_sets_the_same_env_for_both(bench_recipe):
+    assert bench_recipe.cpu_env(None) == {}
+    assert bench_recipe.cpu_env("avx2") == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    with pytest.raises(ConfigError, match="cpu_kind='avx3'"):
+        bench_recipe.cpu_env("avx3")
+    cfg = compose_bench("recipe", "ours='experiment=X seed=1'")
+    assert bench_recipe.as_list(cfg.ours) == ["experiment=X", "seed=1"]
+    assert bench_recipe.as_list(compose_bench("recipe").ours) == ["experiment=shakespeare_char_cpu"]
+    assert "--max_iters=2000" in bench_recipe.as_list(compose_bench("recipe").nanogpt_args)
