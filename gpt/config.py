@@ -275,6 +275,11 @@ class DataConfig:
     # pairs: several examples share a row of block_size tokens, each attending only to itself;
     # false: one example per row, padded.
     packing: bool = True
+    # Text corpora: each document of a window attends only to itself, its positions counted from its
+    # start (its end-of-text token, which comes first); random windows start at a document start
+    # where one lies in them (docs/data.md, "Document masks"). Needs a BPE tokenizer: char's "\n\n"
+    # separator also occurs inside text.
+    doc_mask: bool = False
     # Windows per validation pass (fixed and evenly spaced, so every validation sees the same windows).
     # None: 512, or 64 on a CPU with a vocabulary of over 4,096 tokens (where each window scores
     # block_size x vocab_size logits: 512 windows of model=small with GPT-2's BPE take minutes).
@@ -317,6 +322,21 @@ class DataConfig:
         _check(
             self.val_windows is None or self.val_windows >= 1,
             f"data.val_windows={self.val_windows} must be >= 1 (or null)",
+        )
+        if self.doc_mask:
+            self._check_doc_mask()
+
+    def _check_doc_mask(self) -> None:
+        _check(
+            self.source != "pairs",
+            "data.doc_mask=true is for text corpora; data=pairs already packs each example into a "
+            "segment of its own that attends only to itself: drop data.doc_mask",
+        )
+        _check(
+            self.tokenizer != "char",
+            "data.doc_mask=true needs an end-of-text token between documents, and data.tokenizer=char "
+            "separates them by a blank line, which also occurs inside text: use a BPE "
+            "(data.tokenizer=r50k_base or train) or drop data.doc_mask",
         )
 
     def _check_training(self) -> None:

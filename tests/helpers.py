@@ -83,6 +83,22 @@ def write_corpus(path: Path) -> Path:
     return path
 
 
+def write_documents(folder: Path, n: int = 40, seed: int = 0) -> Path:
+    """A folder of n short documents (one file each: 50 to 600 characters of Tiny Shakespeare, one
+    after another), for data.doc_mask: in a BPE, each starts with an end-of-text token. Skips the
+    test where the corpus is missing."""
+    if not SHAKESPEARE.is_file():
+        pytest.skip(f"{SHAKESPEARE} not found; set GPT_DATA_DIR")
+    text = SHAKESPEARE.read_text(encoding="utf-8")
+    sizes = np.random.default_rng(seed).integers(50, 600, n).tolist()
+    folder.mkdir(parents=True, exist_ok=True)
+    at = 0
+    for i, size in enumerate(sizes):
+        (folder / f"doc{i:03d}.txt").write_text(text[at : at + size], encoding="utf-8")
+        at += size
+    return folder
+
+
 def split_tokens(prepared, split: str) -> np.ndarray:
     """The whole split, read from its shards."""
     parts = [np.fromfile(p, dtype=prepared.meta["dtype"]) for p in prepared.shard_paths(split)]

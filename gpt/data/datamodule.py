@@ -3,7 +3,7 @@
 The shards come from `gpt.data.prepare.prepare` (the data module's prepare_data() calls it) and are
 read as windows by `gpt.data.windows` (re-exported here), which needs no Lightning. A split's shards
 are one token stream, so every offset of the split is a window start and the sequential mode covers
-every token.
+every token. With data.doc_mask a batch is (x, y, positions, segments) instead of (x, y).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from gpt.config import DataConfig
 from gpt.data.prepare import Prepared, prepare
-from gpt.data.windows import Windows, val_offsets
+from gpt.data.windows import Windows, document_separator, val_offsets
 from gpt.errors import UserError
 from gpt.tokenizer import Tokenizer
 
@@ -149,8 +149,14 @@ class GPTDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         meta = self.prepared.meta  # checks that each split holds a window
-        self.train_set = Windows(self.prepared.shard_paths("train"), meta["dtype"], self.block_size)
-        self.val_set = Windows(self.prepared.shard_paths("val"), meta["dtype"], self.block_size)
+        # data.doc_mask: windows carry their documents' positions and segments; random training
+        # windows start at a document start, validation scores the same windows as without it.
+        sep = document_separator(self.tokenizer) if self.cfg.doc_mask else None
+        align = self.cfg.sampling == "random"  # sequential keeps every token once per epoch
+        self.train_set = Windows(
+            self.prepared.shard_paths("train"), meta["dtype"], self.block_size, sep, align
+        )
+        self.val_set = Windows(self.prepared.shard_paths("val"), meta["dtype"], self.block_size, sep)
 
     def _samples_per_epoch(self) -> int:
         trainer = self.trainer

@@ -9,6 +9,9 @@ checkpoint's tokenizer, as training prepares it, and its val split is scored in 
   that a run's own data gives back its last val/bpb;
 - "all": every token of the val split once, in back-to-back windows.
 
+With data.doc_mask (recorded by a checkpoint trained with it, or passed), each window's documents
+attend only to themselves, as validation and training masked them.
+
 The sums are computed as GPTLitModule.validation_step computes them, and returned as sums (nats,
 tokens, text_nats, bytes, windows) so that ranks can add theirs up before `bpb_metrics` divides.
 """
@@ -28,7 +31,7 @@ from tqdm import tqdm
 
 from gpt.config import DataConfig
 from gpt.data.prepare import prepare
-from gpt.data.windows import FULL_VAL_WINDOWS, Windows, val_offsets
+from gpt.data.windows import FULL_VAL_WINDOWS, Windows, document_positions, document_separator, val_offsets
 from gpt.errors import UserError
 from gpt.model.transformer import GPT
 from gpt.runs.checkpoint import checkpoint_data_config
@@ -58,8 +61,9 @@ def bpb_data(data: DataConfig | None, ckpt: dict[str, Any] | None, path: Path) -
 
 class BpbWindows(Sequence):
     """Windows of a val split as (start, stop) token spans: item i is (x, y), the tokens
-    [start, stop - 1) and the same shifted by one. Slicing gives a BpbWindows over those spans,
-    so ranks can take their share with [rank::world]."""
+    [start, stop - 1) and the same shifted by one, or, when the reader has a separator
+    (data.doc_mask), (x, y, positions, segments) as Windows gives them. Slicing gives a BpbWindows
+    over those spans, so ranks can take their share with [rank::world]."""
 
     def __init__(self, reader: Windows, spans: list[tuple[int, int]]) -> None:
         self.reader, self.spans = reader, spans
@@ -73,15 +77,18 @@ class BpbWindows(Sequence):
         return len(self.spans)
 
     @overload
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]: ...
     @overload
     def __getitem__(self, i: slice) -> BpbWindows: ...
-    def __getitem__(self, i: int | slice) -> tuple[torch.Tensor, torch.Tensor] | BpbWindows:
+    def __getitem__(self, i: int | slice) -> tuple[torch.Tensor, ...] | BpbWindows:
         if isinstance(i, slice):
             return BpbWindows(self.reader, self.spans[i])
         start, stop = self.spans[i]
         chunk = torch.from_numpy(self.reader.read(start, stop).astype(np.int64))
-        return chunk[:-1], chunk[1:]
+        x, y = chunk[:-1], chunk[1:]
+        if self.reader.separator is None:
+            return x, y
+        return x, y, *document_positions(x, self.reader.separator)
 
 
 def all_spans(n_tokens: int, block_size: int) -> list[tuple[int, int]]:
@@ -105,7 +112,8 @@ def bpb_windows(
     `progress`: prepare's progress bar and summary line, when the corpus is not in the cache."""
     prepared = prepare(data, tokenizer=tokenizer, verbose=progress)
     prepared.check_fits(block_size)
-    reader = Windows(prepared.shard_paths("val"), prepared.meta["dtype"], block_size)
+    separator = document_separator(tokenizer) if data.doc_mask else None
+    reader = Windows(prepared.shard_paths("val"), prepared.meta["dtype"], block_size, separator)
     if mode == "val":
         offsets = val_offsets(reader.n_tokens, block_size, data.val_windows or FULL_VAL_WINDOWS)
         spans = [(o, o + block_size + 1) for o in offsets]
@@ -116,15 +124,15 @@ def bpb_windows(
     return BpbWindows(reader, spans[:limit])
 
 
-def batches(windows: Sequence, batch_size: int) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+def batches(windows: Sequence, batch_size: int) -> Iterator[list[tuple[torch.Tensor, ...]]]:
     """Consecutive windows, at most batch_size of them, of one length (so they stack): a shorter
     window (the last of mode "all") gets a batch of its own."""
-    batch: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for x, y in windows:
-        if batch and (len(batch) == batch_size or len(x) != len(batch[0][0])):
+    batch: list[tuple[torch.Tensor, ...]] = []
+    for window in windows:
+        if batch and (len(batch) == batch_size or len(window[0]) != len(batch[0][0])):
             yield batch
             batch = []
-        batch.append((x, y))
+        batch.append(window)
     if batch:
         yield batch
 
@@ -132,9 +140,10 @@ def batches(windows: Sequence, batch_size: int) -> Iterator[list[tuple[torch.Ten
 def score_bpb(
     model: GPT, tokenizer: Tokenizer, windows: Sequence, batch_size: int, progress: bool = False
 ) -> dict[str, float]:
-    """Sums over `windows` ((x, y) pairs) as validation computes them: "nats" (cross-entropy summed
-    over the targets, in fp32), "tokens" (targets), "text_nats" (the nats of the targets that have
-    bytes: not end-of-text), "bytes" (the targets' UTF-8 bytes), "windows"."""
+    """Sums over `windows` ((x, y) pairs, or (x, y, positions, segments) with data.doc_mask) as
+    validation computes them: "nats" (cross-entropy summed over the targets, in fp32), "tokens"
+    (targets), "text_nats" (the nats of the targets that have bytes: not end-of-text), "bytes" (the
+    targets' UTF-8 bytes), "windows"."""
     device = next(model.parameters()).device
     token_bytes = token_byte_lengths(tokenizer, model.config.vocab_size).to(device)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # nats, tokens, text_nats, bytes
@@ -144,9 +153,10 @@ def score_bpb(
     try:
         with torch.inference_mode():
             for batch in batches(windows, batch_size):
-                x = torch.stack([x for x, _ in batch]).to(device)  # (B, T)
-                y = torch.stack([y for _, y in batch]).to(device)  # (B, T)
-                logits = model(x)  # (B, T, V)
+                # (B, T) each: x, y, and with data.doc_mask positions and segments
+                x, y, *documents = (torch.stack(parts).to(device) for parts in zip(*batch, strict=True))
+                positions, segments = documents or (None, None)
+                logits = model(x, positions=positions, segments=segments)  # (B, T, V)
                 nats = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none")
                 n_bytes = token_bytes[y.flatten()]  # (B * T,)
                 sums[0] += nats.sum()

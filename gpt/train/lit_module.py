@@ -1,6 +1,7 @@
 """GPTLitModule: the training "system" around the network: loss, metrics, optimizer, schedule.
 
-Two kinds of batch. Text: a tuple (x, y) of (B, T) windows, the loss the mean over every token.
+Two kinds of batch. Text: a tuple (x, y) of (B, T) windows, the loss the mean over every token;
+with data.doc_mask (x, y, positions, segments), each document of a window attending only to itself.
 Examples (prompt -> completion pairs): a dict of (B, T) tensors "idx", "targets" (IGNORE = no
 loss: prompt tokens, padding), "positions", "segments" (several examples packed into a row, padding
 -1), "prefix" (the prompt tokens, for a prefix LM), and "step_tokens" (B,): the counted targets of
@@ -35,7 +36,7 @@ from gpt.model.loss import cross_entropy_per_token, fused_linear_cross_entropy
 from gpt.tokenizer import Tokenizer, token_byte_lengths, tokenizer_from_dict
 from gpt.train.optim import build_optimizer, build_scheduler
 
-Batch = tuple[torch.Tensor, torch.Tensor] | dict[str, torch.Tensor]
+Batch = tuple[torch.Tensor, ...] | dict[str, torch.Tensor]
 
 
 def get_rng_state() -> dict[str, Any]:
@@ -175,13 +176,14 @@ class GPTLitModule(L.LightningModule):
             hidden = self.model(
                 x, positions=batch["positions"], segments=batch["segments"], return_hidden=True, **sides
             )
-        else:
-            x, targets = batch
-            hidden = self.model(x, return_hidden=True)
+        else:  # (x, y), or with data.doc_mask (x, y, positions, segments)
+            x, targets, *documents = batch
+            positions, segments = documents or (None, None)
+            hidden = self.model(x, positions=positions, segments=segments, return_hidden=True)
         self._batch_shape = tuple(x.shape)
         return hidden, targets
 
-    def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def loss(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """A text batch's mean cross-entropy."""
         hidden, y = self.hidden_and_targets(batch)
         nats = fused_linear_cross_entropy(

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from gpt.config import DataConfig, ModelConfig, OptimConfig
 from gpt.data.pairs import PreparedPairs, prepare_pairs
 from gpt.data.prepare import Prepared, prepare
+from gpt.data.windows import document_separator
 from gpt.errors import ConfigError
 from gpt.runs.checkpoint import check_resumable
 from gpt.tokenizer import Tokenizer
@@ -154,6 +155,8 @@ def check(
         prepared = prepare(data_cfg, tokenizer=init.tokenizer if init else None)
     prepared.check_fits(model_cfg.block_size)
     tokenizer = prepared.tokenizer()
+    if data_cfg.doc_mask:  # a corpus tokenized by characters has no end-of-text token to mask by
+        document_separator(tokenizer)
     model_cfg = replace(model_cfg, vocab_size=vocab_size(model_cfg.vocab_size, tokenizer.vocab_size))
     if seq2seq:  # the decoder starts from the end-of-text token (pairs need one)
         model_cfg = replace(model_cfg, decoder_start=tokenizer.eot_token)

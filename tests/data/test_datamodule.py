@@ -19,7 +19,7 @@ from gpt.data.datamodule import (
     val_offsets,
 )
 from gpt.errors import ConfigError, UserError
-from tests.helpers import bare_trainer, fake_trainer, split_tokens, text_cfg
+from tests.helpers import bare_trainer, fake_trainer, split_tokens, text_cfg, write_documents
 
 
 def test_windows_are_shifted_by_one(tiny_corpus, tmp_path):
@@ -248,3 +248,31 @@ def test_resume_with_workers_reading_ahead_continues_with_the_next_batch(tiny_co
     assert len(whole.seen) == 10 and len(first.seen) == 4 and len(rest.seen) == 6
     for a, b in zip(whole.seen, first.seen + rest.seen, strict=True):
         assert torch.equal(a, b)
+
+
+def test_resume_with_doc_mask_continues_with_the_next_aligned_batch(tmp_path):
+    """data.doc_mask: the windows move to document starts, by offset alone, so a resumed run reads
+    the batches the uninterrupted one read, their positions and segments with them."""
+    cfg = text_cfg(
+        write_documents(tmp_path / "docs"),
+        tmp_path,
+        tokenizer="r50k_base",
+        doc_mask=True,
+        batch_size=4,
+        num_workers=2,
+    )
+    ckpt = tmp_path / "step-4.ckpt"
+
+    def fit(stop_at: int | None = None, ckpt_path: Path | None = None) -> RecordBatches:
+        callbacks = [CheckpointAndStopAt(stop_at, ckpt)] if stop_at else []
+        module = RecordBatches()
+        trainer = bare_trainer(tmp_path, max_steps=10, callbacks=callbacks)
+        trainer.fit(module, datamodule=GPTDataModule(cfg, block_size=32, seed=3), ckpt_path=ckpt_path)
+        return module
+
+    whole, first = fit(), fit(stop_at=4)
+    rest = fit(ckpt_path=ckpt)
+    assert len(whole.seen) == 10 and len(first.seen) + len(rest.seen) == 10
+    for a, b in zip(whole.seen, first.seen + rest.seen, strict=True):
+        assert torch.equal(a, b)
+    assert any((x[:, 0] == 50_256).any() for x in whole.seen)  # aligned windows among them

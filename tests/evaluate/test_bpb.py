@@ -4,7 +4,7 @@ every val token once in mode "all", and the corpus chosen (given, or the checkpo
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ from gpt.runs.checkpoint import load_model, read_checkpoint
 from gpt.runs.metrics import read_metrics
 from gpt.tokenizer import CharTokenizer
 from gpt.train.lit_module import GPTLitModule
-from tests.helpers import fit, split_tokens, text_cfg, tiny_config, tiny_model, write_corpus
+from tests.helpers import fit, split_tokens, text_cfg, tiny_config, tiny_model, write_corpus, write_documents
 
 BLOCK = 32
 
@@ -72,6 +72,29 @@ def test_val_windows_give_the_validation_metrics_of_training(module, corpus_cfg)
     assert metrics["bpb"] == pytest.approx(logged["val/bpb"], rel=1e-6)
     assert metrics["loss"] == pytest.approx(logged["val/loss"], rel=1e-6)
     assert metrics["ppl"] == pytest.approx(logged["val/ppl"], rel=1e-6)
+
+
+def test_doc_mask_windows_give_the_validation_metrics_of_training(tmp_path):
+    """data.doc_mask: bpb scores the validation windows with the documents masked as validation
+    masks them, which is not what the same windows score unmasked."""
+    cfg = text_cfg(
+        write_documents(tmp_path / "docs"), tmp_path, tokenizer="r50k_base", doc_mask=True, val_windows=6
+    )
+    tok = prepare(cfg, verbose=False).tokenizer()
+    torch.manual_seed(0)
+    module = GPTLitModule.from_configs(
+        tiny_config(vocab_size=tok.vocab_size, block_size=BLOCK), OptimConfig(), tok
+    ).eval()
+    logged = lightning_validation(module, cfg)
+    windows = bpb_windows(cfg, tok, BLOCK, "val")
+    assert len(windows[0]) == 4  # x, y, positions, segments
+    metrics = bpb_metrics(score_bpb(module.model, tok, windows, batch_size=4))
+    assert metrics["bpb"] == pytest.approx(logged["val/bpb"], rel=1e-6)
+    assert metrics["loss"] == pytest.approx(logged["val/loss"], rel=1e-6)
+    unmasked = bpb_metrics(
+        score_bpb(module.model, tok, bpb_windows(replace(cfg, doc_mask=False), tok, BLOCK, "val"), 4)
+    )
+    assert unmasked["loss"] != pytest.approx(metrics["loss"], rel=1e-6)
 
 
 def test_the_sums_are_over_the_targets_and_bpb_over_the_text_ones():
