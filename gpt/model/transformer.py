@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt.config import ModelConfig
+from gpt.model import flex
 from gpt.model.kv_cache import KVCache
 from gpt.model.linear import Linear
 from gpt.model.loss import soft_cap
@@ -139,7 +140,7 @@ class CausalSelfAttention(nn.Module):
             k, v = kv_cache.update(self.layer_idx, k, v, slots)  # (B, nh, max_len, hs)
             if mask is not None and mask.size(-1) < k.size(2):  # the slots filled so far, eagerly
                 k, v = k[:, :, : mask.size(-1)], v[:, :, : mask.size(-1)]
-        y = F.scaled_dot_product_attention(
+        y = flex.attend(  # F.scaled_dot_product_attention, or FlexAttention for a BlockMask
             q,
             k,
             v,
@@ -362,7 +363,10 @@ class GPT(nn.Module):
             positions = slots if pad is None else (slots[None, :] - pad[:, None]).clamp(min=0)
         x, rope = self.embed(idx, positions, self.wte, getattr(self, "wpe", None))  # (B, T, C)
         mask = None  # plain causal attention: SDPA's is_causal fast path
-        if kv_cache is not None or pad is not None or segments is not None or prefix is not None:
+        dropout = self.config.dropout if self.training else 0.0
+        if flex.applies(idx, self.config.head_dim, segments, (kv_cache, pad, prefix), dropout):
+            mask = flex.document_block_mask(segments)  # CUDA, compiled: gpt/model/flex.py
+        elif kv_cache is not None or pad is not None or segments is not None or prefix is not None:
             n_keys = T
             if kv_cache is not None:
                 # Eagerly, attention reads the slots filled so far; compiled, the whole cache (masked),
