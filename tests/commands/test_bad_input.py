@@ -118,6 +118,11 @@ CASES = {
         "model.n_head=5", message="model.n_embd=32 is not divisible by model.n_head=5; pick n_head"
     ),
     "train-negative-lr": train("optim.lr=-0.1", message="optim.lr=-0.1 must be > 0"),
+    "train-doc-mask-with-characters": train(
+        "data.doc_mask=true",
+        message="data.doc_mask=true needs an end-of-text token between documents, and data.tokenizer=char "
+        "separates them by a blank line",
+    ),
     "train-block-size-larger-than-data": train(
         "model.block_size=5000", message="val split has 4000 tokens, fewer than block_size+2 = 5002; use more"
     ),
@@ -207,6 +212,9 @@ CASES = {
         "data.template='Q: {{question}}'",
         message="template 'Q: {{question}}' is neither one of none, plain, alpaca, chatml nor a format "
         "string over {{prompt}}",
+    ),
+    "pairs-doc-mask": pairs(
+        "data.doc_mask=true", message="data.doc_mask=true is for text corpora; data=pairs already packs"
     ),
     "pairs-prefix-lm-without-mask-prompt": pairs(
         "model.prefix_lm=true",

@@ -111,6 +111,35 @@ def test_compile_runs_and_checkpoints_load_without_it(tiny_corpus, tmp_path):
     assert model.num_params() > 0
 
 
+@pytest.mark.slow  # 20 s: Tiny Shakespeare in r50k_base, a 50,257-token embedding
+def test_doc_mask_trains_on_shakespeare_in_bpe_and_saves_a_checkpoint(tmp_path):
+    """data.doc_mask=true end to end: train.py on data=shakespeare in r50k_base trains a few steps,
+    validates and checkpoints. (Tiny Shakespeare is one document, split by characters: its parts
+    follow each other without an end-of-text token, so each window is one document. Windows of
+    several documents: tests/data/test_documents.py, tests/evaluate/test_bpb.py.)"""
+    run_dir = tmp_path / "run"
+    args = [
+        "train.py",
+        "experiment=tiny",
+        "data=shakespeare",
+        "data.tokenizer=r50k_base",
+        "data.doc_mask=true",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "model.n_embd=32",
+        "data.batch_size=4",
+        "data.val_windows=4",
+        "trainer.max_steps=3",
+        "trainer.val_check_interval=3",
+        "~callbacks.progress_bar",
+        f"hydra.run.dir={run_dir}",
+    ]
+    assert_ok(run_forked(*args, cwd=tmp_path))
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["hyper_parameters"]["data"]["doc_mask"] is True and ckpt["global_step"] == 3
+    val = [r["val/loss"] for r in read_metrics(run_dir) if "val/loss" in r]
+    assert len(val) == 1 and 0 < val[0] < 12
+
+
 # ----------------------------------------------------------------------------- in-process pieces
 
 
