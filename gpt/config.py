@@ -598,7 +598,7 @@ class ExportConfig(CheckpointConfig):
 
     # The folder to write the Hugging Face directory into (required).
     out: str | None = None
-    # auto, gpt2 or llama; auto: whichever expresses the model (gpt.interop.hf checks the name).
+    # auto, gpt2, llama or qwen3; auto: whichever expresses the model (gpt.interop.hf checks the name).
     format: str = "auto"
 
     def __post_init__(self) -> None:

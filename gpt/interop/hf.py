@@ -1,14 +1,18 @@
-"""Hugging Face interop: our GPT <-> transformers' GPT-2 and Llama checkpoint directories.
+"""Hugging Face interop: our GPT <-> transformers' GPT-2, Llama and Qwen3 checkpoint directories.
 
 A Hugging Face checkpoint directory holds `config.json` and the weights (`model.safetensors`,
 sharded `model-*.safetensors` with an index, or `pytorch_model.bin`). Two of its architectures
 are our model under other names:
 
-- GPT-2 (`GPT2LMHeadModel`): learned positions, LayerNorm with bias, GELU (tanh) MLP. Our
-  parameter names are GPT-2's, under `transformer.`; its Conv1D layers store (in, out) matrices,
-  the transpose of nn.Linear's.
+- GPT-2 (`GPT2LMHeadModel`): learned positions, LayerNorm with bias, GELU (tanh) MLP, or squared
+  ReLU (`activation_function: relu2`, our ffn=relu2). Our parameter names are GPT-2's, under
+  `transformer.`; its Conv1D layers store (in, out) matrices, the transpose of nn.Linear's.
 - Llama (`LlamaForCausalLM`): RoPE (rotating halves, as ours does), RMSNorm, SwiGLU. Its separate
   q/k/v and gate/up projections are our fused c_attn and c_fc split along the output dim.
+- Qwen3 (`Qwen3ForCausalLM`): Llama's with an RMSNorm of each head's queries and keys before RoPE,
+  our qk_norm (`q_norm`, `k_norm`).
+
+Value embeddings and a logit soft cap have no equivalent in these three and are refused.
 
 This module reads and maps; gpt.interop.export writes directories, gpt.interop.load loads them.
 """
@@ -33,7 +37,7 @@ GPT2_VOCAB = 50257  # r50k_base: GPT-2's BPE
 _CONV1D = re.compile(r"h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
 # Buffers some GPT-2 checkpoints carry (the causal mask), not weights.
 _GPT2_BUFFERS = re.compile(r"\.attn\.(bias|masked_bias)$")
-FORMATS = ("auto", "gpt2", "llama")  # of export.py; auto picks gpt2 or llama from the config
+FORMATS = ("auto", "gpt2", "llama", "qwen3")  # of export.py; auto picks one from the config
 
 
 def is_hf_dir(path: str | Path) -> bool:
@@ -51,7 +55,7 @@ def check_format(fmt: str) -> None:
 
 
 def hf_format(config: ModelConfig, fmt: str = "auto") -> str:
-    """The Hugging Face architecture that expresses `config`: "gpt2" or "llama".
+    """The Hugging Face architecture that expresses `config`: "gpt2", "llama" or "qwen3".
 
     Raises a UserError naming the first option neither (or the requested one) can express.
     """
@@ -71,20 +75,43 @@ def hf_format(config: ModelConfig, fmt: str = "auto") -> str:
             "prefix_lm=true (the prompt attended both ways) has no GPT-2 or Llama equivalent, which are "
             "causal everywhere; use this model with generate.py and evaluate.py instead"
         )
+    if config.value_embeds:
+        raise UserError(
+            "value_embeds=true (an embedding mixed into attention's values) has no GPT-2, Llama or Qwen3 "
+            "equivalent; export needs a model trained without it"
+        )
+    if config.logit_softcap is not None:
+        raise UserError(
+            f"logit_softcap={config.logit_softcap} has no GPT-2, Llama or Qwen3 equivalent (Gemma 2 caps its "
+            "logits, but differs in other ways); export needs a model trained without it"
+        )
     if fmt == "auto":
-        fmt = "gpt2" if config.pos_emb == "learned" else "llama"
-    # Each format's requirements, in the order the message should name them.
+        fmt = "gpt2" if config.pos_emb == "learned" else "qwen3" if config.qk_norm else "llama"
+    # Each format's requirements (the values it accepts), in the order the message should name them.
     needs = {
-        "gpt2": {"pos_emb": "learned", "norm": "layernorm", "ffn": "gelu", "bias": True},
-        "llama": {"pos_emb": "rope", "norm": "rmsnorm", "ffn": "swiglu"},
+        "gpt2": {
+            "pos_emb": ["learned"],
+            "norm": ["layernorm"],
+            "ffn": ["gelu", "relu2"],
+            "bias": [True],
+            "qk_norm": [False],
+        },
+        "llama": {"pos_emb": ["rope"], "norm": ["rmsnorm"], "ffn": ["swiglu"], "qk_norm": [False]},
+        "qwen3": {
+            "pos_emb": ["rope"],
+            "norm": ["rmsnorm"],
+            "ffn": ["swiglu"],
+            "qk_norm": [True],
+            "bias": [False],
+        },
     }[fmt]
-    for name, want in needs.items():
+    for name, wants in needs.items():
         have = getattr(config, name)
-        if have != want:
-            show = str(have).lower()
+        if have not in wants:
             raise UserError(
-                f"{name}={show} cannot be exported in {fmt} format, which needs {name}={str(want).lower()} "
-                "(gpt2: learned positions, layernorm, gelu, bias; llama: rope, rmsnorm, swiglu)"
+                f"{name}={str(have).lower()} cannot be exported in {fmt} format, which needs {name}="
+                f"{' or '.join(str(w).lower() for w in wants)} (gpt2: learned positions, layernorm, gelu or "
+                "relu2, bias; llama: rope, rmsnorm, swiglu; qwen3: llama's with qk_norm, no bias)"
             )
     return fmt
 
@@ -109,7 +136,8 @@ def hf_config(config: ModelConfig, fmt: str, eot_token: int | None) -> dict[str,
             "n_embd": config.n_embd,
             "n_positions": config.block_size,
             "n_inner": config.hidden_dim,
-            "activation_function": "gelu_new",  # GELU's tanh approximation, as ours
+            # GELU's tanh approximation, as ours; or relu(x)**2
+            "activation_function": "relu2" if config.ffn == "relu2" else "gelu_new",
             "layer_norm_epsilon": config.norm_eps,
             "resid_pdrop": config.dropout,
             "embd_pdrop": config.dropout,
@@ -119,7 +147,7 @@ def hf_config(config: ModelConfig, fmt: str, eot_token: int | None) -> dict[str,
             "reorder_and_upcast_attn": False,
             **common,
         }
-    return {
+    llama = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "num_hidden_layers": config.n_layer,
@@ -137,6 +165,11 @@ def hf_config(config: ModelConfig, fmt: str, eot_token: int | None) -> dict[str,
         "attention_dropout": config.dropout,
         **common,
     }
+    if fmt == "llama":
+        return llama
+    # Qwen3: Llama's fields, its MLP without biases, no sliding window.
+    del llama["mlp_bias"]
+    return llama | {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "use_sliding_window": False}
 
 
 def _require(hf: dict[str, Any], key: str, ok: bool, want: str) -> None:
@@ -150,7 +183,9 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     tie = hf.get("tie_word_embeddings", True)
     if kind == "gpt2":
         act = hf.get("activation_function", "gelu_new")
-        _require(hf, "activation_function", act in ("gelu_new", "gelu_pytorch_tanh"), "gelu_new")
+        _require(
+            hf, "activation_function", act in ("gelu_new", "gelu_pytorch_tanh", "relu2"), "gelu_new or relu2"
+        )
         _require(hf, "scale_attn_weights", hf.get("scale_attn_weights", True), "true")
         _require(
             hf, "scale_attn_by_inverse_layer_idx", not hf.get("scale_attn_by_inverse_layer_idx"), "false"
@@ -164,15 +199,16 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
             vocab_size=hf["vocab_size"],
             pos_emb="learned",
             norm="layernorm",
-            ffn="gelu",
+            ffn="relu2" if act == "relu2" else "gelu",
             ffn_hidden=hf.get("n_inner") or 4 * hf["n_embd"],
             bias=True,
             tie_embeddings=tie,
             norm_eps=hf.get("layer_norm_epsilon", 1e-5),
             dropout=0.0,
         )
-    if kind == "llama":
+    if kind in ("llama", "qwen3"):
         n_head, n_embd = hf["num_attention_heads"], hf["hidden_size"]
+        _require(hf, "use_sliding_window", not hf.get("use_sliding_window"), "false")
         _require(hf, "hidden_act", hf.get("hidden_act", "silu") == "silu", "silu")
         kv = hf.get("num_key_value_heads") or n_head
         _require(hf, "num_key_value_heads", kv == n_head, f"{n_head} (no grouped-query attention)")
@@ -181,9 +217,9 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         _require(hf, "rope_scaling", not hf.get("rope_scaling"), "null")
         _require(hf, "rope_parameters", rope.get("rope_type", "default") == "default", "rope_type default")
         bias = bool(hf.get("attention_bias", False))
-        _require(
-            hf, "mlp_bias", bool(hf.get("mlp_bias", False)) == bias, f"mlp_bias={bias} (= attention_bias)"
-        )
+        # Qwen3's MLP has no biases: the attention's must be off too (ours are all or none).
+        mlp_bias = bool(hf.get("mlp_bias", False)) if kind == "llama" else False
+        _require(hf, "attention_bias" if kind == "qwen3" else "mlp_bias", mlp_bias == bias, f"= {mlp_bias}")
         return ModelConfig(
             n_layer=hf["num_hidden_layers"],
             n_head=n_head,
@@ -199,8 +235,11 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
             norm_eps=hf.get("rms_norm_eps", 1e-6),
             rope_base=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
             dropout=0.0,
+            qk_norm=kind == "qwen3",
         )
-    raise UserError(f"config.json has model_type={kind!r}; only gpt2 and llama checkpoints can be loaded")
+    raise UserError(
+        f"config.json has model_type={kind!r}; only gpt2, llama and qwen3 checkpoints can be loaded"
+    )
 
 
 # ----------------------------------------------------------------------------- weights
@@ -219,6 +258,8 @@ def _llama_name(name: str) -> str:
         "attn.c_proj.bias": "self_attn.o_proj.bias",
         "mlp.c_proj.weight": "mlp.down_proj.weight",
         "mlp.c_proj.bias": "mlp.down_proj.bias",
+        "attn.q_norm.weight": "self_attn.q_norm.weight",  # qwen3
+        "attn.k_norm.weight": "self_attn.k_norm.weight",
     }[rest]
     return f"model.layers.{layer}.{rest}"
 

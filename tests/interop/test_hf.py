@@ -35,6 +35,8 @@ transformers = pytest.importorskip("transformers")
 ATOL = 1e-4
 GPT2_SHAPE = dict(pos_emb="learned", norm="layernorm", ffn="gelu", bias=True)
 LLAMA_SHAPE = dict(pos_emb="rope", norm="rmsnorm", ffn="swiglu", bias=False, rope_base=500.0)
+QWEN3_SHAPE = LLAMA_SHAPE | dict(qk_norm=True)
+HF_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 export_main = command("export", ExportConfig, export_checkpoint)  # export.py, in this process
 CHARS = CharTokenizer("".join(chr(c) for c in range(40, 90)))  # 50 characters: tiny_config's vocab
 
@@ -97,6 +99,28 @@ def test_import_llama_matches_transformers(tmp_path):
         load_model(tmp_path / "hf")  # a Llama from elsewhere: its tokenizer is not one of ours
 
 
+def test_import_qwen3_matches_transformers(tmp_path):
+    config = transformers.Qwen3Config(
+        hidden_size=32,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=8,
+        max_position_embeddings=64,
+        vocab_size=90,
+        rms_norm_eps=1e-5,
+        rope_theta=300.0,
+        tie_word_embeddings=True,
+    )
+    theirs = transformers.Qwen3ForCausalLM(config).eval()
+    randomize(theirs)
+    theirs.save_pretrained(tmp_path / "hf")
+    ours = load_hf_model(tmp_path / "hf")
+    assert ours.config.qk_norm and ours.config.tie_embeddings and ours.config.hidden_dim == 80
+    assert max_diff(ours, theirs, 90, T=64) < ATOL
+
+
 def test_import_reads_pytorch_model_bin(tmp_path):
     config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=16, vocab_size=40)
     theirs = transformers.GPT2LMHeadModel(config).eval()
@@ -115,18 +139,21 @@ def test_import_reads_pytorch_model_bin(tmp_path):
     [
         GPT2_SHAPE,
         GPT2_SHAPE | dict(tie_embeddings=False, ffn_hidden=48),
+        GPT2_SHAPE | dict(ffn="relu2", tie_embeddings=False, zero_init_proj=True),
         LLAMA_SHAPE,
         LLAMA_SHAPE | dict(bias=True, tie_embeddings=False),
+        QWEN3_SHAPE,
+        QWEN3_SHAPE | dict(tie_embeddings=False),
     ],
-    ids=["gpt2", "gpt2-untied", "llama", "llama-bias-untied"],
+    ids=["gpt2", "gpt2-untied", "gpt2-relu2-untied", "llama", "llama-bias-untied", "qwen3", "qwen3-untied"],
 )
 def test_export_loads_in_transformers_with_same_logits(tmp_path, shape):
     ours = tiny_model(**shape)
     randomize(ours)
     fmt, notes = export(ours, CHARS, tmp_path / "out")
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
-    expected = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}[fmt]
-    assert type(theirs).__name__ == expected and fmt == ("gpt2" if shape["pos_emb"] == "learned" else "llama")
+    want = "gpt2" if shape["pos_emb"] == "learned" else "qwen3" if shape.get("qk_norm") else "llama"
+    assert type(theirs).__name__ == HF_CLASSES[fmt] and fmt == want
     assert max_diff(ours, theirs, 50) < ATOL
     # One copy of a tied embedding; the directory loads back into our model unchanged.
     from safetensors.torch import load_file
@@ -140,7 +167,7 @@ def test_export_loads_in_transformers_with_same_logits(tmp_path, shape):
         torch.testing.assert_close(back.state_dict()[name], tensor, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("shape", [GPT2_SHAPE, LLAMA_SHAPE], ids=["gpt2", "llama"])
+@pytest.mark.parametrize("shape", [GPT2_SHAPE, LLAMA_SHAPE, QWEN3_SHAPE], ids=["gpt2", "llama", "qwen3"])
 def test_greedy_generation_matches_transformers(tmp_path, shape):
     ours = tiny_model(**shape, block_size=64)
     randomize(ours, seed=4, scale=0.6)  # varied greedy continuations (small weights repeat one token)
@@ -215,6 +242,18 @@ def test_export_refuses_shapes_hf_cannot_express():
         hf_format(tiny_config(**(GPT2_SHAPE | dict(bias=False))))
     with pytest.raises(UserError, match="^ffn=gelu cannot be exported in llama format"):
         hf_format(tiny_config(**(LLAMA_SHAPE | dict(ffn="gelu"))))
+    with pytest.raises(UserError, match="^value_embeds=true .* has no GPT-2, Llama or Qwen3 equivalent"):
+        hf_format(tiny_config(**(LLAMA_SHAPE | dict(value_embeds=True))))
+    with pytest.raises(UserError, match="^logit_softcap=15.0 has no GPT-2, Llama or Qwen3 equivalent"):
+        hf_format(tiny_config(**(GPT2_SHAPE | dict(logit_softcap=15.0))))
+    with pytest.raises(UserError, match="^ffn=relu2 cannot be exported in llama format"):
+        hf_format(tiny_config(**(LLAMA_SHAPE | dict(ffn="relu2"))))
+    with pytest.raises(UserError, match="^qk_norm=true cannot be exported in gpt2 format"):
+        hf_format(tiny_config(**(GPT2_SHAPE | dict(qk_norm=True))))
+    with pytest.raises(UserError, match="^qk_norm=true cannot be exported in llama format"):
+        hf_format(tiny_config(**QWEN3_SHAPE), "llama")
+    with pytest.raises(UserError, match="^qk_norm=false cannot be exported in qwen3 format"):
+        hf_format(tiny_config(**LLAMA_SHAPE), "qwen3")
     with pytest.raises(UserError, match="unknown export format 'onnx'"):
         hf_format(tiny_config(**GPT2_SHAPE), "onnx")
 
