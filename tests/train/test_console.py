@@ -23,10 +23,21 @@ from lightning.pytorch.callbacks import ProgressBar as LightningProgressBar
 
 from gpt.runs.metrics import read_metrics
 from gpt.train.callbacks import ModelSummary, ProgressBar
-from tests.helpers import FAST, ROOT, assert_ok, build_in_process, run_script, train_args, write_corpus
+from tests.helpers import (
+    FAST,
+    ROOT,
+    assert_ok,
+    build_in_process,
+    run_forked,
+    run_script,
+    train_args,
+    write_corpus,
+)
 
-# Its tests share costly module fixtures: one xdist worker runs them all, the fixtures once.
-pytestmark = pytest.mark.xdist_group(__name__)
+# The tests of each costly module fixture share an xdist group: one worker runs them, the fixture
+# once. Two groups, so that two workers can make the two fixtures at the same time.
+RESUMED = pytest.mark.xdist_group(f"{__name__}-resumed")
+REDIRECTED = pytest.mark.xdist_group(f"{__name__}-redirected")
 
 # A piece of each warning gpt/train/console.py and gpt/train/wandb_logger.py silence.
 SILENCED = (
@@ -79,7 +90,7 @@ def from_name(cls, name, _from_name=metadata.Distribution.from_name.__func__):
 sys.modules["rich"] = None
 metadata.Distribution.from_name = classmethod(from_name)
 """
-# After HIDE_RICH: what Lightning sees, and whether rich imports.
+# After HIDE_RICH: what Lightning sees, and whether rich imports (printed).
 HIDDEN = """
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 import importlib.util
@@ -89,10 +100,16 @@ except ModuleNotFoundError:
     rich = None
 print(bool(_RICH_AVAILABLE), rich is not None, importlib.util.find_spec("rich") is not None)
 """
-# After HIDE_RICH: run the script named next as __main__, with the arguments after it.
-RUN_NEXT = """
+# After HIDE_RICH: run the script named next as __main__, with the arguments after it; then, in the
+# same process, HIDDEN's lines to the file hidden.txt (not to stdout, which tests compare): what
+# Lightning saw and whether rich imports, in the process that ran the script.
+RUN_NEXT = f"""
+import contextlib, os
+hidden = os.path.abspath("hidden.txt")
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
+with open(hidden, "w") as out, contextlib.redirect_stdout(out):
+    exec({HIDDEN!r})
 """
 
 
@@ -145,6 +162,7 @@ def fresh_and_resumed(tmp_path_factory) -> tuple[Path, list]:
     return run, procs
 
 
+@RESUMED
 def test_each_logged_line_is_printed_once_and_known_false_warnings_are_gone(fresh_and_resumed):
     run, procs = fresh_and_resumed
     messages = Counter(log_messages(run / "train.log"))
@@ -161,6 +179,7 @@ def test_each_logged_line_is_printed_once_and_known_false_warnings_are_gone(fres
     assert printed == messages
 
 
+@RESUMED
 def test_summary_on_the_console_and_in_train_log_matches_the_metrics(fresh_and_resumed):
     run, procs = fresh_and_resumed
     val = [row["val/loss"] for row in read_metrics(run) if "val/loss" in row]
@@ -191,6 +210,7 @@ def test_summary_on_the_console_and_in_train_log_matches_the_metrics(fresh_and_r
     assert Path(best_ckpt).is_file()  # the resumed run's: the first run's best was replaced
 
 
+@RESUMED
 def test_train_log_has_the_run_dir_and_each_validation(fresh_and_resumed):
     run, _ = fresh_and_resumed
     messages = log_messages(run / "train.log")
@@ -216,6 +236,7 @@ def redirected(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess,
     return runs
 
 
+@REDIRECTED
 def test_to_a_file_or_a_pipe_there_are_no_progress_bars_only_lines(redirected):
     """No redraws (\\r), no cursor moves, no bar, neither Lightning's nor the data preparation's; the
     lines a terminal would keep are all there."""
@@ -228,6 +249,7 @@ def test_to_a_file_or_a_pipe_there_are_no_progress_bars_only_lines(redirected):
         assert re.search(r"^training finished at step 6: ", proc.stdout, re.MULTILINE)
 
 
+@REDIRECTED
 def test_the_model_summary_is_one_plain_table_of_the_model(redirected):
     proc, work = redirected["rich"]
     out = proc.stdout
@@ -242,13 +264,13 @@ def test_the_model_summary_is_one_plain_table_of_the_model(redirected):
     assert "\n".join(lines[start : start + 10]) in (work / "run" / "train.log").read_text()  # logged
 
 
-def test_the_console_is_the_same_without_rich(redirected, tmp_path):
+@REDIRECTED
+def test_the_console_is_the_same_without_rich(redirected):
     """Lightning prints its model summary as a rich box table where it can import rich (the dev
     extras install it); train.py prints the same lines either way."""
-    hidden = run_script("-c", HIDE_RICH + HIDDEN, cwd=tmp_path)
-    assert_ok(hidden)
-    assert hidden.stdout.split() == ["False"] * 3  # what Lightning sees; whether rich imports, is found
     (with_rich, a), (without, b) = redirected["rich"], redirected["no rich"]
+    # What Lightning saw in the run without rich; whether rich imports there, is found (RUN_NEXT).
+    assert (b / "hidden.txt").read_text().split() == ["False"] * 3
     assert normalized(with_rich.stdout, a) == normalized(without.stdout, b)
     assert normalized(with_rich.stderr, a) == normalized(without.stderr, b)
 
@@ -291,7 +313,8 @@ def test_lightnings_switches_decide_over_the_bar_and_the_summary(tiny_corpus, tm
 
 def test_lightnings_false_lines_about_a_stop_are_dropped_whatever_was_imported_first():
     """train.py's logging config imports gpt.train.console before Lightning, which then renames the
-    logger of its rank_zero_info: the filter must find the logger Lightning logs to."""
+    logger of its rank_zero_info: the filter must find the logger Lightning logs to. A child of the
+    warm Python (run_forked): it has imported neither gpt nor Lightning, so the order is this code's."""
     code = (
         "import logging, sys\n"
         "import gpt.train.console as console\n"
@@ -304,6 +327,6 @@ def test_lightnings_false_lines_about_a_stop_are_dropped_whatever_was_imported_f
         "logging.getLogger('lightning.pytorch.trainer.connectors.checkpoint_connector').info(\n"
         "    '`weights_only` was not set, defaulting to `False`.')\n"
     )
-    proc = run_script("-c", code, cwd=Path.cwd())
+    proc = run_forked("-c", code, cwd=Path.cwd())
     assert_ok(proc)
     assert proc.stdout.split("\n") == ["a line that stays", ""]
