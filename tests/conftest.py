@@ -9,7 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import SHAKESPEARE, write_corpus
+from tests.helpers import (
+    BASE,
+    DDP_COMMON,
+    DDP_ONLY,
+    SHAKESPEARE,
+    assert_ok,
+    made_once,
+    run_forked,
+    write_corpus,
+)
 
 
 def cpus() -> int:
@@ -47,3 +56,17 @@ def shakespeare_text() -> str:
 def tiny_corpus(tmp_path: Path) -> Path:
     """40k characters of Shakespeare: enough for a few training steps and a validation split."""
     return write_corpus(tmp_path / "corpus.txt")
+
+
+@pytest.fixture(scope="session")
+def ddp_run(tmp_path_factory) -> Path:
+    """train.py on two CPU processes (strategy=ddp), BASE for 10 steps on tiny_corpus's text, in the
+    default run dir (runs/<date>/<time>) of the folder returned: made once for the whole test run
+    (tests/commands/test_train.py compares it with one process, test_e2e.py checks its run dir)."""
+
+    def make(folder: Path) -> None:
+        corpus = write_corpus(folder / "corpus.txt")
+        args = ["train.py", *BASE, f"data.path={corpus}", *DDP_COMMON, *DDP_ONLY]
+        assert_ok(run_forked(*args, cwd=folder, timeout=600))
+
+    return made_once(tmp_path_factory, "ddp", make)

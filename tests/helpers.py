@@ -421,6 +421,11 @@ FAST = [
     "trainer.log_every_n_steps=2",
 ]
 
+# What conftest.py's ddp_run varies on BASE (DDP_COMMON, then DDP_ONLY: batches of 4 on each of two
+# ranks); tests/commands/test_train.py runs one process with DDP_COMMON and batches of 8 against it.
+DDP_COMMON = ["trainer.max_steps=10", "model.dropout=0.0", "trainer.accelerator=cpu"]
+DDP_ONLY = ["data.batch_size=4", "trainer.devices=2", "trainer.strategy=ddp"]
+
 
 def train_cmd(corpus: Path, run_dir: Path, *extra: str) -> list[str]:
     """train.py with BASE on `corpus` in `run_dir`; flags such as -m go before the overrides."""

@@ -12,6 +12,7 @@ from gpt.runs.metrics import read_metrics
 from gpt.train.optim import MuonWithAdamW, lr_factor
 from tests.helpers import (
     BASE,
+    DDP_COMMON,
     assert_ok,
     assert_same_weights,
     build_in_process,
@@ -23,30 +24,17 @@ from tests.helpers import (
 )
 
 
-def test_ddp_two_processes_match_one_process(tiny_corpus, tmp_path):
-    common = ["trainer.max_steps=10", "model.dropout=0.0", "trainer.accelerator=cpu"]
+def test_ddp_two_processes_match_one_process(ddp_run, tiny_corpus, tmp_path):
+    """The conftest's ddp_run (batches of 4 on each of two ranks) against one process (batches of 8)."""
     assert_ok(
-        run_forked(*train_cmd(tiny_corpus, tmp_path / "one", *common, "data.batch_size=8"), cwd=tmp_path)
+        run_forked(*train_cmd(tiny_corpus, tmp_path / "one", *DDP_COMMON, "data.batch_size=8"), cwd=tmp_path)
     )
-    assert_ok(
-        run_forked(
-            *train_cmd(
-                tiny_corpus,
-                tmp_path / "two",
-                *common,
-                "data.batch_size=4",
-                "trainer.devices=2",
-                "trainer.strategy=ddp",
-            ),
-            cwd=tmp_path,
-            timeout=600,
-        )
-    )
-    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
-    assert len(one) == len(two) == 10
+    (two,) = (ddp_run / "runs").glob("*/*")
+    one, two_losses = losses(tmp_path / "one"), losses(two)
+    assert len(one) == len(two_losses) == 10
     for step in one:
-        assert abs(one[step] - two[step]) < 1e-5, (step, one[step], two[step])
-    assert_same_weights(final_state(tmp_path / "one"), final_state(tmp_path / "two"), atol=1e-5)
+        assert abs(one[step] - two_losses[step]) < 1e-5, (step, one[step], two_losses[step])
+    assert_same_weights(final_state(tmp_path / "one"), final_state(two), atol=1e-5)
 
 
 def test_sweep_makes_one_run_per_value(tiny_corpus, tmp_path):
