@@ -4,6 +4,7 @@ the corpus and the tiktoken cache come from ../shared (helpers.py points the lib
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,7 @@ def ddp_run(tmp_path_factory) -> Path:
     (tests/commands/test_train.py compares it with one process, test_e2e.py checks its run dir)."""
 
     def make(folder: Path) -> None:
+        shutil.rmtree(folder / "runs", ignore_errors=True)  # what a failed try left
         corpus = write_corpus(folder / "corpus.txt")
         args = ["train.py", *BASE, f"data.path={corpus}", *DDP_COMMON, *DDP_ONLY]
         assert_ok(run_forked(*args, cwd=folder, timeout=600))
