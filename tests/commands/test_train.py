@@ -85,6 +85,8 @@ def test_sweep_on_two_devices_with_ddp_spawn(tiny_corpus, tmp_path):
     assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == ["0", "1", "multirun.yaml"]
 
 
+# Inductor's compile (~30 s; the flag itself: test_compile_flag_compiles_the_model): the slow tier.
+@pytest.mark.slow
 def test_compile_runs_and_checkpoints_load_without_it(tiny_corpus, tmp_path):
     assert_ok(
         run_forked(

@@ -275,6 +275,8 @@ def test_the_console_is_the_same_without_rich(redirected):
     assert normalized(with_rich.stderr, a) == normalized(without.stderr, b)
 
 
+# A pseudo-terminal run (~12 s): the slow tier, which CI runs too.
+@pytest.mark.slow
 def test_on_a_terminal_the_bars_are_drawn_with_four_decimals(tmp_path):
     write_corpus(tmp_path / "corpus.txt")
     code, shown = run_in_terminal(

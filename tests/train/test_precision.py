@@ -84,6 +84,8 @@ def test_the_probe_measures_a_positive_ratio():
     assert 0 < ratio < 10_000
 
 
+# A real train.py under emulated AVX2 (the probe's decision has unit tests above): the slow tier.
+@pytest.mark.slow
 def test_train_with_onednn_held_to_avx2_chooses_fp32(tiny_corpus, tmp_path):
     """The real probe, end to end: oneDNN limited to AVX2 emulates bf16 on any x86 CPU."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
