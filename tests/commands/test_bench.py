@@ -24,6 +24,17 @@ BENCH_KEYS = {
     "tokenizer": {"mb", "vocab_size", "pattern", "repeats", "holdout", "out"},
     "serve": {"out", "ckpt_dir", "clients", "requests_per_client", "max_tokens", "transformers"},
     "run": {"only"},
+    "ablate": {
+        "corpora",
+        "options",
+        "combine",
+        "seeds",
+        "eval_every",
+        "jobs",
+        "torch_threads",
+        "timing_steps",
+    }
+    | {"timing_rounds", "timing_only", "work_dir", "out"},
     "recipe": {"nanogpt_dir", "nanogpt_commit", "nanogpt_args", "ours", "rounds", "cpu_kind"}
     | {"max_ratio", "max_val_loss", "work_dir", "out"},
 }
@@ -44,6 +55,11 @@ def load_bench(name: str):
 @pytest.fixture(scope="module")
 def bench_train():
     yield from load_bench("bench_train")
+
+
+@pytest.fixture(scope="module")
+def bench_ablate():
+    yield from load_bench("bench_ablate")
 
 
 @pytest.fixture(scope="module")
@@ -161,3 +177,21 @@ def test_bench_recipe_cpu_kind_sets_the_same_env_for_both(bench_recipe):
     assert bench_recipe.as_list(cfg.ours) == ["experiment=X", "seed=1"]
     assert bench_recipe.as_list(compose_bench("recipe").ours) == ["experiment=shakespeare_char_cpu"]
     assert "--max_iters=2000" in bench_recipe.as_list(compose_bench("recipe").nanogpt_args)
+
+
+def test_bench_ablate_reads_steps_to_a_loss_between_validations(bench_ablate):
+    curve = [(25, 3.0), (50, 2.0), (75, 1.5)]
+    assert bench_ablate.steps_to(curve, 2.0) == 50.0
+    assert bench_ablate.steps_to(curve, 1.75) == 62.5  # halfway between 2.0 at 50 and 1.5 at 75
+    assert bench_ablate.steps_to(curve, 3.5) == 25.0  # reached by the first validation
+    assert bench_ablate.steps_to(curve, 1.4) is None
+
+
+def test_bench_ablate_calls_an_option_helpful_only_beyond_the_seed_spread(bench_ablate):
+    def row(*finals):
+        return {"final": bench_ablate.spread(list(finals))}
+
+    baseline = row(1.90, 1.91, 1.92)  # std 0.01
+    assert bench_ablate.helped(row(1.87, 1.88, 1.89), baseline)  # 0.03 lower
+    assert not bench_ablate.helped(row(1.90, 1.905, 1.91), baseline)  # 0.005 lower: within the spread
+    assert not bench_ablate.helped(row(1.80, 1.88, 1.96), baseline)  # 0.03 lower, but std 0.08
