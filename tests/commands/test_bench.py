@@ -125,7 +125,7 @@ def test_bench_train_reads_every_preset_name_from_conf_model(bench_train):
         assert OmegaConf.to_container(cfg.presets) == names
 
 
-# What nanoGPT's train.py and ours print, cut from real runs of the two recipes.
+# Lines in the formats nanoGPT's train.py and ours print at the end of a run (values made up).
 NANOGPT_OUTPUT = """\
 step 1750: train loss 1.7453, val loss 1.8947
 saving checkpoint to out-shakespeare-char
