@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import hydra
+import yaml
 from omegaconf import DictConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,12 +46,18 @@ BASELINE = "baseline"
 COMBINED = "combined"
 
 
-def run(cmd: list[str], threads: int | None = None) -> None:
-    """Run train.py with these arguments; a failure stops the benchmark with its stderr."""
+def run(cmd: list[str], threads: int | None = None) -> str:
+    """Run train.py with these arguments; its stdout. A failure stops the benchmark with its stderr."""
     env = os.environ | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
     proc = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True, env=env)
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def corpus_steps(base: list[str]) -> int:
+    """trainer.max_steps of a corpus's runs, as train.py composes them (its --cfg job)."""
+    return int(yaml.safe_load(run([str(ROOT / "train.py"), *base, "--cfg", "job"]))["trainer"]["max_steps"])
 
 
 def train_cmd(run_dir: Path, cache: Path, overrides: list[str], *extra: str) -> list[str]:
@@ -64,8 +72,9 @@ def train_cmd(run_dir: Path, cache: Path, overrides: list[str], *extra: str) -> 
 
 
 def val_curve(run_dir: Path) -> list[tuple[int, float]]:
-    """(steps taken, val loss) of every validation of a run, in order."""
-    return [(int(r["step"]), r["val/loss"]) for r in read_metrics(run_dir) if "val/loss" in r]
+    """(steps taken, val loss) of every validation of a run, in order (the logged step is the
+    index of the last step taken, so one less)."""
+    return [(int(r["step"]) + 1, r["val/loss"]) for r in read_metrics(run_dir) if "val/loss" in r]
 
 
 def steps_to(curve: list[tuple[int, float]], target: float) -> float | None:
@@ -115,15 +124,14 @@ def markdown(corpus: str, rows: dict[str, dict], steps: int) -> str:
     lines = [
         f"{corpus}: target = the baseline's mean final val loss, {b['target']:.4f}; {steps} steps",
         "",
-        "| option | steps to target, mean (min-max) | % of the baseline's | seeds that reach it "
+        f"| option | steps to target, mean (min-max) | % of the baseline's {steps} | seeds that reach it "
         "| final val loss, mean +- std (min-max) | ms / step |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    base_steps = b["steps_to_target"]["mean"] if b["steps_to_target"] else None
     for name, r in rows.items():
         s, f = r["steps_to_target"], r["final"]
         reach = f"{s['mean']:.0f} ({s['min']:.0f}-{s['max']:.0f})" if s else "-"
-        pct = f"{100 * s['mean'] / base_steps:.0f}%" if s and base_steps else "-"
+        pct = f"{100 * s['mean'] / steps:.0f}%" if s else "-"
         label = name if name != COMBINED else f"combined ({', '.join(r['options'])})"
         ms = f"{r['ms_per_step']:.1f}" if "ms_per_step" in r else "-"
         lines.append(
@@ -133,19 +141,18 @@ def markdown(corpus: str, rows: dict[str, dict], steps: int) -> str:
     return "\n".join(lines)
 
 
-def corpus_steps(overrides: list[str]) -> int:
-    """trainer.max_steps of a corpus's runs, as train.py composes them."""
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return int(compose("train", overrides=list(overrides)).trainer.max_steps)
-
-
-def train_all(jobs: list[tuple[str, int]], rows: dict[str, dict], work: Path, base: list[str], args) -> None:
-    """Train each (option, seed) of jobs, `args.jobs` at a time; their val curves go into rows."""
+def train_all(
+    jobs: list[tuple[str, int]], rows: dict[str, dict], work: Path, base: list[str], steps: int, args
+) -> None:
+    """Train each (option, seed) of jobs, `args.jobs` at a time; their val curves go into rows. A run
+    of work_dir that already got to its last validation is read, not run again (an interrupted
+    benchmark continues where it stopped)."""
 
     def train(name: str, seed: int) -> list[tuple[int, float]]:
         run_dir = work / f"{name}-{seed}"
+        if run_dir.is_dir() and val_curve(run_dir) and val_curve(run_dir)[-1][0] == steps:
+            return val_curve(run_dir)
+        shutil.rmtree(run_dir, ignore_errors=True)  # a run cut short: from the start
         print(f"{work.name} / {name} / seed {seed} ...", file=sys.stderr, flush=True)
         extra = [f"seed={seed}", f"trainer.val_check_interval={args.eval_every}"]
         run(
@@ -164,17 +171,21 @@ def ablate(corpus: str, base: list[str], work: Path, args: DictConfig) -> dict:
     """Every option of one corpus, then the winners together, then the timing rounds."""
     cache, work = work / "cache", work / corpus
     # Prepare the corpus once (the first run would, but several at a time would each do it).
-    run(train_cmd(work / "prepare", cache, base, "trainer.max_steps=1"))
+    prepare = work / "prepare"
+    if not (prepare / "checkpoints/last.ckpt").is_file():
+        shutil.rmtree(prepare, ignore_errors=True)
+        run(train_cmd(prepare, cache, base, "trainer.max_steps=1"))
+    steps = corpus_steps(base)
     rows: dict[str, dict] = {BASELINE: {"overrides": []}}
     rows |= {name: {"overrides": list(o)} for name, o in args.options.items()}
-    train_all([(name, seed) for name in rows for seed in args.seeds], rows, work, base, args)
+    train_all([(name, seed) for name in rows for seed in args.seeds], rows, work, base, steps, args)
     summarise(rows, len(args.seeds))
     winners = [n for n in args.options if helped(rows[n], rows[BASELINE])]
     if args.combine and len(winners) > 1:
         rows[COMBINED] = {"options": winners, "overrides": [o for n in winners for o in args.options[n]]}
-        train_all([(COMBINED, seed) for seed in args.seeds], rows, work, base, args)
+        train_all([(COMBINED, seed) for seed in args.seeds], rows, work, base, steps, args)
         summarise(rows, len(args.seeds))
-    return {"baseline": base, "steps": corpus_steps(base), "helped": winners, "rows": rows}
+    return {"baseline": base, "steps": steps, "helped": winners, "rows": rows}
 
 
 def time_rows(corpus: str, done: dict, work: Path, args: DictConfig) -> None:
