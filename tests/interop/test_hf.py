@@ -364,7 +364,10 @@ def test_cli_refuses_mismatched_init_from_and_generates_from_hf_dir(tmp_path, ti
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["ckpt=a", "out=b", "format=onnx"], "unknown export format 'onnx'; use format=auto, gpt2 or llama"),
+        (
+            ["ckpt=a", "out=b", "format=onnx"],
+            "unknown export format 'onnx'; use format=auto, gpt2, llama or qwen3",
+        ),
         (["ckpt=nope.ckpt", "out=b"], "checkpoint nope.ckpt does not exist"),
         (["ckpt=", "out=b"], "no checkpoint under runs/; train one"),  # empty: the newest run
         (["ckpt=a", "outdir=b"], "Could not override 'outdir': Key 'outdir' not in 'ExportConfig'"),
