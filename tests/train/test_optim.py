@@ -73,9 +73,10 @@ def test_scheduler_steps_the_optimizer_lr_and_state_is_plain():
 
 
 def twin_params(seed: int = 0) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
-    """Two identical sets of a tall, a wide and a square matrix."""
+    """Two identical sets of tall, wide and square matrices, two of them of each shape but one (Muon
+    orthogonalizes matrices of one shape as a stack)."""
     gen = torch.Generator().manual_seed(seed)
-    shapes = [(48, 16), (16, 40), (24, 24)]
+    shapes = [(48, 16), (16, 40), (24, 24), (48, 16), (24, 24)]
     ps = [torch.nn.Parameter(torch.randn(shape, generator=gen)) for shape in shapes]
     return ps, [torch.nn.Parameter(p.detach().clone()) for p in ps]
 
@@ -138,6 +139,14 @@ def test_muon_in_fp32_steps_close_to_torch_muon_but_not_equal():
     for p, q in zip(ps, qs, strict=True):
         assert not torch.equal(p, q)
         torch.testing.assert_close(p, q, rtol=0, atol=3e-3)  # 3 steps of lr 0.02 times bf16's error
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(48, 16), (16, 40), (24, 24)])
+def test_newton_schulz_of_a_stack_is_each_matrix_alone_bit_for_bit(shape, dtype):
+    gs = torch.randn(4, *shape, generator=torch.Generator().manual_seed(2))
+    stacked = newton_schulz(gs, **NS, dtype=dtype)
+    assert torch.equal(stacked, torch.stack([newton_schulz(g, **NS, dtype=dtype) for g in gs]))
 
 
 def test_newton_schulz_leaves_a_bf16_momentum_buffer_alone():
