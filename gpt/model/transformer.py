@@ -374,13 +374,13 @@ class GPT(nn.Module):
                 n_keys = kv_cache.max_len if torch.compiler.is_compiling() else end
             mask = attention_mask(slots, n_keys, pad, segments, prefix)
         x = self.drop(x)
-        extra: tuple[Any, ...] = ()
+        extra: dict[str, Any] = {}
         if cross is not None:  # what an encoder-decoder's decoder blocks attend to
-            extra = (cross,)
+            extra = {"cross": cross}
         elif self.config.value_embeds:
-            extra = (self.wve(idx),)  # (B, T, C), mixed into every layer's attention values
+            extra = {"ve": self.wve(idx)}  # (B, T, C), mixed into every layer's attention values
         for block in self.h:
-            x = block(x, rope, kv_cache, mask, slots, *extra)
+            x = block(x, rope, kv_cache, mask, slots, **extra)
         if kv_cache is not None:
             kv_cache.advance(T)
         x = self.ln_f(x)  # (B, T, C)
