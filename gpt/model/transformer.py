@@ -46,20 +46,24 @@ def sinusoidal_table(n_pos: int, dim: int) -> torch.Tensor:
 
 
 def rope_tables(n_pos: int, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin for rotary embeddings, each (n_pos, head_dim // 2)."""
+    """The rotary tables, each (n_pos, head_dim): cos of each pair's angle in both halves, and its
+    sin signed as the rotation uses it, -sin in the first half and sin in the second (apply_rope)."""
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(n_pos, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
+    angles = torch.outer(torch.arange(n_pos, dtype=torch.float32), inv_freq)  # (n_pos, head_dim / 2)
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (first half, second half) of the head dim.
+    """Rotate pairs (first half, second half) of the head dim: (x1 cos - x2 sin, x2 cos + x1 sin),
+    written as x * cos + (x2, x1) * sin with the tables of rope_tables (four kernels, not seven; the
+    same values bit for bit).
 
-    x: (B, nh, T, hs); cos/sin: (T, hs/2), or (B, 1, T, hs/2) when each row has its own positions.
+    x: (B, nh, T, hs); cos/sin: (T, hs), or (B, 1, T, hs) when each row has its own positions.
     """
-    x1, x2 = x.float().chunk(2, dim=-1)
-    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-    return out.type_as(x)
+    x32 = x.float()
+    x1, x2 = x32.chunk(2, dim=-1)
+    return (x32 * cos + torch.cat((x2, x1), dim=-1) * sin).type_as(x)
 
 
 def attention_mask(
@@ -302,9 +306,9 @@ class GPT(nn.Module):
         elif self.config.pos_emb == "sinusoidal":
             x = x + wpe[positions].to(x.dtype)
         else:
-            cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (T, hs/2) | (B, T, hs/2)
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (T, hs) | (B, T, hs)
             if positions.dim() == 2:
-                cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hs/2): the same for every head
+                cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hs): the same for every head
             rope = (cos, sin)
         return x, rope
 

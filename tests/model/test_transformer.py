@@ -129,6 +129,18 @@ def test_rope_preserves_norm_and_encodes_relative_position():
     torch.testing.assert_close((rot(q, 7) * rot(k, 3)).sum(), (rot(q, 10) * rot(k, 6)).sum())
 
 
+def test_rope_is_the_pairwise_rotation_bit_for_bit():
+    # apply_rope's form (x * cos + (x2, x1) * signed sin) against the rotation written pair by pair
+    cos, sin = rope_tables(64, 16, 10000.0)
+    angles = torch.outer(torch.arange(64.0), 1.0 / 10000.0 ** (torch.arange(0, 16, 2) / 16.0))
+    x = torch.randn(3, 2, 64, 16)
+    x1, x2 = x.chunk(2, dim=-1)
+    c, s = angles.cos(), angles.sin()
+    expected = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
+    assert torch.equal(apply_rope(x, cos, sin), expected)
+    assert apply_rope(x.bfloat16(), cos, sin).dtype == torch.bfloat16
+
+
 def test_rope_positions_are_not_in_state_dict():
     keys = tiny_model(pos_emb="rope").state_dict().keys()
     assert not any("rope" in k for k in keys)
