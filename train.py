@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gpt.config import DataConfig, DecodeConfig, ModelConfig, OptimConfig
 from gpt.errors import exit_on_user_error
+from gpt.runtime import keep_freed_memory, skip_final_collection
 from gpt.train.run import train
 from gpt.train.setup import HydraRun, TrainJob
 
@@ -66,4 +67,8 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    exit_on_user_error(main)()
+    keep_freed_memory()  # CPU steps without page faults (gpt/runtime.py); DDP's ranks run this too
+    try:
+        exit_on_user_error(main)()
+    finally:
+        skip_final_collection()  # 1.2 s less at exit
