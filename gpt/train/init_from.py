@@ -85,7 +85,7 @@ class InitSource:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The checkpoint's weights, shaped for model_config: the first block_size learned
-        positions, and the end-of-text row, if added, appended to the embedding and the head."""
+        positions, and the end-of-text row, if added, appended to the embeddings and the head."""
         if is_hf_dir(self.path):
             _, weights = read_hf_state_dict(self.path)
         else:
@@ -94,11 +94,12 @@ class InitSource:
             if key in weights:
                 weights[key] = weights[key][: self.model_config.block_size]
         if self.added_tokens:
-            # Both names of one tensor if tied; an untied encoder-decoder's encoder has its own too.
+            # Both names of one tensor if tied; an untied encoder-decoder's encoder has its own too,
+            # and value embeddings (model.value_embeds) a table of their own.
             for key in (
                 "wte.weight",
                 "lm_head.weight",
-                *(("enc_wte.weight",) if "enc_wte.weight" in weights else ()),
+                *(k for k in ("enc_wte.weight", "wve.weight") if k in weights),
             ):
                 w = weights[key]
                 weights[key] = torch.cat([w, w.float().mean(0, keepdim=True).to(w.dtype)])

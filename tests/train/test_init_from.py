@@ -149,10 +149,13 @@ def test_the_tokenizer_is_the_checkpoints(pretrained, tmp_path):
         resolve_init(str(pretrained), tiny_config(), "r50k_base", given)
 
 
-@pytest.mark.parametrize("tie", [True, False])
-def test_an_end_of_text_token_adds_one_row_the_mean_of_the_others(tmp_path, tie):
+@pytest.mark.parametrize(
+    "options", [{"tie_embeddings": True}, {"tie_embeddings": False}, {"value_embeds": True}], ids=str
+)
+def test_an_end_of_text_token_adds_one_row_the_mean_of_the_others(tmp_path, options):
     n = len(CHARS)
-    old = tiny_model(vocab_size=n, tie_embeddings=tie)
+    old = tiny_model(vocab_size=n, **options)
+    grown = ("wte.weight", "lm_head.weight", *(("wve.weight",) if options.get("value_embeds") else ()))
     path = save_weights_checkpoint(old, CharTokenizer(CHARS), tmp_path / "c.ckpt")
     init = resolve_init(str(path), tiny_config(), "char", set(), need_eot=True)
     assert init.model_config == replace(old.config, vocab_size=n + 1)
@@ -160,11 +163,11 @@ def test_an_end_of_text_token_adds_one_row_the_mean_of_the_others(tmp_path, tie)
     assert init.tokenizer.eot_token == n
     model = GPT(init.model_config)
     init.load_into(model)
-    for name in ("wte.weight", "lm_head.weight"):
+    for name in grown:  # the embeddings (value embeddings too) and the head
         was, now = old.state_dict()[name], model.state_dict()[name]
         assert torch.equal(now[:n], was)  # the old rows, bit-identical
         assert torch.equal(now[n], was.mean(0))
-    others = {k: v for k, v in model.state_dict().items() if k not in ("wte.weight", "lm_head.weight")}
+    others = {k: v for k, v in model.state_dict().items() if k not in grown}
     assert_same_weights(others, {k: old.state_dict()[k] for k in others})
     assert init.notes()[1] == (
         f"added an end-of-text token: vocab_size {n} -> {n + 1}, its embedding row the mean of the others"
