@@ -77,8 +77,9 @@ def hf_format(config: ModelConfig, fmt: str = "auto") -> str:
         )
     if config.value_embeds:
         raise UserError(
-            "value_embeds=true (an embedding mixed into attention's values) has no GPT-2, Llama or Qwen3 "
-            "equivalent; export needs a model trained without it"
+            "value_embeds=true (an embedding mixed into attention's values, on in model=speedrun) has no "
+            "GPT-2, Llama or Qwen3 equivalent; export needs a model trained with model.value_embeds=false "
+            "(this one works with generate.py, evaluate.py and serve.py)"
         )
     if config.logit_softcap is not None:
         raise UserError(

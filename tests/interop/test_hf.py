@@ -242,7 +242,8 @@ def test_export_refuses_shapes_hf_cannot_express():
         hf_format(tiny_config(**(GPT2_SHAPE | dict(bias=False))))
     with pytest.raises(UserError, match="^ffn=gelu cannot be exported in llama format"):
         hf_format(tiny_config(**(LLAMA_SHAPE | dict(ffn="gelu"))))
-    with pytest.raises(UserError, match="^value_embeds=true .* has no GPT-2, Llama or Qwen3 equivalent"):
+    refused = "^value_embeds=true .* no GPT-2, Llama or Qwen3 equivalent; .*value_embeds=false"
+    with pytest.raises(UserError, match=refused):
         hf_format(tiny_config(**(LLAMA_SHAPE | dict(value_embeds=True))))
     with pytest.raises(UserError, match="^logit_softcap=15.0 has no GPT-2, Llama or Qwen3 equivalent"):
         hf_format(tiny_config(**(GPT2_SHAPE | dict(logit_softcap=15.0))))
