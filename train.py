@@ -20,8 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from gpt.config import DataConfig, DecodeConfig, ModelConfig, OptimConfig
 from gpt.errors import exit_on_user_error
-from gpt.runtime import keep_freed_memory, skip_final_collection
 from gpt.train.run import train
+from gpt.train.runtime import keep_freed_memory, skip_final_collection
 from gpt.train.setup import HydraRun, TrainJob
 
 cs = ConfigStore.instance()
@@ -67,7 +67,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    keep_freed_memory()  # CPU steps without page faults (gpt/runtime.py); DDP's ranks run this too
+    keep_freed_memory()  # CPU steps without page faults (gpt/train/runtime.py); DDP's ranks run this too
     try:
         exit_on_user_error(main)()
     finally:

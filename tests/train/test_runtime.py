@@ -1,4 +1,4 @@
-"""gpt.runtime: freed memory kept for reuse, so that reallocating it does not fault pages in again."""
+"""gpt.train.runtime: freed memory kept for reuse, so that reallocating it does not fault pages in again."""
 
 import os
 import subprocess
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from gpt.runtime import USER_SETTINGS
+from gpt.train.runtime import USER_SETTINGS
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
 
@@ -15,7 +15,7 @@ linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's
 STEPS = """
 import resource, sys, torch
 from gpt.config import ModelConfig
-from gpt.runtime import keep_freed_memory
+from gpt.train.runtime import keep_freed_memory
 from gpt.model.transformer import GPT
 applied = keep_freed_memory() if sys.argv[1] == "keep" else None
 torch.manual_seed(0)
