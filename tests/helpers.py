@@ -34,6 +34,7 @@ from gpt.data.sources import SHAKESPEARE_FILE
 from gpt.errors import EXIT_USER_ERROR
 from gpt.model.encoder_decoder import build_model
 from gpt.model.transformer import GPT
+from gpt.runs.checkpoint import newest_checkpoint
 from gpt.runs.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -335,6 +336,20 @@ def assert_ok(proc) -> None:
     assert proc.returncode == 0, (
         f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-4000:]}"
     )
+
+
+def kill_then_resume(args: list[str], run: Path, cwd: Path, at_step: int, max_steps: int) -> None:
+    """Start train.py with `args` (its run dir `run`), SIGKILL it once step-{at_step}.ckpt is saved
+    (a periodic checkpoint), check it stopped between that step and the end, and run the same command
+    again to the end."""
+    proc = start_forked(*args, cwd=cwd)
+    try:
+        wait_for(run / f"checkpoints/step-{at_step}.ckpt", proc)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert at_step <= torch.load(newest_checkpoint(run), weights_only=True)["global_step"] < max_steps
+    assert_ok(run_forked(*args, cwd=cwd))  # the same command again
 
 
 def last_line(text: str) -> str:

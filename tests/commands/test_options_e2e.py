@@ -6,23 +6,20 @@ equals one process. Each option alone, on the model: tests/model/test_speedrun_o
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 
 import pytest
-import torch
 
-from gpt.runs.checkpoint import load_model, newest_checkpoint
+from gpt.runs.checkpoint import load_model
 from gpt.runs.metrics import read_metrics
 from tests.helpers import (
     assert_ok,
     assert_same_weights,
     final_state,
+    kill_then_resume,
     losses,
     run_forked,
-    start_forked,
     train_cmd,
-    wait_for,
     write_corpus,
 )
 
@@ -60,15 +57,7 @@ def straight(corpus, tmp_path_factory) -> Path:
 
 def test_sigkill_then_the_same_command_ends_bit_identical(corpus, straight, tmp_path):
     run = tmp_path / "killed"
-    args = train_cmd(corpus, run, *OPTIONS, *EXTRA)
-    proc = start_forked(*args, cwd=tmp_path)
-    try:
-        wait_for(run / "checkpoints/step-8.ckpt", proc)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert 8 <= torch.load(newest_checkpoint(run), weights_only=True)["global_step"] < STEPS
-    assert_ok(run_forked(*args, cwd=tmp_path))  # the same command again
+    kill_then_resume(train_cmd(corpus, run, *OPTIONS, *EXTRA), run, tmp_path, 8, STEPS)
     assert_same_weights(final_state(run), final_state(straight))  # bit-identical
     assert losses(run) == losses(straight) and len(losses(run)) == STEPS
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import random
-import signal
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,6 @@ from gpt.data.pairs import data_format
 from gpt.data.pairs_datamodule import IGNORE, PackedRows
 from gpt.generate.command import sample
 from gpt.model.transformer import GPT
-from gpt.runs.checkpoint import newest_checkpoint
 from gpt.runs.metrics import read_metrics
 from gpt.tokenizer import CharTokenizer, tokenizer_from_dict
 from tests.helpers import (
@@ -29,10 +27,9 @@ from tests.helpers import (
     final_state,
     fit,
     generate_config,
+    kill_then_resume,
     losses,
     run_forked,
-    start_forked,
-    wait_for,
     write_rows,
 )
 
@@ -149,19 +146,6 @@ def test_evaluate_writes_prompts_with_the_run_template(trained):
 # ----------------------------------------------------------------------------- SIGKILL and resume
 
 
-def kill_then_resume(args: list[str], run: Path, cwd: Path) -> None:
-    """Start train.py with `args`, SIGKILL it once step 10 is saved, run the same command again."""
-    proc = start_forked(*args, cwd=cwd)
-    try:
-        wait_for(run / "checkpoints/step-10.ckpt", proc)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    interrupted_at = torch.load(newest_checkpoint(run), weights_only=True)["global_step"]
-    assert 10 <= interrupted_at < STEPS
-    assert_ok(run_forked(*args, cwd=cwd))  # the same command again
-
-
 def assert_equals_straight(run: Path, straight: Path) -> None:
     assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == STEPS
     assert_same_weights(final_state(run), final_state(straight))  # bit-identical
@@ -170,7 +154,7 @@ def assert_equals_straight(run: Path, straight: Path) -> None:
 
 def test_sigkill_then_the_same_command_ends_bit_identical(trained, tmp_path):
     run = tmp_path / "killed"
-    kill_then_resume(pairs_cmd(trained / "train.jsonl", run, *EXTRA), run, tmp_path)
+    kill_then_resume(pairs_cmd(trained / "train.jsonl", run, *EXTRA), run, tmp_path, 10, STEPS)
     assert_equals_straight(run, trained / "run")
     assert len(list((run / "csv").glob("version_*"))) == 2
 
@@ -180,7 +164,7 @@ def test_sigkill_then_the_same_command_ends_bit_identical_without_packing(traine
     args = [*EXTRA, "data.packing=false"]
     assert_ok(run_forked(*pairs_cmd(trained / "train.jsonl", tmp_path / "straight", *args), cwd=tmp_path))
     run = tmp_path / "killed"
-    kill_then_resume(pairs_cmd(trained / "train.jsonl", run, *args), run, tmp_path)
+    kill_then_resume(pairs_cmd(trained / "train.jsonl", run, *args), run, tmp_path, 10, STEPS)
     assert_equals_straight(run, tmp_path / "straight")
     with pytest.raises(AssertionError):  # packing changed the run
         assert_same_weights(final_state(run), final_state(trained / "run"))

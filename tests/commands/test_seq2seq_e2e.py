@@ -19,7 +19,6 @@ from tests.commands.test_pairs_e2e import (
     STEPS,
     answered_ok,
     assert_equals_straight,
-    kill_then_resume,
     pairs_cmd,
 )
 from tests.helpers import (
@@ -28,6 +27,7 @@ from tests.helpers import (
     final_state,
     free_port,
     generate_config,
+    kill_then_resume,
     losses,
     run_forked,
     write_rows,
@@ -90,7 +90,7 @@ def test_evaluate_greedy_and_beam(trained):
 
 def test_sigkill_then_the_same_command_ends_bit_identical(trained, tmp_path):
     run = tmp_path / "killed"
-    kill_then_resume(pairs_cmd(trained / "train.jsonl", run, *SEQ2SEQ, *EXTRA), run, tmp_path)
+    kill_then_resume(pairs_cmd(trained / "train.jsonl", run, *SEQ2SEQ, *EXTRA), run, tmp_path, 10, STEPS)
     assert_equals_straight(run, trained / "run")
 
 
