@@ -1,5 +1,5 @@
-"""What the entry points (train.py, generate.py) set for their own process: freed memory kept for reuse,
-and an exit without a last collection of every object.
+"""What train.py sets for its own process: freed memory kept for reuse, and an exit without a last
+collection of every object. (generate.py and serve.py do not: their decode steps fault no pages.)
 
 keep_freed_memory, on Linux (glibc's malloc): a CPU training step then stops paying for page faults.
 A training step frees and allocates the same activation and gradient tensors every step. With
@@ -8,7 +8,8 @@ freed, and the heap's free top is handed back (trimmed); each reuse then faults 
 one 4 KiB page at a time, ~1,500 faults a step for the nano model on Tiny Shakespeare. Raising the
 mmap threshold to glibc's largest (32 MiB on 64-bit) and the trim threshold keeps that memory mapped
 in the process. Both are set: glibc's dynamic threshold goes away once either is set, and either one
-alone faults more than the defaults. The numbers: docs/design.md, "Freed memory on a CPU".
+alone faults more than the defaults. The numbers: docs/design.md, "The process: freed memory kept,
+no last collection".
 
 This is what MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=134217728 in the environment
 would do, applied from inside the process (glibc reads those only at start-up). PyTorch's CPU
