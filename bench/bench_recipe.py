@@ -10,7 +10,10 @@ the order flipped every round so that drift in the machine's speed hits both. Bo
 preparations are one-offs and are done once before the first round, untimed: nanoGPT's
 data/shakespeare_char/prepare.py (train.bin, val.bin, meta.pkl; its input.txt copied from our
 Tiny Shakespeare when it has none, as it would otherwise download it) and our data cache for the
-data config `ours` composes. Final val loss: nanoGPT's last `step N: train loss X, val loss Y`
+data config `ours` composes. `python=` picks the interpreter of every run (default: this one), e.g.
+a virtual environment with only `pip install -e .`, what the README's Quickstart installs: there
+`import lightning` takes seconds less than beside the dev extras (torchmetrics imports transformers
+and scipy when they are installed). Final val loss: nanoGPT's last `step N: train loss X, val loss Y`
 line, ours the summary's `final val/loss X` (else its last validation line). Prints a table and
 the median ratio ours / nanoGPT; writes JSON to `out`. The knobs are in conf/bench_recipe.yaml.
 """
@@ -99,14 +102,24 @@ def timed(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, str]:
     return wall, proc.stdout
 
 
-def prepare_nanogpt(folder: Path, env: dict[str, str]) -> None:
+def interpreter(python: str | None) -> str:
+    """The Python every run uses: `python`, else this one."""
+    if python is None:
+        return sys.executable
+    found = shutil.which(str(Path(python).expanduser()))
+    if found is None:
+        raise ConfigError(f"python={python}: no such interpreter; give the path of a python executable")
+    return found
+
+
+def prepare_nanogpt(folder: Path, env: dict[str, str], python: str) -> None:
     """nanoGPT's one-off data step: train.bin, val.bin and meta.pkl, from our Tiny Shakespeare."""
     data = folder / "data" / "shakespeare_char"
     if not (data / "input.txt").is_file():
         ours = Path(os.environ.get("GPT_DATA_DIR") or ROOT / "data") / "tinyshakespeare.txt"
         if ours.is_file():
             shutil.copyfile(ours, data / "input.txt")  # else its prepare.py downloads it
-    timed([sys.executable, "data/shakespeare_char/prepare.py"], folder, env)
+    timed([python, "data/shakespeare_char/prepare.py"], folder, env)
 
 
 def prepare_ours(overrides: list[str]) -> str:
@@ -150,11 +163,12 @@ def main(args: DictConfig) -> None:
     folder = Path(args.nanogpt_dir).expanduser().resolve()
     overrides = as_list(args.ours)
     env = os.environ | cpu_env(args.cpu_kind)
-    nanogpt_cmd = [sys.executable, "train.py", *as_list(args.nanogpt_args)]
+    python = interpreter(args.python)
+    nanogpt_cmd = [python, "train.py", *as_list(args.nanogpt_args)]
     out = Path(args.out)
 
     print("preparing data (once, untimed) ...", file=sys.stderr, flush=True)
-    prepare_nanogpt(folder, env)
+    prepare_nanogpt(folder, env, python)
     cache = prepare_ours(overrides)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -169,7 +183,7 @@ def main(args: DictConfig) -> None:
                     loss = nanogpt_val_loss(output)
                 else:
                     run_dir = work / f"ours-{r}"
-                    cmd = [sys.executable, "train.py", *overrides, f"hydra.run.dir={run_dir}"]
+                    cmd = [python, "train.py", *overrides, f"hydra.run.dir={run_dir}"]
                     wall, output = timed(cmd, ROOT, env)
                     loss = ours_val_loss(output)
                 if loss is None:
@@ -189,12 +203,14 @@ def main(args: DictConfig) -> None:
         + ("met" if median <= args.max_ratio and worst <= args.max_val_loss else "not met")
     )
     cpu = f", cpu_kind={args.cpu_kind}" if args.cpu_kind else ""
+    cpu += f", python={python}" if args.python else ""
     print(f"{datetime.date.today().isoformat()}, {summary(machine)}{cpu}\n{table(rows)}\n{verdict}")
     result = {
         "date": datetime.date.today().isoformat(),
         "machine": machine,
         "cpu_kind": args.cpu_kind,
         "cpu_env": cpu_env(args.cpu_kind),
+        "python": python,
         "nanogpt_dir": str(folder),
         "nanogpt_command": shlex.join(["python", *nanogpt_cmd[1:]]),
         "ours_command": shlex.join(["python", "train.py", *overrides]),

@@ -35,7 +35,7 @@ BENCH_KEYS = {
         "timing_steps",
     }
     | {"timing_rounds", "timing_only", "work_dir", "out"},
-    "recipe": {"nanogpt_dir", "nanogpt_commit", "nanogpt_args", "ours", "rounds", "cpu_kind"}
+    "recipe": {"nanogpt_dir", "nanogpt_commit", "nanogpt_args", "ours", "rounds", "cpu_kind", "python"}
     | {"max_ratio", "max_val_loss", "work_dir", "out"},
 }
 
@@ -195,3 +195,10 @@ def test_bench_ablate_calls_an_option_helpful_only_beyond_the_seed_spread(bench_
     assert bench_ablate.helped(row(1.87, 1.88, 1.89), baseline)  # 0.03 lower
     assert not bench_ablate.helped(row(1.90, 1.905, 1.91), baseline)  # 0.005 lower: within the spread
     assert not bench_ablate.helped(row(1.80, 1.88, 1.96), baseline)  # 0.03 lower, but std 0.08
+
+
+def test_bench_recipe_python_runs_both_with_the_interpreter_given(bench_recipe, tmp_path):
+    assert bench_recipe.interpreter(None) == sys.executable
+    assert bench_recipe.interpreter(sys.executable) == sys.executable
+    with pytest.raises(ConfigError, match="no such interpreter"):
+        bench_recipe.interpreter(str(tmp_path / "venv" / "bin" / "python"))
