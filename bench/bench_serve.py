@@ -2,7 +2,7 @@
 transformers' `generate` on the same weights.
 
 python bench/bench_serve.py                        # table on stdout, JSON in bench/results/serve.json
-python bench/bench_serve.py clients=[1,16] max_tokens=64    # knobs: conf/bench_serve.yaml
+python bench/bench_serve.py clients=[1,16] max_tokens=64 rounds=5    # knobs: conf/bench_serve.yaml
 
 The model is `model=small` (6 layers, 384 wide, block 256) with rotary positions, so that it exports
 as Llama, with random weights and the Tiny Shakespeare characters: it makes its own checkpoint and
@@ -13,6 +13,12 @@ requests one after the other. Per run: aggregate tokens/s (every answer's tokens
 the first request to the last answer), time to first token and time between tokens (p50, p95).
 The transformers loop runs the 1-client requests one by one through `model.generate` (greedy, the
 same prompts and lengths) in this process, a streamer timing its tokens.
+
+One run of one client lasts about a second here, and this VM's speed drifts by 10 to 20% from one
+second to the next, so a ratio of two single runs moves by as much. Every `round` runs each client
+count and the transformers loop once, in turn, the order reversed every other round; the tables
+give the median of the rounds, and each ratio is the median of the rounds' own ratios (two runs
+of the same round, seconds apart).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import datetime
 import json
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -60,6 +67,15 @@ def random_checkpoint(folder: Path) -> Path:
         model = GPT(replace(model_preset("small"), pos_emb="rope", vocab_size=tokenizer.vocab_size))
         save_weights_checkpoint(model, tokenizer, path)
     return path
+
+
+def median_run(runs: list[dict]) -> dict:
+    """Every number of the runs of one kind, as the median over the runs."""
+    return {
+        k: runs[0][k] if k == "tokens" else round(statistics.median(r[k] for r in runs), 3)
+        for k in runs[0]
+        if k != "clients"
+    }
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -163,10 +179,9 @@ def run_clients(url: str, n: int, requests: int, max_tokens: int) -> dict[str, f
     )
 
 
-def transformers_loop(ckpt: Path, folder: Path, requests: int, max_tokens: int) -> dict[str, float]:
-    """The 1-client requests through transformers' generate, one after the other, on the export."""
+def load_transformers(ckpt: Path, folder: Path):  # noqa: ANN201 (transformers' model, tokenizer)
+    """The checkpoint's Llama export (made once, in `folder`) loaded in transformers, and our tokenizer."""
     from transformers import AutoModelForCausalLM
-    from transformers.generation.streamers import BaseStreamer
 
     from gpt.interop.export import export
     from gpt.runs.checkpoint import load_model
@@ -175,7 +190,12 @@ def transformers_loop(ckpt: Path, folder: Path, requests: int, max_tokens: int) 
     hf_dir = folder / "small-rope-random-hf"
     if not (hf_dir / "config.json").is_file():
         export(model, tokenizer, hf_dir, "llama")
-    hf = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    return AutoModelForCausalLM.from_pretrained(hf_dir).eval(), tokenizer
+
+
+def transformers_loop(hf, tokenizer, requests: int, max_tokens: int) -> dict[str, float]:  # noqa: ANN001
+    """The 1-client requests through transformers' generate, one after the other, on the export."""
+    from transformers.generation.streamers import BaseStreamer
 
     class Clock(BaseStreamer):
         def __init__(self) -> None:
@@ -213,28 +233,39 @@ def transformers_loop(ckpt: Path, folder: Path, requests: int, max_tokens: int) 
 @exit_on_user_error
 def main(args: DictConfig) -> None:
     clients = list(args.clients)
-    if not clients or min(clients) < 1 or min(args.requests_per_client, args.max_tokens) < 1:
+    if not clients or min(clients) < 1 or min(args.requests_per_client, args.max_tokens, args.rounds) < 1:
         raise ConfigError(
             f"clients={clients}, requests_per_client={args.requests_per_client}, "
-            f"max_tokens={args.max_tokens}: each must be >= 1 (clients: a non-empty list)"
+            f"max_tokens={args.max_tokens}, rounds={args.rounds}: each must be >= 1 "
+            "(clients: a non-empty list)"
         )
     folder = Path(args.ckpt_dir or ROOT / "bench" / "results")
     folder.mkdir(parents=True, exist_ok=True)
     ckpt = random_checkpoint(folder)
 
+    hf = load_transformers(ckpt, folder) if args.transformers else None
+    # Each round: every client count, then the transformers loop (None), reversed every other round.
+    order: list[int | None] = [*clients, *([None] if hf else [])]
+    rounds: list[dict[int | None, dict]] = []
     server = Server(ckpt, max(clients))
     try:
         run_clients(server.url, 1, 1, 8)  # warm-up
-        runs = [run_clients(server.url, n, args.requests_per_client, args.max_tokens) for n in clients]
+        for r in range(args.rounds):
+            runs = {}
+            for n in order if r % 2 == 0 else order[::-1]:
+                if n is None:
+                    runs[n] = transformers_loop(*hf, args.requests_per_client, args.max_tokens)
+                else:
+                    runs[n] = run_clients(server.url, n, args.requests_per_client, args.max_tokens)
+            rounds.append(runs)
     finally:
         server.close()
-    reference = (
-        transformers_loop(ckpt, folder, args.requests_per_client, args.max_tokens)
-        if args.transformers
-        else None
-    )
+    runs = [median_run([rnd[n] for rnd in rounds]) | {"clients": n} for n in clients]
+    reference = median_run([rnd[None] for rnd in rounds]) if hf else None
 
-    by_clients = {r["clients"]: r["tokens_per_s"] for r in runs}
+    def ratios(n: int | None, over: int | None) -> list[float]:  # each round's own
+        return [rnd[n]["tokens_per_s"] / rnd[over]["tokens_per_s"] for rnd in rounds]
+
     result = {
         "date": datetime.date.today().isoformat(),
         "machine": describe(),
@@ -244,17 +275,27 @@ def main(args: DictConfig) -> None:
             "requests_per_client": args.requests_per_client,
             "sampling": "greedy",
             "server": f"serve.py max_batch={max(clients)}, streaming /v1/completions over httpx",
+            "rounds": args.rounds,
+            "statistic": "median of the rounds; ratios: median of each round's own ratio",
         },
         "serve": runs,
         "transformers_loop": reference,
+        "rounds": [
+            {"clients": {n: rnd[n] for n in clients}, "transformers_loop": rnd.get(None)} for rnd in rounds
+        ],
     }
-    if 1 in by_clients:
-        result["scaling_over_one_client"] = {n: round(v / by_clients[1], 2) for n, v in by_clients.items()}
+    if 1 in clients:
+        scaling = {n: ratios(n, 1) for n in clients}
+        result["scaling_over_one_client"] = {n: round(statistics.median(x), 2) for n, x in scaling.items()}
+        result["scaling_over_one_client_by_round"] = {n: [round(v, 2) for v in x] for n, x in scaling.items()}
         if reference:
-            result["one_client_over_transformers"] = round(by_clients[1] / reference["tokens_per_s"], 2)
+            mine = ratios(1, None)
+            result["one_client_over_transformers"] = round(statistics.median(mine), 2)
+            result["one_client_over_transformers_by_round"] = [round(v, 2) for v in mine]
 
     print(f"on {summary(result['machine'])}")
     print(f"{result['setup']['model']}; {args.max_tokens} tokens per answer, greedy")
+    print(f"median of {args.rounds} rounds; ratios: median of the rounds' own (each round's in brackets)")
     print(f"{'':<22}{'tokens/s':>10}{'TTFT p50':>10}{'p95':>8}{'ITL p50':>10}{'p95':>8}  (ms)")
     rows = [(f"serve.py, {r['clients']} clients", r) for r in runs]
     if reference:
@@ -266,9 +307,12 @@ def main(args: DictConfig) -> None:
         )
     for n, x in result.get("scaling_over_one_client", {}).items():
         if n != 1:
-            print(f"{n} clients / 1 client (aggregate tokens/s): {x:.1f}x")
+            each = ", ".join(f"{v:.1f}" for v in result["scaling_over_one_client_by_round"][n])
+            print(f"{n} clients / 1 client (aggregate tokens/s): {x:.1f}x ({each})")
     if "one_client_over_transformers" in result:
-        print(f"serve.py at 1 client / transformers loop: {result['one_client_over_transformers']:.2f}x")
+        each = ", ".join(f"{v:.2f}" for v in result["one_client_over_transformers_by_round"])
+        mine = result["one_client_over_transformers"]
+        print(f"serve.py at 1 client / transformers loop: {mine:.2f}x ({each})")
     out = Path(args.out or ROOT / "bench" / "results" / "serve.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -22,7 +22,7 @@ BENCH_KEYS = {
     "generate": {"out", "ckpt_dir", "new_tokens", "repeats", "compile", "threads"},
     "prepare": {"mb", "workers", "verify", "seed", "out"},
     "tokenizer": {"mb", "vocab_size", "pattern", "repeats", "holdout", "out"},
-    "serve": {"out", "ckpt_dir", "clients", "requests_per_client", "max_tokens", "transformers"},
+    "serve": {"out", "ckpt_dir", "clients", "requests_per_client", "max_tokens", "transformers", "rounds"},
     "run": {"only"},
     "ablate": {
         "corpora",
