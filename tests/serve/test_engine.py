@@ -81,6 +81,33 @@ def test_each_request_gets_what_it_would_alone(model, max_batch):
         engine.close()
 
 
+def test_the_padding_every_row_shares_is_dropped_and_the_answers_stay_the_same(model):
+    """A request that joins late is left-padded up to the cache's position; once the rows before it
+    have left, attention would go on reading that padding at every step: the rows move left."""
+    engine = Engine(model, TOKENIZER, max_batch=2, start=False)
+    first, second = Collect(), Collect()
+    greedy = SamplingConfig(temperature=0.0)
+    engine.submit(Request(TOKENIZER.encode("hello"), 20, first, greedy))
+    after_first = []  # (cache position, the second row's padding) at each step once the first left
+    with torch.inference_mode():
+        for _ in range(16):
+            engine.step()
+        engine.submit(Request(TOKENIZER.encode("abc def"), 14, second, greedy))
+        engine.step()
+        assert engine.rows[1] is not None and int(engine.pad[1]) > 0  # joined at the position, padded
+        while not second.done.is_set():
+            engine.step()
+            if first.done.is_set() and engine.active:
+                after_first.append((int(engine.cache.pos), int(engine.pad[1])))
+    assert after_first and all(pad == 0 for _, pad in after_first)
+    # The position is the second row's length: the prompt's 7 tokens and its answer so far, less one.
+    assert [pos for pos, _ in after_first] == list(
+        range(after_first[0][0], after_first[0][0] + len(after_first))
+    )
+    assert first.text == reference(model, 0, "hello", 20, dict(temperature=0.0), [])
+    assert second.text == reference(model, 0, "abc def", 14, dict(temperature=0.0), [])
+
+
 def test_a_cancelled_request_leaves_within_a_step_and_the_queue_is_bounded(model):
     engine = Engine(model, TOKENIZER, max_batch=1, max_queue=1)
     try:
