@@ -20,6 +20,15 @@ from gpt.generate.command import sample
 from gpt.model.transformer import GPT
 from gpt.runs.metrics import read_metrics
 from gpt.tokenizer import CharTokenizer, tokenizer_from_dict
+from tests.commands.pairs_runs import (
+    EXTRA,
+    PAIRS,
+    STEPS,
+    TEMPLATE,
+    answered_ok,
+    assert_equals_straight,
+    pairs_cmd,
+)
 from tests.helpers import (
     assert_ok,
     assert_same_weights,
@@ -35,50 +44,6 @@ from tests.helpers import (
 
 # Its tests share costly module fixtures: one xdist worker runs them all, the fixtures once.
 pytestmark = pytest.mark.xdist_group(__name__)
-
-# As typed on a command line: a backslash and an n, which the template turns into a line break.
-TEMPLATE = "Q: {prompt}\\nA: "
-# conf/experiment/tiny.yaml on pairs, 32 wide, with dropout (a resume must restore its RNG) and a
-# template whose effect shows in what generate.py prints.
-PAIRS = [
-    "experiment=tiny",
-    "data=pairs",
-    "model.n_embd=32",
-    "model.dropout=0.1",
-    f"data.template='{TEMPLATE}'",
-    "~callbacks.progress_bar",
-]
-# Periodic checkpoints every 10 steps of 35 (the last step not one of them), a validation at 20:
-# long enough for the model to learn to answer and stop.
-STEPS = 35
-EXTRA = [
-    f"trainer.max_steps={STEPS}",
-    "optim.lr=1e-2",
-    "trainer.val_check_interval=20",
-    "callbacks.last.every_n_train_steps=10",
-]
-
-
-def answered_ok(n: int, seed: int) -> list[dict[str, str]]:
-    """A task learned in a few steps: each prompt, 1 to 12 digits, is answered "ok"."""
-    rng = random.Random(seed)
-    return [
-        {"prompt": "".join(rng.choices("0123456789", k=rng.randint(1, 12))), "completion": "ok"}
-        for _ in range(n)
-    ]
-
-
-def pairs_cmd(path: Path, run_dir: Path, *extra: str) -> list[str]:
-    """train.py with PAIRS on `path` in `run_dir`, its data cached next to it."""
-    cache = run_dir.parent / "cache"
-    return [
-        "train.py",
-        *PAIRS,
-        f"data.path={path}",
-        f"data.cache_dir={cache}",
-        f"hydra.run.dir={run_dir}",
-        *extra,
-    ]
 
 
 @pytest.fixture(scope="module")
@@ -144,12 +109,6 @@ def test_evaluate_writes_prompts_with_the_run_template(trained):
 
 
 # ----------------------------------------------------------------------------- SIGKILL and resume
-
-
-def assert_equals_straight(run: Path, straight: Path) -> None:
-    assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == STEPS
-    assert_same_weights(final_state(run), final_state(straight))  # bit-identical
-    assert losses(run) == losses(straight) and len(losses(run)) == STEPS
 
 
 def test_sigkill_then_the_same_command_ends_bit_identical(trained, tmp_path):

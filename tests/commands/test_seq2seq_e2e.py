@@ -14,7 +14,7 @@ import torch
 
 from gpt.generate.command import sample
 from gpt.model.encoder_decoder import EncoderDecoder
-from tests.commands.test_pairs_e2e import (
+from tests.commands.pairs_runs import (
     EXTRA,
     STEPS,
     answered_ok,
