@@ -352,6 +352,20 @@ def kill_then_resume(args: list[str], run: Path, cwd: Path, at_step: int, max_st
     assert_ok(run_forked(*args, cwd=cwd))  # the same command again
 
 
+def assert_ddp_equals_one(command: Callable[..., list[str]], cwd: Path, steps: int) -> None:
+    """The same `steps` steps of 4 rows in one process and on 2 DDP ranks of 2 rows each end with the
+    same weights and losses (1e-5). `command(run_dir, *extra)`: train.py's arguments for a run in
+    run_dir, the run's max_steps set to `steps`, with `extra` added."""
+    one, ddp = cwd / "one", cwd / "ddp"
+    assert_ok(run_forked(*command(one, "data.batch_size=4"), cwd=cwd))
+    two_ranks = ("trainer.devices=2", "trainer.strategy=ddp", "data.batch_size=2")
+    assert_ok(run_forked(*command(ddp, *two_ranks), cwd=cwd, timeout=600))
+    assert_same_weights(final_state(one), final_state(ddp), atol=1e-5)
+    a, b = losses(one), losses(ddp)
+    assert a.keys() == b.keys() == set(range(steps))
+    assert all(b[s] == pytest.approx(a[s], rel=1e-5) for s in a)
+
+
 def last_line(text: str) -> str:
     return text.strip().splitlines()[-1]
 

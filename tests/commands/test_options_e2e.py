@@ -13,6 +13,7 @@ import pytest
 from gpt.runs.checkpoint import load_model
 from gpt.runs.metrics import read_metrics
 from tests.helpers import (
+    assert_ddp_equals_one,
     assert_ok,
     assert_same_weights,
     final_state,
@@ -96,10 +97,4 @@ def test_init_from_loads_the_weights_exactly(corpus, straight, tmp_path):
 def test_ddp_on_two_processes_equals_one(corpus, tmp_path):
     """The same 6 steps of 4 windows: one process, and 2 DDP ranks of 2 windows each."""
     common = [*OPTIONS, "trainer.max_steps=6", "model.dropout=0.0", "trainer.accelerator=cpu"]
-    assert_ok(run_forked(*train_cmd(corpus, tmp_path / "one", *common, "data.batch_size=4"), cwd=tmp_path))
-    ddp = ["trainer.devices=2", "trainer.strategy=ddp", "data.batch_size=2"]
-    assert_ok(run_forked(*train_cmd(corpus, tmp_path / "ddp", *common, *ddp), cwd=tmp_path, timeout=600))
-    assert_same_weights(final_state(tmp_path / "one"), final_state(tmp_path / "ddp"), atol=1e-5)
-    one, two = losses(tmp_path / "one"), losses(tmp_path / "ddp")
-    assert one.keys() == two.keys() == set(range(6))
-    assert all(two[s] == pytest.approx(one[s], rel=1e-5) for s in one)
+    assert_ddp_equals_one(lambda run, *extra: train_cmd(corpus, run, *common, *extra), tmp_path, steps=6)

@@ -22,6 +22,7 @@ from tests.commands.pairs_runs import (
     pairs_cmd,
 )
 from tests.helpers import (
+    assert_ddp_equals_one,
     assert_ok,
     assert_same_weights,
     final_state,
@@ -99,13 +100,7 @@ def test_ddp_on_two_processes_equals_one(trained, tmp_path):
     """The same 6 steps of 4 rows: one process, and 2 DDP ranks of 2 rows each."""
     common = [*SEQ2SEQ, "trainer.max_steps=6", "model.dropout=0.0", "trainer.accelerator=cpu"]
     path = trained / "train.jsonl"
-    assert_ok(run_forked(*pairs_cmd(path, tmp_path / "one", *common, "data.batch_size=4"), cwd=tmp_path))
-    ddp = ["trainer.devices=2", "trainer.strategy=ddp", "data.batch_size=2"]
-    assert_ok(run_forked(*pairs_cmd(path, tmp_path / "ddp", *common, *ddp), cwd=tmp_path, timeout=600))
-    assert_same_weights(final_state(tmp_path / "one"), final_state(tmp_path / "ddp"), atol=1e-5)
-    one, two = losses(tmp_path / "one"), losses(tmp_path / "ddp")
-    assert one.keys() == two.keys() == set(range(6))
-    assert all(two[s] == pytest.approx(one[s], rel=1e-5) for s in one)
+    assert_ddp_equals_one(lambda run, *extra: pairs_cmd(path, run, *common, *extra), tmp_path, steps=6)
 
 
 @pytest.mark.slow
