@@ -574,7 +574,8 @@ class ServeConfig(InferenceConfig):
     max_batch: int = 8
     # Requests that may wait; one more is refused with 429 and Retry-After.
     max_queue: int = 64
-    # A request body larger than this is refused with 413.
+    # A request body larger than this is refused with 413: by its Content-Length before it is read,
+    # or, sent in chunks without one, as soon as it has sent more.
     max_body_bytes: int = 1_000_000
 
     def __post_init__(self) -> None:

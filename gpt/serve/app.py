@@ -3,7 +3,7 @@
 GET /v1/models, POST /v1/completions, POST /v1/chat/completions (streamed as server-sent events:
 `data: {chunk}` lines, then `data: [DONE]`), GET /health, and the chat page at /. Errors have
 OpenAI's shape, {"error": {"message", "type", "param", "code"}}, and status: 400 bad request, 401
-bad key, 404 unknown model, 413 body too large, 429 queue full (with Retry-After).
+bad key, 404 unknown model (or path), 413 body too large, 429 queue full (with Retry-After).
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.sse import EventSourceResponse, format_sse_event
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Message as AsgiMessage
 
 from gpt.config import SamplingConfig
 from gpt.data.pairs import Example, chat_segments, encode_example, merge_segments
@@ -50,6 +53,53 @@ class ApiError(Exception):
         body = {"message": self.message, "type": kind.get(self.status, "invalid_request_error")}
         body |= {"param": self.param, "code": self.code}
         return JSONResponse({"error": body}, status_code=self.status, headers=self.headers)
+
+
+class BodyTooLarge(HTTPException):
+    def __init__(self, max_bytes: int, size: str | None = None) -> None:
+        sent = size or f"more than {max_bytes}"
+        super().__init__(413, f"the request body has {sent} bytes; at most {max_bytes} are taken")
+
+
+class BodyLimit:
+    """At most `max_bytes` of request body: a Content-Length over it is refused before the body is
+    read, and a body sent without one (chunked) as soon as it has sent more, with OpenAI's 413.
+
+    Pure ASGI, as Starlette advises for middleware in front of streamed responses. FastAPI's own
+    max_body_size would answer in its {"detail": ...} shape, from outside the app's handlers."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        size = dict(scope["headers"]).get(b"content-length", b"").decode("latin-1")
+        if size.isdigit() and int(size) > self.max_bytes:
+            await openai_error(BodyTooLarge(self.max_bytes, size)).response()(scope, receive, send)
+            return
+        read = 0
+
+        async def receive_at_most() -> AsgiMessage:
+            nonlocal read
+            message = await receive()
+            read += len(message.get("body", b""))
+            if read > self.max_bytes:  # raised inside the app: its handler answers
+                raise BodyTooLarge(self.max_bytes)
+            return message
+
+        await self.app(scope, receive_at_most, send)
+
+
+def openai_error(e: HTTPException, request: Request | None = None) -> ApiError:
+    """One of Starlette's errors (an unknown path, a method not allowed, a body too large) as
+    OpenAI's, naming the request's method and path where it is about them."""
+    code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(e.status_code)
+    message = str(e.detail)
+    if request is not None and e.status_code in (404, 405):
+        message += f": {request.method} {request.url.path}"
+    return ApiError(e.status_code, message, code=code, **(e.headers or {}))
 
 
 class Sampling(BaseModel):
@@ -134,13 +184,11 @@ def create_app(
         param = ".".join(str(p) for p in first["loc"] if p != "body") or None
         return ApiError(400, f"{param or 'body'}: {first['msg']}", param).response()
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > max_body_bytes:
-            message = f"the request body has {size} bytes; at most {max_body_bytes} are taken"
-            return ApiError(413, message, code="request_too_large").response()
-        return await call_next(request)
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+        return openai_error(e, request).response()
+
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
 
     async def check_key(request: Request) -> None:
         if api_key is None:

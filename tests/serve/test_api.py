@@ -4,6 +4,7 @@ streamed and not, the same tokens as generate.py, 8 clients at once, and every e
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import time
 from collections.abc import Iterator
@@ -194,6 +195,17 @@ def test_errors_have_openais_shape_and_status(url, client, model_name):
     with pytest.raises(openai.APIStatusError) as e:
         client.completions.create(model=model_name, prompt="x" * 5000, max_tokens=2)
     assert e.value.status_code == 413 and e.value.body["code"] == "request_too_large"
+    body = json.dumps({"model": model_name, "prompt": "x" * 5000, "max_tokens": 2}).encode()
+    headers = {"authorization": f"Bearer {KEY}", "content-type": "application/json"}
+    pieces = (body[i : i + 1000] for i in range(0, len(body), 1000))
+    sent = httpx.post(f"{url}/v1/completions", content=pieces, headers=headers)  # chunked: no Content-Length
+    assert "content-length" not in sent.request.headers
+    assert sent.status_code == 413 and sent.json()["error"]["code"] == "request_too_large"
+    message = "the request body has more than 4096 bytes; at most 4096 are taken"
+    assert sent.json()["error"]["message"] == message
+    nowhere = httpx.get(f"{url}/v1/nowhere")
+    assert nowhere.status_code == 404 and nowhere.json()["error"]["type"] == "not_found_error"
+    assert nowhere.json()["error"]["message"] == "Not Found: GET /v1/nowhere"
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=model_name, prompt="x", max_tokens=2, n=2)
     assert httpx.get(f"{url}/health").json()["active"] == 0
