@@ -209,7 +209,7 @@ class Engine:
             # 24 to 144 tokens coming and going; docs/benchmarks.md, "Serving").
             pos, shared = int(self.cache.pos), min(int(self.pad[i]) for i in stepping)
             if shared and (pos + 1 > self.cache.max_len or 4 * shared >= pos):
-                self._shift(-shared, rows=max(live) + 1)
+                self._shift(-shared, rows=self._rows_in_use())
             token = torch.zeros(len(self.rows), 1, dtype=torch.long, device=self.device)
             for i in stepping:
                 token[i, 0] = self.rows[i].window[-1]
@@ -242,11 +242,15 @@ class Engine:
         """Copy the first n slots of a one-row cache into row i, ending at the shared position."""
         pos = int(self.cache.pos)
         if pos < n:
-            self._shift(n - pos, rows=max((j for j, row in enumerate(self.rows) if row), default=-1) + 1)
+            self._shift(n - pos, rows=self._rows_in_use())
             pos = n
         for big, small in zip((*self.cache.k, *self.cache.v), (*alone.k, *alone.v), strict=True):
             big[i, :, pos - n : pos] = small[0, :, :n]
         self.pad[i] = pos - n
+
+    def _rows_in_use(self) -> int:
+        """How many rows, from the first, reach the last live one (0 when none is)."""
+        return 1 + max((i for i, row in enumerate(self.rows) if row is not None), default=-1)
 
     def _shift(self, by: int, rows: int | None = None) -> None:
         """Move the first `rows` rows (all: None) `by` slots, left when negative; keys and values do
