@@ -4,6 +4,7 @@ conf/model/, as train.py composes them. Nothing is timed here."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 
 import pytest
@@ -197,8 +198,29 @@ def test_bench_ablate_calls_an_option_helpful_only_beyond_the_seed_spread(bench_
     assert not bench_ablate.helped(row(1.80, 1.88, 1.96), baseline)  # 0.03 lower, but std 0.08
 
 
-def test_bench_recipe_python_runs_both_with_the_interpreter_given(bench_recipe, tmp_path):
+def test_bench_recipe_python_runs_both_with_the_interpreter_given(bench_recipe, tmp_path, monkeypatch):
     assert bench_recipe.interpreter(None) == sys.executable
-    assert bench_recipe.interpreter(sys.executable) == sys.executable
     with pytest.raises(ConfigError, match="no such interpreter"):
         bench_recipe.interpreter(str(tmp_path / "venv" / "bin" / "python"))
+    # Every run (nanoGPT's data step, both recipes) starts with the python given, not this one.
+    python = tmp_path / "venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.symlink_to(sys.executable)
+    for name in bench_recipe.NANOGPT_FILES:
+        (tmp_path / "nanogpt" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "nanogpt" / name).write_text("")
+    started = []
+
+    def timed(cmd, cwd, env):
+        started.append(cmd[0])
+        return 1.0, NANOGPT_OUTPUT + OURS_OUTPUT
+
+    monkeypatch.setattr(bench_recipe, "timed", timed)
+    monkeypatch.setattr(bench_recipe, "prepare_ours", lambda overrides: "cache")
+    out = tmp_path / "recipe.json"
+    cfg = compose_bench(
+        "recipe", f"nanogpt_dir={tmp_path / 'nanogpt'}", f"python={python}", "rounds=1", f"out={out}"
+    )
+    bench_recipe.main.__wrapped__(cfg)
+    assert started == [str(python)] * 3
+    assert json.loads(out.read_text())["python"] == str(python)
